@@ -1,0 +1,91 @@
+"""One error shape for every HTTP surface: ``{"error": {"type", "code", "message", "param"}}``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class NextGPTError(Exception):
+    """Base of every error that maps onto the shared error shape.
+
+    Subclasses fix the HTTP status and the error ``type``; ``code`` is a stable machine-readable reason.
+    """
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.error_type
+        self.param = param
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorInfo(type=self.error_type, code=self.code, message=self.message, param=self.param)
+        )
+
+
+class InvalidRequestError(NextGPTError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(NextGPTError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(NextGPTError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(NextGPTError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class PayloadTooLargeError(NextGPTError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class UnsupportedMediaError(NextGPTError):
+    status_code = 415
+    error_type = "unsupported_media_type"
+
+
+class RateLimitError(NextGPTError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class ServiceUnavailableError(NextGPTError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class BundleError(NextGPTError):
+    """A model bundle is missing a file, has a wrong shape, or contradicts its manifest."""
+
+    status_code = 500
+    error_type = "bundle_error"
+
+
+class ConfigurationError(NextGPTError):
+    """Invalid settings, found at start-up."""
+
+    status_code = 500
+    error_type = "configuration_error"

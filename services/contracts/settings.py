@@ -1,0 +1,87 @@
+"""Typed settings, read once from the environment (prefix ``NEXTGPT_``, ``__`` for nested groups) and passed
+down to whatever needs them. A bad value stops start-up with the name of the variable to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.contracts.errors import ConfigurationError
+
+ENV_PREFIX = "NEXTGPT_"
+ENV_NESTED_DELIMITER = "__"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "nextgpt"
+
+
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local", "s3"] = "local"
+    local_dir: Path | None = Field(default=None, description="Folder of the local store (default: cache_dir/artifacts)")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; None means AWS")
+    s3_bucket: str | None = Field(default=None, min_length=3, max_length=63)
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9._-]+/)*$")
+    s3_create_bucket: bool = Field(default=False, description="Create the bucket at start when it is missing")
+    presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    max_object_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _s3_complete(self) -> StorageSettings:
+        if self.backend == "s3" and not self.s3_bucket:
+            raise ValueError("NEXTGPT_STORAGE__S3_BUCKET is required when NEXTGPT_STORAGE__BACKEND is 's3'")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "set both NEXTGPT_STORAGE__S3_ACCESS_KEY_ID and NEXTGPT_STORAGE__S3_SECRET_ACCESS_KEY, or neither"
+            )
+        return self
+
+
+class RedisSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    key_prefix: str = Field(default="nextgpt:", min_length=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
+    )
+
+    bundle: Path | None = Field(default=None, description="Model bundle folder; default: the tiny bundle in cache_dir")
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+
+    @property
+    def tiny_bundle_dir(self) -> Path:
+        return self.cache_dir / "bundles" / "tiny-seed0"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.storage.local_dir or self.cache_dir / "artifacts"
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part) for part in loc).upper()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings once from the environment; ``overrides`` (e.g. CLI flags) win over it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigurationError(f"invalid settings: {problems}", code="invalid_settings") from exc

@@ -1,0 +1,119 @@
+"""``ArtifactStore`` on any S3-compatible service (AWS, MinIO, SeaweedFS) through boto3."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.contracts.errors import ServiceUnavailableError
+from services.contracts.settings import StorageSettings
+from services.contracts.storage import (
+    ArtifactMeta,
+    ArtifactNotFoundError,
+    ArtifactStore,
+    check_key,
+    check_metadata,
+)
+
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3ArtifactStore(ArtifactStore):
+    def __init__(self, client: Any, bucket: str, prefix: str, max_object_bytes: int) -> None:
+        super().__init__(max_object_bytes)
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings) -> S3ArtifactStore:
+        assert settings.s3_bucket is not None  # guaranteed by StorageSettings validation
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+            aws_secret_access_key=(
+                settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+            ),
+            # Path-style addressing works with every S3-compatible server; bounded retries and timeouts so a
+            # dead store fails a request instead of hanging it.
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
+                          connect_timeout=5, read_timeout=30, signature_version="s3v4"),
+        )
+        store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.max_object_bytes)
+        if settings.s3_create_bucket:
+            store.ensure_bucket()
+        return store
+
+    def _object(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) not in _MISSING and _code(exc) != "NoSuchBucket":
+                raise
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put(self, key: str, data: bytes, mime: str, *, metadata: dict[str, str] | None = None) -> ArtifactMeta:
+        name = self._object(key)
+        self._check_size(len(data))
+        self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentType=mime,
+                               Metadata=check_metadata(metadata))
+        return self.head(key)
+
+    def head(self, key: str) -> ArtifactMeta:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise ArtifactNotFoundError(key) from exc
+            raise
+        return ArtifactMeta(key=key, mime=response["ContentType"], size=response["ContentLength"],
+                            created_at=response["LastModified"], metadata=response.get("Metadata", {}))
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        return b"".join(self.iter_bytes(key, start, end))
+
+    def iter_bytes(self, key: str, start: int = 0, end: int | None = None,
+                   chunk_size: int = 64 * 1024) -> Iterator[bytes]:
+        if end is not None and end <= start:
+            return iter(())
+        extra: dict[str, str] = {}
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object(key), **extra)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise ArtifactNotFoundError(key) from exc
+            if _code(exc) == "InvalidRange":
+                return iter(())
+            raise
+        return response["Body"].iter_chunks(chunk_size)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        return str(self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=expires_s,
+        ))
+
+    def check_health(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise ServiceUnavailableError(
+                f"object store bucket {self.bucket!r} is not reachable: {exc}", code="storage_unavailable"
+            ) from exc
