@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from services.bundle.loader import Bundle, load_bundle
 from services.bundle.tiny.build import build_tiny_bundle
-from services.bundle.tiny.text_tokenizers import added_tokens
+from services.bundle.release import added_tokens
 from services.modeling.imagebind import build_imagebind, modality_types
 from services.modeling.projector import OutputProjector
 

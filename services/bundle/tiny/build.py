@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from services.bundle.manifest_io import write_manifest
+from services.bundle.staging import staged_output
 from services.bundle.tiny.decoders import build_audio_pipeline, build_image_pipeline, build_video_pipeline
 from services.bundle.tiny.encoder import build_encoder
 from services.bundle.tiny.llm import LORA_RANK, build_llm, build_lora
 from services.bundle.tiny.projectors import TINY_OUT_DIMS, build_projector, projector_spec
-from services.bundle.tiny.text_tokenizers import MEDIA_END, MEDIA_START, build_llm_tokenizer, signal_tokens
+from services.bundle.release import MEDIA_END, MEDIA_START, STOP_STRING, signal_tokens
+from services.bundle.tiny.text_tokenizers import build_llm_tokenizer
 from services.contracts.bundle_manifest import (
     OUTPUT_MODALITIES,
     BUNDLE_SCHEMA_VERSION,
@@ -40,22 +41,8 @@ _PIPELINE_BUILDERS = {"image": build_image_pipeline, "video": build_video_pipeli
 
 
 def build_tiny_bundle(out: Path, seed: int = 0, *, force: bool = False) -> BundleManifest:
-    """Build into a sibling temporary folder, then move it into place, so a crash never leaves half a bundle."""
-    out = out.resolve()
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-bundle-", dir=out.parent))
-    try:
-        manifest = _build_into(staging, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+    with staged_output(out, force=force) as staging:
+        return _build_into(staging, seed)
 
 
 def _build_into(root: Path, seed: int) -> BundleManifest:
@@ -67,7 +54,7 @@ def _build_into(root: Path, seed: int) -> BundleManifest:
     imagebind = build_encoder(root / "encoder", hidden, seed)
 
     embeddings = llm.get_input_embeddings().weight.detach()
-    outputs: dict[str, OutputSpec] = {}
+    outputs: dict[Modality, OutputSpec] = {}
     work = root / ".work"
     for index, modality in enumerate(OUTPUT_MODALITIES):
         tokens = signal_tokens(modality)
@@ -105,7 +92,7 @@ def _build_into(root: Path, seed: int) -> BundleManifest:
             media_end=MEDIA_END, media_end_id=tokenizer.convert_tokens_to_ids(MEDIA_END),
             bos_id=tokenizer.bos_token_id,
         ),
-        stop=StopSpec(strings=["###"], token_ids=[tokenizer.convert_tokens_to_ids("###")]),
+        stop=StopSpec(strings=[STOP_STRING], token_ids=[tokenizer.convert_tokens_to_ids(STOP_STRING)]),
         generation=GenerationDefaults(max_new_tokens=64),
         outputs=outputs,
     )

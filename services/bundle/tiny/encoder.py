@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from services.bundle.tensor_io import save_state_dict
 from services.contracts.bundle_manifest import ImageBindConfig
 from services.modeling.imagebind import build_imagebind
 
@@ -21,12 +21,6 @@ TINY_IMAGEBIND = ImageBindConfig(
     imu_embed_dim=32, imu_num_blocks=1, imu_num_heads=4,
     audio_drop_path=0.0, imu_drop_path=0.0,
 )
-
-
-def save_state_dict(module_or_state: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
-    """Save as safetensors; tensors that share storage are cloned (safetensors refuses shared storage)."""
-    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path))
 
 
 def build_encoder(out_dir: Path, llm_hidden: int, seed: int) -> ImageBindConfig:

@@ -8,6 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from services.bundle.release import LORA_TARGETS
+
 HIDDEN_SIZE = 128
 NUM_HEADS = 4
 LORA_RANK = 8
@@ -40,7 +42,7 @@ def build_lora(out_dir: Path, base: LlamaForCausalLM, seed: int) -> None:
     torch.manual_seed(seed + 1)
     config = LoraConfig(
         r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
+        target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():

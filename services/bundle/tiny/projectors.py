@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from services.bundle.tiny.encoder import save_state_dict
+from services.bundle.tensor_io import save_state_dict
 from services.contracts.bundle_manifest import ProjectorSpec
 from services.modeling.projector import OutputProjector
 

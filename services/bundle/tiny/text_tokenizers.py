@@ -9,19 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-# The 38 tokens the NExT-GPT release adds to Vicuna, in the release's order (plain, not special).
-MEDIA_START, MEDIA_END = "<Img>", "</Img>"
-SIGNAL_COUNTS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
-
-
-def signal_tokens(modality: str) -> list[str]:
-    prefix, count = SIGNAL_COUNTS[modality]
-    return [f"[{prefix}{i}]" for i in range(count)]
-
-
-def added_tokens() -> list[str]:
-    return [MEDIA_START, MEDIA_END, *signal_tokens("image"), *signal_tokens("video"), *signal_tokens("audio")]
-
+from services.bundle.release import STOP_STRING, add_release_tokens
 
 _WORDS = (
     "the a an of to and in is it that for on with as this was are be at by from or have not but what all "
@@ -45,8 +33,8 @@ def _corpus(seed: int, lines: int = 3000) -> list[str]:
     return out
 
 
-def build_llm_tokenizer(out_dir: Path, seed: int, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (every string encodes, no unknown bytes) and add the release's 38 tokens."""
+def build_base_tokenizer(seed: int, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A Vicuna stand-in: a trained byte-level BPE (every string encodes) with BOS added like Llama's."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -66,11 +54,14 @@ def build_llm_tokenizer(out_dir: Path, seed: int, vocab_size: int = 512) -> PreT
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
         model_max_length=2048, padding_side="right",
     )
-    fast.add_tokens(added_tokens())
-    for token in [*added_tokens(), "###"]:
-        ids = fast.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise RuntimeError(f"tiny tokenizer: {token!r} encodes to {ids}, expected one id")
+    if len(fast.encode(STOP_STRING, add_special_tokens=False)) != 1:
+        raise RuntimeError(f"tiny tokenizer: {STOP_STRING!r} (the stop token) must encode to one id")
+    return fast
+
+
+def build_llm_tokenizer(out_dir: Path, seed: int, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    fast = build_base_tokenizer(seed, vocab_size)
+    add_release_tokens(fast)
     fast.save_pretrained(str(out_dir))
     return fast
 
