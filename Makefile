@@ -1,0 +1,43 @@
+# nextgpt-serve: every target sets itself up on a fresh machine (venv, installs, tiny bundle).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export NEXTGPT_CACHE_DIR ?= $(CURDIR)/.cache
+TEST_BUNDLE := $(NEXTGPT_CACHE_DIR)/test-bundle
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-unit test-integration e2e bundle-tiny clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[test]'
+	# Its metadata pulls CUDA torch/torchvision/torchaudio; the model code needs none of them.
+	$(BIN)/pip install -q --no-deps imagebind-unofficial==0.1.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Rebuilt on every test run (seconds) so tests never see a bundle from older code.
+bundle-tiny: $(STAMP)
+	$(BIN)/nextgpt bundle tiny --out $(TEST_BUNDLE) --force
+
+run: $(STAMP)
+	$(BIN)/nextgpt serve --host 127.0.0.1 --port 8000
+
+test: bundle-tiny
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: bundle-tiny
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: bundle-tiny
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(NEXTGPT_CACHE_DIR) .pytest_cache

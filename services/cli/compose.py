@@ -1,0 +1,61 @@
+"""Wiring: settings -> bundle -> stores -> apps. Heavy imports happen here, at start-up, never at import."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from gateway.app import GatewayState, ModelCard, build_app
+from services.bundle.loader import Bundle, load_bundle
+from services.contracts.settings import Settings
+from services.storage import build_artifact_store
+
+log = logging.getLogger(__name__)
+
+
+def resolve_bundle(settings: Settings) -> Bundle:
+    """The configured bundle, or the tiny bundle in the cache folder, built on first use."""
+    if settings.bundle is not None:
+        return load_bundle(settings.bundle)
+    target = settings.tiny_bundle_dir
+    if not (target / "bundle.json").is_file():
+        from services.bundle.tiny.build import build_tiny_bundle
+
+        log.info("building the tiny bundle into %s (first use)", target)
+        build_tiny_bundle(target, seed=0, force=True)
+    return load_bundle(target)
+
+
+def model_cards(bundle: Bundle) -> list[ModelCard]:
+    manifest = bundle.manifest
+    outputs = sorted(manifest.outputs)
+    cards = [ModelCard(id=manifest.name, modalities=["text", *outputs])]
+    cards += [ModelCard(id=lora.name, root=manifest.name, modalities=["text", *outputs]) for lora in manifest.llm.loras]
+    return cards
+
+
+def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
+    store = build_artifact_store(settings)
+    state = GatewayState(models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health})
+    return build_app(state)
+
+
+def bundle_summary(bundle: Bundle) -> dict[str, object]:
+    m = bundle.manifest
+    return {
+        "path": str(bundle.root),
+        "name": m.name,
+        "version": m.version,
+        "llm": {"hidden_size": m.llm.hidden_size, "vocab_size": m.llm.vocab_size,
+                "loras": [lora.name for lora in m.llm.loras], "default_lora": m.llm.default_lora},
+        "hidden_state_offset": m.hidden_state_offset,
+        "stop": m.stop.model_dump(),
+        "outputs": {
+            k: {"signal_tokens": len(v.signal.tokens), "first_id": v.signal.token_ids[0],
+                "conditioning": list(v.projector.output_shape), "decoder": v.decoder.source}
+            for k, v in m.outputs.items()
+        },
+        "size_mb": round(sum(p.stat().st_size for p in Path(bundle.root).rglob("*") if p.is_file()) / 2**20, 1),
+    }

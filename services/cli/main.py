@@ -1,0 +1,108 @@
+"""``nextgpt``: bundle tools and the serving commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from services.contracts.errors import NextGPTError
+from services.contracts.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve NExT-GPT-style any-to-any models.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Build, convert and inspect model bundles.")
+app.add_typer(bundle_app, name="bundle")
+
+BundleOpt = Annotated[Optional[Path], typer.Option(help="Model bundle folder (default: the tiny bundle)")]
+HostOpt = Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1)")]
+PortOpt = Annotated[Optional[int], typer.Option(help="Port to bind (default 8000)")]
+
+
+def _settings(**overrides: object) -> Settings:
+    from services.cli.logs import configure_logging
+
+    settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level)
+    return settings
+
+
+@bundle_app.command("tiny")
+def bundle_tiny(
+    out: Annotated[Path, typer.Option(help="Folder to write the bundle to")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
+) -> None:
+    """Build the tiny bundle: the real architectures at tiny width, random weights, offline, in seconds."""
+    from services.bundle.tiny.build import build_tiny_bundle
+
+    manifest = build_tiny_bundle(out, seed=seed, force=force)
+    typer.echo(f"wrote {manifest.name} ({manifest.version}) to {out}")
+
+
+@bundle_app.command("convert")
+def bundle_convert(
+    checkpoint: Annotated[Path, typer.Option(help="Folder with the release's pytorch_model.pt (+ added_tokens.json)")],
+    vicuna: Annotated[Path, typer.Option(help="Vicuna-7B v0 folder (Hugging Face layout)")],
+    imagebind: Annotated[Path, typer.Option(help="imagebind_huge.pth")],
+    out: Annotated[Path, typer.Option(help="Folder to write the bundle to")],
+    lora: Annotated[str, typer.Option(help="merge: into the LLM weights; adapter: a PEFT adapter for vLLM")] = "merge",
+    image_decoder: Annotated[Optional[str], typer.Option(help="SD pipeline folder or hub id")] = None,
+    video_decoder: Annotated[Optional[str], typer.Option(help="ZeroScope pipeline folder or hub id")] = None,
+    audio_decoder: Annotated[Optional[str], typer.Option(help="AudioLDM pipeline folder or hub id")] = None,
+    imagebind_config: Annotated[Optional[Path], typer.Option(help="JSON of ImageBind dims (default: huge)")] = None,
+    hidden_state_offset: Annotated[int, typer.Option(help="-1: the released demo; 0: as in training")] = -1,
+    name: Annotated[str, typer.Option(help="Bundle name")] = "nextgpt-7b-tiva-v0",
+    force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
+) -> None:
+    """Convert the released NExT-GPT checkpoint into a bundle, refusing any unused or missing key."""
+    from services.bundle.convert import ConvertOptions, convert_release
+    from services.contracts.bundle_manifest import ImageBindConfig
+
+    if lora not in ("merge", "adapter"):
+        raise typer.BadParameter("must be 'merge' or 'adapter'", param_hint="--lora")
+    if hidden_state_offset not in (-1, 0):
+        raise typer.BadParameter("must be -1 or 0", param_hint="--hidden-state-offset")
+    decoders = {m: s for m, s in (("image", image_decoder), ("video", video_decoder), ("audio", audio_decoder)) if s}
+    config = ImageBindConfig.model_validate_json(imagebind_config.read_text()) if imagebind_config else ImageBindConfig()
+    mode: Literal["merge", "adapter"] = "merge" if lora == "merge" else "adapter"
+    offset: Literal[-1, 0] = -1 if hidden_state_offset == -1 else 0
+    manifest = convert_release(ConvertOptions(
+        checkpoint_dir=checkpoint, vicuna_dir=vicuna, imagebind=imagebind, out=out, decoders=decoders, lora=mode,
+        imagebind_config=config, hidden_state_offset=offset, name=name, force=force,
+    ))
+    typer.echo(f"wrote {manifest.name} to {out}")
+
+
+@bundle_app.command("inspect")
+def bundle_inspect(path: Annotated[Path, typer.Argument(help="Bundle folder")]) -> None:
+    """Validate a bundle against its manifest and print a summary as JSON."""
+    from services.bundle.loader import load_bundle
+    from services.cli.compose import bundle_summary
+
+    typer.echo(json.dumps(bundle_summary(load_bundle(path)), indent=2))
+
+
+@app.command("serve")
+def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Embedded mode: the whole stack in one process (today: the parts that exist, see README)."""
+    import uvicorn
+
+    from services.cli.compose import embedded_app, resolve_bundle
+
+    settings = _settings(bundle=bundle, host=host, port=port)
+    app_ = embedded_app(settings, resolve_bundle(settings))
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def main() -> None:
+    try:
+        app()
+    except NextGPTError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
+    except FileExistsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,70 @@
+"""The ``nextgpt`` console script as users run it: a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support.servers import free_port, wait_until
+
+NEXTGPT = str(Path(sys.executable).parent / "nextgpt")
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NEXTGPT, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_inspect_prints_the_summary(tiny_bundle_dir: Path) -> None:
+    result = _run("bundle", "inspect", str(tiny_bundle_dir))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["name"] == "nextgpt-tiny"
+    assert summary["outputs"]["audio"]["conditioning"] == [24]
+
+
+def test_inspect_of_a_broken_bundle_fails_clearly(tmp_path: Path) -> None:
+    (tmp_path / "bundle.json").write_text("{}")
+    result = _run("bundle", "inspect", str(tmp_path))
+    assert result.returncode == 2
+    assert "bundle.json" in result.stderr and "schema_version" in result.stderr
+
+
+def test_bad_setting_stops_start_naming_the_variable(tiny_bundle_dir: Path) -> None:
+    result = _run("serve", "--bundle", str(tiny_bundle_dir), env={"NEXTGPT_STORAGE__BACKEND": "s4"})
+    assert result.returncode == 2
+    assert "NEXTGPT_STORAGE__BACKEND" in result.stderr
+
+
+def test_tiny_refuses_to_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file").write_text("keep")
+    result = _run("bundle", "tiny", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--force" in result.stderr
+
+
+def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [NEXTGPT, "serve", "--bundle", str(tiny_bundle_dir), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path / "cache")},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{base}/healthz").status_code == 200, 120, "nextgpt serve", proc, log)
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+        models = httpx.get(f"{base}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["nextgpt-tiny", "nextgpt"]
+        missing = httpx.get(f"{base}/v1/nothing-here")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["type"] == "not_found_error"
+    finally:
+        proc.terminate()
+        proc.wait(30)
