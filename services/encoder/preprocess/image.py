@@ -1,0 +1,63 @@
+"""Image: RGB, resize the short side to 224 (bicubic), centre-crop 224, CLIP mean/std -> (3, 224, 224)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.contracts.errors import PayloadTooLargeError
+from services.encoder.preprocess import MediaError
+
+SIZE = 224
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    # The long side is truncated, not rounded, as torchvision's Resize(int) computes it.
+    w, h = image.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return image.resize(new, Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W) with CLIP's mean and std."""
+    x = rgb.astype(np.float32) / 255.0
+    return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises many types for bad files
+        raise MediaError(f"{name}: not a readable image ({exc})", code="invalid_image", param=name) from exc
+    w, h = image.size
+    # Checked on the header, before any pixel is decoded: a 100 kB PNG can claim 50k x 50k pixels.
+    if w * h > max_pixels:
+        raise PayloadTooLargeError(f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels}",
+                                   code="image_too_large", param=name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except Exception as exc:
+        raise MediaError(f"{name}: corrupt or truncated image ({exc})", code="invalid_image", param=name) from exc
+    return image.convert("RGB")
+
+
+def preprocess_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
+    image = center_crop(resize_short_side(open_image(data, name, max_pixels), SIZE), SIZE)
+    return torch.from_numpy(normalize(np.asarray(image)))
