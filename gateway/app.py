@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from gateway.errors import error_json, install_error_handlers
+from services.web.errors import error_json, install_error_handlers
 from services.contracts.errors import ErrorResponse, NextGPTError
 
 

@@ -53,7 +53,7 @@ from services.contracts.bundle_manifest import (
     StopSpec,
 )
 from services.contracts.errors import BundleError
-from services.modeling.imagebind import build_imagebind, load_imagebind_state_dict
+from services.modeling.imagebind import imagebind_without_weights, load_imagebind_state_dict
 from services.modeling.projector import OutputProjector
 
 
@@ -202,9 +202,7 @@ def _write_adapter(out: Path, ckpt: ReleaseCheckpoint, alpha: float) -> None:
 
 def _write_encoder(root: Path, opts: ConvertOptions, ckpt: ReleaseCheckpoint) -> None:
     state = load_imagebind_state_dict(opts.imagebind)
-    # Shapes come from a model on the meta device: no memory for the 1.2 B parameters of ImageBind-huge.
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_imagebind(opts.imagebind_config).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in imagebind_without_weights(opts.imagebind_config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unused = sorted(set(state) - set(expected))
     wrong = [f"{k}: {list(state[k].shape)} != {list(s)}" for k, s in expected.items()

@@ -52,6 +52,31 @@ class RedisSettings(BaseModel):
     key_prefix: str = Field(default="nextgpt:", min_length=1)
 
 
+class EncoderSettings(BaseModel):
+    """The encoder service: where the model runs, how requests are batched, what one request may cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, description="Remote encoder service; None runs it in-process")
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_batch: int = Field(default=8, ge=1, le=256)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    max_queue: int = Field(default=256, ge=1)
+    decode_workers: int = Field(default=2, ge=1, le=64)
+    max_files: int = Field(default=8, ge=1, le=256)
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_audio_seconds: float = Field(default=600.0, gt=0)
+    max_video_seconds: float = Field(default=600.0, gt=0)
+    max_video_pixels: int = Field(default=4096 * 2160, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0, description="Client-side timeout of one encode call")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_files * self.max_file_bytes + 1024 * 1024
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
@@ -64,6 +89,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     storage: StorageSettings = Field(default_factory=StorageSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
 
     @property
     def tiny_bundle_dir(self) -> Path:

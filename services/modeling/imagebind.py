@@ -101,3 +101,12 @@ def load_imagebind_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
+
+
+def imagebind_without_weights(config: ImageBindConfig) -> nn.Module:
+    """The model with its parameters on the meta device: names and shapes of ImageBind-huge's 1.2 B parameters
+    without allocating them (for checking a checkpoint's layout)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return build_imagebind(config)

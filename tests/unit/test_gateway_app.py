@@ -29,5 +29,5 @@ def test_gateway_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, gateway.app, gateway.errors; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, gateway.app, services.web.errors; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

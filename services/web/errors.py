@@ -1,4 +1,4 @@
-"""Every error leaves the gateway in the shared shape ``{"error": {type, code, message, param}}``."""
+"""Every error leaves an HTTP surface in the shared shape ``{"error": {type, code, message, param}}``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,41 @@
+"""Turn a service's error response back into the typed error it was, so callers handle local and remote alike."""
+
+from __future__ import annotations
+
+import httpx
+
+from services.contracts.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NextGPTError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UnsupportedMediaError,
+)
+
+_BY_STATUS: dict[int, type[NextGPTError]] = {
+    400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
+    413: PayloadTooLargeError, 415: UnsupportedMediaError, 422: InvalidRequestError, 429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+def error_from_response(service: str, response: httpx.Response) -> NextGPTError:
+    try:
+        info = response.json()["error"]
+        message, code, param = str(info["message"]), str(info["code"]), info.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, code, param = response.text[:500] or response.reason_phrase, "upstream_error", None
+    cls = _BY_STATUS.get(response.status_code)
+    if cls is None:
+        # A 5xx from a service is an outage of that service as far as the caller is concerned.
+        return ServiceUnavailableError(f"{service} failed ({response.status_code}): {message}", code="upstream_error")
+    return cls(message, code=code, param=param)
+
+
+def unavailable(service: str, exc: httpx.HTTPError) -> ServiceUnavailableError:
+    return ServiceUnavailableError(f"{service} is unreachable: {type(exc).__name__}: {exc}",
+                                   code=f"{service}_unavailable")

@@ -1,0 +1,127 @@
+"""``nextgpt encoder serve``: POST /v1/encode, /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from services.contracts.encoder import SAFETENSORS_MEDIA_TYPE, EncodeSpec, MediaInput, pack_result
+from services.contracts.errors import ErrorResponse, InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
+from services.encoder.serving import EncoderService
+from services.web.body_limit import BodyLimitMiddleware
+from services.web.errors import install_error_handlers
+from services.web.metrics import add_metrics_route
+
+log = logging.getLogger(__name__)
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 503)}
+
+
+def build_encoder_app(load_service: Callable[[], EncoderService], registry: CollectorRegistry,
+                      max_request_bytes: int) -> FastAPI:
+    """``load_service`` runs in a thread at start-up (model loading); /readyz answers 503 until it is done."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.service = None
+        app.state.load_error = None
+        task = asyncio.create_task(_load(app))
+        try:
+            yield
+        finally:
+            task.cancel()
+            if app.state.service is not None:
+                await app.state.service.stop()
+
+    async def _load(app: FastAPI) -> None:
+        try:
+            service = await asyncio.to_thread(load_service)
+            await service.start()
+            app.state.service = service
+            log.info("encoder ready")
+        except Exception as exc:
+            log.exception("encoder failed to load")
+            app.state.load_error = str(exc)
+
+    app = FastAPI(title="nextgpt encoder", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    install_error_handlers(app)
+
+    def service_of(request: Request) -> EncoderService:
+        service: EncoderService | None = request.app.state.service
+        if service is None:
+            detail = request.app.state.load_error or "model is loading"
+            raise ServiceUnavailableError(f"encoder not ready: {detail}", code="not_ready")
+        return service
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(request: Request) -> dict[str, object]:
+        service = service_of(request)
+        return {"status": "ready", "hidden_size": service.hidden_size}
+
+    @app.post("/v1/encode", responses=_ERRORS)
+    async def encode(request: Request) -> Response:
+        """Multipart ``files`` (+ optional JSON part ``request``: modalities, segments), or a JSON body with
+        object-store ``keys``. Answers safetensors bytes, or JSON with ``Accept: application/json``."""
+        service = service_of(request)
+        items, spec = await _read_request(request, service.limits.max_files)
+        result = await service.encode(items, spec.segments)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"embeddings": result.embeddings.tolist(), "modalities": result.modalities,
+                                 "hidden_size": int(result.embeddings.shape[1])})
+        return Response(pack_result(result), media_type=SAFETENSORS_MEDIA_TYPE)
+
+    add_metrics_route(app, registry)
+    return app
+
+
+def _spec(raw: str | bytes | None) -> EncodeSpec:
+    if raw is None:
+        return EncodeSpec()
+    try:
+        return EncodeSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidRequestError(f"invalid request part: {exc.errors()[0]['msg']}", code="invalid_request",
+                                  param="request") from exc
+
+
+async def _read_request(request: Request, max_files: int) -> tuple[list[MediaInput], EncodeSpec]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        spec = _spec(await request.body())
+        if len(spec.keys) > max_files:
+            raise PayloadTooLargeError(f"{len(spec.keys)} keys exceed the limit of {max_files}", code="too_many_files")
+        return [MediaInput(name=k, key=k, modality=spec.modalities.get(k)) for k in spec.keys], spec
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidRequestError("send multipart/form-data (files) or application/json (keys)",
+                                  code="unsupported_content_type")
+    try:
+        form = await request.form(max_files=max_files, max_fields=16)
+    except MultiPartException as exc:
+        raise InvalidRequestError(f"bad multipart body: {exc.message}", code="invalid_multipart",
+                                  param="files") from exc
+    try:
+        raw = form.get("request")
+        spec = _spec(await raw.read() if isinstance(raw, UploadFile) else raw)
+        items = []
+        for upload in form.getlist("files"):
+            if not isinstance(upload, UploadFile):
+                raise InvalidRequestError("'files' parts must be files", code="invalid_multipart", param="files")
+            name = upload.filename or f"file{len(items)}"
+            items.append(MediaInput(name=name, data=await upload.read(), modality=spec.modalities.get(name)))
+        return items, spec
+    finally:
+        await form.close()
+

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by the gateway and the services: error handlers, body limits, metrics. No torch."""

@@ -1,0 +1,150 @@
+"""Preprocessing against references computed here from the formulas (not by calling the code under test)."""
+
+from __future__ import annotations
+
+import io
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from services.contracts.errors import PayloadTooLargeError
+from services.encoder.media import sniff
+from services.encoder.preprocess import MediaError
+from services.encoder.preprocess.audio import clip_to_melspec, preprocess_audio
+from services.encoder.preprocess.clips import clip_windows
+from services.encoder.preprocess.image import preprocess_image
+from services.encoder.preprocess.resample import resample
+from services.encoder.preprocess.video import preprocess_video
+from tests.support import media
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.mark.parametrize(("w", "h"), [(320, 240), (240, 320), (224, 224), (1000, 230)])
+def test_image_matches_resize_crop_normalize(w: int, h: int) -> None:
+    data = media.png(w, h)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    short, long_ = min(w, h), max(w, h)
+    new_long = int(224 * long_ / short)
+    size = (224, new_long) if w <= h else (new_long, 224)
+    resized = np.asarray(image.resize(size, Image.BICUBIC)).astype(np.float64) / 255
+    top = int(round((resized.shape[0] - 224) / 2))
+    left = int(round((resized.shape[1] - 224) / 2))
+    expected = ((resized[top:top + 224, left:left + 224] - MEAN) / STD).transpose(2, 0, 1)
+    got = preprocess_image(data, "x.png", 10**8).numpy()
+    assert got.shape == (3, 224, 224)
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def _kaldi_fbank_reference(wave: np.ndarray) -> np.ndarray:
+    """Kaldi's fbank written out: 25/10 ms frames (snip edges), DC removal, pre-emphasis 0.97, symmetric Hann,
+    512-point power spectrum, 128 triangular filters on the mel scale 1127 ln(1 + f/700) from 20 Hz to 8 kHz."""
+    n_frames = 1 + (len(wave) - 400) // 160
+    frames = np.stack([wave[i * 160: i * 160 + 400] for i in range(n_frames)]).astype(np.float64)
+    frames -= frames.mean(axis=1, keepdims=True)
+    frames = np.concatenate([frames[:, :1] - 0.97 * frames[:, :1], frames[:, 1:] - 0.97 * frames[:, :-1]], axis=1)
+    frames *= 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 399)
+    power = np.abs(np.fft.rfft(frames, n=512)) ** 2  # (frames, 257)
+
+    def mel(f: np.ndarray | float) -> np.ndarray:
+        return 1127.0 * np.log(1.0 + np.asarray(f) / 700.0)
+
+    lo, hi = mel(20.0), mel(8000.0)
+    delta = (hi - lo) / 129
+    fft_mel = mel(np.arange(256) * 16000 / 512)
+    banks = np.zeros((128, 257))
+    for m in range(128):
+        left, center, right = lo + m * delta, lo + (m + 1) * delta, lo + (m + 2) * delta
+        up = (fft_mel - left) / (center - left)
+        down = (right - fft_mel) / (right - center)
+        banks[m, :256] = np.maximum(0.0, np.minimum(up, down))
+    energies = power @ banks.T
+    return np.log(np.maximum(energies, np.finfo(np.float32).eps)).T  # (128, frames)
+
+
+def test_fbank_matches_kaldi_formulas() -> None:
+    rng = np.random.default_rng(0)
+    clip = torch.from_numpy((rng.standard_normal((1, 32000)) * 0.1).astype(np.float32))
+    got = clip_to_melspec(clip, "a.wav")[0].numpy()
+    wave = (clip - clip.mean())[0].numpy().astype(np.float64)
+    ref = _kaldi_fbank_reference(wave)
+    ref = np.pad(ref, ((0, 0), (0, 204 - ref.shape[1])))
+    ref = (ref - (-4.268)) / 9.138
+    assert got.shape == (128, 204)
+    assert np.abs(got - ref).max() < 5e-4
+
+
+def test_clip_windows_spread_evenly() -> None:
+    assert clip_windows(5.0, 2, 3) == [(0, 2), (Fraction(3, 2), Fraction(7, 2)), (3, 5)]
+    assert clip_windows(1.0, 2, 3) == [(0, 2)] * 3  # shorter than a clip: the whole file three times
+
+
+def test_resample_matches_windowed_sinc_sum() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(2000)
+    got = resample(torch.from_numpy(x.astype(np.float32))[None], 44100, 16000)[0].numpy()
+    assert len(got) == math.ceil(2000 * 16000 / 44100)
+    # Output j sits at input time j * 44100/16000; sum over taps within 6 zero crossings of the cutoff.
+    cutoff = 16000 * 0.99 / 44100
+    for j in (100, 333, 600):
+        t0 = j * 44100 / 16000
+        n = np.arange(len(x))
+        u = (n - t0) * cutoff
+        inside = np.abs(u) <= 6
+        window = np.cos(np.pi * u[inside] / 12) ** 2
+        expected = np.sum(x[inside] * cutoff * np.sinc(u[inside]) * window)
+        assert abs(got[j] - expected) < 1e-4
+
+
+def test_audio_shape_and_stereo_uses_first_channel() -> None:
+    stereo = media.wav(seconds=3, channels=2)
+    out = preprocess_audio(stereo, "s.wav", 60)
+    assert out.shape == (3, 1, 128, 204)
+    import soundfile
+
+    samples, _ = soundfile.read(io.BytesIO(stereo), dtype="float32", always_2d=True)
+    wave = torch.from_numpy(samples.T.copy())
+    first = clip_to_melspec(wave[:, :32000], "s.wav")
+    assert torch.allclose(out[0], first)
+
+
+def test_video_frames_clips_and_crops() -> None:
+    data = media.mp4(frames=40, fps=8, width=96, height=64)  # 5 s; frame i has grey level 5i
+    out = preprocess_video(data, "v.mp4", 60, 10**8)
+    assert out.shape == (15, 3, 2, 224, 224)
+    # Clip windows over 5 s: starts 0, .75, 1.5, 2.25, 3 -> first/last frame indices of each 2 s window.
+    expected = [(0, 15), (6, 21), (12, 27), (18, 33), (24, 39)]
+    grey = out[::3, 0, :, 112, 112] * STD[0] + MEAN[0]  # one crop per clip, channel 0, centre pixel
+    for (first, last), got in zip(expected, grey):
+        assert abs(float(got[0]) * 255 - 5 * first) < 4 and abs(float(got[1]) * 255 - 5 * last) < 4
+
+
+def test_sniff_by_content() -> None:
+    assert sniff(media.png()) == "image" and sniff(media.jpeg()) == "image"
+    assert sniff(media.wav()) == "audio" and sniff(media.wav(fmt="FLAC")) == "audio"
+    assert sniff(media.mp4(frames=2)) == "video"
+    assert sniff(b"hello world, not media") is None
+
+
+def test_bad_media_errors_name_the_file() -> None:
+    with pytest.raises(MediaError, match="cat.png"):
+        preprocess_image(media.png()[:200], "cat.png", 10**8)
+    with pytest.raises(MediaError, match="a.wav"):
+        preprocess_audio(media.wav()[:30], "a.wav", 60)
+    with pytest.raises(PayloadTooLargeError, match="long.wav"):
+        preprocess_audio(media.wav(seconds=5), "long.wav", 2)
+    with pytest.raises(MediaError, match="v.mp4"):
+        preprocess_video(media.mp4(frames=2)[:100], "v.mp4", 60, 10**8)
+
+
+def test_decompression_bomb_refused_before_decoding() -> None:
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG")  # ~10 kB file, 81 M pixels
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(PayloadTooLargeError, match="bomb.png: 9000x9000"):
+        preprocess_image(buf.getvalue(), "bomb.png", 40_000_000)
