@@ -41,3 +41,10 @@ e2e: bundle-tiny
 
 clean:
 	rm -rf $(VENV) $(NEXTGPT_CACHE_DIR) .pytest_cache
+
+.PHONY: bench bench-encoder
+bench-encoder: $(STAMP)
+	$(BIN)/python -m bench.encoder_batching --modality image
+	$(BIN)/python -m bench.encoder_batching --modality audio
+
+bench: bench-encoder

@@ -97,6 +97,33 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
+encoder_app = typer.Typer(no_args_is_help=True, help="The encoder service (ImageBind + input projection).")
+app.add_typer(encoder_app, name="encoder")
+
+
+@encoder_app.command("serve")
+def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
+                  port: Annotated[int, typer.Option(help="Port to bind")] = 8001) -> None:
+    """Serve POST /v1/encode; /readyz answers 503 until the model is loaded."""
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from services.cli.compose import resolve_bundle
+    from services.encoder.app import build_encoder_app
+    from services.encoder.compose import build_encoder_service
+    from services.storage import build_artifact_store
+
+    settings = _settings(bundle=bundle, host=host)
+    registry = CollectorRegistry()
+    resolved = resolve_bundle(settings)
+    store = build_artifact_store(settings)
+    encoder_app_ = build_encoder_app(
+        lambda: build_encoder_service(resolved, settings.encoder, registry, store), registry,
+        settings.encoder.max_request_bytes,
+    )
+    uvicorn.run(encoder_app_, host=settings.host, port=port, log_level=settings.log_level)
+
+
 def main() -> None:
     try:
         app()

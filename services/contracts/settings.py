@@ -61,7 +61,8 @@ class EncoderSettings(BaseModel):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_batch: int = Field(default=8, ge=1, le=256)
-    max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    max_wait_ms: float = Field(default=0.0, ge=0, le=1000,
+                               description="Extra wait for a fuller batch; 0 batches only what queued meanwhile")
     max_queue: int = Field(default=256, ge=1)
     decode_workers: int = Field(default=2, ge=1, le=64)
     max_files: int = Field(default=8, ge=1, le=256)

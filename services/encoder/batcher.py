@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_queue: int = 256
 
 
@@ -71,6 +71,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
+            # Take whatever queued up while the model was busy: batches form under load at no added latency.
+            while len(batch) < self.config.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
             deadline = loop.time() + self.config.max_wait_ms / 1000
             while len(batch) < self.config.max_batch:
                 timeout = deadline - loop.time()

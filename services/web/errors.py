@@ -28,7 +28,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NextGPTError)
     async def _known(_: Request, exc: NextGPTError) -> JSONResponse:
         if exc.status_code >= 500:
-            log.error("request failed: %s", exc.message)
+            # 503 is an expected state (loading, overloaded, a dependency down); other 5xx are faults.
+            log.log(logging.INFO if exc.status_code == 503 else logging.ERROR, "request failed: %s", exc.message)
         return JSONResponse(status_code=exc.status_code, content=exc.to_response().model_dump())
 
     @app.exception_handler(RequestValidationError)
