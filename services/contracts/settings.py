@@ -78,6 +78,21 @@ class EncoderSettings(BaseModel):
         return self.max_files * self.max_file_bytes + 1024 * 1024
 
 
+class DecoderSettings(BaseModel):
+    """Decoder workers and the queue between them and the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = "cpu"
+    time_limit_s: float = Field(default=900.0, gt=0, description="A job running longer is failed between steps")
+    visibility_timeout_s: int = Field(
+        default=3600, ge=1, description="A job taken by a worker that died is handed out again after this")
+    max_retries: int = Field(default=3, ge=0, le=20, description="Retries, for transient storage errors only")
+    lock_ttl_s: int = Field(default=120, ge=1, description="Lease on a running job, renewed at every step")
+    queue_wait_s: float = Field(default=600.0, gt=0, description="Embedded pool: bound on queued jobs' wait")
+    max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
@@ -91,6 +106,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    decoders: DecoderSettings = Field(default_factory=DecoderSettings)
 
     @property
     def tiny_bundle_dir(self) -> Path:

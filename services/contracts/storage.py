@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 from services.contracts.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 
 _KIND = r"[a-z][a-z0-9-]{0,31}"
-_KEY_RE = re.compile(rf"^(?P<kind>{_KIND})/(?P<date>\d{{4}}/\d{{2}}/\d{{2}})/(?P<uid>[0-9a-f]{{32}})(?P<suffix>\.[a-z0-9]{{1,8}})?$")
-_SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,8}$")
+_KEY_RE = re.compile(rf"^(?P<kind>{_KIND})/(?P<date>\d{{4}}/\d{{2}}/\d{{2}})/(?P<uid>[0-9a-f]{{32}})(?P<suffix>\.[a-z0-9]{{1,12}})?$")
+_SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,12}$")
 _META_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_METADATA_BYTES = 2048
 

@@ -1,0 +1,1 @@
+"""Decoder workers: diffusers pipelines that turn conditioning into PNG / MP4 / WAV artifacts."""

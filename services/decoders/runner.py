@@ -1,0 +1,151 @@
+"""One decode job, start to finish: idempotent by job id, cancellable between steps, with progress events.
+
+The Celery task and the embedded worker pool both call ``DecoderRunner.run``; all logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from services.contracts.bundle_manifest import BundleManifest
+from services.contracts.decoders import ARTIFACT_FORMATS, CONDITIONING_TENSOR, ArtifactInfo, DecodeJob, JobEvent
+from services.contracts.errors import NextGPTError
+from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
+from services.jobs.book import JobBook
+from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
+from services.decoders.pipelines import DecoderPipelines, Generated, resolve
+
+log = logging.getLogger(__name__)
+
+
+class PoisonJobError(Exception):
+    """A job that can never succeed (bad conditioning, bad options): fail it, never retry it."""
+
+
+class TransientJobError(Exception):
+    """Storage or network trouble: the job may succeed when retried."""
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobTimeoutError(PoisonJobError):
+    """Ran past the time limit; failed between two steps, without retry."""
+
+
+class JobBusyError(TransientJobError):
+    """Another delivery of the same job is running right now."""
+
+
+class DecoderRunner:
+    def __init__(self, pipelines: DecoderPipelines, store: ArtifactStore, book: JobBook,
+                 manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120) -> None:
+        self.pipelines, self.store, self.book, self.manifest = pipelines, store, book, manifest
+        self.time_limit_s, self.lock_ttl_s = time_limit_s, lock_ttl_s
+
+    def run(self, job: DecodeJob) -> ArtifactInfo | None:
+        if self.book.is_cancelled(job.job_id):
+            self.book.publish(JobEvent(job_id=job.job_id, type="cancelled"), job.modality)
+            return None
+        existing = self._existing(job)
+        if existing is not None:
+            # A re-delivered job whose artifact was already written: report it, write nothing.
+            self.book.publish(JobEvent(job_id=job.job_id, type="completed", artifact=existing), job.modality)
+            return existing
+        if not self.book.claim(job.job_id, self.lock_ttl_s):
+            raise JobBusyError(f"job {job.job_id} is being run by another worker")
+        try:
+            return self._run(job)
+        finally:
+            self.book.release(job.job_id)
+
+    def _existing(self, job: DecodeJob) -> ArtifactInfo | None:
+        try:
+            meta = self.store.head(job.artifact_key)
+        except ArtifactNotFoundError:
+            return None
+        except Exception as exc:
+            raise TransientJobError(f"artifact store: {exc}") from exc
+        return ArtifactInfo(key=meta.key, modality=job.modality, mime=meta.mime, bytes=meta.size,
+                            metadata=meta.metadata)
+
+    def _run(self, job: DecodeJob) -> ArtifactInfo | None:
+        started = time.perf_counter()
+        self.book.publish(JobEvent(job_id=job.job_id, type="started"), job.modality)
+        try:
+            conditioning = self._conditioning(job)
+            spec = self.manifest.outputs[job.modality]
+            # A per-job default seed derived from the job id: a retried job reproduces the same output.
+            opts = resolve(job.options, spec.decoder.defaults, seed=int(job.job_id[:15], 16))
+
+            def on_step(step: int, total: int) -> None:
+                if self.book.is_cancelled(job.job_id):
+                    raise JobCancelled
+                self.book.renew(job.job_id, self.lock_ttl_s)
+                if time.perf_counter() - started > self.time_limit_s:
+                    raise JobTimeoutError(f"{job.modality} job ran past its time limit of {self.time_limit_s:.0f} s")
+                self.book.publish(JobEvent(job_id=job.job_id, type="progress", step=step, total=total))
+
+            generated = self.pipelines.generate(job.modality, conditioning, opts, on_step)
+            data = self._encode(generated, opts.fps)
+        except JobCancelled:
+            self.book.publish(JobEvent(job_id=job.job_id, type="cancelled"), job.modality)
+            return None
+        except (PoisonJobError, TransientJobError):
+            raise
+        except Exception as exc:
+            raise PoisonJobError(f"{job.modality} decoder failed: {type(exc).__name__}: {exc}") from exc
+        decode_s = time.perf_counter() - started
+        metadata = {"seed": str(opts.seed), "steps": str(opts.steps), "decode-ms": str(int(decode_s * 1000)),
+                    "job-id": job.job_id}
+        if generated.audio is not None and generated.sample_rate:
+            metadata["seconds"] = f"{len(generated.audio) / generated.sample_rate:.3f}"
+        if generated.frames is not None and opts.fps:
+            metadata["seconds"] = f"{len(generated.frames) / opts.fps:.3f}"
+            metadata["frames"] = str(len(generated.frames))
+        _, mime = ARTIFACT_FORMATS[job.modality]
+        try:
+            meta = self.store.put(job.artifact_key, data, mime, metadata=metadata)
+        except NextGPTError:
+            raise
+        except Exception as exc:
+            raise TransientJobError(f"artifact store: {exc}") from exc
+        info = ArtifactInfo(key=meta.key, modality=job.modality, mime=mime, bytes=meta.size, metadata=metadata)
+        self.book.publish(JobEvent(job_id=job.job_id, type="completed", artifact=info), job.modality)
+        log.info("job %s (%s) done in %.2f s, %d bytes", job.job_id, job.modality, decode_s, meta.size)
+        return info
+
+    def _conditioning(self, job: DecodeJob) -> torch.Tensor:
+        try:
+            blob = self.store.read(job.conditioning_key)
+        except ArtifactNotFoundError as exc:
+            raise PoisonJobError(f"conditioning {job.conditioning_key} not found") from exc
+        except Exception as exc:
+            raise TransientJobError(f"artifact store: {exc}") from exc
+        try:
+            tensor = load_safetensors(blob)[CONDITIONING_TENSOR]
+        except Exception as exc:
+            raise PoisonJobError(f"conditioning {job.conditioning_key} is not a safetensors "
+                                 f"'{CONDITIONING_TENSOR}' tensor ({exc})") from exc
+        expected = self.manifest.outputs[job.modality].projector.output_shape
+        if tuple(tensor.shape) == expected:
+            tensor = tensor.unsqueeze(0)
+        if tuple(tensor.shape) != (1, *expected):
+            raise PoisonJobError(f"conditioning has shape {list(tensor.shape)}, {job.modality} needs {list(expected)}")
+        if not torch.isfinite(tensor).all():
+            raise PoisonJobError("conditioning contains NaN or infinite values")
+        return tensor.float()
+
+    @staticmethod
+    def _encode(generated: Generated, fps: int | None) -> bytes:
+        if generated.image is not None:
+            return png_bytes(generated.image)
+        if generated.frames is not None:
+            return mp4_bytes(generated.frames, fps or 8)
+        assert generated.audio is not None and generated.sample_rate is not None
+        return wav_bytes(generated.audio, generated.sample_rate)

@@ -1,0 +1,159 @@
+"""Where a worker writes a job's status and events, and reads its cancel flag.
+
+``RedisJobBook``: the status as JSON under a key, events in a Redis stream (replayable, bounded), both with a
+TTL. ``MemoryJobBook``: the same in one process, for embedded mode.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Any
+
+from services.contracts.decoders import TERMINAL_STATES, JobEvent, JobState, JobStatus
+from services.contracts.job_keys import JOB_TTL_S, MAX_EVENTS, cancel_key, events_key, lock_key, status_key
+
+_STATE_OF_EVENT: dict[str, JobState] = {
+    "queued": "queued", "started": "running", "progress": "running", "completed": "completed",
+    "failed": "failed", "cancelled": "cancelled",
+}
+
+
+def next_status(current: JobStatus | None, event: JobEvent, modality: Any = None) -> JobStatus:
+    status = current or JobStatus(job_id=event.job_id, state="queued", modality=modality)
+    update: dict[str, Any] = {"state": _STATE_OF_EVENT[event.type], "updated_at": event.at}
+    if event.step is not None:
+        update["step"], update["total"] = event.step, event.total or status.total
+    if event.artifact is not None:
+        update["artifact"] = event.artifact
+    if event.error is not None:
+        update["error"] = event.error
+    if modality is not None:
+        update["modality"] = modality
+    return status.model_copy(update=update)
+
+
+class JobBook(ABC):
+    @abstractmethod
+    def publish(self, event: JobEvent, modality: Any = None) -> None: ...
+
+    @abstractmethod
+    def status(self, job_id: str) -> JobStatus | None: ...
+
+    @abstractmethod
+    def is_cancelled(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def claim(self, job_id: str, ttl_s: int) -> bool:
+        """True when this worker may run the job now (no other delivery is running it)."""
+
+    @abstractmethod
+    def renew(self, job_id: str, ttl_s: int) -> None:
+        """Extend the claim: a claim is a lease, so a worker that dies frees its job when the lease runs out."""
+
+    @abstractmethod
+    def release(self, job_id: str) -> None: ...
+
+
+class RedisJobBook(JobBook):
+    def __init__(self, client: Any, prefix: str, ttl_s: int = JOB_TTL_S) -> None:
+        self.r, self.prefix, self.ttl = client, prefix, ttl_s
+
+    def publish(self, event: JobEvent, modality: Any = None) -> None:
+        current = self.status(event.job_id)
+        if current is not None and current.state in TERMINAL_STATES and event.type not in ("completed",):
+            return  # a late progress event must not reopen a finished job
+        status = next_status(current, event, modality)
+        skey, ekey = status_key(self.prefix, event.job_id), events_key(self.prefix, event.job_id)
+        pipe = self.r.pipeline()
+        pipe.set(skey, status.model_dump_json(), ex=self.ttl)
+        pipe.xadd(ekey, {"event": event.model_dump_json()}, maxlen=MAX_EVENTS, approximate=True)
+        pipe.expire(ekey, self.ttl)
+        pipe.execute()
+
+    def status(self, job_id: str) -> JobStatus | None:
+        raw = self.r.get(status_key(self.prefix, job_id))
+        return JobStatus.model_validate_json(raw) if raw else None
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return bool(self.r.exists(cancel_key(self.prefix, job_id)))
+
+    def cancel(self, job_id: str) -> None:
+        self.r.set(cancel_key(self.prefix, job_id), "1", ex=self.ttl)
+
+    def claim(self, job_id: str, ttl_s: int) -> bool:
+        return bool(self.r.set(lock_key(self.prefix, job_id), "1", nx=True, ex=ttl_s))
+
+    def renew(self, job_id: str, ttl_s: int) -> None:
+        self.r.expire(lock_key(self.prefix, job_id), ttl_s)
+
+    def release(self, job_id: str) -> None:
+        self.r.delete(lock_key(self.prefix, job_id))
+
+
+class MemoryJobBook(JobBook):
+    """In-process book; ``listeners`` are called (from the worker thread) with every event."""
+
+    def __init__(self, max_jobs: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._status: dict[str, JobStatus] = {}
+        self._events: dict[str, list[JobEvent]] = {}
+        self._cancelled: set[str] = set()
+        self._running: set[str] = set()
+        self.max_jobs = max_jobs
+        self.listeners: list[Any] = []
+
+    def publish(self, event: JobEvent, modality: Any = None) -> None:
+        with self._lock:
+            current = self._status.get(event.job_id)
+            if current is not None and current.state in TERMINAL_STATES and event.type != "completed":
+                return
+            self._status[event.job_id] = next_status(current, event, modality)
+            events = self._events.setdefault(event.job_id, [])
+            events.append(event)
+            del events[:-MAX_EVENTS]
+            self._evict()
+        for listener in list(self.listeners):
+            listener(event)
+
+    def _evict(self) -> None:
+        # Bounded memory: forget the oldest finished jobs first.
+        while len(self._status) > self.max_jobs:
+            finished = [j for j, s in self._status.items() if s.state in TERMINAL_STATES]
+            victim = finished[0] if finished else next(iter(self._status))
+            self._status.pop(victim, None)
+            self._events.pop(victim, None)
+            self._cancelled.discard(victim)
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        with self._lock:
+            return list(self._events.get(job_id, []))
+
+    def status(self, job_id: str) -> JobStatus | None:
+        with self._lock:
+            return self._status.get(job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def claim(self, job_id: str, ttl_s: int) -> bool:
+        with self._lock:
+            if job_id in self._running:
+                return False
+            self._running.add(job_id)
+            return True
+
+    def renew(self, job_id: str, ttl_s: int) -> None:
+        return None  # in one process a dead worker takes its claims with it
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._running.discard(job_id)

@@ -1,0 +1,189 @@
+"""Decoder jobs through real Redis, a real ``celery worker`` process and a real S3 server, on the tiny bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import av
+import pytest
+import redis
+import redis.asyncio
+import soundfile
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from services.bundle.loader import load_bundle
+from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app
+from services.contracts.bundle_manifest import Modality
+from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, DecodeOptions, JobEvent, new_job_id
+from services.contracts.settings import Settings, StorageSettings
+from services.contracts.storage import new_key
+from services.jobs.book import RedisJobBook
+from services.jobs.reader import AsyncJobReader
+from services.storage.s3 import S3ArtifactStore
+from tests.support.servers import RedisInfo, S3Info
+from tests.support.workers import WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def env(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path) -> dict[str, str]:
+    bucket = f"dec-{uuid.uuid4().hex[:10]}"
+    S3ArtifactStore.from_settings(_storage(s3_info, bucket, create=True))
+    return {
+        "NEXTGPT_BUNDLE": str(tiny_bundle_dir),
+        "NEXTGPT_REDIS__URL": redis_info.url,
+        "NEXTGPT_REDIS__KEY_PREFIX": f"{redis_info.key_prefix}{uuid.uuid4().hex[:6]}:",
+        "NEXTGPT_STORAGE__BACKEND": "s3",
+        "NEXTGPT_STORAGE__S3_ENDPOINT_URL": s3_info.endpoint_url,
+        "NEXTGPT_STORAGE__S3_BUCKET": bucket,
+        "NEXTGPT_STORAGE__S3_ACCESS_KEY_ID": s3_info.access_key,
+        "NEXTGPT_STORAGE__S3_SECRET_ACCESS_KEY": s3_info.secret_key,
+        "NEXTGPT_DECODERS__VISIBILITY_TIMEOUT_S": "4",
+        "NEXTGPT_DECODERS__LOCK_TTL_S": "4",
+        "NEXTGPT_LOG_LEVEL": "info",
+    }
+
+
+def _storage(s3: S3Info, bucket: str, create: bool = False) -> StorageSettings:
+    return StorageSettings(backend="s3", s3_endpoint_url=s3.endpoint_url, s3_bucket=bucket,
+                           s3_access_key_id=s3.access_key, s3_secret_access_key=s3.secret_key, s3_create_bucket=create)
+
+
+@pytest.fixture(scope="module")
+def settings(env: dict[str, str], monkeypatch_module: pytest.MonkeyPatch) -> Settings:
+    for name, value in env.items():
+        monkeypatch_module.setenv(name, value)
+    return Settings()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def store(settings: Settings) -> S3ArtifactStore:
+    return S3ArtifactStore.from_settings(settings.storage)
+
+
+@pytest.fixture(scope="module")
+def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess("image,video,audio", env, tmp_path_factory.mktemp("logs") / "all.log").wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+async def queue(settings: Settings) -> AsyncIterator[CeleryDecoderQueue]:
+    areader = redis.asyncio.Redis.from_url(settings.redis.url)
+    yield CeleryDecoderQueue(make_client_app(settings),
+                             RedisJobBook(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix),
+                             AsyncJobReader(areader, settings.redis.key_prefix, block_ms=500))
+    await areader.aclose()
+
+
+def _job(store: S3ArtifactStore, bundle_dir: Path, modality: Modality, shape: tuple[int, ...] | None = None,
+         **options: object) -> DecodeJob:
+    manifest = load_bundle(bundle_dir).manifest
+    shape = shape or manifest.outputs[modality].projector.output_shape
+    torch.manual_seed(0)
+    blob = save({"conditioning": torch.randn(1, *shape)})
+    cond = store.put_new("conditioning", blob, "application/vnd.nextgpt.safetensors", suffix=".safetensors")
+    job_id = new_job_id()
+    suffix, _ = ARTIFACT_FORMATS[modality]
+    return DecodeJob(job_id=job_id, modality=modality, conditioning_key=cond.key,
+                     artifact_key=new_key(modality, suffix, uid=job_id), options=DecodeOptions(**options))
+
+
+async def _collect(queue: CeleryDecoderQueue, job_id: str, timeout: float = 120) -> list[JobEvent]:
+    async def run() -> list[JobEvent]:
+        return [e async for e in queue.events(job_id)]
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+async def test_a_job_per_modality_gives_a_valid_file(worker: WorkerProcess, queue: CeleryDecoderQueue,
+                                                     store: S3ArtifactStore, tiny_bundle_dir: Path) -> None:
+    jobs = {m: _job(store, tiny_bundle_dir, m, steps=3) for m in ("image", "video", "audio")}
+    for job in jobs.values():
+        await queue.submit(job)
+    for modality, job in jobs.items():
+        events = await _collect(queue, job.job_id)
+        types = [e.type for e in events]
+        assert types[0] == "queued" and types[1] == "started" and types[-1] == "completed", types
+        assert [e.step for e in events if e.type == "progress"] == [1, 2, 3]
+        status = await queue.status(job.job_id)
+        assert status is not None and status.state == "completed" and status.artifact is not None
+        data = store.read(job.artifact_key)
+        if modality == "image":
+            assert Image.open(io.BytesIO(data)).size == (64, 64)
+        elif modality == "video":
+            with av.open(io.BytesIO(data)) as container:
+                stream = container.streams.video[0]
+                assert stream.codec_context.name == "h264"
+                assert len(list(container.decode(stream))) == 8
+        else:
+            samples, rate = soundfile.read(io.BytesIO(data))
+            assert rate == 16000 and len(samples) == 16000
+        assert status.artifact.metadata["steps"] == "3"
+
+
+async def test_poison_job_fails_clearly_and_does_not_block(worker: WorkerProcess, queue: CeleryDecoderQueue,
+                                                           store: S3ArtifactStore, tiny_bundle_dir: Path) -> None:
+    bad = _job(store, tiny_bundle_dir, "image", shape=(77, 999))
+    good = _job(store, tiny_bundle_dir, "image", steps=2)
+    await queue.submit(bad)
+    await queue.submit(good)
+    bad_events = await _collect(queue, bad.job_id)
+    assert bad_events[-1].type == "failed"
+    assert "conditioning has shape [1, 77, 999], image needs [77, 32]" in (bad_events[-1].error or "")
+    assert (await _collect(queue, good.job_id))[-1].type == "completed"
+    assert not store.exists(bad.artifact_key)
+
+
+async def test_cancel_stops_a_running_job(worker: WorkerProcess, queue: CeleryDecoderQueue,
+                                          store: S3ArtifactStore, tiny_bundle_dir: Path) -> None:
+    job = _job(store, tiny_bundle_dir, "video", steps=200)
+    await queue.submit(job)
+    async for event in queue.events(job.job_id):
+        if event.type == "progress":
+            await queue.cancel(job.job_id)
+        if event.type in ("cancelled", "completed", "failed"):
+            break
+    assert event.type == "cancelled"
+    assert not store.exists(job.artifact_key)
+    after = _job(store, tiny_bundle_dir, "audio", steps=2)
+    await queue.submit(after)
+    assert (await _collect(queue, after.job_id))[-1].type == "completed"
+
+
+async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], queue: CeleryDecoderQueue,
+                                                           store: S3ArtifactStore, tiny_bundle_dir: Path,
+                                                           tmp_path: Path, worker: WorkerProcess) -> None:
+    worker.stop()  # this test owns the queue: only its own workers consume
+    first = WorkerProcess("video", env, tmp_path / "first.log").wait_ready()
+    job = _job(store, tiny_bundle_dir, "video", steps=40)
+    await queue.submit(job)
+    async for event in queue.events(job.job_id):
+        if event.type == "progress" and (event.step or 0) >= 2:
+            break
+    first.kill()
+    second = WorkerProcess("video", env, tmp_path / "second.log").wait_ready()
+    try:
+        events = await _collect(queue, job.job_id, timeout=240)
+    finally:
+        second.stop()
+    assert events[-1].type == "completed"
+    assert sum(1 for e in events if e.type == "completed") == 1
+    listing = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + "video/")
+    keys = [o["Key"] for o in listing.get("Contents", []) if job.job_id in o["Key"]]
+    assert keys == [job.artifact_key]
+    # The second worker is the one that ran it (the first died mid-job and never acknowledged it).
+    assert f"nextgpt.decode[{job.job_id}] received".encode() in (tmp_path / "second.log").read_bytes()
