@@ -1,0 +1,106 @@
+"""The embedded DecoderQueue: same contract as the Celery one, in one process, on the tiny bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from services.bundle.loader import load_bundle
+from services.contracts.bundle_manifest import Modality
+from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, DecodeOptions, JobEvent, new_job_id
+from services.contracts.errors import ServiceUnavailableError
+from services.contracts.storage import new_key
+from services.decoders.local_queue import LocalDecoderQueue
+from services.decoders.pipelines import DecoderPipelines
+from services.decoders.runner import DecoderRunner
+from services.jobs.book import MemoryJobBook
+from services.storage.local import LocalArtifactStore
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_bundle_dir: Path) -> DecoderPipelines:
+    return DecoderPipelines(load_bundle(tiny_bundle_dir), ["image", "audio"])
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts", 10**8)
+
+
+@pytest.fixture()
+def queue(pipelines: DecoderPipelines, store: LocalArtifactStore) -> Iterator[LocalDecoderQueue]:
+    book = MemoryJobBook()
+    q = LocalDecoderQueue(DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60),
+                          book, max_queued=3)
+    yield q
+    q.close()
+
+
+def _job(store: LocalArtifactStore, shape: tuple[int, ...], modality: Modality = "image", **opts: object) -> DecodeJob:
+    cond = store.put_new("conditioning", save({"conditioning": torch.randn(1, *shape)}), "application/octet-stream")
+    job_id = new_job_id()
+    return DecodeJob(job_id=job_id, modality=modality, conditioning_key=cond.key,
+                     artifact_key=new_key(modality, ARTIFACT_FORMATS[modality][0], uid=job_id),
+                     options=DecodeOptions(**opts))
+
+
+async def _events(queue: LocalDecoderQueue, job_id: str) -> list[JobEvent]:
+    return await asyncio.wait_for(_all(queue, job_id), 60)
+
+
+async def _all(queue: LocalDecoderQueue, job_id: str) -> list[JobEvent]:
+    return [e async for e in queue.events(job_id)]
+
+
+async def test_image_job(queue: LocalDecoderQueue, store: LocalArtifactStore) -> None:
+    job = _job(store, (77, 32), steps=2, seed=5)
+    await queue.submit(job)
+    events = await _events(queue, job.job_id)
+    assert [e.type for e in events] == ["queued", "started", "progress", "progress", "completed"]
+    assert Image.open(io.BytesIO(store.read(job.artifact_key))).size == (64, 64)
+    status = await queue.status(job.job_id)
+    assert status is not None and status.state == "completed" and status.step == 2
+    assert status.artifact is not None and status.artifact.metadata["seed"] == "5"
+
+
+async def test_same_seed_same_image_and_redelivery_writes_nothing_new(
+        queue: LocalDecoderQueue, store: LocalArtifactStore) -> None:
+    job = _job(store, (77, 32), steps=2, seed=9)
+    await queue.submit(job)
+    await _events(queue, job.job_id)
+    first = store.read(job.artifact_key)
+    info = queue.runner.run(job)  # a second delivery of the same job
+    assert info is not None and info.key == job.artifact_key and store.read(job.artifact_key) == first
+
+
+async def test_poison_job_and_bounded_queue(queue: LocalDecoderQueue, store: LocalArtifactStore) -> None:
+    bad = _job(store, (3, 3))
+    await queue.submit(bad)
+    events = await _events(queue, bad.job_id)
+    assert events[-1].type == "failed" and "needs [77, 32]" in (events[-1].error or "")
+    long_jobs = [_job(store, (77, 32), steps=50) for _ in range(3)]
+    for job in long_jobs:
+        await queue.submit(job)
+    with pytest.raises(ServiceUnavailableError):
+        await queue.submit(_job(store, (77, 32)))
+    for job in long_jobs:
+        await queue.cancel(job.job_id)
+    for job in long_jobs:
+        assert (await _events(queue, job.job_id))[-1].type == "cancelled"
+
+
+async def test_audio_job(pipelines: DecoderPipelines, queue: LocalDecoderQueue, store: LocalArtifactStore) -> None:
+    import soundfile
+
+    job = _job(store, (24,), modality="audio", steps=2, seconds=0.5)
+    await queue.submit(job)
+    assert (await _events(queue, job.job_id))[-1].type == "completed"
+    samples, rate = soundfile.read(io.BytesIO(store.read(job.artifact_key)))
+    assert rate == 16000 and len(samples) == 8000
