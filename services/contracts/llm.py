@@ -1,0 +1,86 @@
+"""The LLM boundary: a conversation (text + one LLM-space vector per media item) in; a stream of text deltas,
+signal events (modality + conditioning tensor) and a final ``done`` out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.contracts.bundle_manifest import Modality
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    text: str = Field(default="", max_length=100_000)
+    # Indices into the request's media vectors, in the order they appear in this turn.
+    media: list[int] = Field(default_factory=list)
+
+
+class GenerateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    turns: list[Turn] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    lora: str | None = Field(default=None, description="LoRA adapter name; default: the bundle's default adapter")
+    allowed_modalities: list[Modality] | None = Field(default=None, description="None: every output modality")
+    require_modalities: list[Modality] = Field(default_factory=list)
+    max_signal_groups: int = Field(default=4, ge=0, le=16)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateParams:
+        if self.turns[-1].role != "user":
+            raise ValueError("the last turn must be the user's")
+        if self.allowed_modalities is not None and set(self.require_modalities) - set(self.allowed_modalities):
+            raise ValueError("require_modalities must be a subset of allowed_modalities")
+        if len(set(self.require_modalities)) > self.max_signal_groups:
+            raise ValueError("more required modalities than max_signal_groups")
+        return self
+
+
+@dataclass
+class TextDelta:
+    text: str
+    type: Literal["delta"] = "delta"
+
+
+@dataclass
+class SignalEvent:
+    modality: Modality
+    index: int  # the n-th signal group of this reply
+    conditioning: np.ndarray  # the projector's output for the group, e.g. (77, 768)
+    forced: bool = False  # True when require_modalities made the group, not the model
+    type: Literal["signal"] = "signal"
+
+
+@dataclass
+class Done:
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)  # every generated id, signal tokens included
+    type: Literal["done"] = "done"
+
+
+LLMEvent = TextDelta | SignalEvent | Done
+
+
+class LLMClient(ABC):
+    @abstractmethod
+    def generate(self, params: GenerateParams, media: np.ndarray | None) -> AsyncIterator[LLMEvent]:
+        """Stream a reply; ``media`` is (items, llm_hidden). Closing the iterator cancels the generation."""
+
+    @abstractmethod
+    async def check_ready(self) -> None:
+        """Raise ``ServiceUnavailableError`` until the LLM can serve."""

@@ -1,0 +1,82 @@
+"""The reference (legacy NExT-GPT demo) prompt as a sequence of token ids and media slots.
+
+Layout: ``### Human:`` <Img> item </Img> `` text\\n### Assistant:`` ..., earlier turns joined with ``\\n###`` and
+`` Human:``; every text segment between media items gets its own BOS, as the demo embeds them (behind the
+bundle's ``bos_per_segment``). Unlike the demo we never split user text on `` <`` / ``> `` (the demo's regex
+split turns such text into fake media tags), and every media item of a turn is a media slot (the demo embeds the
+second tag of a turn as literal text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.contracts.bundle_manifest import PromptSpec
+from services.contracts.llm import Turn
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class MediaPiece:
+    index: int
+
+
+Piece = TextPiece | MediaPiece
+
+
+def prompt_pieces(spec: PromptSpec, turns: list[Turn]) -> list[Piece]:
+    pieces: list[Piece] = []
+    buffer = ""
+
+    def flush() -> None:
+        nonlocal buffer
+        if buffer:
+            pieces.append(TextPiece(buffer))
+        buffer = ""
+
+    def media(indices: list[int]) -> None:
+        flush()
+        pieces.extend(MediaPiece(i) for i in indices)
+
+    human = spec.human_prefix.rstrip()  # "### Human:"
+    follow_up = " " + human.lstrip("#").strip()  # " Human:" after a "\n###" separator
+    first_user = True
+    for turn in turns:
+        if turn.role == "user":
+            buffer += human if first_user else follow_up
+            first_user = False
+            if turn.media:
+                media(turn.media)
+            buffer += " " + turn.text + spec.assistant_prefix
+        else:
+            buffer += " " + turn.text
+            if turn.media:
+                media(turn.media)
+            buffer += spec.turn_separator
+    flush()
+    return pieces
+
+
+def prompt_ids(spec: PromptSpec, pieces: list[Piece], encode: object) -> list[list[int] | int]:
+    """Token ids per text piece (with BOS as the bundle says) and media indices as ints, in order.
+
+    ``encode`` is ``tokenizer.encode``-like: text -> ids without special tokens.
+    """
+    out: list[list[int] | int] = []
+    first = True
+    for piece in pieces:
+        if isinstance(piece, MediaPiece):
+            out.append([spec.media_start_id])
+            out.append(piece.index)
+            out.append([spec.media_end_id])
+            continue
+        ids = list(encode(piece.text))  # type: ignore[operator]
+        if spec.bos_per_segment or first:
+            ids = [spec.bos_id, *ids]
+        first = False
+        out.append(ids)
+    return out
