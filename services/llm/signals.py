@@ -56,10 +56,18 @@ class SignalController:
         else:
             banned |= {i for i, m in self.first.items() if m not in self.allowed}
         pending = self.pending()
-        if pending and remaining_tokens <= sum(len(self.groups[m]) for m in pending):
+        owed = sum(len(self.groups[m]) for m in pending)
+        if pending and remaining_tokens <= owed:
             # The budget only just fits what the reply owes: start it now.
             self._next_forced = True
             return Decision(forced=self.groups[pending[0]][0])
+        # A group the model starts on its own must leave room (tokens and groups) for what is still owed.
+        room = self.max_groups - len(self.emitted) - len(pending)
+        for first, modality in self.first.items():
+            if modality in pending:
+                continue
+            if room <= 0 or remaining_tokens - len(self.groups[modality]) < owed:
+                banned.add(first)
         return Decision(banned=banned)
 
     def redirect_stop(self, token: int) -> int | None:

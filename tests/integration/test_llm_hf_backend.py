@@ -1,0 +1,133 @@
+"""The transformers backend on the tiny bundle: signal groups, hidden states, cancellation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.bundle.loader import load_bundle
+from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta, Turn
+from services.llm.hf_backend import HFBackend
+from services.llm.signals import Group, SignalController
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_bundle_dir: Path) -> HFBackend:
+    return HFBackend(load_bundle(tiny_bundle_dir))
+
+
+def _run(backend: HFBackend, params: GenerateParams, media: np.ndarray | None = None,
+         cancel: threading.Event | None = None) -> list[LLMEvent]:
+    events: list[LLMEvent] = []
+    backend.generate(params, media, events.append, cancel or threading.Event())
+    return events
+
+
+def _params(**kw: object) -> GenerateParams:
+    return GenerateParams(turns=[Turn(role="user", text="show me a picture", media=[0])], seed=3, **kw)  # type: ignore[arg-type]
+
+
+MEDIA = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
+
+
+def test_required_modalities_give_complete_groups(backend: HFBackend) -> None:
+    events = _run(backend, _params(max_tokens=50, require_modalities=["image", "video", "audio"]), MEDIA)
+    signals = [e for e in events if isinstance(e, SignalEvent)]
+    assert sorted(s.modality for s in signals) == ["audio", "image", "video"]
+    shapes = {s.modality: s.conditioning.shape for s in signals}
+    assert shapes == {"image": (77, 32), "video": (77, 48), "audio": (24,)}
+    done = events[-1]
+    assert isinstance(done, Done) and done.completion_tokens <= 50
+    ids = done.token_ids
+    manifest = backend.manifest
+    for modality, spec in manifest.outputs.items():
+        group = spec.signal.token_ids
+        start = ids.index(group[0])
+        assert ids[start:start + len(group)] == group, f"partial {modality} group"
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert "[IMG" not in text and "[VID" not in text
+
+
+def test_generation_states_equal_teacher_forced_prefill(backend: HFBackend) -> None:
+    params = _params(max_tokens=30, require_modalities=["image"], temperature=0.7, top_p=0.9)
+    events = _run(backend, params, MEDIA)
+    signal = next(e for e in events if isinstance(e, SignalEvent))
+    done = events[-1]
+    assert isinstance(done, Done)
+    embeds = backend.prompt_embeddings(params, MEDIA)
+    states = backend.prefill_states(embeds, done.token_ids, backend.manifest.llm.default_lora)
+    start = done.token_ids.index(backend.manifest.outputs["image"].signal.token_ids[0])
+    prompt_len = embeds.shape[0]
+    # Prefill row p is the state whose input is position p: generated token j sits at prompt_len + j.
+    offset = backend.manifest.hidden_state_offset
+    rows = states[prompt_len + start + offset: prompt_len + start + offset + 4]
+    expected = backend.projectors.project("image", rows).numpy()
+    assert np.allclose(signal.conditioning, expected, atol=1e-4)
+
+
+def test_greedy_is_deterministic_and_lora_matters(backend: HFBackend) -> None:
+    greedy = _params(max_tokens=12, temperature=0.0)
+    a = _run(backend, greedy, MEDIA)[-1]
+    b = _run(backend, greedy, MEDIA)[-1]
+    assert isinstance(a, Done) and isinstance(b, Done)
+    assert a.token_ids == b.token_ids
+    embeds = backend.prompt_embeddings(greedy, MEDIA)
+    adapted = backend.prefill_states(embeds, a.token_ids, "nextgpt")
+    base = backend.prefill_states(embeds, a.token_ids, None)
+    assert (adapted - base).abs().max() > 1e-3
+
+
+def test_cancel_stops_generation(backend: HFBackend) -> None:
+    cancel = threading.Event()
+    events: list[LLMEvent] = []
+
+    def emit(event: LLMEvent) -> None:
+        events.append(event)
+        if isinstance(event, TextDelta):
+            cancel.set()
+
+    backend.generate(_params(max_tokens=200), MEDIA, emit, cancel)
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "cancelled" and done.completion_tokens < 10
+
+
+def test_bad_media_and_lora_are_client_errors(backend: HFBackend) -> None:
+    from services.contracts.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="media vectors must be"):
+        _run(backend, _params(), np.zeros((1, 7), np.float32))
+    with pytest.raises(InvalidRequestError, match="reference media"):
+        _run(backend, _params(), None)
+    with pytest.raises(InvalidRequestError, match="unknown LoRA"):
+        _run(backend, _params(lora="nope"), MEDIA)
+
+
+def test_controller_masks_and_forces(backend: HFBackend) -> None:
+    m = backend.manifest
+    img, aud = m.outputs["image"].signal.token_ids, m.outputs["audio"].signal.token_ids
+    ctl = SignalController(m, ["image"], [], max_groups=1, stop_ids=list(m.stop.token_ids))
+    decision = ctl.decide(100)
+    assert img[1] in decision.banned and aud[0] in decision.banned and img[0] not in decision.banned
+    assert ctl.observe(img[0], 5) is None
+    for expected in img[1:]:
+        assert ctl.decide(100).forced == expected
+        group = ctl.observe(expected, 0)
+    assert group == Group("image", 5, 0, forced=False)
+    assert img[0] in ctl.decide(100).banned  # max_groups reached
+    owed = SignalController(m, None, ["audio"], max_groups=2, stop_ids=list(m.stop.token_ids))
+    assert owed.redirect_stop(m.stop.token_ids[0]) == aud[0]
+    assert owed.decide(len(aud)).forced == aud[0]
+
+
+def test_model_started_group_cannot_starve_a_required_one(backend: HFBackend) -> None:
+    m = backend.manifest
+    vid, img = m.outputs["video"].signal.token_ids, m.outputs["image"].signal.token_ids
+    ctl = SignalController(m, None, ["image"], max_groups=4, stop_ids=list(m.stop.token_ids))
+    assert vid[0] in ctl.decide(len(vid) + len(img) - 1).banned
+    assert vid[0] not in ctl.decide(len(vid) + len(img) + 1).banned
+    one_left = SignalController(m, None, ["image"], max_groups=1, stop_ids=list(m.stop.token_ids))
+    assert vid[0] in one_left.decide(1000).banned and img[0] not in one_left.decide(1000).banned
