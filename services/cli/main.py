@@ -124,6 +124,28 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     uvicorn.run(encoder_app_, host=settings.host, port=port, log_level=settings.log_level)
 
 
+llm_app = typer.Typer(no_args_is_help=True, help="The LLM service (signal tokens, output projectors).")
+app.add_typer(llm_app, name="llm")
+
+
+@llm_app.command("serve")
+def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
+              port: Annotated[int, typer.Option(help="Port to bind")] = 8002) -> None:
+    """Serve POST /v1/generate (NDJSON stream); /readyz answers 503 until the model is loaded."""
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from services.cli.compose import resolve_bundle
+    from services.llm.app import build_llm_app
+    from services.llm.compose import build_llm_service
+
+    settings = _settings(bundle=bundle, host=host)
+    registry = CollectorRegistry()
+    resolved = resolve_bundle(settings)
+    app_ = build_llm_app(lambda: build_llm_service(resolved, settings.llm, registry), registry)
+    uvicorn.run(app_, host=settings.host, port=port, log_level=settings.log_level)
+
+
 @app.command("worker")
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues (modalities) to consume")] = "image,video,audio",

@@ -39,3 +39,16 @@ def error_from_response(service: str, response: httpx.Response) -> NextGPTError:
 def unavailable(service: str, exc: httpx.HTTPError) -> ServiceUnavailableError:
     return ServiceUnavailableError(f"{service} is unreachable: {type(exc).__name__}: {exc}",
                                    code=f"{service}_unavailable")
+
+
+def error_from_body(service: str, data: dict[str, object]) -> NextGPTError:
+    """An ``{"type": "error", "error": {...}}`` line from a stream that had already started."""
+    info = data.get("error")
+    if not isinstance(info, dict):
+        return ServiceUnavailableError(f"{service} stream failed", code="upstream_error")
+    by_type = {cls.error_type: cls for cls in _BY_STATUS.values()}
+    cls = by_type.get(str(info.get("type")))
+    message, code = str(info.get("message", "")), str(info.get("code", "upstream_error"))
+    if cls is None:
+        return ServiceUnavailableError(f"{service} failed: {message}", code="upstream_error")
+    return cls(message, code=code, param=info.get("param"))  # type: ignore[arg-type]

@@ -84,3 +84,61 @@ class LLMClient(ABC):
     @abstractmethod
     async def check_ready(self) -> None:
         """Raise ``ServiceUnavailableError`` until the LLM can serve."""
+
+
+def _b64_tensor(array: np.ndarray) -> str:
+    import base64
+
+    from safetensors.numpy import save
+
+    return base64.b64encode(save({"tensor": np.ascontiguousarray(array, dtype=np.float32)})).decode()
+
+
+def _tensor_b64(text: str) -> np.ndarray:
+    import base64
+
+    from safetensors.numpy import load
+
+    return load(base64.b64decode(text))["tensor"]
+
+
+def event_to_json(event: LLMEvent) -> dict[str, object]:
+    """One NDJSON line of the LLM service's stream; tensors travel as base64 safetensors."""
+    if isinstance(event, TextDelta):
+        return {"type": "delta", "text": event.text}
+    if isinstance(event, SignalEvent):
+        return {"type": "signal", "modality": event.modality, "index": event.index, "forced": event.forced,
+                "conditioning": _b64_tensor(event.conditioning)}
+    return {"type": "done", "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens, "timings": event.timings, "token_ids": event.token_ids}
+
+
+def event_from_json(data: dict[str, object]) -> LLMEvent:
+    kind = data.get("type")
+    if kind == "delta":
+        return TextDelta(text=str(data["text"]))
+    if kind == "signal":
+        return SignalEvent(modality=data["modality"], index=int(data["index"]),  # type: ignore[arg-type]
+                           conditioning=_tensor_b64(str(data["conditioning"])), forced=bool(data.get("forced")))
+    if kind == "done":
+        return Done(finish_reason=data["finish_reason"], prompt_tokens=int(data["prompt_tokens"]),  # type: ignore[arg-type]
+                    completion_tokens=int(data["completion_tokens"]),  # type: ignore[arg-type]
+                    timings=dict(data.get("timings") or {}), token_ids=list(data.get("token_ids") or []))  # type: ignore[arg-type]
+    raise ValueError(f"unknown LLM event {kind!r}")
+
+
+def media_to_b64(media: np.ndarray) -> str:
+    return _b64_tensor(media)
+
+
+def media_from_b64(text: str) -> np.ndarray:
+    return _tensor_b64(text)
+
+
+class GenerateRequest(BaseModel):
+    """The LLM service's HTTP body: the params plus the media vectors as base64 safetensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: GenerateParams
+    media: str | None = Field(default=None, description="base64 safetensors, tensor 'tensor' (items, hidden)")

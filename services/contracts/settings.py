@@ -93,6 +93,22 @@ class DecoderSettings(BaseModel):
     max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")
 
 
+class LLMSettings(BaseModel):
+    """The LLM service: backend, bounds on one request, and how many may wait."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, description="Remote LLM service; None runs it in-process")
+    backend: Literal["transformers", "vllm"] = "transformers"
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_tokens: int = Field(default=1024, ge=1, le=32768, description="Upper bound on a request's max_tokens")
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="Default: the bundle's max_model_len")
+    max_media: int = Field(default=16, ge=0, le=256)
+    max_waiting: int = Field(default=32, ge=1, description="Generations waiting for the model; 503 beyond")
+    timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
@@ -107,6 +123,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     decoders: DecoderSettings = Field(default_factory=DecoderSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
 
     @property
     def tiny_bundle_dir(self) -> Path:
