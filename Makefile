@@ -42,9 +42,12 @@ e2e: bundle-tiny
 clean:
 	rm -rf $(VENV) $(NEXTGPT_CACHE_DIR) .pytest_cache
 
-.PHONY: bench bench-encoder
+.PHONY: bench bench-encoder bench-llm
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image
 	$(BIN)/python -m bench.encoder_batching --modality audio
 
-bench: bench-encoder
+bench-llm: $(STAMP)
+	$(BIN)/python -m bench.llm_stream
+
+bench: bench-encoder bench-llm

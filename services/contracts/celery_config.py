@@ -20,7 +20,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.redis.url,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
-        "task_ignore_result": True,  # status and events live in the job book, not in Celery results
+        # Results go to Redis too (the artifact info, for Celery tooling); the gateway reads the job book.
+        "result_backend": settings.redis.url,
+        "result_backend_transport_options": {"global_keyprefix": settings.redis.key_prefix},
+        "result_expires": 24 * 3600,
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_acks_late": True,

@@ -140,6 +140,10 @@ def test_bad_media_errors_name_the_file() -> None:
         preprocess_audio(media.wav(seconds=5), "long.wav", 2)
     with pytest.raises(MediaError, match="v.mp4"):
         preprocess_video(media.mp4(frames=2)[:100], "v.mp4", 60, 10**8)
+    with pytest.raises(PayloadTooLargeError, match="long.mp4"):
+        preprocess_video(media.mp4(frames=40, fps=8), "long.mp4", 2, 10**8)
+    with pytest.raises(PayloadTooLargeError, match="wide.mp4"):
+        preprocess_video(media.mp4(frames=2), "wide.mp4", 60, 1000)
 
 
 def test_decompression_bomb_refused_before_decoding() -> None:

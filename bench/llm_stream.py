@@ -1,0 +1,83 @@
+"""LLM service over HTTP: TTFT and tokens/s at concurrency 1/8/32 for each backend that runs here
+(today: transformers), tiny bundle. Prints a table; writes bench/results/llm_stream.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from services.bundle.loader import load_bundle
+from services.bundle.tiny.build import build_tiny_bundle
+from services.clients.llm_http import HttpLLMClient
+from services.contracts.llm import Done, GenerateParams, Turn
+from services.contracts.settings import LLMSettings
+from services.llm.app import build_llm_app
+from services.llm.compose import build_llm_service
+from tests.support.servers import UvicornThread, wait_until
+
+
+async def _one(client: HttpLLMClient, tokens: int, seed: int) -> tuple[float, int, float]:
+    params = GenerateParams(turns=[Turn(role="user", text="tell me a story", media=[0])], max_tokens=tokens,
+                            seed=seed, temperature=0.0)
+    media = np.random.default_rng(seed).standard_normal((1, 128)).astype(np.float32)
+    started = time.perf_counter()
+    first = None
+    count = 0
+    async for event in client.generate(params, media):
+        if first is None:
+            first = time.perf_counter() - started
+        if isinstance(event, Done):
+            count = event.completion_tokens
+    return first or 0.0, count, time.perf_counter() - started
+
+
+async def _point(url: str, concurrency: int, tokens: int) -> dict[str, float]:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=600) as http:
+        client = HttpLLMClient(url, http)
+        await _one(client, 4, 0)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(_one(client, tokens, i) for i in range(concurrency)))
+        wall = time.perf_counter() - started
+    ttfts = [r[0] for r in results]
+    total = sum(r[1] for r in results)
+    return {"concurrency": concurrency, "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+            "ttft_max_ms": round(max(ttfts) * 1000, 1), "aggregate_tok_s": round(total / wall, 1),
+            "per_stream_tok_s": round(statistics.median(r[1] / r[2] for r in results), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/llm_stream.json"))
+    args = parser.parse_args()
+    bundle_dir = Path(os.environ.get("NEXTGPT_CACHE_DIR", ".cache")) / "bench-bundle"
+    if not (bundle_dir / "bundle.json").exists():
+        build_tiny_bundle(bundle_dir, force=True)
+    bundle = load_bundle(bundle_dir)
+    registry = CollectorRegistry()
+    app = build_llm_app(lambda: build_llm_service(bundle, LLMSettings(max_waiting=64), registry), registry)
+    rows = []
+    with UvicornThread(app) as server:
+        wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, 120, "llm")
+        for concurrency in (1, 8, 32):
+            rows.append({"backend": "transformers", **asyncio.run(_point(server.url, concurrency, args.tokens))})
+    print(f"LLM service, tiny bundle, {args.tokens} tokens per request, greedy, {os.cpu_count()} cores")
+    print(f"{'backend':>12} {'conc':>5} {'TTFT p50 ms':>12} {'TTFT max ms':>12} {'agg tok/s':>10} {'stream tok/s':>13}")
+    for r in rows:
+        print(f"{r['backend']:>12} {r['concurrency']:>5} {r['ttft_p50_ms']:>12} {r['ttft_max_ms']:>12} "
+              f"{r['aggregate_tok_s']:>10} {r['per_stream_tok_s']:>13}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "tokens": args.tokens}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
