@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+import inspect
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from services.web.errors import error_json, install_error_handlers
+from gateway.routes import router
+from gateway.state import GatewayState, ModelCard
 from services.contracts.errors import ErrorResponse, NextGPTError
+from services.web.body_limit import BodyLimitMiddleware
+from services.web.errors import error_json, install_error_handlers
+from services.web.metrics import add_metrics_route
 
-
-class ModelCard(BaseModel):
-    id: str
-    object: str = "model"
-    owned_by: str = "nextgpt-serve"
-    root: str | None = None
-    modalities: list[str] = []
+__all__ = ["GatewayState", "ModelCard", "build_app"]
 
 
 class ModelList(BaseModel):
@@ -26,18 +25,28 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-@dataclass
-class GatewayState:
-    models: list[ModelCard]
-    # Each check raises when its dependency is not usable; /readyz runs them all.
-    readiness_checks: dict[str, Callable[[], None]]
-
-
 def build_app(state: GatewayState) -> FastAPI:
-    app = FastAPI(title="nextgpt-serve", version="0.1.0",
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for hook in state.on_startup:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        yield
+        for hook in state.on_shutdown:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+
+    app = FastAPI(title="nextgpt-serve", version="0.1.0", lifespan=lifespan,
                   responses={500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     app.state.gateway = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes)
     install_error_handlers(app)
+    if state.chat is not None:
+        app.include_router(router)
+    if state.registry is not None:
+        add_metrics_route(app, state.registry)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -48,7 +57,9 @@ def build_app(state: GatewayState) -> FastAPI:
         failures: dict[str, str] = {}
         for name, check in request.app.state.gateway.readiness_checks.items():
             try:
-                check()
+                result = check()
+                if inspect.isawaitable(result):
+                    await result
             except NextGPTError as exc:
                 failures[name] = exc.message
         if failures:

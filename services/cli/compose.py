@@ -37,8 +37,39 @@ def model_cards(bundle: Bundle) -> list[ModelCard]:
 
 
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
+    """The whole stack in one process: encoder, LLM and decoders behind the same interfaces as over the network."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.chat import ChatService
+    from gateway.conversations import MemoryConversationStore
+    from gateway.security import ApiKeys, UrlSigner
+    from services.decoders.compose import build_runner
+    from services.decoders.local_queue import LocalDecoderQueue
+    from services.encoder.clients import InProcessEncoderClient
+    from services.encoder.compose import build_encoder_service
+    from services.jobs.book import MemoryJobBook
+    from services.llm.clients import InProcessLLMClient
+    from services.llm.compose import build_llm_service
+
     store = build_artifact_store(settings)
-    state = GatewayState(models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health})
+    registry = CollectorRegistry()
+    encoder = build_encoder_service(bundle, settings.encoder, registry, store)
+    llm = build_llm_service(bundle, settings.llm, registry)
+    book = MemoryJobBook()
+    runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book)
+    decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,
+                                 max_retries=settings.decoders.max_retries)
+    chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store,
+                       MemoryConversationStore())
+    g = settings.gateway
+    keys = [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()] if settings.api_keys else None
+    state = GatewayState(
+        models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health}, settings=g,
+        chat=chat, store=store, decoders=decoders, keys=ApiKeys(keys),
+        signer=UrlSigner(g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None,
+                         g.artifact_url_ttl_s),
+        on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
+    )
     return build_app(state)
 
 

@@ -109,6 +109,21 @@ class LLMSettings(BaseModel):
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
 
 
+class GatewaySettings(BaseModel):
+    """The public API: limits on uploads, URLs handed to clients, streaming."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    public_base_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="Base of artifact URLs (e.g. https://api.example.com/nextgpt)")
+    url_signing_key: SecretStr | None = Field(
+        default=None, description="HMAC key of artifact URLs; set the same on every gateway replica")
+    artifact_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    max_files: int = Field(default=8, ge=0, le=64)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Whole request body")
+    heartbeat_s: float = Field(default=15.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
@@ -124,6 +139,9 @@ class Settings(BaseSettings):
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     decoders: DecoderSettings = Field(default_factory=DecoderSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    api_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated API keys (NEXTGPT_API_KEYS); unset: no authentication")
 
     @property
     def tiny_bundle_dir(self) -> Path:

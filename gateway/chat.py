@@ -1,0 +1,216 @@
+"""ChatService: one chat turn end to end. Media are encoded, the LLM streams text and signal events, each
+complete signal group becomes a decode job at once (while the text keeps streaming), and job progress and
+results are merged into the same event stream. Leaving the stream cancels the generation and the jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save
+
+from gateway.conversations import Conversation, MemoryConversationStore, StoredTurn
+from services.contracts.chat import ArtifactOut, ChatRequest
+from services.contracts.decoders import (
+    ARTIFACT_FORMATS,
+    CONDITIONING_TENSOR,
+    DecodeJob,
+    DecoderQueue,
+    JobEvent,
+    new_job_id,
+)
+from services.contracts.encoder import EncoderClient, MediaInput
+from services.contracts.errors import InvalidRequestError, NotFoundError
+from services.contracts.llm import Done, GenerateParams, LLMClient, SignalEvent, TextDelta, Turn
+from services.contracts.storage import ArtifactStore, new_key
+
+log = logging.getLogger(__name__)
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass
+class _Turn:
+    text: list[str] = field(default_factory=list)
+    artifacts: dict[str, ArtifactOut] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # storage keys of completed artifacts
+    done: Done | None = None
+
+
+class ChatService:
+    def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
+                 conversations: MemoryConversationStore) -> None:
+        self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
+        self.conversations = conversations
+
+    async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
+                      ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
+        if request.conversation_id and not self.conversations.exists_for(request.conversation_id, owner):
+            raise NotFoundError(f"conversation {request.conversation_id} not found", code="conversation_not_found",
+                                param="conversation_id")
+        conversation = self.conversations.get(request.conversation_id, owner)
+        referenced = [name for m in request.messages for name in m.files]
+        missing = sorted(set(referenced) - set(uploads))
+        if missing:
+            raise InvalidRequestError(f"messages refer to files that were not uploaded: {missing}",
+                                      code="missing_file", param="files")
+        unused = sorted(set(uploads) - set(referenced))
+        if unused:
+            raise InvalidRequestError(f"uploaded files no message refers to: {unused}", code="unused_file",
+                                      param="files")
+        if any(m.files for m in request.messages if m.role == "assistant"):
+            raise InvalidRequestError("only user messages may carry files", code="invalid_files", param="messages")
+        await self._encode_history(conversation)
+        names = list(dict.fromkeys(referenced))
+        vectors: dict[str, np.ndarray] = {}
+        if names:
+            result = await self.encoder.encode([MediaInput(name=n, data=uploads[n]) for n in names])
+            vectors = dict(zip(names, result.embeddings))
+        for message in request.messages:
+            conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files]))
+        turns, media = _flatten(conversation.turns)
+        params = GenerateParams(
+            turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+            seed=request.seed, lora=request.lora, allowed_modalities=request.allowed_modalities,
+            require_modalities=request.require_modalities,
+        )
+        return conversation, params, media
+
+    async def _encode_history(self, conversation: Conversation) -> None:
+        """Generated media of earlier replies go through the encoder once, when the next turn needs them."""
+        for turn in conversation.turns:
+            if turn.artifact_keys:
+                result = await self.encoder.encode([MediaInput(name=k, key=k) for k in turn.artifact_keys])
+                turn.vectors.extend(result.embeddings)
+                turn.artifact_keys = []
+
+    async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,
+                  media: np.ndarray | None, url_for: Callable[[str], str], owner: str | None,
+                  detach_jobs: bool = False) -> AsyncIterator[Event]:
+        """Events of the turn; closing it early cancels the generation and (unless ``detach_jobs``: a
+        non-streaming caller that stops waiting) the decode jobs. ``_``-prefixed events are internal."""
+        started = time.perf_counter()
+        out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        state = _Turn()
+        followers: dict[str, asyncio.Task[None]] = {}
+
+        async def pump_llm() -> None:
+            stream = self.llm.generate(params, media)
+            try:
+                async for event in stream:
+                    await out.put(("llm", event))
+            except Exception as exc:
+                await out.put(("llm_error", exc))
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+                await out.put(("llm_end", None))
+
+        async def follow(job_id: str) -> None:
+            try:
+                async for event in self.decoders.events(job_id):
+                    await out.put(("job", event))
+            finally:
+                await out.put(("job_end", job_id))
+
+        llm_task = asyncio.create_task(pump_llm())
+        llm_running, first_token_ms = True, None
+        try:
+            while llm_running or followers:
+                kind, item = await out.get()
+                if kind == "llm":
+                    if first_token_ms is None:
+                        first_token_ms = round((time.perf_counter() - started) * 1000, 2)
+                    if isinstance(item, TextDelta):
+                        state.text.append(item.text)
+                        yield "message.delta", {"text": item.text}
+                    elif isinstance(item, SignalEvent):
+                        yield "signal", {"modality": item.modality, "index": item.index, "forced": item.forced}
+                        job = await self._dispatch(item, request, owner)
+                        state.artifacts[job.job_id] = ArtifactOut(job_id=job.job_id, modality=job.modality,
+                                                                  state="queued")
+                        followers[job.job_id] = asyncio.create_task(follow(job.job_id))
+                        yield "artifact.queued", {"job_id": job.job_id, "modality": job.modality,
+                                                  "index": item.index}
+                    elif isinstance(item, Done):
+                        state.done = item
+                elif kind == "llm_error":
+                    raise item
+                elif kind == "llm_end":
+                    llm_running = False
+                    yield "_llm_done", {}
+                elif kind == "job":
+                    translated = self._job_event(item, state, url_for)
+                    if translated is not None:
+                        yield translated
+                elif kind == "job_end":
+                    followers.pop(item, None)
+            done = state.done
+            assert done is not None
+            self._remember(conversation, state)
+            yield "done", {
+                "conversation_id": conversation.id, "finish_reason": done.finish_reason,
+                "text": "".join(state.text),
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+                "artifacts": [a.model_dump() for a in state.artifacts.values()],
+                "timings": {"ttft_ms": first_token_ms or 0.0,
+                            "total_ms": round((time.perf_counter() - started) * 1000, 2),
+                            "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)},
+            }
+        finally:
+            llm_task.cancel()
+            for job_id, task in followers.items():
+                task.cancel()
+                if not detach_jobs:
+                    with contextlib.suppress(Exception):
+                        await self.decoders.cancel(job_id)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await llm_task
+
+    async def _dispatch(self, signal: SignalEvent, request: ChatRequest, owner: str | None) -> DecodeJob:
+        blob = save({CONDITIONING_TENSOR: np.ascontiguousarray(signal.conditioning, dtype=np.float32)[None]})
+        job_id = new_job_id()
+        cond = await asyncio.to_thread(self.store.put, new_key("conditioning", ".safetensors", uid=job_id), blob,
+                                       "application/vnd.nextgpt.safetensors")
+        suffix, _ = ARTIFACT_FORMATS[signal.modality]
+        job = DecodeJob(job_id=job_id, modality=signal.modality, conditioning_key=cond.key,
+                        artifact_key=new_key(signal.modality, suffix, uid=job_id), options=request.decoder,
+                        owner=owner)
+        await self.decoders.submit(job)
+        return job
+
+    @staticmethod
+    def _job_event(event: JobEvent, state: _Turn, url_for: Callable[[str], str]) -> tuple[str, dict[str, Any]] | None:
+        artifact = state.artifacts[event.job_id]
+        if event.type == "progress":
+            artifact.state = "running"
+            return "artifact.progress", {"job_id": event.job_id, "step": event.step, "total": event.total}
+        if event.type == "completed" and event.artifact is not None:
+            artifact.state, artifact.mime, artifact.bytes = "completed", event.artifact.mime, event.artifact.bytes
+            artifact.url = url_for(event.artifact.key)
+            state.keys.append(event.artifact.key)
+            return "artifact.completed", artifact.model_dump()
+        if event.type in ("failed", "cancelled"):
+            artifact.state, artifact.error = event.type, event.error
+            return "artifact.failed", {"job_id": event.job_id, "modality": artifact.modality,
+                                       "error": event.error or event.type}
+        return None
+
+    def _remember(self, conversation: Conversation, state: _Turn) -> None:
+        conversation.turns.append(StoredTurn("assistant", "".join(state.text), artifact_keys=list(state.keys)))
+        self.conversations.save(conversation)
+
+
+def _flatten(stored: list[StoredTurn]) -> tuple[list[Turn], np.ndarray | None]:
+    turns: list[Turn] = []
+    vectors: list[np.ndarray] = []
+    for turn in stored:
+        indices = list(range(len(vectors), len(vectors) + len(turn.vectors)))
+        vectors.extend(turn.vectors)
+        turns.append(Turn(role=turn.role, text=turn.text, media=indices))  # type: ignore[arg-type]
+    return turns, (np.stack(vectors).astype(np.float32) if vectors else None)
+

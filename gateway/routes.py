@@ -1,0 +1,218 @@
+"""Thin HTTP routes of the public API over ChatService, the artifact store and the decoder queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from gateway.sse import HEARTBEAT, sse_event
+from gateway.state import GatewayState
+from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
+from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 429, 503)
+}
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def state_of(request: Request) -> GatewayState:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def _read_chat_request(request: Request, st: GatewayState) -> tuple[ChatRequest, dict[str, bytes]]:
+    content_type = request.headers.get("content-type", "")
+    uploads: dict[str, bytes] = {}
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=st.settings.max_files, max_fields=4)
+        except MultiPartException as exc:
+            raise InvalidRequestError(f"bad multipart body: {exc.message}", code="invalid_multipart",
+                                      param="files") from exc
+        try:
+            raw = form.get("request")
+            raw = await raw.read() if isinstance(raw, UploadFile) else raw
+            for upload in form.getlist("files"):
+                if not isinstance(upload, UploadFile) or not upload.filename:
+                    raise InvalidRequestError("every 'files' part needs a file name", code="invalid_multipart",
+                                              param="files")
+                if upload.filename in uploads:
+                    raise InvalidRequestError(f"file name {upload.filename!r} is used twice", code="duplicate_file",
+                                              param="files")
+                uploads[upload.filename] = await upload.read()
+        finally:
+            await form.close()
+        if raw is None:
+            raise InvalidRequestError("multipart requests need a 'request' part with the JSON request",
+                                      code="missing_request", param="request")
+    elif content_type.startswith("application/json"):
+        raw = await request.body()
+    else:
+        raise InvalidRequestError("send application/json, or multipart/form-data with 'request' and 'files'",
+                                  code="unsupported_content_type")
+    try:
+        return ChatRequest.model_validate_json(raw), uploads
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or "request"
+        raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
+
+
+def _base_url(request: Request, st: GatewayState) -> str:
+    if st.settings.public_base_url:
+        return st.settings.public_base_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+@router.post("/v1/chat", responses=_ERRORS)
+async def chat(request: Request) -> Response:
+    """Multipart (``request`` JSON part + ``files``) or JSON. ``stream: true`` answers server-sent events:
+    message.delta, signal, artifact.queued, artifact.progress, artifact.completed, artifact.failed, error, done."""
+    st = state_of(request)
+    owner = st.keys.owner(request.headers.get("authorization"))
+    chat_request, uploads = await _read_chat_request(request, st)
+    conversation, params, media = await st.chat.prepare(chat_request, uploads, owner)
+    base = _base_url(request, st)
+
+    def url_for(key: str) -> str:
+        return base + st.signer.sign(f"/v1/artifacts/{key}")
+
+    if chat_request.stream:
+        events = st.chat.run(chat_request, conversation, params, media, url_for, owner)
+        return StreamingResponse(_sse(events, st.settings.heartbeat_s), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
+    return JSONResponse((await _collect(events, chat_request.wait_s, conversation.id)).model_dump())
+
+
+async def _sse(events: AsyncIterator[tuple[str, dict[str, Any]]], heartbeat_s: float) -> AsyncIterator[bytes]:
+    event_id = 0
+    pending: asyncio.Task[tuple[str, dict[str, Any]]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=heartbeat_s)
+            if not done:
+                yield HEARTBEAT  # keeps proxies from closing a quiet stream (long decodes)
+                continue
+            try:
+                name, data = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            if name.startswith("_"):
+                continue
+            event_id += 1
+            yield sse_event(event_id, name, data)
+            if name == "done":
+                return
+    except NextGPTError as exc:
+        event_id += 1
+        yield sse_event(event_id, "error", exc.to_response().model_dump())
+    except Exception:
+        event_id += 1
+        yield sse_event(event_id, "error", {"error": {"type": "internal_error", "code": "internal_error",
+                                                      "message": "the request failed", "param": None}})
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: float,
+                   conversation_id: str) -> ChatResponse:
+    text: list[str] = []
+    artifacts: dict[str, ArtifactOut] = {}
+    deadline: float | None = None
+    try:
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                name, data = await asyncio.wait_for(anext(events), timeout)
+            except (TimeoutError, StopAsyncIteration):
+                break
+            if name == "done":
+                return ChatResponse(conversation_id=data["conversation_id"], text=data["text"],
+                                    artifacts=[ArtifactOut(**a) for a in data["artifacts"]],
+                                    usage=Usage(**data["usage"]), finish_reason=data["finish_reason"],
+                                    timings=data["timings"])
+            if name == "_llm_done":
+                deadline = time.monotonic() + wait_s  # text is complete: media get wait_s more
+            elif name == "message.delta":
+                text.append(data["text"])
+            elif name == "artifact.queued":
+                artifacts[data["job_id"]] = ArtifactOut(job_id=data["job_id"], modality=data["modality"],
+                                                        state="queued")
+            elif name in ("artifact.completed",):
+                artifacts[data["job_id"]] = ArtifactOut(**data)
+            elif name == "artifact.failed":
+                artifacts[data["job_id"]].state, artifacts[data["job_id"]].error = "failed", data["error"]
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+    # The media outlasted the wait: the client polls GET /v1/jobs/{job_id} for them.
+    return ChatResponse(conversation_id=conversation_id, text="".join(text), artifacts=list(artifacts.values()),
+                        usage=Usage(prompt_tokens=0, completion_tokens=0), finish_reason="media_pending")
+
+
+@router.get("/v1/artifacts/{key:path}", responses=_ERRORS)
+async def artifact(key: str, request: Request, expires: int | None = None, sig: str | None = None) -> Response:
+    """The artifact's bytes (signed, expiring URL from the chat response); supports one byte range."""
+    st = state_of(request)
+    st.signer.verify(f"/v1/artifacts/{key}", expires, sig)
+    meta = await asyncio.to_thread(st.store.head, key)
+    start, end, status = 0, meta.size, 200
+    header = request.headers.get("range")
+    headers = {"accept-ranges": "bytes", "cache-control": "private, max-age=3600"}
+    if header:
+        match = _RANGE.match(header.strip())
+        if not match or (not match.group(1) and not match.group(2)):
+            return Response(status_code=416, headers={"content-range": f"bytes */{meta.size}"})
+        if match.group(1):
+            start = int(match.group(1))
+            end = min(int(match.group(2)) + 1, meta.size) if match.group(2) else meta.size
+        else:  # suffix range: the last N bytes
+            start = max(0, meta.size - int(match.group(2)))
+        if start >= meta.size or start >= end:
+            return Response(status_code=416, headers={"content-range": f"bytes */{meta.size}"})
+        status = 206
+        headers["content-range"] = f"bytes {start}-{end - 1}/{meta.size}"
+    headers["content-length"] = str(end - start)
+    chunks = await asyncio.to_thread(st.store.iter_bytes, key, start, end)
+    return StreamingResponse(_iterate(chunks), status_code=status, media_type=meta.mime, headers=headers)
+
+
+async def _iterate(chunks: Any) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await asyncio.to_thread(next, chunks, None)
+        if chunk is None:
+            return
+        yield chunk
+
+
+@router.get("/v1/jobs/{job_id}", responses=_ERRORS)
+async def job(job_id: str, request: Request) -> dict[str, Any]:
+    st = state_of(request)
+    st.keys.owner(request.headers.get("authorization"))
+    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+        raise NotFoundError(f"job {job_id!r} not found", code="job_not_found")
+    status = await st.decoders.status(job_id)
+    if status is None:
+        raise NotFoundError(f"job {job_id} not found", code="job_not_found")
+    body = status.model_dump(mode="json")
+    if status.artifact is not None:
+        body["url"] = _base_url(request, st) + st.signer.sign(f"/v1/artifacts/{status.artifact.key}")
+    return body

@@ -1,0 +1,39 @@
+"""What the gateway's routes use, built by the composition root and handed to ``build_app``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+
+from gateway.chat import ChatService
+from gateway.security import ApiKeys, UrlSigner
+from services.contracts.decoders import DecoderQueue
+from services.contracts.settings import GatewaySettings
+from services.contracts.storage import ArtifactStore
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    owned_by: str = "nextgpt-serve"
+    root: str | None = None
+    modalities: list[str] = []
+
+
+@dataclass
+class GatewayState:
+    models: list[ModelCard]
+    # Each check raises when its dependency is not usable; /readyz runs them all.
+    readiness_checks: dict[str, Callable[[], Awaitable[None] | None]]
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
+    chat: ChatService | None = None  # type: ignore[assignment]
+    store: ArtifactStore | None = None  # type: ignore[assignment]
+    decoders: DecoderQueue | None = None  # type: ignore[assignment]
+    keys: ApiKeys = field(default_factory=lambda: ApiKeys(None))
+    signer: UrlSigner = field(default_factory=lambda: UrlSigner(None, 3600))
+    on_startup: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    on_shutdown: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    registry: CollectorRegistry | None = None

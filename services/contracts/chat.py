@@ -1,0 +1,59 @@
+"""The gateway's public request and response shapes (``POST /v1/chat``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.contracts.bundle_manifest import Modality
+from services.contracts.decoders import DecodeOptions
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str = Field(default="", max_length=100_000)
+    files: list[str] = Field(default_factory=list, max_length=16, description="Names of uploaded `files` parts")
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    conversation_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    lora: str | None = None
+    allowed_modalities: list[Modality] | None = None
+    require_modalities: list[Modality] = Field(default_factory=list)
+    decoder: DecodeOptions = Field(default_factory=DecodeOptions, description="Options for every generated item")
+    wait_s: float = Field(default=120.0, ge=0, le=600, description="Non-streaming: how long to wait for media")
+
+
+class ArtifactOut(BaseModel):
+    job_id: str
+    modality: Modality
+    state: str
+    url: str | None = None
+    mime: str | None = None
+    bytes: int | None = None
+    error: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ChatResponse(BaseModel):
+    conversation_id: str
+    text: str
+    artifacts: list[ArtifactOut]
+    usage: Usage
+    finish_reason: str
+    timings: dict[str, float] = Field(default_factory=dict)

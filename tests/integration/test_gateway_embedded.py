@@ -1,0 +1,160 @@
+"""The embedded stack (gateway + encoder + LLM + decoders in one process) over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+import soundfile
+from PIL import Image
+
+from services.bundle.loader import load_bundle
+from services.cli.compose import embedded_app
+from services.contracts.settings import Settings
+from tests.support import media
+from tests.support.servers import UvicornThread
+
+KEY = "test-key-1"
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=f"{KEY},other-key",
+                        gateway={"max_files": 4, "max_upload_bytes": 3_000_000, "heartbeat_s": 1.0})
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        yield server.url
+
+
+def _auth(key: str = KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _sse(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
+    events, name, last_id = [], None, 0
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            assert int(line[4:]) == last_id + 1  # ids are consecutive
+            last_id = int(line[4:])
+        elif line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_streaming_chat_with_uploads_and_all_modalities(url: str) -> None:
+    request = {"messages": [{"role": "user", "content": "make all three", "files": ["a.png", "b.wav", "c.mp4"]}],
+               "stream": True, "max_tokens": 60, "seed": 4, "require_modalities": ["image", "video", "audio"],
+               "decoder": {"steps": 2}}
+    files = [("files", ("a.png", media.png(), "image/png")), ("files", ("b.wav", media.wav(), "audio/wav")),
+             ("files", ("c.mp4", media.mp4(), "video/mp4"))]
+    with httpx.stream("POST", f"{url}/v1/chat", data={"request": json.dumps(request)}, files=files,
+                      headers=_auth(), timeout=300) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _sse(response)
+    names = [n for n, _ in events]
+    assert names[-1] == "done" and "message.delta" in names
+    assert sorted(d["modality"] for n, d in events if n == "signal") == ["audio", "image", "video"]
+    assert names.index("artifact.queued") < names.index("done")
+    completed = [d for n, d in events if n == "artifact.completed"]
+    assert sorted(d["modality"] for d in completed) == ["audio", "image", "video"]
+    for artifact in completed:
+        data = httpx.get(str(artifact["url"])).content  # signed URL: no key needed
+        if artifact["modality"] == "image":
+            assert Image.open(io.BytesIO(data)).format == "PNG"
+        elif artifact["modality"] == "video":
+            with av.open(io.BytesIO(data)) as container:
+                assert container.streams.video[0].codec_context.name == "h264"
+        else:
+            assert soundfile.read(io.BytesIO(data))[1] == 16000
+    done = events[-1][1]
+    assert done["usage"]["completion_tokens"] <= 60 and len(done["artifacts"]) == 3
+
+
+def test_json_chat_and_a_second_turn(url: str) -> None:
+    first = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+        "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 20, "require_modalities": ["image"],
+        "decoder": {"steps": 2}})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["artifacts"][0]["state"] == "completed" and body["finish_reason"] in ("stop", "length")
+    # The next turn feeds the generated picture back through the encoder, as the reference does.
+    second = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+        "conversation_id": body["conversation_id"], "messages": [{"role": "user", "content": "again"}],
+        "max_tokens": 5})
+    assert second.status_code == 200 and second.json()["conversation_id"] == body["conversation_id"]
+    other = httpx.post(f"{url}/v1/chat", headers=_auth("other-key"), json={
+        "conversation_id": body["conversation_id"], "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert other.status_code == 404  # another caller cannot read it
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"messages": [{"role": "user", "content": "x", "files": ["nope.png"]}]}}, 400, "missing_file"),
+        ({"json": {"messages": []}}, 400, "invalid_request"),
+        ({"json": {"messages": [{"role": "user"}], "temperature": -1}}, 400, "invalid_request"),
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 400, "unsupported_content_type"),
+        ({"data": {"request": json.dumps({"messages": [{"role": "user"}]})},
+          "files": [("files", ("x.png", media.png(), "image/png"))]}, 400, "unused_file"),
+        ({"data": {"request": json.dumps({"messages": [{"role": "user", "files": ["x.png"]}]})},
+          "files": [("files", ("x.png", b"not an image at all", "image/png"))]}, 415, "unsupported_media"),
+        ({"data": {"request": "{}"}, "files": [("files", ("big.png", b"0" * 3_100_000, "image/png"))]},
+         413, "request_too_large"),
+        ({"json": {"messages": [{"role": "user"}], "conversation_id": "0" * 32}}, 404, "conversation_not_found"),
+    ],
+)
+def test_bad_requests_get_the_error_shape(url: str, kwargs: dict[str, object], status: int, code: str) -> None:
+    response = httpx.post(f"{url}/v1/chat", headers={**_auth(), **kwargs.pop("headers", {})}, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_auth(url: str) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert httpx.post(f"{url}/v1/chat", json=body).json()["error"]["code"] == "missing_api_key"
+    assert httpx.post(f"{url}/v1/chat", json=body, headers=_auth("wrong")).status_code == 401
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_artifact_urls_are_signed_and_support_ranges(url: str) -> None:
+    body = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+        "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 10, "require_modalities": ["image"],
+        "decoder": {"steps": 2}}).json()
+    link = body["artifacts"][0]["url"]
+    whole = httpx.get(link)
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    part = httpx.get(link, headers={"range": "bytes=4-11"})
+    assert part.status_code == 206 and part.content == whole.content[4:12]
+    assert part.headers["content-range"] == f"bytes 4-11/{len(whole.content)}"
+    assert httpx.get(link, headers={"range": "bytes=999999-"}).status_code == 416
+    assert httpx.get(link.split("?")[0]).status_code == 403
+    forged = link.replace("expires=", "expires=9")
+    assert httpx.get(forged).json()["error"]["code"] == "bad_signature"
+    job = httpx.get(f"{url}/v1/jobs/{body['artifacts'][0]['job_id']}", headers=_auth()).json()
+    assert job["state"] == "completed" and httpx.get(job["url"]).content == whole.content
+
+
+def test_disconnect_cancels_generation_and_jobs(url: str) -> None:
+    request = {"messages": [{"role": "user", "content": "a long video"}], "stream": True, "max_tokens": 40,
+               "require_modalities": ["video"], "decoder": {"steps": 200}}
+    with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=120) as response:
+        job_id = None
+        for line in response.iter_lines():
+            if line.startswith("data: ") and "job_id" in line:
+                job_id = json.loads(line[6:])["job_id"]
+                break
+    assert job_id is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_auth()).json()["state"]
+        if state == "cancelled":
+            break
+        time.sleep(0.2)
+    assert state == "cancelled"
