@@ -100,6 +100,8 @@ class LLMSettings(BaseModel):
 
     url: str | None = Field(default=None, description="Remote LLM service; None runs it in-process")
     backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_url: str | None = Field(default=None, description="vLLM OpenAI server (backend 'vllm')")
+    vllm_pooler_url: str | None = Field(default=None, description="The hidden-state pooler (backend 'vllm')")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_tokens: int = Field(default=1024, ge=1, le=32768, description="Upper bound on a request's max_tokens")
@@ -107,6 +109,12 @@ class LLMSettings(BaseModel):
     max_media: int = Field(default=16, ge=0, le=256)
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting for the model; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
+
+    @model_validator(mode="after")
+    def _vllm_urls(self) -> LLMSettings:
+        if self.backend == "vllm" and not (self.vllm_url and self.vllm_pooler_url):
+            raise ValueError("backend 'vllm' needs NEXTGPT_LLM__VLLM_URL and NEXTGPT_LLM__VLLM_POOLER_URL")
+        return self
 
 
 class GatewaySettings(BaseModel):

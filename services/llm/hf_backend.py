@@ -14,9 +14,9 @@ import torch
 
 from services.bundle.loader import Bundle
 from services.contracts.errors import InvalidRequestError
+from services.llm.prompt_embeds import build_prompt_embeddings
 from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
 from services.llm.projectors import Projectors
-from services.llm.prompt import prompt_ids, prompt_pieces
 from services.llm.sampling import sample
 from services.llm.signals import Group, SignalController
 
@@ -50,30 +50,15 @@ class HFBackend:
     # -- prompt ---------------------------------------------------------------------------------------------
     def prompt_embeddings(self, params: GenerateParams, media: np.ndarray | None) -> torch.Tensor:
         """(L, hidden): text embedding rows with one projected vector per media slot."""
-        spec = self.manifest.prompt
-        pieces = prompt_pieces(spec, params.turns)
-        plan = prompt_ids(spec, pieces, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
-        hidden = self.manifest.llm.hidden_size
-        vectors = torch.from_numpy(np.asarray(media, dtype=np.float32)) if media is not None else torch.zeros(0, hidden)
-        if vectors.ndim != 2 or vectors.shape[1] != hidden:
-            raise InvalidRequestError(f"media vectors must be (items, {hidden}), got {list(vectors.shape)}",
-                                      code="invalid_media_embeddings", param="media")
-        used = [p for p in plan if isinstance(p, int)]
-        if any(i < 0 or i >= len(vectors) for i in used):
-            raise InvalidRequestError(f"turns reference media {sorted(set(used))} but {len(vectors)} were given",
-                                      code="invalid_media_index", param="turns")
-        rows = []
-        with torch.inference_mode():
-            for part in plan:
-                if isinstance(part, int):
-                    rows.append(vectors[part : part + 1].to(self.device, self.embed_tokens.weight.dtype))
-                else:
-                    rows.append(self.embed_tokens(torch.tensor(part, device=self.device)))
-        embeds = torch.cat(rows)
-        if embeds.shape[0] > self.max_prompt_tokens:
-            raise InvalidRequestError(f"prompt is {embeds.shape[0]} tokens, the limit is {self.max_prompt_tokens}",
-                                      code="prompt_too_long", param="turns")
-        return embeds
+        weight = self.embed_tokens.weight
+
+        def embed(ids: list[int]) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.embed_tokens(torch.tensor(ids, device=self.device))
+
+        embeds = build_prompt_embeddings(self.manifest, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
+                                         embed, params, media, self.max_prompt_tokens)
+        return embeds.to(self.device, weight.dtype)
 
     def _adapter(self, name: str | None) -> AbstractContextManager[object]:
         if not self.lora_names:

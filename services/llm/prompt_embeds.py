@@ -1,0 +1,42 @@
+"""The prompt as one (L, hidden) embedding tensor, shared by every backend: text rows from the LLM's input
+embedding table, one projected vector per media slot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from services.contracts.bundle_manifest import BundleManifest
+from services.contracts.errors import InvalidRequestError
+from services.contracts.llm import GenerateParams
+from services.llm.prompt import prompt_ids, prompt_pieces
+
+Embed = Callable[[list[int]], torch.Tensor]  # token ids -> (n, hidden)
+
+
+def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], list[int]], embed: Embed,
+                            params: GenerateParams, media: np.ndarray | None, max_tokens: int) -> torch.Tensor:
+    spec = manifest.prompt
+    plan = prompt_ids(spec, prompt_pieces(spec, params.turns), encode)
+    hidden = manifest.llm.hidden_size
+    vectors = torch.from_numpy(np.asarray(media, dtype=np.float32)) if media is not None else torch.zeros(0, hidden)
+    if vectors.ndim != 2 or vectors.shape[1] != hidden:
+        raise InvalidRequestError(f"media vectors must be (items, {hidden}), got {list(vectors.shape)}",
+                                  code="invalid_media_embeddings", param="media")
+    used = [p for p in plan if isinstance(p, int)]
+    if any(i < 0 or i >= len(vectors) for i in used):
+        raise InvalidRequestError(f"turns reference media {sorted(set(used))} but {len(vectors)} were given",
+                                  code="invalid_media_index", param="turns")
+    rows = []
+    for part in plan:
+        if isinstance(part, int):
+            rows.append(vectors[part: part + 1])
+        else:
+            rows.append(embed(part).float().cpu())
+    embeds = torch.cat(rows)
+    if embeds.shape[0] > max_tokens:
+        raise InvalidRequestError(f"prompt is {embeds.shape[0]} tokens, the limit is {max_tokens}",
+                                  code="prompt_too_long", param="turns")
+    return embeds

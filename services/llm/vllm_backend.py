@@ -1,0 +1,194 @@
+"""The ``vllm`` backend: generation on a vLLM OpenAI server (pure ``prompt_embeds`` requests, LoRA by model
+name), hidden states from the pooler sidecar (teacher-forced prefill).
+
+Signal groups are kept whole without a server plugin: a group's first token is a stop token of the request;
+when the model emits it, the rest of the group is appended here (forced, as a logits processor would) and
+generation continues from the longer prefix. Non-first signal tokens and disallowed modalities are banned with
+``logit_bias``. ``require_modalities`` turns a final stop, or the end of the budget, into the owed group.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from services.bundle.loader import Bundle
+from services.clients.errors import error_from_response
+from services.contracts.errors import InvalidRequestError, ServiceUnavailableError
+from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
+from services.llm.embedding_table import load_embedding_table
+from services.llm.projectors import Projectors
+from services.llm.prompt_embeds import build_prompt_embeddings
+from services.llm.signals import Group, SignalController
+
+Emit = Callable[[LLMEvent], None]
+_BAN = -100.0
+
+
+def _b64_tensor(tensor: torch.Tensor) -> str:
+    return base64.b64encode(save_tensors({"tensor": tensor.contiguous()})).decode()
+
+
+def _torch_b64(tensor: torch.Tensor) -> str:
+    """vLLM's ``prompt_embeds`` wire format: ``torch.save`` bytes, base64."""
+    buf = io.BytesIO()
+    torch.save(tensor.contiguous(), buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class VLLMBackend:
+    def __init__(self, bundle: Bundle, server_url: str, pooler_url: str, timeout_s: float = 600.0,
+                 max_prompt_tokens: int | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.bundle, self.manifest = bundle, bundle.manifest
+        self.server_url, self.pooler_url = server_url.rstrip("/"), pooler_url.rstrip("/")
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(bundle.path(self.manifest.llm.path)))
+        self.table = load_embedding_table(bundle.path(self.manifest.llm.path))
+        self.projectors = Projectors(bundle, torch.device("cpu"))
+        self.max_prompt_tokens = max_prompt_tokens or self.manifest.llm.max_model_len
+        self.lora_names = [lora.name for lora in self.manifest.llm.loras]
+
+    def close(self) -> None:
+        self.http.close()
+
+    def prompt_embeddings(self, params: GenerateParams, media: np.ndarray | None) -> torch.Tensor:
+        return build_prompt_embeddings(self.manifest, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
+                                       lambda ids: self.table[ids], params, media, self.max_prompt_tokens)
+
+    def _model(self, lora: str | None) -> str:
+        if lora is None:
+            return self.manifest.name
+        if lora not in self.lora_names:
+            raise InvalidRequestError(f"unknown LoRA {lora!r}; available: {self.lora_names}", code="unknown_lora",
+                                      param="lora")
+        return lora
+
+    def generate(self, params: GenerateParams, media: np.ndarray | None, emit: Emit,
+                 cancelled: threading.Event) -> None:
+        started = time.perf_counter()
+        gen = self.manifest.generation
+        lora = params.lora if params.lora is not None else self.manifest.llm.default_lora
+        model = self._model(lora)
+        max_tokens = params.max_tokens or gen.max_new_tokens
+        stop_ids = list(self.manifest.stop.token_ids)
+        signals = SignalController(self.manifest, params.allowed_modalities, params.require_modalities,
+                                   params.max_signal_groups, stop_ids)
+        prompt = self.prompt_embeddings(params, media)
+        sampling = {
+            "temperature": gen.temperature if params.temperature is None else params.temperature,
+            "top_p": gen.top_p if params.top_p is None else params.top_p,
+            "top_k": (gen.top_k if params.top_k is None else params.top_k) or -1,
+        }
+        generated: list[int] = []
+        first_token_at: float | None = None
+        finish = "length"
+        request_index = 0
+
+        def append(token: int) -> None:
+            position = len(generated)
+            generated.append(token)
+            group = signals.observe(token, position)
+            if group is not None:
+                emit(self._signal(group, prompt, generated, lora))
+
+        while len(generated) < max_tokens:
+            if cancelled.is_set():
+                finish = "cancelled"
+                break
+            decision = signals.decide(max_tokens - len(generated))
+            if decision.forced is not None:
+                append(decision.forced)
+                continue
+            owed = sum(len(self.manifest.outputs[m].signal.token_ids) for m in signals.pending())
+            starts = [i for i in signals.first if i not in decision.banned]
+            body = {
+                "model": model, "prompt_embeds": _torch_b64(self._sequence(prompt, generated)),
+                "max_tokens": max(1, max_tokens - len(generated) - owed), "stream": True,
+                "stop_token_ids": stop_ids + starts, "logit_bias": {str(i): _BAN for i in decision.banned},
+                "return_token_ids": True, "skip_special_tokens": True, **sampling,
+            }
+            if params.seed is not None:
+                body["seed"] = params.seed + request_index  # each continuation its own, reproducible, draw
+            request_index += 1
+            new_ids, reason, stop_reason = self._stream(body, emit, cancelled)
+            if new_ids and first_token_at is None:
+                first_token_at = time.perf_counter()
+            for token in new_ids:
+                if token not in stop_ids:
+                    append(token)
+            if reason == "cancelled":
+                finish = "cancelled"
+                break
+            if reason == "stop" and stop_reason in stop_ids:
+                redirected = signals.redirect_stop(int(stop_reason))
+                if redirected is None:
+                    generated.append(int(stop_reason))
+                    finish = "stop"
+                    break
+                append(redirected)
+            elif reason == "stop" and stop_reason in signals.first and (not new_ids or new_ids[-1] != stop_reason):
+                append(int(stop_reason))
+            elif reason == "length" and not signals.pending() and not signals.in_group:
+                finish = "length"
+                break
+        now = time.perf_counter()
+        emit(Done(finish_reason=finish, prompt_tokens=int(prompt.shape[0]), completion_tokens=len(generated),  # type: ignore[arg-type]
+                  timings={"ttft_ms": round(((first_token_at or now) - started) * 1000, 2),
+                           "total_ms": round((now - started) * 1000, 2)}, token_ids=generated))
+
+    def _sequence(self, prompt: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        return torch.cat([prompt, self.table[generated]]) if generated else prompt
+
+    def _stream(self, body: dict[str, object], emit: Emit, cancelled: threading.Event
+                ) -> tuple[list[int], str, object]:
+        ids: list[int] = []
+        reason, stop_reason = "length", None
+        try:
+            with self.http.stream("POST", f"{self.server_url}/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise error_from_response("vllm", response)
+                for line in response.iter_lines():
+                    if cancelled.is_set():
+                        return ids, "cancelled", None  # leaving the stream closes it: vLLM aborts the request
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    ids.extend(choice.get("token_ids") or [])
+                    if choice.get("text"):
+                        emit(TextDelta(choice["text"]))
+                    if choice.get("finish_reason"):
+                        reason, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(f"vLLM server failed: {exc}", code="llm_unavailable") from exc
+        return ids, reason, stop_reason
+
+    def _signal(self, group: Group, prompt: torch.Tensor, generated: list[int], lora: str | None) -> SignalEvent:
+        size = len(self.manifest.outputs[group.modality].signal.token_ids)
+        first = prompt.shape[0] + group.start + self.manifest.hidden_state_offset
+        states = self.prefill_states(self._sequence(prompt, generated), list(range(first, first + size)), lora)
+        conditioning = self.projectors.project(group.modality, states)
+        return SignalEvent(modality=group.modality, index=group.index, conditioning=conditioning.numpy(),
+                           forced=group.forced)
+
+    def prefill_states(self, embeds: torch.Tensor, positions: list[int], lora: str | None) -> torch.Tensor:
+        body = {"embeds": _b64_tensor(embeds.float()), "positions": positions, "lora": lora}
+        try:
+            response = self.http.post(f"{self.pooler_url}/v1/states", json=body)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(f"vLLM pooler failed: {exc}", code="llm_unavailable") from exc
+        if response.status_code != 200:
+            raise error_from_response("vllm-pooler", response)
+        return load_tensors(base64.b64decode(response.json()["states"]))["tensor"]
