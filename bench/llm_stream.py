@@ -1,9 +1,10 @@
 """LLM service over HTTP: TTFT and tokens/s at concurrency 1/8/32 for each backend that runs here
-(today: transformers), tiny bundle. Prints a table; writes bench/results/llm_stream.json."""
+(transformers always; vllm when .venv-vllm exists), tiny bundle. Prints a table; writes bench/results/llm_stream.json."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import os
@@ -63,13 +64,26 @@ def main() -> None:
     if not (bundle_dir / "bundle.json").exists():
         build_tiny_bundle(bundle_dir, force=True)
     bundle = load_bundle(bundle_dir)
-    registry = CollectorRegistry()
-    app = build_llm_app(lambda: build_llm_service(bundle, LLMSettings(max_waiting=64), registry), registry)
     rows = []
-    with UvicornThread(app) as server:
-        wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, 120, "llm")
-        for concurrency in (1, 8, 32):
-            rows.append({"backend": "transformers", **asyncio.run(_point(server.url, concurrency, args.tokens))})
+    backends = [("transformers", {})]
+    vllm_python = Path(os.environ.get("NEXTGPT_BENCH_VLLM_PYTHON", ".venv-vllm/bin/python"))
+    with contextlib.ExitStack() as stack:
+        if vllm_python.exists():
+            from tests.support.vllm import vllm_processes
+
+            info = stack.enter_context(vllm_processes(str(vllm_python), bundle))
+            backends.append(("vllm", {"backend": "vllm", "vllm_url": info.server_url,
+                                      "vllm_pooler_url": info.pooler_url}))
+        else:
+            print(f"({vllm_python} missing: `make vllm-env` adds the vllm backend to this benchmark)")
+        for name, extra in backends:
+            registry = CollectorRegistry()
+            settings = LLMSettings(max_waiting=64, **extra)
+            app = build_llm_app(lambda s=settings, r=registry: build_llm_service(bundle, s, r), registry)
+            with UvicornThread(app) as server:
+                wait_until(lambda u=server.url: httpx.get(f"{u}/readyz").status_code == 200, 120, "llm")
+                for concurrency in (1, 8, 32):
+                    rows.append({"backend": name, **asyncio.run(_point(server.url, concurrency, args.tokens))})
     print(f"LLM service, tiny bundle, {args.tokens} tokens per request, greedy, {os.cpu_count()} cores")
     print(f"{'backend':>12} {'conc':>5} {'TTFT p50 ms':>12} {'TTFT max ms':>12} {'agg tok/s':>10} {'stream tok/s':>13}")
     for r in rows:

@@ -114,6 +114,12 @@ class ChatService:
             try:
                 async for event in self.decoders.events(job_id):
                     await out.put(("job", event))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the job goes on; this stream can no longer follow it
+                log.exception("lost the events of job %s", job_id)
+                await out.put(("job", JobEvent(job_id=job_id, type="failed",
+                                               error=f"lost track of the job: {type(exc).__name__}")))
             finally:
                 await out.put(("job_end", job_id))
 

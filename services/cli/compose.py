@@ -73,6 +73,53 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     return build_app(state)
 
 
+def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
+    """The gateway alone: encoder and LLM over HTTP, decode jobs over Celery + Redis, artifacts in storage."""
+    import httpx
+
+    from gateway.chat import ChatService
+    from gateway.conversations import MemoryConversationStore
+    from gateway.security import ApiKeys, UrlSigner
+    from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app, redis_clients
+    from services.clients.encoder_http import HttpEncoderClient
+    from services.clients.llm_http import HttpLLMClient
+    from services.contracts.errors import ConfigurationError, ServiceUnavailableError
+    from services.jobs.book import RedisJobBook
+    from services.jobs.reader import AsyncJobReader
+
+    if not settings.encoder.url or not settings.llm.url:
+        raise ConfigurationError("the distributed gateway needs NEXTGPT_ENCODER__URL and NEXTGPT_LLM__URL",
+                                 code="invalid_settings")
+    store = build_artifact_store(settings)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+    encoder = HttpEncoderClient(settings.encoder.url, http, settings.encoder.timeout_s)
+    llm = HttpLLMClient(settings.llm.url, http, settings.llm.timeout_s)
+    sync_redis, async_redis = redis_clients(settings)
+    prefix = settings.redis.key_prefix
+    decoders = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(sync_redis, prefix),
+                                  AsyncJobReader(async_redis, prefix))
+
+    async def redis_ready() -> None:
+        try:
+            await async_redis.ping()
+        except Exception as exc:
+            raise ServiceUnavailableError(f"redis: {exc}", code="redis_unavailable") from exc
+
+    g = settings.gateway
+    keys = [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()] if settings.api_keys else None
+    state = GatewayState(
+        models=model_cards(bundle),
+        readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
+                          "artifact_store": store.check_health},
+        settings=g, chat=ChatService(encoder, llm, decoders, store, MemoryConversationStore()), store=store,
+        decoders=decoders, keys=ApiKeys(keys),
+        signer=UrlSigner(g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None,
+                         g.artifact_url_ttl_s),
+        on_shutdown=[http.aclose, async_redis.aclose],
+    )
+    return build_app(state)
+
+
 def bundle_summary(bundle: Bundle) -> dict[str, object]:
     m = bundle.manifest
     return {

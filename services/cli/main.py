@@ -146,6 +146,45 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
     uvicorn.run(app_, host=settings.host, port=port, log_level=settings.log_level)
 
 
+@llm_app.command("vllm-commands")
+def llm_vllm_commands(
+    python: Annotated[str, typer.Option(help="Python of the vLLM environment")] = ".venv-vllm/bin/python",
+    bundle: BundleOpt = None,
+    port: Annotated[int, typer.Option(help="Port of the vLLM server; the pooler takes the next one")] = 8100,
+    dtype: Annotated[str, typer.Option(help="float32 on CPU, float16/bfloat16 on GPU")] = "float32",
+) -> None:
+    """Print the two commands that serve a bundle on vLLM (OpenAI server + hidden-state pooler); then run
+    `nextgpt llm serve` with NEXTGPT_LLM__BACKEND=vllm and the two URLs."""
+    import shlex
+
+    from services.cli.compose import resolve_bundle
+    from services.llm.vllm_launch import VLLM_ENV, pooler_args, server_args
+
+    resolved = resolve_bundle(_settings(bundle=bundle))
+    env = " ".join(f"{k}={v}" for k, v in VLLM_ENV.items())
+    typer.echo(f"{env} {shlex.join(server_args(python, resolved, port, dtype))}")
+    typer.echo(f"{env} PYTHONPATH=. {shlex.join(pooler_args(python, resolved, port + 1, dtype))}")
+    typer.echo(f"NEXTGPT_LLM__BACKEND=vllm NEXTGPT_LLM__VLLM_URL=http://127.0.0.1:{port} "
+               f"NEXTGPT_LLM__VLLM_POOLER_URL=http://127.0.0.1:{port + 1} nextgpt llm serve")
+
+
+gateway_app = typer.Typer(no_args_is_help=True, help="The public gateway in distributed mode.")
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.command("serve")
+def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Serve the public API, with the encoder and LLM services at NEXTGPT_ENCODER__URL / NEXTGPT_LLM__URL and
+    decoder workers behind Redis (NEXTGPT_REDIS__URL). Loads no model."""
+    import uvicorn
+
+    from services.cli.compose import distributed_gateway_app, resolve_bundle
+
+    settings = _settings(bundle=bundle, host=host, port=port)
+    app_ = distributed_gateway_app(settings, resolve_bundle(settings))
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
 @app.command("worker")
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues (modalities) to consume")] = "image,video,audio",

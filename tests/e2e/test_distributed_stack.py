@@ -1,0 +1,130 @@
+"""The distributed mode as users run it: gateway, encoder service, LLM service and a Celery worker as separate
+processes on loopback, with Redis and an S3 server, on the tiny bundle."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+import soundfile
+from PIL import Image
+
+from services.contracts.settings import StorageSettings
+from services.storage.s3 import S3ArtifactStore
+from tests.support import media
+from tests.support.processes import ServiceProcess
+from tests.support.servers import RedisInfo, S3Info, free_port
+from tests.support.workers import WorkerProcess
+
+KEY = "e2e-key"
+
+
+@pytest.fixture(scope="module")
+def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
+    S3ArtifactStore.from_settings(StorageSettings(
+        backend="s3", s3_endpoint_url=s3_info.endpoint_url, s3_bucket=bucket, s3_access_key_id=s3_info.access_key,
+        s3_secret_access_key=s3_info.secret_key, s3_create_bucket=True))
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    ports = {name: free_port() for name in ("encoder", "llm", "gateway")}
+    env = {
+        "NEXTGPT_BUNDLE": str(tiny_bundle_dir),
+        "NEXTGPT_REDIS__URL": redis_info.url, "NEXTGPT_REDIS__KEY_PREFIX": f"{redis_info.key_prefix}e2e:",
+        "NEXTGPT_STORAGE__BACKEND": "s3", "NEXTGPT_STORAGE__S3_ENDPOINT_URL": s3_info.endpoint_url,
+        "NEXTGPT_STORAGE__S3_BUCKET": bucket, "NEXTGPT_STORAGE__S3_ACCESS_KEY_ID": s3_info.access_key,
+        "NEXTGPT_STORAGE__S3_SECRET_ACCESS_KEY": s3_info.secret_key,
+        "NEXTGPT_ENCODER__URL": f"http://127.0.0.1:{ports['encoder']}",
+        "NEXTGPT_LLM__URL": f"http://127.0.0.1:{ports['llm']}",
+        "NEXTGPT_API_KEYS": KEY, "NEXTGPT_GATEWAY__URL_SIGNING_KEY": "e2e-signing-key",
+        "NEXTGPT_ENCODER__TIMEOUT_S": "30",
+    }
+    services = {
+        "encoder": ServiceProcess(["encoder", "serve", "--port", str(ports["encoder"])], env, logs / "encoder.log",
+                                  f"http://127.0.0.1:{ports['encoder']}/readyz"),
+        "llm": ServiceProcess(["llm", "serve", "--port", str(ports["llm"])], env, logs / "llm.log",
+                              f"http://127.0.0.1:{ports['llm']}/readyz"),
+        "gateway": ServiceProcess(["gateway", "serve", "--port", str(ports["gateway"])], env, logs / "gateway.log",
+                                  f"http://127.0.0.1:{ports['gateway']}/healthz"),
+    }
+    for service in services.values():
+        service.start()
+    worker = WorkerProcess("image,video,audio", env, logs / "worker.log")
+    try:
+        for service in services.values():
+            service.wait_ready()
+        worker.wait_ready()
+        yield {"url": f"http://127.0.0.1:{ports['gateway']}", "services": services, "logs": logs}
+    finally:
+        worker.stop()
+        for service in services.values():
+            service.stop()
+
+
+def _auth() -> dict[str, str]:
+    return {"authorization": f"Bearer {KEY}"}
+
+
+def _events(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
+    out, name = [], ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            out.append((name, json.loads(line[6:])))
+    return out
+
+
+def test_upload_stream_and_download_every_modality(stack: dict[str, object]) -> None:
+    url = str(stack["url"])
+    assert httpx.get(f"{url}/readyz").json() == {"status": "ready"}
+    request = {"messages": [{"role": "user", "content": "one of each", "files": ["a.png", "b.wav", "c.mp4"]}],
+               "stream": True, "max_tokens": 60, "seed": 8, "require_modalities": ["image", "video", "audio"],
+               "decoder": {"steps": 2}}
+    files = [("files", ("a.png", media.png(), "image/png")), ("files", ("b.wav", media.wav(), "audio/wav")),
+             ("files", ("c.mp4", media.mp4(), "video/mp4"))]
+    with httpx.stream("POST", f"{url}/v1/chat", data={"request": json.dumps(request)}, files=files,
+                      headers=_auth(), timeout=300) as response:
+        assert response.status_code == 200
+        events = _events(response)
+    names = [n for n, _ in events]
+    (Path(str(stack["logs"])) / "events.json").write_text(json.dumps(events))
+    assert names[-1] == "done" and "message.delta" in names
+    completed = {str(d["modality"]): d for n, d in events if n == "artifact.completed"}
+    assert sorted(completed) == ["audio", "image", "video"], [e for e in events if e[0] != "message.delta"]
+    image = httpx.get(str(completed["image"]["url"])).content
+    assert Image.open(io.BytesIO(image)).size == (64, 64)
+    with av.open(io.BytesIO(httpx.get(str(completed["video"]["url"])).content)) as container:
+        assert len(list(container.decode(container.streams.video[0]))) == 8
+    samples, rate = soundfile.read(io.BytesIO(httpx.get(str(completed["audio"]["url"])).content))
+    assert rate == 16000 and len(samples) == 16000
+    # A second turn: the generated media go back through the encoder service, by object-store key.
+    conversation = events[-1][1]["conversation_id"]
+    second = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+        "conversation_id": conversation, "messages": [{"role": "user", "content": "and now?"}], "max_tokens": 5})
+    assert second.status_code == 200, second.text
+
+
+def test_encoder_down_is_a_clear_503_and_recovers(stack: dict[str, object]) -> None:
+    url = str(stack["url"])
+    encoder: ServiceProcess = stack["services"]["encoder"]  # type: ignore[index]
+    encoder.stop()
+    try:
+        request = {"messages": [{"role": "user", "content": "what is it", "files": ["a.png"]}], "max_tokens": 4}
+        response = httpx.post(f"{url}/v1/chat", headers=_auth(), data={"request": json.dumps(request)},
+                              files=[("files", ("a.png", media.png(), "image/png"))], timeout=60)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "encoder_unavailable"
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and "encoder" in ready.json()["error"]["message"]
+    finally:
+        encoder.start().wait_ready()
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), data={"request": json.dumps(request)},
+                          files=[("files", ("a.png", media.png(), "image/png"))], timeout=60)
+    assert response.status_code == 200
