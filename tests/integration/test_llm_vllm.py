@@ -97,3 +97,25 @@ async def test_service_streams_and_cancels_on_vllm(backends: tuple[HFBackend, VL
     assert isinstance(quick[-1], Done) and quick[-1].completion_tokens == 3
     await asyncio.sleep(0)
     service.close()
+
+
+def test_concurrent_requests_keep_the_engine_alive(backends: tuple[HFBackend, VLLMBackend]) -> None:
+    hf, vl = backends
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        params = GenerateParams(turns=[Turn(role="user", text="hello " * (i + 1), media=[0])], max_tokens=12,
+                                temperature=0.0, lora="nextgpt" if i % 2 else None)
+        done = _run(vl, params)[-1]
+        assert isinstance(done, Done)
+        results[i] = done.token_ids
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == list(range(6))
+    expected = _run(hf, GenerateParams(turns=[Turn(role="user", text="hello " * 4, media=[0])], max_tokens=12,
+                                       temperature=0.0, lora="nextgpt"))[-1]
+    assert isinstance(expected, Done) and results[3] == expected.token_ids
