@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import httpx
-from services.clients.errors import error_from_response, unavailable
+from services.clients.errors import check_ready, error_from_response, unavailable
 from services.contracts.encoder import EncodeResult, EncoderClient, EncodeSpec, MediaInput, unpack_result
-from services.contracts.errors import InvalidRequestError, ServiceUnavailableError
+from services.contracts.errors import InvalidRequestError
 
 
 class HttpEncoderClient(EncoderClient):
@@ -35,10 +35,4 @@ class HttpEncoderClient(EncoderClient):
         return unpack_result(response.content)
 
     async def check_ready(self) -> None:
-        try:
-            response = await self.client.get(f"{self.base_url}/readyz", timeout=5.0)
-        except httpx.HTTPError as exc:
-            raise unavailable("encoder", exc) from exc
-        if response.status_code != 200:
-            raise ServiceUnavailableError(f"encoder not ready: {response.text[:300]}", code="encoder_not_ready")
-
+        await check_ready(self.client, self.base_url, "encoder")

@@ -52,3 +52,13 @@ def error_from_body(service: str, data: dict[str, object]) -> NextGPTError:
     if cls is None:
         return ServiceUnavailableError(f"{service} failed: {message}", code="upstream_error")
     return cls(message, code=code, param=info.get("param"))  # type: ignore[arg-type]
+
+
+async def check_ready(client: httpx.AsyncClient, base_url: str, service: str) -> None:
+    """A service's /readyz, as the caller's readiness check: unreachable or not ready is a 503."""
+    try:
+        response = await client.get(f"{base_url}/readyz", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise unavailable(service, exc) from exc
+    if response.status_code != 200:
+        raise ServiceUnavailableError(f"{service} not ready: {response.text[:300]}", code=f"{service}_not_ready")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import numpy as np
 
-from services.clients.errors import error_from_body, error_from_response, unavailable
+from services.clients.errors import check_ready, error_from_body, error_from_response, unavailable
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.llm import GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64
 
@@ -44,9 +44,4 @@ class HttpLLMClient(LLMClient):
             await response.aclose()
 
     async def check_ready(self) -> None:
-        try:
-            response = await self.client.get(f"{self.base_url}/readyz", timeout=5.0)
-        except httpx.HTTPError as exc:
-            raise unavailable("llm", exc) from exc
-        if response.status_code != 200:
-            raise ServiceUnavailableError(f"llm not ready: {response.text[:300]}", code="llm_not_ready")
+        await check_ready(self.client, self.base_url, "llm")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,67 +12,25 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from services.contracts.encoder import SAFETENSORS_MEDIA_TYPE, EncodeSpec, MediaInput, pack_result
-from services.contracts.errors import ErrorResponse, InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
+from services.contracts.errors import ErrorResponse, InvalidRequestError, PayloadTooLargeError
 from services.encoder.serving import EncoderService
-from services.web.body_limit import BodyLimitMiddleware
-from services.web.errors import install_error_handlers
-from services.web.metrics import add_metrics_route
+from services.web.model_app import ModelApp
 
-log = logging.getLogger(__name__)
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 503)}
 
 
 def build_encoder_app(load_service: Callable[[], EncoderService], registry: CollectorRegistry,
                       max_request_bytes: int) -> FastAPI:
     """``load_service`` runs in a thread at start-up (model loading); /readyz answers 503 until it is done."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = None
-        app.state.load_error = None
-        task = asyncio.create_task(_load(app))
-        try:
-            yield
-        finally:
-            task.cancel()
-            if app.state.service is not None:
-                await app.state.service.stop()
-
-    async def _load(app: FastAPI) -> None:
-        try:
-            service = await asyncio.to_thread(load_service)
-            await service.start()
-            app.state.service = service
-            log.info("encoder ready")
-        except Exception as exc:
-            log.exception("encoder failed to load")
-            app.state.load_error = str(exc)
-
-    app = FastAPI(title="nextgpt encoder", lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
-    install_error_handlers(app)
-
-    def service_of(request: Request) -> EncoderService:
-        service: EncoderService | None = request.app.state.service
-        if service is None:
-            detail = request.app.state.load_error or "model is loading"
-            raise ServiceUnavailableError(f"encoder not ready: {detail}", code="not_ready")
-        return service
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
-    async def readyz(request: Request) -> dict[str, object]:
-        service = service_of(request)
-        return {"status": "ready", "hidden_size": service.hidden_size}
+    host = ModelApp("encoder", load_service, registry, max_request_bytes,
+                    start=lambda s: s.start(), stop=lambda s: s.stop())
+    app = host.app
 
     @app.post("/v1/encode", responses=_ERRORS)
     async def encode(request: Request) -> Response:
         """Multipart ``files`` (+ optional JSON part ``request``: modalities, segments), or a JSON body with
         object-store ``keys``. Answers safetensors bytes, or JSON with ``Accept: application/json``."""
-        service = service_of(request)
+        service = host.service(request)
         items, spec = await _read_request(request, service.limits.max_files)
         result = await service.encode(items, spec.segments)
         if "application/json" in request.headers.get("accept", ""):
@@ -83,7 +38,6 @@ def build_encoder_app(load_service: Callable[[], EncoderService], registry: Coll
                                  "hidden_size": int(result.embeddings.shape[1])})
         return Response(pack_result(result), media_type=SAFETENSORS_MEDIA_TYPE)
 
-    add_metrics_route(app, registry)
     return app
 
 

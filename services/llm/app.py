@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -12,12 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry
 
-from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, ServiceUnavailableError
+from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError
 from services.contracts.llm import GenerateRequest, LLMEvent, event_to_json, media_from_b64
 from services.llm.serving import LLMService
-from services.web.body_limit import BodyLimitMiddleware
-from services.web.errors import install_error_handlers
-from services.web.metrics import add_metrics_route
+from services.web.model_app import ModelApp
 
 log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
@@ -25,51 +21,15 @@ NDJSON = "application/x-ndjson"
 
 def build_llm_app(load_service: Callable[[], LLMService], registry: CollectorRegistry,
                   max_request_bytes: int = 64 * 1024 * 1024) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service, app.state.load_error = None, None
-
-        async def load() -> None:
-            try:
-                app.state.service = await asyncio.to_thread(load_service)
-                log.info("llm ready")
-            except Exception as exc:
-                log.exception("llm failed to load")
-                app.state.load_error = str(exc)
-
-        task = asyncio.create_task(load())
-        try:
-            yield
-        finally:
-            task.cancel()
-            if app.state.service is not None:
-                app.state.service.close()
-
-    app = FastAPI(title="nextgpt llm", lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
-    install_error_handlers(app)
-
-    def service_of(request: Request) -> LLMService:
-        service: LLMService | None = request.app.state.service
-        if service is None:
-            raise ServiceUnavailableError(f"llm not ready: {request.app.state.load_error or 'model is loading'}",
-                                          code="not_ready")
-        return service
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
-    async def readyz(request: Request) -> dict[str, object]:
-        return {"status": "ready", "hidden_size": service_of(request).hidden_size}
+    host = ModelApp("llm", load_service, registry, max_request_bytes, stop=lambda s: s.close())
+    app = host.app
 
     @app.post("/v1/generate", responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                                          503: {"model": ErrorResponse}})
     async def generate(body: GenerateRequest, request: Request) -> StreamingResponse:
         """Stream the reply as NDJSON events: ``delta``, ``signal`` (conditioning as base64 safetensors),
         ``done``; an ``error`` line if it fails after the stream started. Closing the connection cancels."""
-        service = service_of(request)
+        service = host.service(request)
         try:
             media = media_from_b64(body.media) if body.media else None
         except Exception as exc:
@@ -80,7 +40,6 @@ def build_llm_app(load_service: Callable[[], LLMService], registry: CollectorReg
         first = await anext(events)
         return StreamingResponse(_lines(first, events), media_type=NDJSON)
 
-    add_metrics_route(app, registry)
     return app
 
 

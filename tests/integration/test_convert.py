@@ -136,7 +136,6 @@ def test_adapter_mode_equals_merged(release: dict[str, object], tiny_bundle_dir:
 
 
 def _bad_release(release: dict[str, object], tmp_path: Path, edit: object) -> Path:
-    root: Path = release["root"]  # type: ignore[assignment]
     state = dict(release["state"])  # type: ignore[call-overload]
     edit(state)  # type: ignore[operator]
     bad = tmp_path / "bad_ckpt"

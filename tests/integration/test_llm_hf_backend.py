@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from services.bundle.loader import load_bundle
 from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta, Turn

@@ -25,6 +25,7 @@ from services.contracts.bundle_manifest import (
     GenerationDefaults,
     LLMSpec,
     LoraSpec,
+    Modality,
     OutputSpec,
     PIPELINE_FOR_MODALITY,
     PromptSpec,

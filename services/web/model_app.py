@@ -1,0 +1,80 @@
+"""The shape every model service shares: load the model in a thread at start-up (``/readyz`` answers 503 until
+it is loaded, or with the load error), then serve; stop it at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
+
+from services.contracts.errors import ErrorResponse, ServiceUnavailableError
+from services.web.body_limit import BodyLimitMiddleware
+from services.web.errors import install_error_handlers
+from services.web.metrics import add_metrics_route
+
+log = logging.getLogger(__name__)
+
+
+class ModelService(Protocol):
+    hidden_size: int
+
+
+S = TypeVar("S", bound=ModelService)
+
+
+class ModelApp(Generic[S]):
+    def __init__(self, name: str, load: Callable[[], S], registry: CollectorRegistry, max_request_bytes: int,
+                 start: Callable[[S], Any] | None = None, stop: Callable[[S], Any] | None = None) -> None:
+        self.name = name
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            app.state.service, app.state.load_error = None, None
+            task = asyncio.create_task(self._load(app, load, start))
+            try:
+                yield
+            finally:
+                task.cancel()
+                if app.state.service is not None and stop is not None:
+                    result = stop(app.state.service)
+                    if inspect.isawaitable(result):
+                        await result
+
+        self.app = FastAPI(title=f"nextgpt {name}", lifespan=lifespan)
+        self.app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+        install_error_handlers(self.app)
+        add_metrics_route(self.app, registry)
+
+        @self.app.get("/healthz")
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @self.app.get("/readyz", responses={503: {"model": ErrorResponse}})
+        async def readyz(request: Request) -> dict[str, object]:
+            return {"status": "ready", "hidden_size": self.service(request).hidden_size}
+
+    async def _load(self, app: FastAPI, load: Callable[[], S], start: Callable[[S], Any] | None) -> None:
+        try:
+            service = await asyncio.to_thread(load)
+            if start is not None:
+                result = start(service)
+                if inspect.isawaitable(result):
+                    await result
+            app.state.service = service
+            log.info("%s ready", self.name)
+        except Exception as exc:
+            log.exception("%s failed to load", self.name)
+            app.state.load_error = str(exc)
+
+    def service(self, request: Request) -> S:
+        service: S | None = request.app.state.service
+        if service is None:
+            detail = request.app.state.load_error or "model is loading"
+            raise ServiceUnavailableError(f"{self.name} not ready: {detail}", code="not_ready")
+        return service
