@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway.app import GatewayState, ModelCard, build_app
+from gateway.security import ApiKeys, UrlSigner
 from services.bundle.loader import Bundle, load_bundle
 from services.contracts.settings import Settings
 from services.storage import build_artifact_store
@@ -36,13 +37,20 @@ def model_cards(bundle: Bundle) -> list[ModelCard]:
     return cards
 
 
+def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
+    raw = settings.api_keys.get_secret_value() if settings.api_keys else ""
+    keys = [k.strip() for k in raw.split(",") if k.strip()] or None
+    g = settings.gateway
+    signing = g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None
+    return ApiKeys(keys), UrlSigner(signing, g.artifact_url_ttl_s)
+
+
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     """The whole stack in one process: encoder, LLM and decoders behind the same interfaces as over the network."""
     from prometheus_client import CollectorRegistry
 
     from gateway.chat import ChatService
     from gateway.conversations import MemoryConversationStore
-    from gateway.security import ApiKeys, UrlSigner
     from services.decoders.compose import build_runner
     from services.decoders.local_queue import LocalDecoderQueue
     from services.encoder.clients import InProcessEncoderClient
@@ -61,13 +69,10 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
                                  max_retries=settings.decoders.max_retries)
     chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store,
                        MemoryConversationStore())
-    g = settings.gateway
-    keys = [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()] if settings.api_keys else None
+    keys, signer = _keys_and_signer(settings)
     state = GatewayState(
-        models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health}, settings=g,
-        chat=chat, store=store, decoders=decoders, keys=ApiKeys(keys),
-        signer=UrlSigner(g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None,
-                         g.artifact_url_ttl_s),
+        models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
+        settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
     )
     return build_app(state)
@@ -79,7 +84,6 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
 
     from gateway.chat import ChatService
     from gateway.conversations import MemoryConversationStore
-    from gateway.security import ApiKeys, UrlSigner
     from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app, redis_clients
     from services.clients.encoder_http import HttpEncoderClient
     from services.clients.llm_http import HttpLLMClient
@@ -105,16 +109,13 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         except Exception as exc:
             raise ServiceUnavailableError(f"redis: {exc}", code="redis_unavailable") from exc
 
-    g = settings.gateway
-    keys = [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()] if settings.api_keys else None
+    keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle),
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
                           "artifact_store": store.check_health},
-        settings=g, chat=ChatService(encoder, llm, decoders, store, MemoryConversationStore()), store=store,
-        decoders=decoders, keys=ApiKeys(keys),
-        signer=UrlSigner(g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None,
-                         g.artifact_url_ttl_s),
+        settings=settings.gateway, chat=ChatService(encoder, llm, decoders, store, MemoryConversationStore()),
+        store=store, decoders=decoders, keys=keys, signer=signer,
         on_shutdown=[http.aclose, async_redis.aclose],
     )
     return build_app(state)
