@@ -7,6 +7,7 @@ import inspect
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -16,6 +17,7 @@ from services.contracts.errors import ErrorResponse, NextGPTError
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import error_json, install_error_handlers
 from services.web.metrics import add_metrics_route
+from services.web.request_id import RequestIdMiddleware
 
 __all__ = ["GatewayState", "ModelCard", "build_app"]
 
@@ -42,6 +44,11 @@ def build_app(state: GatewayState) -> FastAPI:
                   responses={500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     app.state.gateway = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes)
+    if state.settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
+                           expose_headers=["x-request-id"])
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     if state.chat is not None:
         app.include_router(router)

@@ -81,6 +81,7 @@ async def chat(request: Request) -> Response:
     message.delta, signal, artifact.queued, artifact.progress, artifact.completed, artifact.failed, error, done."""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
+    st.limiter.check(owner)
     chat_request, uploads = await _read_chat_request(request, st)
     conversation, params, media = await st.chat.prepare(chat_request, uploads, owner)
     base = _base_url(request, st)

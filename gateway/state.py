@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from gateway.chat import ChatService
+from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from services.contracts.decoders import DecoderQueue
 from services.contracts.settings import GatewaySettings
@@ -37,3 +38,4 @@ class GatewayState:
     on_startup: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     registry: CollectorRegistry | None = None
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None))

@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway.app import GatewayState, ModelCard, build_app
+from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from services.bundle.loader import Bundle, load_bundle
 from services.contracts.settings import Settings
@@ -73,6 +74,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
+        limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
         on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
     )
     return build_app(state)
@@ -116,7 +118,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
                           "artifact_store": store.check_health},
         settings=settings.gateway, chat=ChatService(encoder, llm, decoders, store, MemoryConversationStore()),
         store=store, decoders=decoders, keys=keys, signer=signer,
-        on_shutdown=[http.aclose, async_redis.aclose],
+        limiter=RateLimiter(settings.gateway.rate_limit_per_minute), on_shutdown=[http.aclose, async_redis.aclose],
     )
     return build_app(state)
 

@@ -17,6 +17,7 @@ from services.contracts.errors import ErrorResponse, ServiceUnavailableError
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import install_error_handlers
 from services.web.metrics import add_metrics_route
+from services.web.request_id import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ModelApp(Generic[S]):
 
         self.app = FastAPI(title=f"nextgpt {name}", lifespan=lifespan)
         self.app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+        self.app.add_middleware(RequestIdMiddleware)
         install_error_handlers(self.app)
         add_metrics_route(self.app, registry)
 

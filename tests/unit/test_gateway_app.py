@@ -31,3 +31,37 @@ def test_gateway_does_not_import_torch() -> None:
 
     code = "import sys, gateway.app, services.web.errors; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_request_ids_are_echoed_or_made() -> None:
+    client = TestClient(build_app(GatewayState(models=[], readiness_checks={})))
+    assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    made = client.get("/healthz", headers={"x-request-id": "bad id with spaces"}).headers["x-request-id"]
+    assert len(made) == 32 and made != "bad id with spaces"
+
+
+def test_cors_preflight_when_configured() -> None:
+    from services.contracts.settings import GatewaySettings
+
+    state = GatewayState(models=[], readiness_checks={}, settings=GatewaySettings(cors_origins=["https://app.test"]))
+    response = TestClient(build_app(state)).options("/v1/models", headers={
+        "origin": "https://app.test", "access-control-request-method": "GET"})
+    assert response.headers["access-control-allow-origin"] == "https://app.test"
+    plain = TestClient(build_app(GatewayState(models=[], readiness_checks={}))).get(
+        "/v1/models", headers={"origin": "https://evil.test"})
+    assert "access-control-allow-origin" not in plain.headers
+
+
+def test_rate_limit_per_caller() -> None:
+    import pytest
+
+    from gateway.ratelimit import RateLimiter
+    from services.contracts.errors import RateLimitError
+
+    limiter = RateLimiter(per_minute=60, burst=2)
+    limiter.check("a")
+    limiter.check("a")
+    with pytest.raises(RateLimitError, match="retry in"):
+        limiter.check("a")
+    limiter.check("b")  # another caller has its own bucket
+    RateLimiter(None).check("a")
