@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
 from gateway.sse import HEARTBEAT, sse_event
 from gateway.state import GatewayState
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
@@ -217,3 +219,95 @@ async def job(job_id: str, request: Request) -> dict[str, Any]:
     if status.artifact is not None:
         body["url"] = _base_url(request, st) + st.signer.sign(f"/v1/artifacts/{status.artifact.key}")
     return body
+
+
+@router.post("/v1/chat/completions", responses=_ERRORS)
+async def chat_completions(request: Request) -> Response:
+    """OpenAI Chat Completions: text, data-URL images and base64 audio in; text, ``image_url`` / ``video_url``
+    parts and ``audio`` out. ``modalities`` asks for media (``["text", "image"]``)."""
+    st = state_of(request)
+    owner = st.keys.owner(request.headers.get("authorization"))
+    st.limiter.check(owner)
+    try:
+        body = OpenAIChatRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or "request"
+        raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
+    names = {card.id: (None if card.root is None else card.id) for card in st.models}
+    chat_request, uploads = to_chat_request(body, names, st.settings.max_upload_bytes, st.settings.max_files)
+    conversation, params, media = await st.chat.prepare(chat_request, uploads, owner)
+    base = _base_url(request, st)
+
+    def url_for(key: str) -> str:
+        return base + st.signer.sign(f"/v1/artifacts/{key}")
+
+    cid, created = completion_id(), int(time.time())
+    if body.stream:
+        events = st.chat.run(chat_request, conversation, params, media, url_for, owner)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_openai_stream(events, st, cid, created, body.model, include_usage),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
+    result = await _collect(events, chat_request.wait_s, conversation.id)
+    content: list[dict[str, Any]] = [{"type": "text", "text": result.text}]
+    message: dict[str, Any] = {"role": "assistant"}
+    for artifact in result.artifacts:
+        if artifact.state != "completed" or not artifact.url:
+            continue
+        if artifact.modality == "audio":
+            message["audio"] = await _audio(st, artifact.job_id, artifact.url)
+        else:
+            content.append(image_part(artifact.modality, artifact.url))
+    message["content"] = result.text if len(content) == 1 else content
+    usage = result.usage
+    return JSONResponse({
+        "id": cid, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": _finish(result.finish_reason)}],
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        "conversation_id": result.conversation_id,
+    })
+
+
+def _finish(reason: str) -> str:
+    return {"stop": "stop", "length": "length"}.get(reason, "stop")
+
+
+async def _audio(st: GatewayState, job_id: str, url: str) -> dict[str, Any]:
+    key = url.split("/v1/artifacts/", 1)[1].split("?", 1)[0]
+    data = await asyncio.to_thread(st.store.read, key)
+    return audio_payload(job_id, data, st.settings.artifact_url_ttl_s)
+
+
+async def _openai_stream(events: AsyncIterator[tuple[str, dict[str, Any]]], st: GatewayState, cid: str,
+                         created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for name, data in events:
+            if name == "message.delta":
+                yield chunk({"content": data["text"]})
+            elif name == "artifact.completed":
+                if data["modality"] == "audio":
+                    yield chunk({"audio": await _audio(st, str(data["job_id"]), str(data["url"]))})
+                else:
+                    yield chunk({"content": [image_part(str(data["modality"]), str(data["url"]))]})
+            elif name == "done":
+                yield chunk({}, _finish(str(data["finish_reason"])))
+                if include_usage:
+                    usage = dict(data["usage"])
+                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(body)}\n\n".encode()
+                break
+    except NextGPTError as exc:
+        yield f"data: {json.dumps(exc.to_response().model_dump())}\n\n".encode()
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,125 @@
+"""``POST /v1/chat/completions``: the OpenAI Chat Completions shape over the same ChatService.
+
+Inputs: text, images as ``image_url`` data URLs, audio as ``input_audio`` (base64). Remote URLs are refused
+(the gateway never fetches URLs a client names). Outputs: text; generated images as ``image_url`` content parts
+(as vLLM-Omni returns them), videos as ``video_url`` parts, audio as OpenAI's ``message.audio`` /
+``delta.audio`` (base64 WAV). ``modalities`` (e.g. ``["text", "image"]``) becomes ``require_modalities``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.contracts.chat import ChatMessage, ChatRequest
+from services.contracts.errors import InvalidRequestError
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+);base64,(?P<data>.+)$", re.DOTALL)
+_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp", "audio/wav": ".wav",
+           "audio/x-wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac", "video/mp4": ".mp4"}
+
+
+class OpenAIChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are ignored, as other servers do
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1, le=1)
+    modalities: list[Literal["text", "image", "video", "audio"]] | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+def _decode(url: str, where: str, max_bytes: int) -> tuple[bytes, str]:
+    match = _DATA_URL.match(url)
+    if not match:
+        raise InvalidRequestError(f"{where}: only base64 data URLs are accepted", code="unsupported_url", param=where)
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequestError(f"{where}: invalid base64", code="invalid_base64", param=where) from exc
+    if len(data) > max_bytes:
+        raise InvalidRequestError(f"{where}: {len(data)} bytes exceed {max_bytes}", code="file_too_large", param=where)
+    return data, match["mime"]
+
+
+def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
+                    max_files: int) -> tuple[ChatRequest, dict[str, bytes]]:
+    """``model_names``: served model id -> LoRA name (None: the base model)."""
+    if body.model not in model_names:
+        raise InvalidRequestError(f"unknown model {body.model!r}; see GET /v1/models", code="model_not_found",
+                                  param="model")
+    uploads: dict[str, bytes] = {}
+    messages: list[ChatMessage] = []
+    system: list[str] = []
+    for i, message in enumerate(body.messages):
+        role, content = message.get("role"), message.get("content")
+        texts, files = [], []
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
+        if not isinstance(parts, list):
+            raise InvalidRequestError(f"messages[{i}].content must be a string or a list", param=f"messages[{i}]")
+        for j, part in enumerate(parts):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(str(part.get("text", "")))
+            elif kind in ("image_url", "video_url"):
+                data, mime = _decode(str((part.get(kind) or {}).get("url", "")), where, max_bytes)
+                files.append(_add(uploads, data, _SUFFIX.get(mime, ".bin"), max_files))
+            elif kind == "input_audio":
+                audio = part.get("input_audio") or {}
+                try:
+                    data = base64.b64decode(str(audio.get("data", "")), validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise InvalidRequestError(f"{where}: invalid base64", code="invalid_base64", param=where) from exc
+                files.append(_add(uploads, data, "." + str(audio.get("format", "wav")).lower()[:4], max_files))
+            else:
+                raise InvalidRequestError(f"{where}: unsupported content part {kind!r}", param=where)
+        if role == "system":
+            system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
+        elif role in ("user", "assistant"):
+            if role == "assistant" and files:
+                raise InvalidRequestError(f"messages[{i}]: assistant media are not accepted", param=f"messages[{i}]")
+            messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
+        else:
+            raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", param=f"messages[{i}].role")
+    if system and messages:
+        first = messages[0]
+        messages[0] = first.model_copy(update={"content": " ".join([*system, first.content]).strip()})
+    required = [m for m in (body.modalities or []) if m != "text"]
+    return ChatRequest(messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
+                       temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                       lora=model_names[body.model], require_modalities=required), uploads  # type: ignore[arg-type]
+
+
+def _add(uploads: dict[str, bytes], data: bytes, suffix: str, max_files: int) -> str:
+    if len(uploads) >= max_files:
+        raise InvalidRequestError(f"more than {max_files} media parts", code="too_many_files", param="messages")
+    name = f"part-{len(uploads)}{suffix}"
+    uploads[name] = data
+    return name
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def image_part(modality: str, url: str) -> dict[str, Any]:
+    kind = "image_url" if modality == "image" else "video_url"
+    return {"type": kind, kind: {"url": url}}
+
+
+def audio_payload(job_id: str, data: bytes, ttl_s: int) -> dict[str, Any]:
+    return {"id": job_id, "data": base64.b64encode(data).decode(), "expires_at": int(time.time()) + ttl_s,
+            "transcript": "", "format": "wav"}

@@ -1,0 +1,74 @@
+"""``/v1/chat/completions`` through the official OpenAI Python client, against the embedded stack."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from services.bundle.loader import load_bundle
+from services.cli.compose import embedded_app
+from services.contracts.settings import Settings
+from tests.support import media
+from tests.support.servers import UvicornThread
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys="sk-test")
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
+
+
+def _image_url() -> str:
+    return "data:image/png;base64," + base64.b64encode(media.png()).decode()
+
+
+def test_models_lists_bundle_and_lora(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["nextgpt-tiny", "nextgpt"]
+
+
+def test_text_and_image_in_image_and_audio_out(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="nextgpt", max_tokens=30, seed=3, modalities=["text", "image", "audio"],  # type: ignore[list-item]
+        messages=[{"role": "system", "content": "be brief"},
+                  {"role": "user", "content": [{"type": "text", "text": "what is this? draw and say it"},
+                                               {"type": "image_url", "image_url": {"url": _image_url()}}]}],
+    )
+    message = completion.choices[0].message
+    assert completion.usage is not None and completion.usage.completion_tokens <= 30
+    parts = message.content
+    assert isinstance(parts, list)  # vLLM-Omni style: text part + image_url part
+    image = next(p for p in parts if p["type"] == "image_url")
+    assert httpx.get(image["image_url"]["url"]).content.startswith(b"\x89PNG")
+    assert message.audio is not None and base64.b64decode(message.audio.data)[:4] == b"RIFF"
+
+
+def test_streaming_text_and_audio_input(client: openai.OpenAI) -> None:
+    audio = base64.b64encode(media.wav()).decode()
+    stream = client.chat.completions.create(
+        model="nextgpt-tiny", max_tokens=20, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
+                                               {"type": "text", "text": "what do you hear"}]}],
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and isinstance(c.choices[0].delta.content, str))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text and finishes in (["length"], ["stop"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 20
+
+
+def test_errors_in_the_openai_shape(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="only base64 data URLs"):
+        client.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}])
+    bad = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": "hi"}])
