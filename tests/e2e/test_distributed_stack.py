@@ -44,6 +44,8 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
         "NEXTGPT_LLM__URL": f"http://127.0.0.1:{ports['llm']}",
         "NEXTGPT_API_KEYS": KEY, "NEXTGPT_GATEWAY__URL_SIGNING_KEY": "e2e-signing-key",
         "NEXTGPT_ENCODER__TIMEOUT_S": "30",
+        # 50 concurrent streams below: more than the default bound on generations waiting (32, then 503).
+        "NEXTGPT_LLM__MAX_WAITING": "64",
     }
     services = {
         "encoder": ServiceProcess(["encoder", "serve", "--port", str(ports["encoder"])], env, logs / "encoder.log",
@@ -128,3 +130,41 @@ def test_encoder_down_is_a_clear_503_and_recovers(stack: dict[str, object]) -> N
     response = httpx.post(f"{url}/v1/chat", headers=_auth(), data={"request": json.dumps(request)},
                           files=[("files", ("a.png", media.png(), "image/png"))], timeout=60)
     assert response.status_code == 200
+
+
+def test_fifty_concurrent_streams_lose_and_cross_nothing(stack: dict[str, object]) -> None:
+    import asyncio
+
+    url = str(stack["url"])
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str, dict[str, object]]:
+        body = {"messages": [{"role": "user", "content": f"client {i}"}], "stream": True, "max_tokens": 6,
+                "seed": i}
+        text, done = [], {}
+        async with client.stream("POST", f"{url}/v1/chat", json=body, headers=_auth()) as response:
+            assert response.status_code == 200
+            name = ""
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if name == "message.delta":
+                        text.append(data["text"])
+                    elif name in ("done", "error"):
+                        done = data
+        return i, "".join(text), done
+
+    async def run() -> list[tuple[int, str, dict[str, object]]]:
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=50)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(50)))
+
+    results = asyncio.run(run())
+    assert len(results) == 50
+    errors = [done for _, _, done in results if "conversation_id" not in done]
+    assert not errors, errors[:3]
+    conversations = {str(done["conversation_id"]) for _, _, done in results}
+    assert len(conversations) == 50  # every stream ended with its own done
+    for _, text, done in results:
+        assert done["text"] == text  # the deltas a client got are exactly its reply
+        assert done["usage"]["completion_tokens"] <= 6  # type: ignore[index]
