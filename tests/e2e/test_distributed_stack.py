@@ -168,3 +168,27 @@ def test_fifty_concurrent_streams_lose_and_cross_nothing(stack: dict[str, object
     for _, text, done in results:
         assert done["text"] == text  # the deltas a client got are exactly its reply
         assert done["usage"]["completion_tokens"] <= 6  # type: ignore[index]
+
+
+def test_disconnect_cancels_generation_and_jobs_across_services(stack: dict[str, object]) -> None:
+    import time
+
+    url = str(stack["url"])
+    llm: ServiceProcess = stack["services"]["llm"]  # type: ignore[index]
+    llm_metrics = llm.ready_url.replace("/readyz", "/metrics")
+    request = {"messages": [{"role": "user", "content": "a long video"}], "stream": True, "max_tokens": 40,
+               "require_modalities": ["video"], "decoder": {"steps": 200}}
+    with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=120) as response:
+        job_id = None
+        for line in response.iter_lines():
+            if line.startswith("data: ") and "job_id" in line:
+                job_id = json.loads(line[6:])["job_id"]
+                break
+    assert job_id is not None
+    state, deadline = "", time.monotonic() + 60
+    while time.monotonic() < deadline and state != "cancelled":
+        state = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_auth()).json()["state"]
+        time.sleep(0.3)
+    assert state == "cancelled"  # the worker stopped it between two steps
+    running = [line for line in httpx.get(llm_metrics).text.splitlines() if line.startswith("nextgpt_llm_running ")]
+    assert running == ["nextgpt_llm_running 0.0"]
