@@ -18,6 +18,7 @@ from PIL import Image
 from services.contracts.settings import StorageSettings
 from services.storage.s3 import S3ArtifactStore
 from tests.support import media
+from tests.support.chat import first_job_id, read_events, wait_for_job_state
 from tests.support.processes import ServiceProcess
 from tests.support.servers import RedisInfo, S3Info, free_port
 from tests.support.workers import WorkerProcess
@@ -73,16 +74,6 @@ def _auth() -> dict[str, str]:
     return {"authorization": f"Bearer {KEY}"}
 
 
-def _events(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
-    out, name = [], ""
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            out.append((name, json.loads(line[6:])))
-    return out
-
-
 def test_upload_stream_and_download_every_modality(stack: dict[str, object]) -> None:
     url = str(stack["url"])
     assert httpx.get(f"{url}/readyz").json() == {"status": "ready"}
@@ -94,7 +85,7 @@ def test_upload_stream_and_download_every_modality(stack: dict[str, object]) -> 
     with httpx.stream("POST", f"{url}/v1/chat", data={"request": json.dumps(request)}, files=files,
                       headers=_auth(), timeout=300) as response:
         assert response.status_code == 200
-        events = _events(response)
+        events = read_events(response)
     names = [n for n, _ in events]
     (Path(str(stack["logs"])) / "events.json").write_text(json.dumps(events))
     assert names[-1] == "done" and "message.delta" in names
@@ -171,24 +162,15 @@ def test_fifty_concurrent_streams_lose_and_cross_nothing(stack: dict[str, object
 
 
 def test_disconnect_cancels_generation_and_jobs_across_services(stack: dict[str, object]) -> None:
-    import time
-
     url = str(stack["url"])
     llm: ServiceProcess = stack["services"]["llm"]  # type: ignore[index]
     llm_metrics = llm.ready_url.replace("/readyz", "/metrics")
     request = {"messages": [{"role": "user", "content": "a long video"}], "stream": True, "max_tokens": 40,
                "require_modalities": ["video"], "decoder": {"steps": 200}}
     with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=120) as response:
-        job_id = None
-        for line in response.iter_lines():
-            if line.startswith("data: ") and "job_id" in line:
-                job_id = json.loads(line[6:])["job_id"]
-                break
+        job_id = first_job_id(response)
     assert job_id is not None
-    state, deadline = "", time.monotonic() + 60
-    while time.monotonic() < deadline and state != "cancelled":
-        state = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_auth()).json()["state"]
-        time.sleep(0.3)
-    assert state == "cancelled"  # the worker stopped it between two steps
+    # The worker stops it between two steps.
+    assert wait_for_job_state(url, job_id, _auth(), "cancelled") == "cancelled"
     running = [line for line in httpx.get(llm_metrics).text.splitlines() if line.startswith("nextgpt_llm_running ")]
     assert running == ["nextgpt_llm_running 0.0"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
+from tests.support.chat import first_job_id, read_events, wait_for_job_state
 from tests.support.servers import UvicornThread
 
 KEY = "test-key-1"
@@ -35,19 +35,6 @@ def _auth(key: str = KEY) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-def _sse(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
-    events, name, last_id = [], None, 0
-    for line in response.iter_lines():
-        if line.startswith("id: "):
-            assert int(line[4:]) == last_id + 1  # ids are consecutive
-            last_id = int(line[4:])
-        elif line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[6:])))
-    return events
-
-
 def test_streaming_chat_with_uploads_and_all_modalities(url: str) -> None:
     request = {"messages": [{"role": "user", "content": "make all three", "files": ["a.png", "b.wav", "c.mp4"]}],
                "stream": True, "max_tokens": 60, "seed": 4, "require_modalities": ["image", "video", "audio"],
@@ -57,7 +44,7 @@ def test_streaming_chat_with_uploads_and_all_modalities(url: str) -> None:
     with httpx.stream("POST", f"{url}/v1/chat", data={"request": json.dumps(request)}, files=files,
                       headers=_auth(), timeout=300) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-        events = _sse(response)
+        events = read_events(response)
     names = [n for n, _ in events]
     assert names[-1] == "done" and "message.delta" in names
     assert sorted(d["modality"] for n, d in events if n == "signal") == ["audio", "image", "video"]
@@ -145,16 +132,6 @@ def test_disconnect_cancels_generation_and_jobs(url: str) -> None:
     request = {"messages": [{"role": "user", "content": "a long video"}], "stream": True, "max_tokens": 40,
                "require_modalities": ["video"], "decoder": {"steps": 200}}
     with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=120) as response:
-        job_id = None
-        for line in response.iter_lines():
-            if line.startswith("data: ") and "job_id" in line:
-                job_id = json.loads(line[6:])["job_id"]
-                break
+        job_id = first_job_id(response)
     assert job_id is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_auth()).json()["state"]
-        if state == "cancelled":
-            break
-        time.sleep(0.2)
-    assert state == "cancelled"
+    assert wait_for_job_state(url, job_id, _auth(), "cancelled", timeout=30) == "cancelled"

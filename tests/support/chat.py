@@ -1,0 +1,38 @@
+"""Helpers for tests that talk to the gateway: read an SSE stream, follow a job."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+
+def read_events(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
+    """(event name, data) of every SSE event; checks that ids are consecutive."""
+    events, name, last_id = [], "", 0
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            assert int(line[4:]) == last_id + 1
+            last_id = int(line[4:])
+        elif line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def first_job_id(response: httpx.Response) -> str | None:
+    """Read the stream until the first decode job appears, and stop reading there."""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and "job_id" in line:
+            return str(json.loads(line[6:])["job_id"])
+    return None
+
+
+def wait_for_job_state(url: str, job_id: str, headers: dict[str, str], state: str, timeout: float = 60) -> str:
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline and seen != state:
+        seen = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers).json()["state"]
+        time.sleep(0.2)
+    return seen
