@@ -71,10 +71,29 @@ async def _read_chat_request(request: Request, st: GatewayState) -> tuple[ChatRe
         raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
 
 
+_FORWARDED_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
+_FORWARDED_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)*/?$")
+
+
 def _base_url(request: Request, st: GatewayState) -> str:
+    """Where clients reach us: the configured public URL, else what a trusted reverse proxy says (scheme, host,
+    path prefix), else the request itself. Forwarded headers from anyone else are ignored."""
     if st.settings.public_base_url:
         return st.settings.public_base_url.rstrip("/")
-    return str(request.base_url).rstrip("/")
+    base = str(request.base_url).rstrip("/")
+    client = request.client.host if request.client else None
+    if client is None or client not in st.settings.trusted_proxies:
+        return base
+    headers = request.headers
+    proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    host = headers.get("x-forwarded-host", "").split(",")[0].strip()
+    prefix = headers.get("x-forwarded-prefix", "").strip()
+    scheme, _, rest = base.partition("://")
+    netloc, _, path = rest.partition("/")
+    scheme = proto if proto in ("http", "https") else scheme
+    netloc = host if _FORWARDED_HOST.match(host) else netloc
+    path = prefix.strip("/") if prefix and _FORWARDED_PREFIX.match(prefix) else path
+    return f"{scheme}://{netloc}" + (f"/{path}" if path else "")
 
 
 @router.post("/v1/chat", responses=_ERRORS)

@@ -130,6 +130,8 @@ class GatewaySettings(BaseModel):
     max_files: int = Field(default=8, ge=0, le=64)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Whole request body")
     heartbeat_s: float = Field(default=15.0, gt=0)
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description='Client addresses whose X-Forwarded-Proto/-Host/-Prefix are believed')
     cors_origins: list[str] = Field(default_factory=list, description='JSON list, e.g. ["https://app.example"]')
     rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Chat requests per key; unset: off")
 

@@ -65,3 +65,27 @@ def test_rate_limit_per_caller() -> None:
         limiter.check("a")
     limiter.check("b")  # another caller has its own bucket
     RateLimiter(None).check("a")
+
+
+def test_artifact_base_url_behind_a_trusted_proxy() -> None:
+    from starlette.requests import Request
+
+    from gateway.routes import _base_url
+    from services.contracts.settings import GatewaySettings
+
+    def request(client: str, headers: dict[str, str]) -> Request:
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        return Request({"type": "http", "scheme": "http", "server": ("10.0.0.5", 8000), "path": "/v1/chat",
+                        "root_path": "", "headers": raw, "client": (client, 1234), "query_string": b""})
+
+    forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "api.example.com",
+                 "x-forwarded-prefix": "/nextgpt"}
+    trusting = GatewayState(models=[], readiness_checks={}, settings=GatewaySettings(trusted_proxies=["10.0.0.1"]))
+    assert _base_url(request("10.0.0.1", forwarded), trusting) == "https://api.example.com/nextgpt"
+    # The same headers from anyone else are ignored: no link injection through a forged header.
+    assert _base_url(request("6.6.6.6", forwarded), trusting) == "http://10.0.0.5:8000"
+    bad = {"x-forwarded-proto": "javascript", "x-forwarded-host": "evil.com/path?x", "x-forwarded-prefix": "/a b"}
+    assert _base_url(request("10.0.0.1", bad), trusting) == "http://10.0.0.5:8000"
+    fixed = GatewayState(models=[], readiness_checks={},
+                         settings=GatewaySettings(public_base_url="https://public.example/", trusted_proxies=["10.0.0.1"]))
+    assert _base_url(request("10.0.0.1", forwarded), fixed) == "https://public.example"
