@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -16,6 +15,7 @@ from gateway.state import GatewayState, ModelCard
 from services.contracts.errors import ErrorResponse, NextGPTError
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import error_json, install_error_handlers
+from services.web.hooks import call_hook
 from services.web.metrics import add_metrics_route
 from services.web.request_id import RequestIdMiddleware
 
@@ -31,14 +31,10 @@ def build_app(state: GatewayState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for hook in state.on_startup:
-            result = hook()
-            if inspect.isawaitable(result):
-                await result
+            await call_hook(hook)
         yield
         for hook in state.on_shutdown:
-            result = hook()
-            if inspect.isawaitable(result):
-                await result
+            await call_hook(hook)
 
     app = FastAPI(title="nextgpt-serve", version="0.1.0", lifespan=lifespan,
                   responses={500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -64,9 +60,7 @@ def build_app(state: GatewayState) -> FastAPI:
         failures: dict[str, str] = {}
         for name, check in request.app.state.gateway.readiness_checks.items():
             try:
-                result = check()
-                if inspect.isawaitable(result):
-                    await result
+                await call_hook(check)
             except NextGPTError as exc:
                 failures[name] = exc.message
         if failures:

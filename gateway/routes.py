@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -96,6 +96,12 @@ def _base_url(request: Request, st: GatewayState) -> str:
     return f"{scheme}://{netloc}" + (f"/{path}" if path else "")
 
 
+def _artifact_urls(request: Request, st: GatewayState) -> Callable[[str], str]:
+    """Signed, expiring, absolute artifact URLs for this request's client."""
+    base = _base_url(request, st)
+    return lambda key: base + st.signer.sign(f"/v1/artifacts/{key}")
+
+
 @router.post("/v1/chat", responses=_ERRORS)
 async def chat(request: Request) -> Response:
     """Multipart (``request`` JSON part + ``files``) or JSON. ``stream: true`` answers server-sent events:
@@ -105,10 +111,7 @@ async def chat(request: Request) -> Response:
     st.limiter.check(owner)
     chat_request, uploads = await _read_chat_request(request, st)
     conversation, params, media = await st.chat.prepare(chat_request, uploads, owner)
-    base = _base_url(request, st)
-
-    def url_for(key: str) -> str:
-        return base + st.signer.sign(f"/v1/artifacts/{key}")
+    url_for = _artifact_urls(request, st)
 
     if chat_request.stream:
         events = st.chat.run(chat_request, conversation, params, media, url_for, owner)
@@ -178,7 +181,7 @@ async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: fl
             elif name == "artifact.queued":
                 artifacts[data["job_id"]] = ArtifactOut(job_id=data["job_id"], modality=data["modality"],
                                                         state="queued")
-            elif name in ("artifact.completed",):
+            elif name == "artifact.completed":
                 artifacts[data["job_id"]] = ArtifactOut(**data)
             elif name == "artifact.failed":
                 artifacts[data["job_id"]].state, artifacts[data["job_id"]].error = "failed", data["error"]
@@ -236,7 +239,7 @@ async def job(job_id: str, request: Request) -> dict[str, Any]:
         raise NotFoundError(f"job {job_id} not found", code="job_not_found")
     body = status.model_dump(mode="json")
     if status.artifact is not None:
-        body["url"] = _base_url(request, st) + st.signer.sign(f"/v1/artifacts/{status.artifact.key}")
+        body["url"] = _artifact_urls(request, st)(status.artifact.key)
     return body
 
 
@@ -256,10 +259,7 @@ async def chat_completions(request: Request) -> Response:
     names = {card.id: (None if card.root is None else card.id) for card in st.models}
     chat_request, uploads = to_chat_request(body, names, st.settings.max_upload_bytes, st.settings.max_files)
     conversation, params, media = await st.chat.prepare(chat_request, uploads, owner)
-    base = _base_url(request, st)
-
-    def url_for(key: str) -> str:
-        return base + st.signer.sign(f"/v1/artifacts/{key}")
+    url_for = _artifact_urls(request, st)
 
     cid, created = completion_id(), int(time.time())
     if body.stream:

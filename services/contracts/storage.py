@@ -90,9 +90,9 @@ class ArtifactStore(ABC):
     def head(self, key: str) -> ArtifactMeta:
         """Metadata of ``key``; raises ArtifactNotFoundError."""
 
-    @abstractmethod
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``key`` (``end=None``: to the end)."""
+        return b"".join(self.iter_bytes(key, start, end))
 
     @abstractmethod
     def iter_bytes(self, key: str, start: int = 0, end: int | None = None,

@@ -64,9 +64,6 @@ class LocalArtifactStore(ArtifactStore):
         except FileNotFoundError as exc:
             raise ArtifactNotFoundError(key) from exc
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        return b"".join(self.iter_bytes(key, start, end))
-
     def iter_bytes(self, key: str, start: int = 0, end: int | None = None,
                    chunk_size: int = 64 * 1024) -> Iterator[bytes]:
         path = self._path(key)

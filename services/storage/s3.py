@@ -82,9 +82,6 @@ class S3ArtifactStore(ArtifactStore):
         return ArtifactMeta(key=key, mime=response["ContentType"], size=response["ContentLength"],
                             created_at=response["LastModified"], metadata=response.get("Metadata", {}))
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        return b"".join(self.iter_bytes(key, start, end))
-
     def iter_bytes(self, key: str, start: int = 0, end: int | None = None,
                    chunk_size: int = 64 * 1024) -> Iterator[bytes]:
         if end is not None and end <= start:

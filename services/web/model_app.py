@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -16,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from services.contracts.errors import ErrorResponse, ServiceUnavailableError
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import install_error_handlers
+from services.web.hooks import call_hook
 from services.web.metrics import add_metrics_route
 from services.web.request_id import RequestIdMiddleware
 
@@ -43,9 +43,7 @@ class ModelApp(Generic[S]):
             finally:
                 task.cancel()
                 if app.state.service is not None and stop is not None:
-                    result = stop(app.state.service)
-                    if inspect.isawaitable(result):
-                        await result
+                    await call_hook(stop, app.state.service)
 
         self.app = FastAPI(title=f"nextgpt {name}", lifespan=lifespan)
         self.app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
@@ -65,9 +63,7 @@ class ModelApp(Generic[S]):
         try:
             service = await asyncio.to_thread(load)
             if start is not None:
-                result = start(service)
-                if inspect.isawaitable(result):
-                    await result
+                await call_hook(start, service)
             app.state.service = service
             log.info("%s ready", self.name)
         except Exception as exc:
