@@ -11,6 +11,7 @@ from gateway.app import GatewayState, ModelCard, build_app
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from services.bundle.loader import Bundle, load_bundle
+from services.contracts.errors import ConfigurationError
 from services.contracts.settings import Settings
 from services.storage import build_artifact_store
 
@@ -38,9 +39,26 @@ def model_cards(bundle: Bundle) -> list[ModelCard]:
     return cards
 
 
-def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
+def api_keys(settings: Settings) -> list[str] | None:
+    """The keys of NEXTGPT_API_KEYS and NEXTGPT_API_KEYS_FILE together; None when neither names one (auth off).
+    A configured file that cannot be read stops start-up: silently running without auth would be worse."""
     raw = settings.api_keys.get_secret_value() if settings.api_keys else ""
-    keys = [k.strip() for k in raw.split(",") if k.strip()] or None
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if settings.api_keys_file is not None:
+        try:
+            lines = settings.api_keys_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigurationError(f"NEXTGPT_API_KEYS_FILE: cannot read {settings.api_keys_file}: {exc.strerror}",
+                                     code="invalid_settings") from exc
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise ConfigurationError(f"NEXTGPT_API_KEYS_FILE: {settings.api_keys_file} holds no key",
+                                     code="invalid_settings")
+    return keys or None
+
+
+def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
+    keys = api_keys(settings)
     g = settings.gateway
     signing = g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None
     return ApiKeys(keys), UrlSigner(signing, g.artifact_url_ttl_s)
@@ -89,7 +107,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app, redis_clients
     from services.clients.encoder_http import HttpEncoderClient
     from services.clients.llm_http import HttpLLMClient
-    from services.contracts.errors import ConfigurationError, ServiceUnavailableError
+    from services.contracts.errors import ServiceUnavailableError
     from services.jobs.book import RedisJobBook
     from services.jobs.reader import AsyncJobReader
 

@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     api_keys: SecretStr | None = Field(
         default=None, description="Comma-separated API keys (NEXTGPT_API_KEYS); unset: no authentication")
+    api_keys_file: Path | None = Field(
+        default=None, description="File of API keys, one per line ('#' comments); joined with NEXTGPT_API_KEYS")
 
     @property
     def tiny_bundle_dir(self) -> Path:
