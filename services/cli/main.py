@@ -219,6 +219,25 @@ def worker(
     ])
 
 
+@app.command("health")
+def health(
+    url: Annotated[Optional[list[str]], typer.Option(help="An HTTP endpoint that must answer 2xx (repeatable)")] = None,
+    redis_: Annotated[bool, typer.Option("--redis", help="NEXTGPT_REDIS__URL must answer PING")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds per check")] = 4.0,
+) -> None:
+    """Container health check (exit 0 healthy, 1 not): the slim images carry no curl."""
+    from services.cli.health import check_redis, check_url
+
+    if not url and not redis_:
+        raise typer.BadParameter("give --url and/or --redis", param_hint="--url")
+    problems = [p for p in (check_url(u, timeout) for u in url or []) if p]
+    if redis_:
+        problems += [p for p in [check_redis(load_settings().redis.url, timeout)] if p]
+    for problem in problems:
+        typer.echo(f"unhealthy: {problem}", err=True)
+    raise typer.Exit(1 if problems else 0)
+
+
 def main() -> None:
     try:
         app()

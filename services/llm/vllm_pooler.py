@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011)
+    # Beside the OpenAI server on the same GPU, both engines must share it (e.g. 0.45 each).
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
 
     import uvicorn
@@ -72,10 +74,11 @@ def main() -> None:
     from vllm.config import PoolerConfig
 
     loras = dict(item.split("=", 1) for item in args.lora)
+    extra = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
     llm = LLM(model=args.model, runner="pooling",
               pooler_config=PoolerConfig(task="token_embed", use_activation=False),
               enable_lora=bool(loras), max_lora_rank=args.max_lora_rank, enable_prompt_embeds=True,
-              dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True)
+              dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True, **extra)
     uvicorn.run(build_app(llm, loras), host=args.host, port=args.port, log_level="warning")
 
 

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
-from tests.support.servers import free_port, wait_until
+from tests.support.servers import RedisInfo, UvicornThread, free_port, wait_until
 
 NEXTGPT = str(Path(sys.executable).parent / "nextgpt")
 
@@ -68,3 +70,21 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_health_command_probes_http_and_redis(redis_info: RedisInfo) -> None:
+    with UvicornThread(_tiny_health_app()) as server:
+        assert _run("health", "--url", f"{server.url}/ok").returncode == 0
+        failing = _run("health", "--url", f"{server.url}/ok", "--url", f"{server.url}/broken")
+        assert failing.returncode == 1 and "/broken: HTTP 503" in failing.stderr
+    assert _run("health", "--redis", env={"NEXTGPT_REDIS__URL": redis_info.url}).returncode == 0
+    down = _run("health", "--redis", "--timeout", "1",
+                env={"NEXTGPT_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert down.returncode == 1 and "redis: ConnectionError" in down.stderr
+
+
+def _tiny_health_app() -> FastAPI:
+    app = FastAPI()
+    app.get("/ok")(lambda: {"status": "ok"})
+    app.get("/broken")(lambda: JSONResponse({"status": "down"}, status_code=503))
+    return app
