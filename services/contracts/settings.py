@@ -138,7 +138,9 @@ class GatewaySettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="ignore", frozen=True,
+        # Deployments pass every setting through (compose: ${VAR:-}); an empty value means "not set".
+        env_ignore_empty=True,
     )
 
     bundle: Path | None = Field(default=None, description="Model bundle folder; default: the tiny bundle in cache_dir")
@@ -177,3 +179,15 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigurationError(f"invalid settings: {problems}", code="invalid_settings") from exc
+
+
+def env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> list[str]:
+    """Every environment variable the settings read, nested groups spelled out (for deployment checks and docs)."""
+    names: list[str] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += env_names(annotation, prefix + name.upper() + ENV_NESTED_DELIMITER)
+        else:
+            names.append(prefix + name.upper())
+    return names
