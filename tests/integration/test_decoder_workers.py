@@ -187,3 +187,21 @@ async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], 
     assert keys == [job.artifact_key]
     # The second worker is the one that ran it (the first died mid-job and never acknowledged it).
     assert f"nextgpt.decode[{job.job_id}] received".encode() in (tmp_path / "second.log").read_bytes()
+
+
+async def test_queued_jobs_sit_in_the_list_the_autoscaler_watches(settings: Settings, store: S3ArtifactStore,
+                                                                  tiny_bundle_dir: Path) -> None:
+    # The Helm chart's KEDA ScaledObject reads LLEN of "<key prefix><queue>"; no worker consumes this prefix.
+    prefix = f"{settings.redis.key_prefix}keda-{uuid.uuid4().hex[:6]}:"
+    isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": prefix})})
+    sync = redis.Redis.from_url(settings.redis.url)
+    areader = redis.asyncio.Redis.from_url(settings.redis.url)
+    queue = CeleryDecoderQueue(make_client_app(isolated), RedisJobBook(sync, prefix), AsyncJobReader(areader, prefix))
+    try:
+        for _ in range(3):
+            await queue.submit(_job(store, tiny_bundle_dir, "video"))
+        assert sync.llen(f"{prefix}video") == 3 and sync.llen(f"{prefix}image") == 0
+    finally:
+        for key in sync.scan_iter(f"{prefix}*"):
+            sync.delete(key)
+        await areader.aclose()
