@@ -33,6 +33,7 @@ def build_app(state: GatewayState) -> FastAPI:
         for hook in state.on_startup:
             await call_hook(hook)
         yield
+        await state.streams.close()  # producers first: they still use what the hooks close
         for hook in state.on_shutdown:
             await call_hook(hook)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save
 
-from gateway.conversations import Conversation, MemoryConversationStore, StoredTurn
+from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.decoders import (
     ARTIFACT_FORMATS,
@@ -44,16 +44,20 @@ class _Turn:
 
 class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
-                 conversations: MemoryConversationStore) -> None:
+                 conversations: ConversationStore) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
         self.conversations = conversations
 
     async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
                       ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
-        if request.conversation_id and not self.conversations.exists_for(request.conversation_id, owner):
-            raise NotFoundError(f"conversation {request.conversation_id} not found", code="conversation_not_found",
-                                param="conversation_id")
-        conversation = self.conversations.get(request.conversation_id, owner)
+        if request.conversation_id:
+            found = await self.conversations.load(request.conversation_id, owner)
+            if found is None:
+                raise NotFoundError(f"conversation {request.conversation_id} not found (or expired)",
+                                    code="conversation_not_found", param="conversation_id")
+            conversation = found
+        else:
+            conversation = Conversation.new(owner)
         referenced = [name for m in request.messages for name in m.files]
         missing = sorted(set(referenced) - set(uploads))
         if missing:
@@ -157,7 +161,7 @@ class ChatService:
                     followers.pop(item, None)
             done = state.done
             assert done is not None
-            self._remember(conversation, state)
+            await self._remember(conversation, state)
             yield "done", {
                 "conversation_id": conversation.id, "finish_reason": done.finish_reason,
                 "text": "".join(state.text),
@@ -206,9 +210,9 @@ class ChatService:
                                        "error": event.error or event.type}
         return None
 
-    def _remember(self, conversation: Conversation, state: _Turn) -> None:
+    async def _remember(self, conversation: Conversation, state: _Turn) -> None:
         conversation.turns.append(StoredTurn("assistant", "".join(state.text), artifact_keys=list(state.keys)))
-        self.conversations.save(conversation)
+        await self.conversations.save(conversation)
 
 
 def _flatten(stored: list[StoredTurn]) -> tuple[list[Turn], np.ndarray | None]:

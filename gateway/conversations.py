@@ -1,12 +1,18 @@
-"""Conversation history for multi-turn chat: turns with their media vectors (embedded mode: in memory, LRU
-bounded). Generated media are kept by artifact key and encoded again on later turns, as the reference does."""
+"""Conversation history for multi-turn chat: turns with their media vectors. Embedded mode keeps it in memory
+(LRU bounded); distributed mode in Redis with a TTL, so any gateway replica can continue a conversation.
+Generated media are kept by artifact key and encoded again on later turns, as the reference does."""
 
 from __future__ import annotations
 
+import abc
+import base64
+import json
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,32 +31,98 @@ class Conversation:
     owner: str | None
     turns: list[StoredTurn] = field(default_factory=list)
 
+    @classmethod
+    def new(cls, owner: str | None) -> Conversation:
+        return cls(uuid.uuid4().hex, owner)
 
-class MemoryConversationStore:
-    def __init__(self, max_conversations: int = 1000, max_turns: int = 64) -> None:
-        self.max_conversations, self.max_turns = max_conversations, max_turns
-        self._items: OrderedDict[str, Conversation] = OrderedDict()
+
+class ConversationStore(abc.ABC):
+    """``load`` answers None for a missing, expired or someone else's conversation: all look the same."""
+
+    def __init__(self, max_turns: int) -> None:
+        self.max_turns = max_turns
+
+    @abc.abstractmethod
+    async def load(self, conversation_id: str, owner: str | None) -> Conversation | None: ...
+
+    @abc.abstractmethod
+    async def save(self, conversation: Conversation) -> None: ...
+
+    def _bounded(self, conversation: Conversation) -> Conversation:
+        return Conversation(conversation.id, conversation.owner, list(conversation.turns[-self.max_turns:]))
+
+
+class MemoryConversationStore(ConversationStore):
+    def __init__(self, max_conversations: int = 1000, max_turns: int = 64, ttl_s: float | None = None) -> None:
+        super().__init__(max_turns)
+        self.max_conversations, self.ttl_s = max_conversations, ttl_s
+        self._items: OrderedDict[str, tuple[float, Conversation]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, conversation_id: str | None, owner: str | None) -> Conversation:
+    async def load(self, conversation_id: str, owner: str | None) -> Conversation | None:
         with self._lock:
-            if conversation_id is not None:
-                found = self._items.get(conversation_id)
-                # Someone else's conversation looks exactly like a missing one.
-                if found is not None and found.owner == owner:
-                    self._items.move_to_end(conversation_id)
-                    return Conversation(found.id, found.owner, list(found.turns))
-            return Conversation(conversation_id or uuid.uuid4().hex, owner)
+            entry = self._items.get(conversation_id)
+            if entry is None or entry[1].owner != owner:
+                return None
+            saved_at, found = entry
+            if self.ttl_s is not None and time.monotonic() - saved_at > self.ttl_s:
+                del self._items[conversation_id]
+                return None
+            self._items.move_to_end(conversation_id)
+            return Conversation(found.id, found.owner, list(found.turns))
 
-    def exists_for(self, conversation_id: str, owner: str | None) -> bool:
+    async def save(self, conversation: Conversation) -> None:
         with self._lock:
-            found = self._items.get(conversation_id)
-            return found is not None and found.owner == owner
-
-    def save(self, conversation: Conversation) -> None:
-        with self._lock:
-            conversation.turns = conversation.turns[-self.max_turns:]
-            self._items[conversation.id] = conversation
+            self._items[conversation.id] = (time.monotonic(), self._bounded(conversation))
             self._items.move_to_end(conversation.id)
             while len(self._items) > self.max_conversations:
                 self._items.popitem(last=False)
+
+
+class RedisConversationStore(ConversationStore):
+    """One JSON value per conversation under the key prefix, expiring ``ttl_s`` after its last turn. Two turns
+    of one conversation running at once: the later save wins (a client should wait for ``done``)."""
+
+    def __init__(self, redis: Any, key_prefix: str, ttl_s: int, max_turns: int = 64) -> None:
+        super().__init__(max_turns)
+        self.redis, self.prefix, self.ttl_s = redis, key_prefix, ttl_s
+
+    def _key(self, conversation_id: str) -> str:
+        return f"{self.prefix}conversation:{conversation_id}"
+
+    async def load(self, conversation_id: str, owner: str | None) -> Conversation | None:
+        raw = await self.redis.get(self._key(conversation_id))
+        if raw is None:
+            return None
+        conversation = decode_conversation(raw)
+        return conversation if conversation.owner == owner else None
+
+    async def save(self, conversation: Conversation) -> None:
+        await self.redis.set(self._key(conversation.id), encode_conversation(self._bounded(conversation)),
+                             ex=self.ttl_s)
+
+
+def encode_conversation(conversation: Conversation) -> bytes:
+    def vectors(turn: StoredTurn) -> dict[str, Any] | None:
+        if not turn.vectors:
+            return None
+        stacked = np.stack(turn.vectors).astype("<f4")
+        return {"shape": list(stacked.shape), "data": base64.b64encode(stacked.tobytes()).decode()}
+
+    return json.dumps({
+        "id": conversation.id, "owner": conversation.owner,
+        "turns": [{"role": t.role, "text": t.text, "vectors": vectors(t), "artifact_keys": t.artifact_keys}
+                  for t in conversation.turns],
+    }).encode()
+
+
+def decode_conversation(raw: bytes) -> Conversation:
+    body = json.loads(raw)
+    turns = []
+    for t in body["turns"]:
+        vectors: list[np.ndarray] = []
+        if t["vectors"]:
+            array = np.frombuffer(base64.b64decode(t["vectors"]["data"]), dtype="<f4").reshape(t["vectors"]["shape"])
+            vectors = list(array.astype(np.float32))
+        turns.append(StoredTurn(t["role"], t["text"], vectors, list(t["artifact_keys"])))
+    return Conversation(body["id"], body["owner"], turns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,9 +20,11 @@ from starlette.formparsers import MultiPartException
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
 from gateway.sse import HEARTBEAT, sse_event
 from gateway.state import GatewayState
+from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
 from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 429, 503)
@@ -115,46 +118,67 @@ async def chat(request: Request) -> Response:
 
     if chat_request.stream:
         events = st.chat.run(chat_request, conversation, params, media, url_for, owner)
-        return StreamingResponse(_sse(events, st.settings.heartbeat_s), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        stream_id = await st.streams.start(events, owner)
+        return _sse_response(await st.streams.attach(stream_id, owner), stream_id, st)
     events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
     return JSONResponse((await _collect(events, chat_request.wait_s, conversation.id)).model_dump())
 
 
-async def _sse(events: AsyncIterator[tuple[str, dict[str, Any]]], heartbeat_s: float) -> AsyncIterator[bytes]:
-    event_id = 0
-    pending: asyncio.Task[tuple[str, dict[str, Any]]] | None = None
+@router.get("/v1/chat/streams/{stream_id}", responses=_ERRORS | {410: {"model": ErrorResponse}})
+async def resume_stream(stream_id: str, request: Request, after: int | None = None) -> Response:
+    """Reattach to a streaming chat turn: the events after ``Last-Event-ID`` (or ``after``), then the live rest.
+    The stream id is the ``x-stream-id`` header of the original response. 410 when those events are gone."""
+    st = state_of(request)
+    owner = st.keys.owner(request.headers.get("authorization"))
+    if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
+        raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
+    last = request.headers.get("last-event-id", "")
+    if after is None:
+        if last and not last.isdigit():
+            raise InvalidRequestError("Last-Event-ID must be an event id of this stream", code="invalid_event_id",
+                                      param="Last-Event-ID")
+        after = int(last) if last else 0
+    if after < 0:
+        raise InvalidRequestError("after must be >= 0", code="invalid_event_id", param="after")
+    return _sse_response(await st.streams.attach(stream_id, owner, after), stream_id, st)
+
+
+def _sse_response(entries: AsyncIterator[LogEntry], stream_id: str, st: GatewayState) -> StreamingResponse:
+    return StreamingResponse(_sse(entries, st.settings.heartbeat_s), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no",
+                                      "x-stream-id": stream_id})
+
+
+async def _sse(entries: AsyncIterator[LogEntry], heartbeat_s: float) -> AsyncIterator[bytes]:
+    pending: asyncio.Task[LogEntry] | None = None
     try:
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(anext(events))
+                pending = asyncio.ensure_future(anext(entries))
             done, _ = await asyncio.wait({pending}, timeout=heartbeat_s)
             if not done:
                 yield HEARTBEAT  # keeps proxies from closing a quiet stream (long decodes)
                 continue
             try:
-                name, data = pending.result()
+                event_id, name, data = pending.result()
             except StopAsyncIteration:
                 return
             finally:
                 pending = None
-            if name.startswith("_"):
-                continue
-            event_id += 1
             yield sse_event(event_id, name, data)
-            if name == "done":
+            if name in ("done", "error"):
                 return
-    except NextGPTError as exc:
-        event_id += 1
-        yield sse_event(event_id, "error", exc.to_response().model_dump())
+    except NextGPTError as exc:  # the log itself failed (no id: the client may resume from its last one)
+        yield sse_event(None, "error", exc.to_response().model_dump())
     except Exception:
-        event_id += 1
-        yield sse_event(event_id, "error", {"error": {"type": "internal_error", "code": "internal_error",
-                                                      "message": "the request failed", "param": None}})
+        log.exception("reading a chat stream failed")
+        yield sse_event(None, "error", {"error": {"type": "internal_error", "code": "stream_read_failed",
+                                                  "message": "reading the stream failed; reconnect with "
+                                                             "Last-Event-ID", "param": None}})
     finally:
         if pending is not None:
             pending.cancel()
-        await events.aclose()  # type: ignore[attr-defined]
+        await entries.aclose()  # type: ignore[attr-defined]
 
 
 async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: float,

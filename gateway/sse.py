@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 
-def sse_event(event_id: int, name: str, data: dict[str, object]) -> bytes:
-    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def sse_event(event_id: int | None, name: str, data: dict[str, object]) -> bytes:
+    """``event_id`` None: an event that is not part of the replayable stream (the client keeps its last id)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 HEARTBEAT = b": ping\n\n"

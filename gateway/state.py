@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from gateway.chat import ChatService
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
+from gateway.streams import MemoryEventLog, StreamHub
 from services.contracts.decoders import DecoderQueue
 from services.contracts.settings import GatewaySettings
 from services.contracts.storage import ArtifactStore
@@ -39,3 +40,4 @@ class GatewayState:
     on_shutdown: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     registry: CollectorRegistry | None = None
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None))
+    streams: StreamHub = field(default_factory=lambda: StreamHub(MemoryEventLog(20_000, 300), grace_s=10.0))

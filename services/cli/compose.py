@@ -70,6 +70,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
 
     from gateway.chat import ChatService
     from gateway.conversations import MemoryConversationStore
+    from gateway.streams import MemoryEventLog, StreamHub
     from services.decoders.compose import build_runner
     from services.decoders.local_queue import LocalDecoderQueue
     from services.encoder.clients import InProcessEncoderClient
@@ -86,14 +87,16 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book)
     decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,
                                  max_retries=settings.decoders.max_retries)
-    chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store,
-                       MemoryConversationStore())
+    g = settings.gateway
+    conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
+    chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store, conversations)
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
         on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
+        streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s),
     )
     return build_app(state)
 
@@ -103,7 +106,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     import httpx
 
     from gateway.chat import ChatService
-    from gateway.conversations import MemoryConversationStore
+    from gateway.conversations import RedisConversationStore
+    from gateway.streams import RedisEventLog, StreamHub
     from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app, redis_clients
     from services.clients.encoder_http import HttpEncoderClient
     from services.clients.llm_http import HttpLLMClient
@@ -130,13 +134,16 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
             raise ServiceUnavailableError(f"redis: {exc}", code="redis_unavailable") from exc
 
     keys, signer = _keys_and_signer(settings)
+    g = settings.gateway
+    conversations = RedisConversationStore(async_redis, prefix, g.conversation_ttl_s, g.max_conversation_turns)
     state = GatewayState(
         models=model_cards(bundle),
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
                           "artifact_store": store.check_health},
-        settings=settings.gateway, chat=ChatService(encoder, llm, decoders, store, MemoryConversationStore()),
+        settings=g, chat=ChatService(encoder, llm, decoders, store, conversations),
         store=store, decoders=decoders, keys=keys, signer=signer,
-        limiter=RateLimiter(settings.gateway.rate_limit_per_minute), on_shutdown=[http.aclose, async_redis.aclose],
+        limiter=RateLimiter(g.rate_limit_per_minute), on_shutdown=[http.aclose, async_redis.aclose],
+        streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s), g.resume_grace_s),
     )
     return build_app(state)
 

@@ -57,6 +57,13 @@ class NotFoundError(NextGPTError):
     error_type = "not_found_error"
 
 
+class GoneError(NextGPTError):
+    """The thing existed but is no longer available (e.g. stream events past the replay window)."""
+
+    status_code = 410
+    error_type = "gone_error"
+
+
 class PayloadTooLargeError(NextGPTError):
     status_code = 413
     error_type = "payload_too_large"

@@ -134,6 +134,15 @@ class GatewaySettings(BaseModel):
         default_factory=list, description='Client addresses whose X-Forwarded-Proto/-Host/-Prefix are believed')
     cors_origins: list[str] = Field(default_factory=list, description='JSON list, e.g. ["https://app.example"]')
     rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Chat requests per key; unset: off")
+    conversation_ttl_s: int = Field(default=24 * 3600, ge=60, description="History kept after a conversation's last turn")
+    max_conversation_turns: int = Field(default=64, ge=2, le=1024, description="Oldest turns are dropped beyond")
+    max_conversations: int = Field(default=10_000, ge=1, description="Embedded mode: conversations kept in memory")
+    resume_grace_s: float = Field(
+        default=10.0, ge=0, le=600, description="A stream with no reader this long is cancelled (reconnect window)")
+    replay_ttl_s: int = Field(default=300, ge=10, le=24 * 3600, description="A finished stream stays replayable")
+    replay_max_events: int = Field(default=20_000, ge=100, le=1_000_000, description="Events kept per stream")
+    inline_max_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=0, description="Largest artifact returned inline (base64) when asked for")
 
 
 class Settings(BaseSettings):
