@@ -1,0 +1,185 @@
+"""Resumable chat streams and conversation history, on both backends: in memory and on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio
+
+from gateway.conversations import (
+    Conversation,
+    ConversationStore,
+    MemoryConversationStore,
+    RedisConversationStore,
+    StoredTurn,
+)
+from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub
+from services.contracts.errors import GoneError, NotFoundError, ServiceUnavailableError
+from tests.support.servers import RedisInfo
+
+Factory = Callable[[int], EventLog]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_log(request: pytest.FixtureRequest, redis_info: RedisInfo) -> AsyncIterator[Factory]:
+    if request.param == "memory":
+        yield lambda max_events: MemoryEventLog(max_events, ttl_s=60)
+        return
+    client = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}streams-{uuid.uuid4().hex[:6]}:"
+    yield lambda max_events: RedisEventLog(client, prefix, max_events, ttl_s=60, block_ms=200)
+    async for key in client.scan_iter(f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
+
+
+class Turn:
+    """A fake chat turn: emits ``count`` deltas, one every ``every_s``, then done; records being closed."""
+
+    def __init__(self, count: int, every_s: float = 0.0, fail_at: int | None = None) -> None:
+        self.count, self.every_s, self.fail_at = count, every_s, fail_at
+        self.closed = asyncio.Event()
+        self.emitted = 0
+
+    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        try:
+            yield "_internal", {}
+            for i in range(self.count):
+                if self.fail_at == i:
+                    raise ServiceUnavailableError("llm went away", code="llm_unavailable")
+                await asyncio.sleep(self.every_s)
+                self.emitted += 1
+                yield "message.delta", {"text": f"t{i}"}
+            yield "done", {"finish_reason": "stop"}
+        finally:
+            self.closed.set()
+
+
+async def _drain(entries: AsyncIterator[tuple[int, str, dict[str, Any]]], limit: int | None = None) -> list[Any]:
+    out = []
+    async for entry in entries:
+        out.append(entry)
+        if limit is not None and len(out) == limit:
+            await entries.aclose()  # type: ignore[attr-defined]
+            break
+    return out
+
+
+async def test_reader_gets_every_event_with_consecutive_ids(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    turn = Turn(20)
+    stream_id = await hub.start(turn.events(), owner="alice")
+    entries = await asyncio.wait_for(_drain(await hub.attach(stream_id, "alice")), 20)
+    assert [e[0] for e in entries] == list(range(1, 22))
+    assert [e[2].get("text") for e in entries[:-1]] == [f"t{i}" for i in range(20)] and entries[-1][1] == "done"
+    await hub.close()
+
+
+async def test_reconnect_with_last_event_id_gets_the_rest_then_live(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    turn = Turn(30, every_s=0.02)
+    stream_id = await hub.start(turn.events(), owner=None)
+    first = await _drain(await hub.attach(stream_id, None), limit=7)  # the client drops after 7 events
+    rest = await asyncio.wait_for(_drain(await hub.attach(stream_id, None, after=first[-1][0])), 20)
+    ids = [e[0] for e in first + rest]
+    assert ids == list(range(1, 32)) and rest[-1][1] == "done"
+    # A finished stream is still replayable from any point in the window.
+    again = await _drain(await hub.attach(stream_id, None, after=28))
+    assert [e[0] for e in again] == [29, 30, 31]
+    assert turn.emitted == 30 and not any(e[1] == "error" for e in rest)
+    await hub.close()
+
+
+async def test_nobody_reading_for_the_grace_period_cancels_the_turn(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=0.5, touch_every_s=0.1)
+    turn = Turn(1000, every_s=0.01)
+    stream_id = await hub.start(turn.events(), owner=None)
+    await _drain(await hub.attach(stream_id, None), limit=3)
+    await asyncio.wait_for(turn.closed.wait(), 10)  # the generation was closed, not finished
+    assert turn.emitted < 1000
+    tail = await asyncio.wait_for(_drain(await hub.attach(stream_id, None, after=turn.emitted)), 10)
+    assert tail[-1][1] == "error" and tail[-1][2]["error"]["code"] == "stream_abandoned"
+    await hub.close()
+
+
+async def test_a_reconnect_within_the_grace_period_keeps_the_turn_alive(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=1.0, touch_every_s=0.1)
+    turn = Turn(150, every_s=0.02)  # ~3 s: longer than the grace period
+    stream_id = await hub.start(turn.events(), owner=None)
+    first = await _drain(await hub.attach(stream_id, None), limit=2)
+    await asyncio.sleep(0.5)
+    rest = await asyncio.wait_for(_drain(await hub.attach(stream_id, None, after=first[-1][0])), 20)
+    assert rest[-1][1] == "done" and turn.emitted == 150
+    await hub.close()
+
+
+async def test_errors_end_the_stream_in_the_shared_shape(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    stream_id = await hub.start(Turn(10, fail_at=4).events(), owner=None)
+    entries = await asyncio.wait_for(_drain(await hub.attach(stream_id, None)), 20)
+    assert [e[1] for e in entries] == ["message.delta"] * 4 + ["error"]
+    assert entries[-1][2]["error"]["code"] == "llm_unavailable"
+    await hub.close()
+
+
+async def test_other_owners_and_old_events_are_refused(make_log: Factory) -> None:
+    hub = StreamHub(make_log(10), grace_s=5, touch_every_s=0.1)
+    stream_id = await hub.start(Turn(25).events(), owner="alice")
+    await asyncio.wait_for(_drain(await hub.attach(stream_id, "alice", after=25)), 20)
+    with pytest.raises(NotFoundError):
+        await hub.attach(stream_id, "mallory")
+    with pytest.raises(NotFoundError):
+        await hub.attach(uuid.uuid4().hex, "alice")
+    with pytest.raises(GoneError, match="replay window"):
+        await hub.attach(stream_id, "alice", after=3)  # only the last 10 events are kept
+    # 26 events + the end marker, the last 10 kept: 18..27.
+    kept = await _drain(await hub.attach(stream_id, "alice", after=17))
+    assert [e[0] for e in kept] == list(range(18, 27))
+    await hub.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_info: RedisInfo) -> AsyncIterator[ConversationStore]:
+    if request.param == "memory":
+        yield MemoryConversationStore(max_conversations=10, max_turns=4, ttl_s=60)
+        return
+    client = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}conv-{uuid.uuid4().hex[:6]}:"
+    yield RedisConversationStore(client, prefix, ttl_s=60, max_turns=4)
+    async for key in client.scan_iter(f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
+
+
+async def test_conversations_round_trip_bounded_and_private(store: ConversationStore) -> None:
+    conversation = Conversation.new("alice")
+    vectors = [np.arange(8, dtype=np.float32) / 7, np.full(8, -1.5, dtype=np.float32)]
+    conversation.turns = [StoredTurn("user", "hi", vectors), StoredTurn("assistant", "hello", [], ["image/k.png"])]
+    await store.save(conversation)
+    loaded = await store.load(conversation.id, "alice")
+    assert loaded is not None and [t.text for t in loaded.turns] == ["hi", "hello"]
+    np.testing.assert_array_equal(np.stack(loaded.turns[0].vectors), np.stack(vectors))
+    assert loaded.turns[1].artifact_keys == ["image/k.png"]
+    assert await store.load(conversation.id, "mallory") is None
+    assert await store.load(conversation.id, None) is None
+    loaded.turns += [StoredTurn("user", f"u{i}") for i in range(5)]
+    await store.save(loaded)
+    bounded = await store.load(conversation.id, "alice")
+    assert bounded is not None and [t.text for t in bounded.turns] == ["u1", "u2", "u3", "u4"]
+
+
+async def test_redis_history_expires(redis_info: RedisInfo) -> None:
+    client = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}conv-ttl-{uuid.uuid4().hex[:6]}:"
+    store = RedisConversationStore(client, prefix, ttl_s=1)
+    conversation = Conversation.new(None)
+    await store.save(conversation)
+    assert 0 < await client.ttl(f"{prefix}conversation:{conversation.id}") <= 1
+    await asyncio.sleep(1.5)
+    assert await store.load(conversation.id, None) is None
+    await client.aclose()
