@@ -17,7 +17,7 @@ from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
-from tests.support.chat import first_job_id, read_events, wait_for_job_state
+from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
 from tests.support.servers import UvicornThread
 
 KEY = "test-key-1"
@@ -26,7 +26,8 @@ KEY = "test-key-1"
 @pytest.fixture(scope="module")
 def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=f"{KEY},other-key",
-                        gateway={"max_files": 4, "max_upload_bytes": 3_000_000, "heartbeat_s": 1.0})
+                        gateway={"max_files": 4, "max_upload_bytes": 3_000_000, "heartbeat_s": 1.0,
+                                 "resume_grace_s": 3.0})
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         yield server.url
 
@@ -135,3 +136,25 @@ def test_disconnect_cancels_generation_and_jobs(url: str) -> None:
         job_id = first_job_id(response)
     assert job_id is not None
     assert wait_for_job_state(url, job_id, _auth(), "cancelled", timeout=30) == "cancelled"
+
+
+def test_reconnect_with_last_event_id_resumes_the_stream(url: str) -> None:
+    request = {"messages": [{"role": "user", "content": "a video"}], "stream": True, "max_tokens": 30, "seed": 3,
+               "require_modalities": ["video"], "decoder": {"steps": 12}}
+    with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=120) as response:
+        stream_id = response.headers["x-stream-id"]
+        job_id, last_id = read_until_job(response)
+    assert job_id is not None and last_id > 0  # the connection dropped here
+    resume = f"{url}/v1/chat/streams/{stream_id}"
+    with httpx.stream("GET", resume, headers={**_auth(), "last-event-id": str(last_id)}, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["x-stream-id"] == stream_id
+        rest = read_events(response, after=last_id)  # ids go on from the last one seen
+    names = [n for n, _ in rest]
+    assert names[-1] == "done" and "artifact.completed" in names
+    assert [d["job_id"] for n, d in rest if n == "artifact.completed"] == [job_id]  # the job was not cancelled
+    # The finished stream replays from any point in the window, to its owner only.
+    with httpx.stream("GET", f"{resume}?after={last_id + len(rest) - 1}", headers=_auth(), timeout=30) as response:
+        assert [n for n, _ in read_events(response, after=last_id + len(rest) - 1)] == ["done"]
+    assert httpx.get(resume, headers=_auth("other-key")).json()["error"]["code"] == "stream_not_found"
+    bad = httpx.get(resume, headers={**_auth(), "last-event-id": "x1"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
