@@ -5,6 +5,7 @@ results are merged into the same event stream. Leaving the stream cancels the ge
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -44,9 +45,9 @@ class _Turn:
 
 class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
-                 conversations: ConversationStore) -> None:
+                 conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
-        self.conversations = conversations
+        self.conversations, self.inline_max_bytes = conversations, inline_max_bytes
 
     async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
                       ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
@@ -156,6 +157,8 @@ class ChatService:
                 elif kind == "job":
                     translated = self._job_event(item, state, url_for)
                     if translated is not None:
+                        if translated[0] == "artifact.completed" and request.inline_media:
+                            translated = await self._inline(item, state)
                         yield translated
                 elif kind == "job_end":
                     followers.pop(item, None)
@@ -166,7 +169,8 @@ class ChatService:
                 "conversation_id": conversation.id, "finish_reason": done.finish_reason,
                 "text": "".join(state.text),
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
-                "artifacts": [a.model_dump() for a in state.artifacts.values()],
+                # The bytes went out once, in artifact.completed.
+                "artifacts": [a.model_dump(exclude={"data"}) for a in state.artifacts.values()],
                 "timings": {"ttft_ms": first_token_ms or 0.0,
                             "total_ms": round((time.perf_counter() - started) * 1000, 2),
                             "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)},
@@ -209,6 +213,18 @@ class ChatService:
             return "artifact.failed", {"job_id": event.job_id, "modality": artifact.modality,
                                        "error": event.error or event.type}
         return None
+
+    async def _inline(self, event: JobEvent, state: _Turn) -> Event:
+        """The artifact's bytes in the event (and in ``done``), when small enough; else the URL alone and why."""
+        assert event.artifact is not None
+        artifact = state.artifacts[event.job_id]
+        if event.artifact.bytes > self.inline_max_bytes:
+            artifact.error = (f"too large to inline ({event.artifact.bytes} > {self.inline_max_bytes} bytes): "
+                              "use the url")
+        else:
+            blob = await asyncio.to_thread(self.store.read, event.artifact.key)
+            artifact.data = base64.b64encode(blob).decode()
+        return "artifact.completed", artifact.model_dump()
 
     async def _remember(self, conversation: Conversation, state: _Turn) -> None:
         conversation.turns.append(StoredTurn("assistant", "".join(state.text), artifact_keys=list(state.keys)))

@@ -194,8 +194,9 @@ async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: fl
             except (TimeoutError, StopAsyncIteration):
                 break
             if name == "done":
+                inline = {job_id: a.data for job_id, a in artifacts.items() if a.data}
                 return ChatResponse(conversation_id=data["conversation_id"], text=data["text"],
-                                    artifacts=[ArtifactOut(**a) for a in data["artifacts"]],
+                                    artifacts=[ArtifactOut(**a, data=inline.get(a["job_id"])) for a in data["artifacts"]],
                                     usage=Usage(**data["usage"]), finish_reason=data["finish_reason"],
                                     timings=data["timings"])
             if name == "_llm_done":

@@ -33,6 +33,8 @@ class ChatRequest(BaseModel):
     require_modalities: list[Modality] = Field(default_factory=list)
     decoder: DecodeOptions = Field(default_factory=DecodeOptions, description="Options for every generated item")
     wait_s: float = Field(default=120.0, ge=0, le=600, description="Non-streaming: how long to wait for media")
+    inline_media: bool = Field(
+        default=False, description="Also return each artifact's bytes as base64 (`data`), up to the server's bound")
 
 
 class ArtifactOut(BaseModel):
@@ -43,6 +45,7 @@ class ArtifactOut(BaseModel):
     mime: str | None = None
     bytes: int | None = None
     error: str | None = None
+    data: str | None = Field(default=None, description="Base64 bytes, when inline_media was asked for")
 
 
 class Usage(BaseModel):

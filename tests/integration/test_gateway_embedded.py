@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Iterator
@@ -158,3 +159,24 @@ def test_reconnect_with_last_event_id_resumes_the_stream(url: str) -> None:
     assert httpx.get(resume, headers=_auth("other-key")).json()["error"]["code"] == "stream_not_found"
     bad = httpx.get(resume, headers={**_auth(), "last-event-id": "x1"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+
+
+def test_media_inline_as_base64_when_asked(url: str) -> None:
+    body = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+        "messages": [{"role": "user", "content": "a sound"}], "max_tokens": 20, "require_modalities": ["audio"],
+        "decoder": {"steps": 2}, "inline_media": True}).json()
+    artifact = body["artifacts"][0]
+    data = base64.b64decode(artifact["data"])
+    assert len(data) == artifact["bytes"] and data == httpx.get(artifact["url"]).content
+    assert soundfile.read(io.BytesIO(data))[1] == 16000
+    plain = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+        "messages": [{"role": "user", "content": "a sound"}], "max_tokens": 20, "require_modalities": ["audio"],
+        "decoder": {"steps": 2}}).json()
+    assert plain["artifacts"][0]["data"] is None
+    with httpx.stream("POST", f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+            "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 20, "stream": True,
+            "require_modalities": ["image"], "decoder": {"steps": 2}, "inline_media": True}) as response:
+        events = read_events(response)
+    completed = next(d for n, d in events if n == "artifact.completed")
+    assert Image.open(io.BytesIO(base64.b64decode(str(completed["data"])))).format == "PNG"
+    assert "data" not in events[-1][1]["artifacts"][0]  # sent once, not again in done
