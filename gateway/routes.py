@@ -255,14 +255,16 @@ async def _iterate(chunks: Any) -> AsyncIterator[bytes]:
 
 @router.get("/v1/jobs/{job_id}", responses=_ERRORS)
 async def job(job_id: str, request: Request) -> dict[str, Any]:
+    """A decode job's state (and its artifact's signed URL once completed); only to the caller that started it."""
     st = state_of(request)
-    st.keys.owner(request.headers.get("authorization"))
+    owner = st.keys.owner(request.headers.get("authorization"))
     if not re.fullmatch(r"[0-9a-f]{32}", job_id):
         raise NotFoundError(f"job {job_id!r} not found", code="job_not_found")
     status = await st.decoders.status(job_id)
-    if status is None:
+    # Someone else's job looks exactly like a missing one.
+    if status is None or status.owner != owner:
         raise NotFoundError(f"job {job_id} not found", code="job_not_found")
-    body = status.model_dump(mode="json")
+    body = status.model_dump(mode="json", exclude={"owner"})
     if status.artifact is not None:
         body["url"] = _artifact_urls(request, st)(status.artifact.key)
     return body

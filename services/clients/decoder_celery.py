@@ -28,7 +28,7 @@ class CeleryDecoderQueue(DecoderQueue):
 
     async def submit(self, job: DecodeJob) -> None:
         def send() -> None:
-            self.book.publish(JobEvent(job_id=job.job_id, type="queued"), job.modality)
+            self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
             self.app.send_task(DECODE_TASK, args=[job.model_dump(mode="json")], queue=job.modality,
                                task_id=job.job_id)
 

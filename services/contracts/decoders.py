@@ -87,12 +87,14 @@ class JobEvent(BaseModel):
     total: int | None = None
     artifact: ArtifactInfo | None = None
     error: str | None = None
+    owner: str | None = Field(default=None, description="On 'queued': the caller's identity (a key hash)")
     at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 class JobStatus(BaseModel):
     job_id: str
     modality: Modality | None = None
+    owner: str | None = None
     state: JobState
     step: int = 0
     total: int = 0

@@ -43,7 +43,7 @@ class LocalDecoderQueue(DecoderQueue):
                 raise ServiceUnavailableError(f"{len(self._active)} decode jobs are waiting; retry later",
                                               code="overloaded")
             self._active.add(job.job_id)
-        self.book.publish(JobEvent(job_id=job.job_id, type="queued"), job.modality)
+        self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
         self._executor.submit(self._work, job)
 
     def _work(self, job: DecodeJob) -> None:

@@ -30,6 +30,8 @@ def next_status(current: JobStatus | None, event: JobEvent, modality: Any = None
         update["error"] = event.error
     if modality is not None:
         update["modality"] = modality
+    if event.owner is not None:
+        update["owner"] = event.owner
     return status.model_copy(update=update)
 
 

@@ -128,6 +128,10 @@ def test_artifact_urls_are_signed_and_support_ranges(url: str) -> None:
     assert httpx.get(forged).json()["error"]["code"] == "bad_signature"
     job = httpx.get(f"{url}/v1/jobs/{body['artifacts'][0]['job_id']}", headers=_auth()).json()
     assert job["state"] == "completed" and httpx.get(job["url"]).content == whole.content
+    assert "owner" not in job
+    # Another caller cannot see the job (nor learn its artifact's URL).
+    stranger = httpx.get(f"{url}/v1/jobs/{body['artifacts'][0]['job_id']}", headers=_auth("other-key"))
+    assert stranger.status_code == 404 and stranger.json()["error"]["code"] == "job_not_found"
 
 
 def test_disconnect_cancels_generation_and_jobs(url: str) -> None:
