@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from gateway.metrics import HttpMetricsMiddleware
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
 from services.contracts.errors import ErrorResponse, NextGPTError
@@ -46,6 +47,8 @@ def build_app(state: GatewayState) -> FastAPI:
                            allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
                            expose_headers=["x-request-id"])
     app.add_middleware(RequestIdMiddleware)
+    if state.metrics is not None:
+        app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     if state.chat is not None:
         app.include_router(router)

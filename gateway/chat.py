@@ -17,6 +17,7 @@ import numpy as np
 from safetensors.numpy import save
 
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
+from gateway.metrics import GatewayMetrics
 from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.decoders import (
     ARTIFACT_FORMATS,
@@ -45,9 +46,10 @@ class _Turn:
 
 class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
-                 conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024) -> None:
+                 conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
-        self.conversations, self.inline_max_bytes = conversations, inline_max_bytes
+        self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
 
     async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
                       ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
@@ -136,6 +138,8 @@ class ChatService:
                 if kind == "llm":
                     if first_token_ms is None:
                         first_token_ms = round((time.perf_counter() - started) * 1000, 2)
+                        if self.metrics is not None:
+                            self.metrics.ttft.observe(first_token_ms / 1000)
                     if isinstance(item, TextDelta):
                         state.text.append(item.text)
                         yield "message.delta", {"text": item.text}
@@ -156,6 +160,8 @@ class ChatService:
                     yield "_llm_done", {}
                 elif kind == "job":
                     translated = self._job_event(item, state, url_for)
+                    if self.metrics is not None and item.type in ("completed", "failed", "cancelled"):
+                        self.metrics.artifacts.labels(state.artifacts[item.job_id].modality, item.type).inc()
                     if translated is not None:
                         if translated[0] == "artifact.completed" and request.inline_media:
                             translated = await self._inline(item, state)

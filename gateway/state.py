@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from gateway.chat import ChatService
+from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from gateway.streams import MemoryEventLog, StreamHub
@@ -39,5 +40,6 @@ class GatewayState:
     on_startup: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     registry: CollectorRegistry | None = None
+    metrics: GatewayMetrics | None = None
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None))
     streams: StreamHub = field(default_factory=lambda: StreamHub(MemoryEventLog(20_000, 300), grace_s=10.0))

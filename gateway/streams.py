@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from prometheus_client import Gauge
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -202,8 +203,9 @@ class RedisEventLog(EventLog):
 class StreamHub:
     """Runs chat turns as producers into an EventLog and attaches readers to them."""
 
-    def __init__(self, events: EventLog, grace_s: float, touch_every_s: float = 1.0) -> None:
-        self.log, self.grace_s, self.touch_every_s = events, grace_s, touch_every_s
+    def __init__(self, events: EventLog, grace_s: float, touch_every_s: float = 1.0,
+                 active: Gauge | None = None) -> None:
+        self.log, self.grace_s, self.touch_every_s, self.active = events, grace_s, touch_every_s, active
         self._producers: set[asyncio.Task[None]] = set()
 
     @property
@@ -250,6 +252,8 @@ class StreamHub:
 
         pumping = asyncio.create_task(pump())
         watching = asyncio.create_task(watch())
+        if self.active is not None:
+            self.active.inc()
         try:
             await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
             if not pumping.done():
@@ -265,6 +269,8 @@ class StreamHub:
             log.exception("chat stream %s: producer failed", stream_id)
         finally:
             watching.cancel()
+            if self.active is not None:
+                self.active.dec()
             with contextlib.suppress(Exception):
                 await self.log.append(stream_id, next_id + 1, END, {})
 

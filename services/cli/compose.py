@@ -7,7 +7,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from prometheus_client import CollectorRegistry
+
 from gateway.app import GatewayState, ModelCard, build_app
+from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from services.bundle.loader import Bundle, load_bundle
@@ -66,8 +69,6 @@ def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
 
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     """The whole stack in one process: encoder, LLM and decoders behind the same interfaces as over the network."""
-    from prometheus_client import CollectorRegistry
-
     from gateway.chat import ChatService
     from gateway.conversations import MemoryConversationStore
     from gateway.streams import MemoryEventLog, StreamHub
@@ -89,15 +90,18 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
                                  max_retries=settings.decoders.max_retries)
     g = settings.gateway
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
+    metrics = GatewayMetrics(registry)
     chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store, conversations,
-                       g.inline_max_bytes)
+                       g.inline_max_bytes, metrics)
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
         on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
-        streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s),
+        streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
+                          active=metrics.streams),
+        metrics=metrics,
     )
     return build_app(state)
 
@@ -137,14 +141,18 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     keys, signer = _keys_and_signer(settings)
     g = settings.gateway
     conversations = RedisConversationStore(async_redis, prefix, g.conversation_ttl_s, g.max_conversation_turns)
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
     state = GatewayState(
         models=model_cards(bundle),
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
                           "artifact_store": store.check_health},
-        settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes),
+        settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics),
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_shutdown=[http.aclose, async_redis.aclose],
-        streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s), g.resume_grace_s),
+        streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
+                          active=metrics.streams),
+        registry=registry, metrics=metrics,
     )
     return build_app(state)
 

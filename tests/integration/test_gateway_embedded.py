@@ -184,3 +184,17 @@ def test_media_inline_as_base64_when_asked(url: str) -> None:
     completed = next(d for n, d in events if n == "artifact.completed")
     assert Image.open(io.BytesIO(base64.b64decode(str(completed["data"])))).format == "PNG"
     assert "data" not in events[-1][1]["artifacts"][0]  # sent once, not again in done
+
+
+def test_gateway_metrics_count_requests_by_route_and_media_by_outcome(url: str) -> None:
+    httpx.get(f"{url}/v1/jobs/{'0' * 32}", headers=_auth())
+    text = httpx.get(f"{url}/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['nextgpt_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"}'] >= 1
+    assert samples['nextgpt_gateway_requests_total{method="POST",route="/v1/chat",status="200"}'] >= 3
+    assert samples["nextgpt_gateway_ttft_seconds_count"] >= 3
+    assert samples['nextgpt_gateway_artifacts_total{modality="audio",state="completed"}'] >= 1
+    assert samples["nextgpt_gateway_streams_active"] == 0
+    # Raw paths never become labels (artifact keys would grow the series without bound).
+    assert "/v1/artifacts/image" not in text
