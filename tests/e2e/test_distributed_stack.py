@@ -18,7 +18,7 @@ from PIL import Image
 from services.contracts.settings import StorageSettings
 from services.storage.s3 import S3ArtifactStore
 from tests.support import media
-from tests.support.chat import first_job_id, read_events, wait_for_job_state
+from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
 from tests.support.processes import ServiceProcess
 from tests.support.servers import RedisInfo, S3Info, free_port
 from tests.support.workers import WorkerProcess
@@ -34,7 +34,7 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
         backend="s3", s3_endpoint_url=s3_info.endpoint_url, s3_bucket=bucket, s3_access_key_id=s3_info.access_key,
         s3_secret_access_key=s3_info.secret_key, s3_create_bucket=True))
     logs = tmp_path_factory.mktemp("e2e-logs")
-    ports = {name: free_port() for name in ("encoder", "llm", "gateway")}
+    ports = {name: free_port() for name in ("encoder", "llm", "gateway", "gateway2")}
     env = {
         "NEXTGPT_BUNDLE": str(tiny_bundle_dir),
         "NEXTGPT_REDIS__URL": redis_info.url, "NEXTGPT_REDIS__KEY_PREFIX": f"{redis_info.key_prefix}e2e:",
@@ -47,6 +47,7 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
         "NEXTGPT_ENCODER__TIMEOUT_S": "30",
         # 50 concurrent streams below: more than the default bound on generations waiting (32, then 503).
         "NEXTGPT_LLM__MAX_WAITING": "64",
+        "NEXTGPT_GATEWAY__RESUME_GRACE_S": "4",
     }
     services = {
         "encoder": ServiceProcess(["encoder", "serve", "--port", str(ports["encoder"])], env, logs / "encoder.log",
@@ -55,6 +56,9 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
                               f"http://127.0.0.1:{ports['llm']}/readyz"),
         "gateway": ServiceProcess(["gateway", "serve", "--port", str(ports["gateway"])], env, logs / "gateway.log",
                                   f"http://127.0.0.1:{ports['gateway']}/healthz"),
+        # A second replica behind the same Redis: streams and conversations move between replicas.
+        "gateway2": ServiceProcess(["gateway", "serve", "--port", str(ports["gateway2"])], env,
+                                   logs / "gateway2.log", f"http://127.0.0.1:{ports['gateway2']}/healthz"),
     }
     for service in services.values():
         service.start()
@@ -63,7 +67,8 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
         for service in services.values():
             service.wait_ready()
         worker.wait_ready()
-        yield {"url": f"http://127.0.0.1:{ports['gateway']}", "services": services, "logs": logs}
+        yield {"url": f"http://127.0.0.1:{ports['gateway']}", "url2": f"http://127.0.0.1:{ports['gateway2']}",
+               "services": services, "logs": logs}
     finally:
         worker.stop()
         for service in services.values():
@@ -174,3 +179,25 @@ def test_disconnect_cancels_generation_and_jobs_across_services(stack: dict[str,
     assert wait_for_job_state(url, job_id, _auth(), "cancelled") == "cancelled"
     running = [line for line in httpx.get(llm_metrics).text.splitlines() if line.startswith("nextgpt_llm_running ")]
     assert running == ["nextgpt_llm_running 0.0"]
+
+
+def test_a_dropped_stream_resumes_on_another_replica_and_the_conversation_follows(stack: dict[str, object]) -> None:
+    url, url2 = str(stack["url"]), str(stack["url2"])
+    request = {"messages": [{"role": "user", "content": "a video please"}], "stream": True, "max_tokens": 30,
+               "seed": 5, "require_modalities": ["video"], "decoder": {"steps": 10}}
+    with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=120) as response:
+        stream_id = response.headers["x-stream-id"]
+        job_id, last_id = read_until_job(response)
+    assert job_id is not None
+    # The load balancer sends the reconnect to the other replica: the rest comes from Redis.
+    with httpx.stream("GET", f"{url2}/v1/chat/streams/{stream_id}", timeout=120,
+                      headers={**_auth(), "last-event-id": str(last_id)}) as response:
+        assert response.status_code == 200
+        rest = read_events(response, after=last_id)
+    assert rest[-1][0] == "done"
+    assert [d["job_id"] for n, d in rest if n == "artifact.completed"] == [job_id]
+    conversation = rest[-1][1]["conversation_id"]
+    # The history is in Redis too: the next turn works through the other replica, and only for its owner.
+    second = httpx.post(f"{url2}/v1/chat", headers=_auth(), timeout=120, json={
+        "conversation_id": conversation, "messages": [{"role": "user", "content": "shorter"}], "max_tokens": 5})
+    assert second.status_code == 200 and second.json()["conversation_id"] == conversation
