@@ -194,13 +194,12 @@ def worker(
     hostname: Annotated[Optional[str], typer.Option(help="Celery node name (default: nextgpt-<queues>@host)")] = None,
 ) -> None:
     """A Celery decoder worker: loads the pipelines of its queues once, then runs decode jobs one at a time."""
-    import redis
-
     from services.cli.compose import resolve_bundle
     from services.contracts.celery_config import QUEUES
     from services.decoders.celery_app import make_worker_app
     from services.decoders.compose import build_runner
     from services.jobs.book import RedisJobBook
+    from services.jobs.redis_clients import sync_redis
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - set(QUEUES))
@@ -208,7 +207,7 @@ def worker(
         raise typer.BadParameter(f"unknown queues {unknown}; choose from {list(QUEUES)}", param_hint="--queues")
     settings = _settings(bundle=bundle)
     resolved = resolve_bundle(settings)
-    book = RedisJobBook(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix)
+    book = RedisJobBook(sync_redis(settings.redis.url), settings.redis.key_prefix)
     runner = build_runner(settings, resolved, names, book)  # type: ignore[arg-type]
     celery = make_worker_app(settings, lambda: runner)
     # One job at a time per process (a GPU runs one diffusion at a time); scale with more workers.

@@ -48,7 +48,6 @@ class CeleryDecoderQueue(DecoderQueue):
 
 
 def redis_clients(settings: Settings) -> tuple[Any, Any]:
-    import redis
-    import redis.asyncio
+    from services.jobs.redis_clients import async_redis, sync_redis
 
-    return redis.Redis.from_url(settings.redis.url), redis.asyncio.Redis.from_url(settings.redis.url)
+    return sync_redis(settings.redis.url), async_redis(settings.redis.url)

@@ -15,7 +15,7 @@ from services.contracts.bundle_manifest import BundleManifest
 from services.contracts.decoders import ARTIFACT_FORMATS, CONDITIONING_TENSOR, ArtifactInfo, DecodeJob, JobEvent
 from services.contracts.errors import NextGPTError
 from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
-from services.jobs.book import JobBook
+from services.jobs.book import JobBook, JobBookUnavailable
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
 from services.decoders.pipelines import DecoderPipelines, Generated, resolve
 
@@ -98,6 +98,8 @@ class DecoderRunner:
             return None
         except (PoisonJobError, TransientJobError):
             raise
+        except JobBookUnavailable as exc:  # Redis away longer than the client retries: try the job again later
+            raise TransientJobError(f"job book: {exc}") from exc
         except Exception as exc:
             raise PoisonJobError(f"{job.modality} decoder failed: {type(exc).__name__}: {exc}") from exc
         decode_s = time.perf_counter() - started

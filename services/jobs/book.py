@@ -6,8 +6,10 @@ TTL. ``MemoryJobBook``: the same in one process, for embedded mode.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 from services.contracts.decoders import TERMINAL_STATES, JobEvent, JobState, JobStatus
@@ -60,40 +62,62 @@ class JobBook(ABC):
     def release(self, job_id: str) -> None: ...
 
 
+class JobBookUnavailable(Exception):
+    """The book's store could not be reached (after the client's own retries): a transient failure."""
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise JobBookUnavailable(f"redis: {exc}") from exc
+
+
 class RedisJobBook(JobBook):
     def __init__(self, client: Any, prefix: str, ttl_s: int = JOB_TTL_S) -> None:
         self.r, self.prefix, self.ttl = client, prefix, ttl_s
 
     def publish(self, event: JobEvent, modality: Any = None) -> None:
-        current = self.status(event.job_id)
-        if current is not None and current.state in TERMINAL_STATES and event.type not in ("completed",):
-            return  # a late progress event must not reopen a finished job
-        status = next_status(current, event, modality)
-        skey, ekey = status_key(self.prefix, event.job_id), events_key(self.prefix, event.job_id)
-        pipe = self.r.pipeline()
-        pipe.set(skey, status.model_dump_json(), ex=self.ttl)
-        pipe.xadd(ekey, {"event": event.model_dump_json()}, maxlen=MAX_EVENTS, approximate=True)
-        pipe.expire(ekey, self.ttl)
-        pipe.execute()
+        with _reachable():
+            current = self.status(event.job_id)
+            if current is not None and current.state in TERMINAL_STATES and event.type not in ("completed",):
+                return  # a late progress event must not reopen a finished job
+            status = next_status(current, event, modality)
+            skey, ekey = status_key(self.prefix, event.job_id), events_key(self.prefix, event.job_id)
+            pipe = self.r.pipeline()
+            pipe.set(skey, status.model_dump_json(), ex=self.ttl)
+            pipe.xadd(ekey, {"event": event.model_dump_json()}, maxlen=MAX_EVENTS, approximate=True)
+            pipe.expire(ekey, self.ttl)
+            pipe.execute()
 
     def status(self, job_id: str) -> JobStatus | None:
-        raw = self.r.get(status_key(self.prefix, job_id))
-        return JobStatus.model_validate_json(raw) if raw else None
+        with _reachable():
+            raw = self.r.get(status_key(self.prefix, job_id))
+            return JobStatus.model_validate_json(raw) if raw else None
 
     def is_cancelled(self, job_id: str) -> bool:
-        return bool(self.r.exists(cancel_key(self.prefix, job_id)))
+        with _reachable():
+            return bool(self.r.exists(cancel_key(self.prefix, job_id)))
 
     def cancel(self, job_id: str) -> None:
-        self.r.set(cancel_key(self.prefix, job_id), "1", ex=self.ttl)
+        with _reachable():
+            self.r.set(cancel_key(self.prefix, job_id), "1", ex=self.ttl)
 
     def claim(self, job_id: str, ttl_s: int) -> bool:
-        return bool(self.r.set(lock_key(self.prefix, job_id), "1", nx=True, ex=ttl_s))
+        with _reachable():
+            return bool(self.r.set(lock_key(self.prefix, job_id), "1", nx=True, ex=ttl_s))
 
     def renew(self, job_id: str, ttl_s: int) -> None:
-        self.r.expire(lock_key(self.prefix, job_id), ttl_s)
+        with _reachable():
+            self.r.expire(lock_key(self.prefix, job_id), ttl_s)
 
     def release(self, job_id: str) -> None:
-        self.r.delete(lock_key(self.prefix, job_id))
+        with _reachable():
+            self.r.delete(lock_key(self.prefix, job_id))
 
 
 class MemoryJobBook(JobBook):

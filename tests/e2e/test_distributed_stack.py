@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,64 +14,24 @@ import pytest
 import soundfile
 from PIL import Image
 
-from services.contracts.settings import StorageSettings
-from services.storage.s3 import S3ArtifactStore
 from tests.support import media
 from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
 from tests.support.processes import ServiceProcess
-from tests.support.servers import RedisInfo, S3Info, free_port
-from tests.support.workers import WorkerProcess
-
-KEY = "e2e-key"
+from tests.support.servers import RedisInfo, S3Info
+from tests.support.stack import KEY, distributed_stack
 
 
 @pytest.fixture(scope="module")
 def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
-    S3ArtifactStore.from_settings(StorageSettings(
-        backend="s3", s3_endpoint_url=s3_info.endpoint_url, s3_bucket=bucket, s3_access_key_id=s3_info.access_key,
-        s3_secret_access_key=s3_info.secret_key, s3_create_bucket=True))
-    logs = tmp_path_factory.mktemp("e2e-logs")
-    ports = {name: free_port() for name in ("encoder", "llm", "gateway", "gateway2")}
-    env = {
-        "NEXTGPT_BUNDLE": str(tiny_bundle_dir),
-        "NEXTGPT_REDIS__URL": redis_info.url, "NEXTGPT_REDIS__KEY_PREFIX": f"{redis_info.key_prefix}e2e:",
-        "NEXTGPT_STORAGE__BACKEND": "s3", "NEXTGPT_STORAGE__S3_ENDPOINT_URL": s3_info.endpoint_url,
-        "NEXTGPT_STORAGE__S3_BUCKET": bucket, "NEXTGPT_STORAGE__S3_ACCESS_KEY_ID": s3_info.access_key,
-        "NEXTGPT_STORAGE__S3_SECRET_ACCESS_KEY": s3_info.secret_key,
-        "NEXTGPT_ENCODER__URL": f"http://127.0.0.1:{ports['encoder']}",
-        "NEXTGPT_LLM__URL": f"http://127.0.0.1:{ports['llm']}",
-        "NEXTGPT_API_KEYS": KEY, "NEXTGPT_GATEWAY__URL_SIGNING_KEY": "e2e-signing-key",
-        "NEXTGPT_ENCODER__TIMEOUT_S": "30",
+    extra = {
         # 50 concurrent streams below: more than the default bound on generations waiting (32, then 503).
         "NEXTGPT_LLM__MAX_WAITING": "64",
         "NEXTGPT_GATEWAY__RESUME_GRACE_S": "4",
     }
-    services = {
-        "encoder": ServiceProcess(["encoder", "serve", "--port", str(ports["encoder"])], env, logs / "encoder.log",
-                                  f"http://127.0.0.1:{ports['encoder']}/readyz"),
-        "llm": ServiceProcess(["llm", "serve", "--port", str(ports["llm"])], env, logs / "llm.log",
-                              f"http://127.0.0.1:{ports['llm']}/readyz"),
-        "gateway": ServiceProcess(["gateway", "serve", "--port", str(ports["gateway"])], env, logs / "gateway.log",
-                                  f"http://127.0.0.1:{ports['gateway']}/healthz"),
-        # A second replica behind the same Redis: streams and conversations move between replicas.
-        "gateway2": ServiceProcess(["gateway", "serve", "--port", str(ports["gateway2"])], env,
-                                   logs / "gateway2.log", f"http://127.0.0.1:{ports['gateway2']}/healthz"),
-    }
-    for service in services.values():
-        service.start()
-    worker = WorkerProcess("image,video,audio", env, logs / "worker.log")
-    try:
-        for service in services.values():
-            service.wait_ready()
-        worker.wait_ready()
-        yield {"url": f"http://127.0.0.1:{ports['gateway']}", "url2": f"http://127.0.0.1:{ports['gateway2']}",
-               "services": services, "logs": logs}
-    finally:
-        worker.stop()
-        for service in services.values():
-            service.stop()
+    with distributed_stack(redis_info.url, f"{redis_info.key_prefix}e2e:", s3_info, tiny_bundle_dir,
+                           tmp_path_factory.mktemp("e2e-logs"), extra) as running:
+        yield {"url": running.url, "url2": running.url2, "services": running.services, "logs": running.logs}
 
 
 def _auth() -> dict[str, str]:

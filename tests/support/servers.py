@@ -110,6 +110,41 @@ def redis_server() -> Iterator[RedisInfo]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class RestartableRedis:
+    """A private ``redis-server`` that a fault test may stop and start again on the same port. AOF with fsync on
+    every write, as a deployment that must survive a restart would run it (docker-compose.yml does)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="nextgpt-redis-restart-"))
+        self.log = self.workdir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> RestartableRedis:
+        import redis
+
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [_bin("redis-server"), "--bind", LOOPBACK, "--port", str(self.port), "--save", "",
+                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir),
+                 "--protected-mode", "yes"], stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: redis.Redis(port=self.port, host=LOOPBACK).ping(), 20, "redis-server", self.proc,
+                   self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @dataclass
 class S3Info:
     endpoint_url: str

@@ -1,0 +1,30 @@
+"""Redis clients that ride out a Redis restart: every command is retried on connection errors with exponential
+backoff for about 15 s before the error reaches the caller (a restart with AOF takes a second or two)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 2 x 6 s: ~15 s of retrying.
+_RETRIES = 11
+_ERRORS: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError]
+
+
+def sync_redis(url: str) -> Any:
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), _RETRIES),
+                                retry_on_error=_ERRORS)
+
+
+def async_redis(url: str) -> Any:
+    from redis.asyncio.retry import Retry
+
+    return redis.asyncio.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), _RETRIES),
+                                        retry_on_error=_ERRORS)
