@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from gateway.metrics import HttpMetricsMiddleware
+from gateway.openapi import install_openapi
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
 from services.contracts.errors import ErrorResponse, NextGPTError
@@ -55,6 +56,7 @@ def build_app(state: GatewayState) -> FastAPI:
         app.include_router(router)
     if state.registry is not None:
         add_metrics_route(app, state.registry)
+    install_openapi(app)
 
     playground = (files("gateway") / "static" / "playground.html").read_text()
 

@@ -105,7 +105,11 @@ def _artifact_urls(request: Request, st: GatewayState) -> Callable[[str], str]:
     return lambda key: base + st.signer.sign(f"/v1/artifacts/{key}")
 
 
-@router.post("/v1/chat", responses=_ERRORS)
+_SSE: dict[str, Any] = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+@router.post("/v1/chat", responses=_ERRORS | {200: {"model": ChatResponse, "content": _SSE,
+                                                   "description": "JSON, or server-sent events with stream: true"}})
 async def chat(request: Request) -> Response:
     """Multipart (``request`` JSON part + ``files``) or JSON. ``stream: true`` answers server-sent events:
     message.delta, signal, artifact.queued, artifact.progress, artifact.completed, artifact.failed, error, done."""
@@ -124,7 +128,9 @@ async def chat(request: Request) -> Response:
     return JSONResponse((await _collect(events, chat_request.wait_s, conversation.id)).model_dump())
 
 
-@router.get("/v1/chat/streams/{stream_id}", responses=_ERRORS | {410: {"model": ErrorResponse}})
+@router.get("/v1/chat/streams/{stream_id}", response_class=StreamingResponse,
+            responses=_ERRORS | {200: {"content": _SSE, "description": "Server-sent events"},
+                                 410: {"model": ErrorResponse}})
 async def resume_stream(stream_id: str, request: Request, after: int | None = None) -> Response:
     """Reattach to a streaming chat turn: the events after ``Last-Event-ID`` (or ``after``), then the live rest.
     The stream id is the ``x-stream-id`` header of the original response. 410 when those events are gone."""
@@ -218,7 +224,14 @@ async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: fl
                         usage=Usage(prompt_tokens=0, completion_tokens=0), finish_reason="media_pending")
 
 
-@router.get("/v1/artifacts/{key:path}", responses=_ERRORS)
+_BYTES: dict[str, Any] = {m: {"schema": {"type": "string", "format": "binary"}}
+                          for m in ("image/png", "video/mp4", "audio/wav", "application/octet-stream")}
+
+
+@router.get("/v1/artifacts/{key:path}", response_class=StreamingResponse,
+            responses=_ERRORS | {200: {"content": _BYTES, "description": "The artifact's bytes"},
+                                 206: {"content": _BYTES, "description": "One byte range"},
+                                 416: {"description": "Range not satisfiable"}})
 async def artifact(key: str, request: Request, expires: int | None = None, sig: str | None = None) -> Response:
     """The artifact's bytes (signed, expiring URL from the chat response); supports one byte range."""
     st = state_of(request)
@@ -270,7 +283,9 @@ async def job(job_id: str, request: Request) -> dict[str, Any]:
     return body
 
 
-@router.post("/v1/chat/completions", responses=_ERRORS)
+@router.post("/v1/chat/completions", responses=_ERRORS | {
+    200: {"content": {"application/json": {"schema": {"type": "object"}}, **_SSE},
+          "description": "A chat.completion, or chat.completion.chunk events with stream: true"}})
 async def chat_completions(request: Request) -> Response:
     """OpenAI Chat Completions: text, data-URL images and base64 audio in; text, ``image_url`` / ``video_url``
     parts and ``audio`` out. ``modalities`` asks for media (``["text", "image"]``)."""

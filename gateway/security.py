@@ -51,7 +51,8 @@ class UrlSigner:
     def verify(self, path: str, expires: int | None, sig: str | None, now: float | None = None) -> None:
         if expires is None or sig is None:
             raise PermissionDeniedError("artifact URL is not signed", code="unsigned_url")
-        if not hmac.compare_digest(self._sig(path, expires), sig):
+        # compare_digest refuses non-ASCII str (a TypeError, i.e. a 500): compare bytes.
+        if not hmac.compare_digest(self._sig(path, expires).encode(), sig.encode("utf-8", "surrogateescape")):
             raise PermissionDeniedError("artifact URL signature is invalid", code="bad_signature")
         if expires < (now or time.time()):
             raise PermissionDeniedError("artifact URL has expired", code="url_expired")

@@ -89,3 +89,18 @@ def test_artifact_base_url_behind_a_trusted_proxy() -> None:
     fixed = GatewayState(models=[], readiness_checks={},
                          settings=GatewaySettings(public_base_url="https://public.example/", trusted_proxies=["10.0.0.1"]))
     assert _base_url(request("10.0.0.1", forwarded), fixed) == "https://public.example"
+
+
+def test_url_signatures_refuse_garbage_without_crashing() -> None:
+    import pytest
+
+    from gateway.security import UrlSigner
+    from services.contracts.errors import PermissionDeniedError
+
+    signer = UrlSigner(b"k" * 32, 60)
+    path, query = signer.sign("/v1/artifacts/image/2026/01/01/ab.png").split("?")
+    expires = int(query.split("&")[0].split("=")[1])
+    signer.verify(path, expires, query.split("sig=")[1])
+    for sig in ("é" * 64, "\udcff", "", "00"):
+        with pytest.raises(PermissionDeniedError):
+            signer.verify(path, expires, sig)
