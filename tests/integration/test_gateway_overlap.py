@@ -1,0 +1,102 @@
+"""Decoders overlap the text stream: when the model emits its signal group early in a long reply, the gateway
+dispatches the decode job at once, and the artifact completes (and reaches the client) before the last token.
+
+The tiny bundle's random weights cannot be steered to emit a group at a chosen place, so the LLM here is a
+scripted stand-in speaking the LLMClient contract (three words, an image group, then a long tail of text paced
+like a slow model). Everything else is real: the gateway over HTTP, ChatService, the local decoder pool running
+the tiny Stable Diffusion pipeline, the artifact store and the signed download."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway.app import GatewayState, build_app
+from gateway.chat import ChatService
+from gateway.conversations import MemoryConversationStore
+from services.bundle.loader import load_bundle
+from services.contracts.encoder import EncodeResult, EncoderClient, MediaInput
+from services.contracts.llm import Done, GenerateParams, LLMClient, LLMEvent, SignalEvent, TextDelta
+from services.contracts.settings import Settings
+from services.decoders.compose import build_runner
+from services.decoders.local_queue import LocalDecoderQueue
+from services.jobs.book import MemoryJobBook
+from services.storage import build_artifact_store
+from tests.support.servers import UvicornThread
+
+TAIL_TOKENS, TOKEN_S = 300, 0.02  # ~6 s of text after the group
+
+
+class EarlySignalLLM(LLMClient):
+    def __init__(self, conditioning_shape: tuple[int, ...]) -> None:
+        self.shape = conditioning_shape
+
+    async def generate(self, params: GenerateParams, media: np.ndarray | None) -> AsyncIterator[LLMEvent]:
+        for word in ("Here", " it", " is"):
+            yield TextDelta(word)
+        conditioning = np.random.default_rng(0).standard_normal(self.shape).astype(np.float32)
+        yield SignalEvent(modality="image", index=0, conditioning=conditioning)
+        for _ in range(TAIL_TOKENS):
+            await asyncio.sleep(TOKEN_S)
+            yield TextDelta(".")
+        yield Done(finish_reason="stop", prompt_tokens=5, completion_tokens=TAIL_TOKENS + 3 + 4)
+
+    async def check_ready(self) -> None:
+        return None
+
+
+class NoEncoder(EncoderClient):
+    async def encode(self, items: list[MediaInput], segments: list[list[str]] | None = None) -> EncodeResult:
+        raise AssertionError("this test uploads nothing")
+
+    async def check_ready(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"))
+    bundle = load_bundle(tiny_bundle_dir)
+    store = build_artifact_store(settings)
+    book = MemoryJobBook()
+    decoders = LocalDecoderQueue(build_runner(settings, bundle, ["image"], book), book)
+    shape = tuple(bundle.manifest.outputs["image"].projector.output_shape)
+    chat = ChatService(NoEncoder(), EarlySignalLLM(shape), decoders, store, MemoryConversationStore())
+    state = GatewayState(models=[], readiness_checks={}, chat=chat, store=store, decoders=decoders,
+                         on_shutdown=[decoders.close])
+    with UvicornThread(build_app(state)) as server:
+        yield server.url
+
+
+def test_the_artifact_arrives_before_the_text_ends(url: str) -> None:
+    request = {"messages": [{"role": "user", "content": "draw, then explain at length"}], "stream": True,
+               "decoder": {"steps": 3}}
+    arrivals: list[tuple[float, str, str]] = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"{url}/v1/chat", json=request, timeout=120) as response:
+        assert response.status_code == 200
+        name = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                arrivals.append((time.monotonic() - started, name, line[6:]))
+    names = [n for _, n, _ in arrivals]
+    assert names[-1] == "done"
+    completed = names.index("artifact.completed")
+    last_delta = len(names) - 1 - names[::-1].index("message.delta")
+    # The image reached the client while the reply still had most of its text to come.
+    assert completed < last_delta
+    deltas_after = names[completed:].count("message.delta")
+    assert deltas_after > TAIL_TOKENS // 2, f"only {deltas_after} tokens after the artifact"
+    artifact = json.loads(arrivals[completed][2])
+    assert Image.open(io.BytesIO(httpx.get(artifact["url"]).content)).format == "PNG"
