@@ -92,7 +92,7 @@ helm-schema: $(STAMP)
 k8s: $(HELM)
 	$(HELM) template nextgpt $(CHART) --namespace nextgpt > k8s/nextgpt.yaml
 
-.PHONY: bench bench-encoder bench-llm
+.PHONY: bench bench-encoder bench-llm bench-gateway
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image
 	$(BIN)/python -m bench.encoder_batching --modality audio
@@ -100,4 +100,8 @@ bench-encoder: $(STAMP)
 bench-llm: $(STAMP)
 	$(BIN)/python -m bench.llm_stream
 
-bench: bench-encoder bench-llm
+# The distributed stack as processes: TTFT via the gateway / TTFT direct at 1/8/32, tokens/s, first artifact.
+bench-gateway: $(STAMP)
+	$(BIN)/python -m bench.gateway_overhead
+
+bench: bench-encoder bench-llm bench-gateway

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 from services.bundle.loader import load_bundle
 from services.bundle.tiny.build import build_tiny_bundle
 from services.clients.llm_http import HttpLLMClient
-from services.contracts.llm import Done, GenerateParams, Turn
+from bench.timing import time_generation
+from services.contracts.llm import GenerateParams, Turn
 from services.contracts.settings import LLMSettings
 from services.llm.app import build_llm_app
 from services.llm.compose import build_llm_service
@@ -30,15 +31,7 @@ async def _one(client: HttpLLMClient, tokens: int, seed: int) -> tuple[float, in
     params = GenerateParams(turns=[Turn(role="user", text="tell me a story", media=[0])], max_tokens=tokens,
                             seed=seed, temperature=0.0)
     media = np.random.default_rng(seed).standard_normal((1, 128)).astype(np.float32)
-    started = time.perf_counter()
-    first = None
-    count = 0
-    async for event in client.generate(params, media):
-        if first is None:
-            first = time.perf_counter() - started
-        if isinstance(event, Done):
-            count = event.completion_tokens
-    return first or 0.0, count, time.perf_counter() - started
+    return await time_generation(client, params, media)
 
 
 async def _point(url: str, concurrency: int, tokens: int) -> dict[str, float]:

@@ -1,0 +1,132 @@
+"""The distributed stack as separate processes (gateway, encoder, LLM service, a Celery worker, Redis, an S3
+server), tiny bundle. At concurrency 1/8/32, side by side in one run: time to first token through the gateway
+(POST /v1/chat, SSE) and directly against the LLM service (same prompt, same token budget), their ratio (the
+gateway's overhead), tokens/s through the gateway, and time to the first artifact (an image, asked for with
+require_modalities). Prints a table; writes bench/results/gateway.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.bundle.tiny.build import build_tiny_bundle
+from services.clients.llm_http import HttpLLMClient
+from bench.timing import time_generation
+from services.contracts.llm import GenerateParams, Turn
+from tests.support.servers import redis_server, s3_server
+from tests.support.stack import distributed_stack
+
+PROMPT = "tell me a story"
+
+
+async def _direct(client: HttpLLMClient, tokens: int, seed: int) -> tuple[float, int, float]:
+    params = GenerateParams(turns=[Turn(role="user", text=PROMPT)], max_tokens=tokens, seed=seed, temperature=0.0)
+    return await time_generation(client, params, None)
+
+
+async def _gateway(http: httpx.AsyncClient, url: str, auth: dict[str, str], tokens: int, seed: int,
+                   media: list[str] | None = None) -> dict[str, float]:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPT}], "stream": True, "max_tokens": tokens,
+                            "seed": seed, "temperature": 0.0}
+    if media:
+        body |= {"require_modalities": media, "decoder": {"steps": 4}}
+    started, out, name = time.perf_counter(), {}, ""
+    async with http.stream("POST", f"{url}/v1/chat", json=body, headers=auth) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                now = time.perf_counter() - started
+                if name == "message.delta":
+                    out.setdefault("ttft", now)
+                elif name == "artifact.completed":
+                    out.setdefault("first_artifact", now)
+                elif name == "done":
+                    out["tokens"] = json.loads(line[6:])["usage"]["completion_tokens"]
+                elif name == "error":
+                    raise RuntimeError(line)
+    out["total"] = time.perf_counter() - started
+    return out
+
+
+async def _point(stack_url: str, llm_url: str, auth: dict[str, str], concurrency: int, tokens: int,
+                 rounds: int) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=600) as http:
+        llm = HttpLLMClient(llm_url, http)
+        await _direct(llm, 4, 0)  # warm both paths
+        await _gateway(http, stack_url, auth, 4, 0)
+        direct_ttft, gateway_ttft, gateway_rate = [], [], []
+        for r in range(rounds):
+            # Alternate which path goes first, so neither always runs on a warmer machine.
+            for path in (("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")):
+                seeds = range(r * 1000, r * 1000 + concurrency)
+                started = time.perf_counter()
+                if path == "direct":
+                    results = await asyncio.gather(*(_direct(llm, tokens, s) for s in seeds))
+                    direct_ttft.append(statistics.median(x[0] for x in results))
+                else:
+                    runs = await asyncio.gather(*(_gateway(http, stack_url, auth, tokens, s) for s in seeds))
+                    wall = time.perf_counter() - started
+                    gateway_ttft.append(statistics.median(x["ttft"] for x in runs))
+                    gateway_rate.append(sum(x["tokens"] for x in runs) / wall)
+    d, g = statistics.median(direct_ttft), statistics.median(gateway_ttft)
+    return {"concurrency": concurrency, "ttft_direct_ms": round(d * 1000, 1), "ttft_gateway_ms": round(g * 1000, 1),
+            "overhead_ratio": round(g / d, 3), "gateway_tok_s": round(statistics.median(gateway_rate), 1)}
+
+
+async def _first_artifact(url: str, auth: dict[str, str], concurrency: int, rounds: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=600) as http:
+        values = []
+        for r in range(rounds):
+            runs = await asyncio.gather(*(_gateway(http, url, auth, 16, r * 100 + i, ["image"])
+                                          for i in range(concurrency)))
+            values += [x["first_artifact"] for x in runs]
+    return {"concurrency": concurrency, "first_artifact_p50_ms": round(statistics.median(values) * 1000, 1),
+            "first_artifact_max_ms": round(max(values) * 1000, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
+    args = parser.parse_args()
+    bundle_dir = Path(os.environ.get("NEXTGPT_CACHE_DIR", ".cache")) / "bench-bundle"
+    if not (bundle_dir / "bundle.json").exists():
+        build_tiny_bundle(bundle_dir, force=True)
+    logs = Path(tempfile.mkdtemp(prefix="nextgpt-bench-"))
+    extra = {"NEXTGPT_LLM__MAX_WAITING": "128", "NEXTGPT_LOG_LEVEL": "warning"}
+    with redis_server() as redis, s3_server() as s3, \
+            distributed_stack(redis.url, f"{redis.key_prefix}bench:", s3, bundle_dir, logs, extra) as stack:
+        llm_url = stack.services["llm"].ready_url.removesuffix("/readyz")
+        rows = [asyncio.run(_point(stack.url, llm_url, stack.auth, c, args.tokens, args.rounds)) for c in (1, 8, 32)]
+        artifacts = [asyncio.run(_first_artifact(stack.url, stack.auth, c, 2)) for c in (1, 8)]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
+          f"{args.tokens} tokens greedy, median of {args.rounds} rounds ({machine})")
+    print(f"{'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} {'gateway tok/s':>14}")
+    for r in rows:
+        print(f"{r['concurrency']:>5} {r['ttft_direct_ms']:>15} {r['ttft_gateway_ms']:>16} {r['overhead_ratio']:>7} "
+              f"{r['gateway_tok_s']:>14}")
+    print("Time to first artifact (image, 4 steps, 64x64) through the gateway:")
+    for a in artifacts:
+        print(f"  concurrency {a['concurrency']}: p50 {a['first_artifact_p50_ms']} ms, max {a['first_artifact_max_ms']} ms")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "tokens": args.tokens, "rounds": args.rounds, "ttft": rows,
+                                    "first_artifact": artifacts}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
