@@ -107,7 +107,7 @@ def main() -> None:
     if not (bundle_dir / "bundle.json").exists():
         build_tiny_bundle(bundle_dir, force=True)
     logs = Path(tempfile.mkdtemp(prefix="nextgpt-bench-"))
-    extra = {"NEXTGPT_LLM__MAX_WAITING": "128", "NEXTGPT_LOG_LEVEL": "warning"}
+    extra = {"NEXTGPT_LLM__MAX_WAITING": "128"}
     with redis_server() as redis, s3_server() as s3, \
             distributed_stack(redis.url, f"{redis.key_prefix}bench:", s3, bundle_dir, logs, extra) as stack:
         llm_url = stack.services["llm"].ready_url.removesuffix("/readyz")
