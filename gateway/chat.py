@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from safetensors.numpy import save
 
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
@@ -81,11 +82,15 @@ class ChatService:
         for message in request.messages:
             conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files]))
         turns, media = _flatten(conversation.turns)
-        params = GenerateParams(
-            turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, lora=request.lora, allowed_modalities=request.allowed_modalities,
-            require_modalities=request.require_modalities,
-        )
+        try:
+            params = GenerateParams(
+                turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                seed=request.seed, lora=request.lora, allowed_modalities=request.allowed_modalities,
+                require_modalities=request.require_modalities,
+            )
+        except ValidationError as exc:  # a combination the request schema alone cannot rule out
+            raise InvalidRequestError(f"messages: {exc.errors()[0]['msg']}", code="invalid_request",
+                                      param="messages") from exc
         return conversation, params, media
 
     async def _encode_history(self, conversation: Conversation) -> None:

@@ -105,7 +105,8 @@ def _artifact_urls(request: Request, st: GatewayState) -> Callable[[str], str]:
     return lambda key: base + st.signer.sign(f"/v1/artifacts/{key}")
 
 
-_SSE: dict[str, Any] = {"text/event-stream": {"schema": {"type": "string"}}}
+# Each event's data: a JSON object (named events of DESIGN.md; OpenAI chunks), or the OpenAI stream's "[DONE]".
+_SSE: dict[str, Any] = {"text/event-stream": {"schema": {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}}}
 
 
 @router.post("/v1/chat", responses=_ERRORS | {200: {"model": ChatResponse, "content": _SSE,

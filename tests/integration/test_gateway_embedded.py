@@ -198,3 +198,9 @@ def test_gateway_metrics_count_requests_by_route_and_media_by_outcome(url: str) 
     assert samples["nextgpt_gateway_streams_active"] == 0
     # Raw paths never become labels (artifact keys would grow the series without bound).
     assert "/v1/artifacts/image" not in text
+
+
+def test_a_conversation_must_end_with_the_user(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"

@@ -4,6 +4,7 @@ the documented status codes, content types, headers and schemas. Runs against th
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_no_server_error_and_no_schema_violation(url: str, path: str) -> None:
                   suppress_health_check=list(HealthCheck), database=None)
         def check(case: schemathesis.Case) -> None:
             # Some cases with the key, some without: both paths must hold to the documented contract.
-            headers = {"authorization": f"Bearer {KEY}"} if hash(repr(case.body)) % 4 else None
+            headers = {"authorization": f"Bearer {KEY}"} if zlib.crc32(repr(case.body).encode()) % 4 else None
             # Not checked: "a schema-valid request is accepted". The chat routes validate more than a schema can
             # say (the model must exist, named files must be uploaded, the `request` part is JSON in a string).
             case.call_and_validate(base_url=url, headers=headers, timeout=120,
