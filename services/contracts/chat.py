@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.contracts.bundle_manifest import Modality
 from services.contracts.decoders import DecodeOptions
@@ -36,11 +36,12 @@ class ChatRequest(BaseModel):
     inline_media: bool = Field(
         default=False, description="Also return each artifact's bytes as base64 (`data`), up to the server's bound")
 
-    @model_validator(mode="after")
-    def _user_speaks_last(self) -> ChatRequest:
-        if self.messages[-1].role != "user":
+    @field_validator("messages")
+    @classmethod
+    def _user_speaks_last(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages and messages[-1].role != "user":
             raise ValueError("the last message must be the user's: the reply answers it")
-        return self
+        return messages
 
 
 class ArtifactOut(BaseModel):
