@@ -48,12 +48,19 @@ class _Turn:
 class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
                  conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**24) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
         self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
+        self.max_decode_pixels = max_decode_pixels
 
     async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
                       ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
+        d = request.decoder
+        if d.height and d.width and d.height * d.width * (d.frames or 1) > self.max_decode_pixels:
+            # Refused before any work; the workers enforce the same budget on the values they resolve.
+            raise InvalidRequestError(
+                f"decoder: {d.height}x{d.width}{f'x{d.frames} frames' if d.frames else ''} exceeds the budget of "
+                f"{self.max_decode_pixels} pixels per item", code="decode_too_large", param="decoder")
         if request.conversation_id:
             found = await self.conversations.load(request.conversation_id, owner)
             if found is None:

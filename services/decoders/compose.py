@@ -14,4 +14,5 @@ from services.storage import build_artifact_store
 def build_runner(settings: Settings, bundle: Bundle, modalities: list[Modality], book: JobBook) -> DecoderRunner:
     pipelines = DecoderPipelines(bundle, modalities, settings.decoders.device)
     return DecoderRunner(pipelines, build_artifact_store(settings), book, bundle.manifest,
-                         time_limit_s=settings.decoders.time_limit_s, lock_ttl_s=settings.decoders.lock_ttl_s)
+                         time_limit_s=settings.decoders.time_limit_s, lock_ttl_s=settings.decoders.lock_ttl_s,
+                         max_pixels=settings.decoders.max_pixels_per_job)

@@ -44,9 +44,10 @@ class JobBusyError(TransientJobError):
 
 class DecoderRunner:
     def __init__(self, pipelines: DecoderPipelines, store: ArtifactStore, book: JobBook,
-                 manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120) -> None:
+                 manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120,
+                 max_pixels: int = 2**24) -> None:
         self.pipelines, self.store, self.book, self.manifest = pipelines, store, book, manifest
-        self.time_limit_s, self.lock_ttl_s = time_limit_s, lock_ttl_s
+        self.time_limit_s, self.lock_ttl_s, self.max_pixels = time_limit_s, lock_ttl_s, max_pixels
 
     def run(self, job: DecodeJob) -> ArtifactInfo | None:
         if self.book.is_cancelled(job.job_id):
@@ -82,6 +83,14 @@ class DecoderRunner:
             spec = self.manifest.outputs[job.modality]
             # A per-job default seed derived from the job id: a retried job reproduces the same output.
             opts = resolve(job.options, spec.decoder.defaults, seed=int(job.job_id[:15], 16))
+            if job.modality in ("image", "video"):
+                frames = (opts.frames or 1) if job.modality == "video" else 1
+                pixels = (opts.height or 0) * (opts.width or 0) * frames
+                if pixels > self.max_pixels:
+                    # One oversized request must not take a GPU's memory (or its time) from everyone else.
+                    raise PoisonJobError(f"{job.modality} of {opts.height}x{opts.width}"
+                                         f"{f'x{opts.frames} frames' if job.modality == 'video' else ''} exceeds the "
+                                         f"budget of {self.max_pixels} pixels per job")
 
             def on_step(step: int, total: int) -> None:
                 if self.book.is_cancelled(job.job_id):

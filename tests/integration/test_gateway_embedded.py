@@ -204,3 +204,11 @@ def test_a_conversation_must_end_with_the_user(url: str) -> None:
     response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_an_oversized_decode_is_refused_up_front(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
+        "messages": [{"role": "user", "content": "a huge video"}], "require_modalities": ["video"],
+        "decoder": {"height": 2048, "width": 2048, "frames": 128}})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "decode_too_large" and response.json()["error"]["param"] == "decoder"

@@ -104,3 +104,22 @@ async def test_audio_job(pipelines: DecoderPipelines, queue: LocalDecoderQueue, 
     assert (await _events(queue, job.job_id))[-1].type == "completed"
     samples, rate = soundfile.read(io.BytesIO(store.read(job.artifact_key)))
     assert rate == 16000 and len(samples) == 8000
+
+
+async def test_a_job_over_the_pixel_budget_fails_before_decoding(pipelines: DecoderPipelines,
+                                                                 store: LocalArtifactStore) -> None:
+    book = MemoryJobBook()
+    queue = LocalDecoderQueue(DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60,
+                                            max_pixels=64 * 64), book)
+    try:
+        shape = tuple(pipelines.bundle.manifest.outputs["image"].projector.output_shape)
+        big = _job(store, shape, steps=2, height=128, width=64)  # 8192 pixels > 4096
+        await queue.submit(big)
+        events = await _events(queue, big.job_id)
+        assert [e.type for e in events][-1] == "failed" and "exceeds the budget of 4096 pixels" in str(events[-1].error)
+        assert "progress" not in [e.type for e in events]
+        ok = _job(store, shape, steps=2)  # the bundle's 64x64 default fits
+        await queue.submit(ok)
+        assert (await _events(queue, ok.job_id))[-1].type == "completed"
+    finally:
+        queue.close()
