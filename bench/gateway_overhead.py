@@ -19,9 +19,8 @@ from typing import Any
 
 import httpx
 
-from services.bundle.tiny.build import build_tiny_bundle
 from services.clients.llm_http import HttpLLMClient
-from bench.timing import time_generation
+from bench.common import bench_bundle, time_generation
 from services.contracts.llm import GenerateParams, Turn
 from tests.support.servers import redis_server, s3_server
 from tests.support.stack import distributed_stack
@@ -103,9 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
     args = parser.parse_args()
-    bundle_dir = Path(os.environ.get("NEXTGPT_CACHE_DIR", ".cache")) / "bench-bundle"
-    if not (bundle_dir / "bundle.json").exists():
-        build_tiny_bundle(bundle_dir, force=True)
+    bundle_dir = bench_bundle()
     logs = Path(tempfile.mkdtemp(prefix="nextgpt-bench-"))
     extra = {"NEXTGPT_LLM__MAX_WAITING": "128"}
     with redis_server() as redis, s3_server() as s3, \

@@ -17,9 +17,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from services.bundle.loader import load_bundle
-from services.bundle.tiny.build import build_tiny_bundle
 from services.clients.llm_http import HttpLLMClient
-from bench.timing import time_generation
+from bench.common import bench_bundle, time_generation
 from services.contracts.llm import GenerateParams, Turn
 from services.contracts.settings import LLMSettings
 from services.llm.app import build_llm_app
@@ -53,9 +52,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/results/llm_stream.json"))
     args = parser.parse_args()
-    bundle_dir = Path(os.environ.get("NEXTGPT_CACHE_DIR", ".cache")) / "bench-bundle"
-    if not (bundle_dir / "bundle.json").exists():
-        build_tiny_bundle(bundle_dir, force=True)
+    bundle_dir = bench_bundle()
     bundle = load_bundle(bundle_dir)
     rows = []
     backends = [("transformers", {})]

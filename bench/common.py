@@ -1,8 +1,10 @@
-"""Timing one streamed generation against the LLM service, shared by the benchmarks."""
+"""What the benchmarks share: the tiny bundle they run on, timing one streamed generation."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -20,3 +22,13 @@ async def time_generation(client: HttpLLMClient, params: GenerateParams,
         if isinstance(event, Done):
             count = event.completion_tokens
     return first or 0.0, count, time.perf_counter() - started
+
+
+def bench_bundle() -> Path:
+    """The tiny bundle the benchmarks use, built once into the cache folder."""
+    from services.bundle.tiny.build import build_tiny_bundle
+
+    bundle_dir = Path(os.environ.get("NEXTGPT_CACHE_DIR", ".cache")) / "bench-bundle"
+    if not (bundle_dir / "bundle.json").exists():
+        build_tiny_bundle(bundle_dir, force=True)
+    return bundle_dir
