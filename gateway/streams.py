@@ -184,6 +184,11 @@ class RedisEventLog(EventLog):
         last = f"{after}-0"
         while True:
             reply = await self._retry("read", lambda: self.r.xread({key: last}, block=self.block_ms, count=200))
+            # The owner key lives from create() on and is refreshed by every append (the stream key only exists
+            # after the first event, which may take a while under load).
+            if not reply and not await self._retry("read", lambda: self.r.exists(self._key(stream_id, ":owner"))):
+                # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait forever.
+                raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()

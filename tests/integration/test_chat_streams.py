@@ -183,3 +183,30 @@ async def test_redis_history_expires(redis_info: RedisInfo) -> None:
     await asyncio.sleep(1.5)
     assert await store.load(conversation.id, None) is None
     await client.aclose()
+
+
+async def test_a_redis_reader_does_not_wait_forever_on_a_vanished_stream(redis_info: RedisInfo) -> None:
+    client = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}gone-{uuid.uuid4().hex[:6]}:"
+    log = RedisEventLog(client, prefix, 100, ttl_s=60, block_ms=100)
+    stream_id = uuid.uuid4().hex
+    await log.create(stream_id, None)
+    reader = log.read(stream_id, 0)
+    first = asyncio.ensure_future(anext(reader))
+    await asyncio.sleep(0.5)  # no event yet (a slow first token): still waiting, not gone
+    assert not first.done()
+    await log.append(stream_id, 1, "message.delta", {"text": "a"})
+    assert (await asyncio.wait_for(first, 5))[0] == 1
+    # Quiet is not gone: a stream that is alive but slow keeps its reader waiting.
+    waiting = asyncio.ensure_future(anext(reader))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    await log.append(stream_id, 2, "message.delta", {"text": "b"})
+    assert (await asyncio.wait_for(waiting, 5))[0] == 2
+    # Its producer died and the keys expired.
+    await client.delete(f"{prefix}chatstream:{stream_id}", f"{prefix}chatstream:{stream_id}:owner")
+    with pytest.raises(GoneError, match="ended without finishing"):
+        await asyncio.wait_for(anext(reader), 5)
+    async for key in client.scan_iter(f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
