@@ -9,9 +9,9 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -30,6 +30,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 429, 503)
 }
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_MAX_EVENT_ID = 10**12
 
 
 def state_of(request: Request) -> GatewayState:
@@ -132,21 +133,21 @@ async def chat(request: Request) -> Response:
 @router.get("/v1/chat/streams/{stream_id}", response_class=StreamingResponse,
             responses=_ERRORS | {200: {"content": _SSE, "description": "Server-sent events"},
                                  410: {"model": ErrorResponse}})
-async def resume_stream(stream_id: str, request: Request, after: int | None = None) -> Response:
+async def resume_stream(stream_id: str, request: Request,
+                        after: Annotated[int | None, Query(ge=0, le=_MAX_EVENT_ID)] = None) -> Response:
     """Reattach to a streaming chat turn: the events after ``Last-Event-ID`` (or ``after``), then the live rest.
     The stream id is the ``x-stream-id`` header of the original response. 410 when those events are gone."""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
     if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
         raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
-    last = request.headers.get("last-event-id", "")
+    last = request.headers.get("last-event-id", "").strip()
     if after is None:
-        if last and not last.isdigit():
+        # ASCII digits only ("²".isdigit() is True, int("²") is not), and a bounded value.
+        if last and not (re.fullmatch(r"[0-9]{1,12}", last) and int(last) <= _MAX_EVENT_ID):
             raise InvalidRequestError("Last-Event-ID must be an event id of this stream", code="invalid_event_id",
                                       param="Last-Event-ID")
         after = int(last) if last else 0
-    if after < 0:
-        raise InvalidRequestError("after must be >= 0", code="invalid_event_id", param="after")
     return _sse_response(await st.streams.attach(stream_id, owner, after), stream_id, st)
 
 

@@ -161,8 +161,10 @@ def test_reconnect_with_last_event_id_resumes_the_stream(url: str) -> None:
     with httpx.stream("GET", f"{resume}?after={last_id + len(rest) - 1}", headers=_auth(), timeout=30) as response:
         assert [n for n, _ in read_events(response, after=last_id + len(rest) - 1)] == ["done"]
     assert httpx.get(resume, headers=_auth("other-key")).json()["error"]["code"] == "stream_not_found"
-    bad = httpx.get(resume, headers={**_auth(), "last-event-id": "x1"})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+    for garbage in ("x1", "²", "-3", "9" * 40):
+        bad = httpx.get(resume, headers={**_auth(), "last-event-id": garbage.encode("latin-1")})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID", garbage
+    assert httpx.get(f"{resume}?after=-1", headers=_auth()).status_code == 400
 
 
 def test_media_inline_as_base64_when_asked(url: str) -> None:
