@@ -13,13 +13,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import Gauge
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.contracts.errors import GoneError, NextGPTError, NotFoundError
 
@@ -27,7 +25,6 @@ log = logging.getLogger(__name__)
 Event = tuple[str, dict[str, Any]]
 LogEntry = tuple[int, str, dict[str, Any]]  # (event id, name, data)
 END = "_end"
-T = TypeVar("T")
 
 
 class EventLog(abc.ABC):
@@ -132,34 +129,21 @@ class MemoryEventLog(EventLog):
 
 class RedisEventLog(EventLog):
     """A Redis stream per chat stream, entry ids ``<event id>-0``, trimmed to ``max_events``, expiring ``ttl_s``
-    after the last event. A Redis restart mid-stream is ridden out: each call retries for ``retry_s``."""
+    after the last event. A Redis restart mid-stream is ridden out by the client's own retry policy
+    (``services.jobs.redis_clients.async_redis``, as the job reader and the job book use)."""
 
-    def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
-                 retry_s: float = 20.0) -> None:
-        self.r, self.prefix, self.max_events, self.ttl_s = redis, key_prefix, max_events, ttl_s
-        self.block_ms, self.retry_s = block_ms, retry_s
+    def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000) -> None:
+        self.r, self.prefix, self.max_events = redis, key_prefix, max_events
+        self.ttl_s, self.block_ms = ttl_s, block_ms
 
     def _key(self, stream_id: str, part: str = "") -> str:
         return f"{self.prefix}chatstream:{stream_id}{part}"
 
-    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        deadline, delay = time.monotonic() + self.retry_s, 0.1
-        while True:
-            try:
-                return await call()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("redis %s failed (%s); retrying in %.1f s", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
-
     async def create(self, stream_id: str, owner: str | None) -> None:
-        await self._retry("create", lambda: self.r.set(self._key(stream_id, ":owner"), json.dumps(owner),
-                                                       ex=self.ttl_s))
+        await self.r.set(self._key(stream_id, ":owner"), json.dumps(owner), ex=self.ttl_s)
 
     async def owner(self, stream_id: str) -> tuple[bool, str | None]:
-        raw = await self._retry("owner", lambda: self.r.get(self._key(stream_id, ":owner")))
+        raw = await self.r.get(self._key(stream_id, ":owner"))
         return (False, None) if raw is None else (True, json.loads(raw))
 
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None:
@@ -173,20 +157,20 @@ class RedisEventLog(EventLog):
                 pipe.expire(self._key(stream_id, ":owner"), self.ttl_s)
                 await pipe.execute()
 
-        await self._retry("append", write)
+        await write()
 
     async def first_id(self, stream_id: str) -> int | None:
-        first = await self._retry("first", lambda: self.r.xrange(self._key(stream_id), count=1))
+        first = await self.r.xrange(self._key(stream_id), count=1)
         return int(first[0][0].split(b"-")[0]) if first else None
 
     async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
         key = self._key(stream_id)
         last = f"{after}-0"
         while True:
-            reply = await self._retry("read", lambda: self.r.xread({key: last}, block=self.block_ms, count=200))
+            reply = await self.r.xread({key: last}, block=self.block_ms, count=200)
             # The owner key lives from create() on and is refreshed by every append (the stream key only exists
             # after the first event, which may take a while under load).
-            if not reply and not await self._retry("read", lambda: self.r.exists(self._key(stream_id, ":owner"))):
+            if not reply and not await self.r.exists(self._key(stream_id, ":owner")):
                 # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait forever.
                 raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
             for _key, entries in reply or []:
@@ -198,11 +182,10 @@ class RedisEventLog(EventLog):
                     yield int(last.split("-")[0]), name, json.loads(fields[b"data"])
 
     async def touch(self, stream_id: str, ttl_s: float) -> None:
-        await self._retry("touch", lambda: self.r.set(self._key(stream_id, ":reader"), "1",
-                                                      px=max(1, int(ttl_s * 1000))))
+        await self.r.set(self._key(stream_id, ":reader"), "1", px=max(1, int(ttl_s * 1000)))
 
     async def attached(self, stream_id: str) -> bool:
-        return bool(await self._retry("attached", lambda: self.r.exists(self._key(stream_id, ":reader"))))
+        return bool(await self.r.exists(self._key(stream_id, ":reader")))
 
 
 class StreamHub:

@@ -20,6 +20,7 @@ from gateway.conversations import (
 )
 from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub
 from services.contracts.errors import GoneError, NotFoundError, ServiceUnavailableError
+from services.jobs.redis_clients import async_redis
 from tests.support.servers import RedisInfo
 
 Factory = Callable[[int], EventLog]
@@ -30,7 +31,7 @@ async def make_log(request: pytest.FixtureRequest, redis_info: RedisInfo) -> Asy
     if request.param == "memory":
         yield lambda max_events: MemoryEventLog(max_events, ttl_s=60)
         return
-    client = redis.asyncio.Redis.from_url(redis_info.url)
+    client = async_redis(redis_info.url)  # the client the gateway uses: it rides out Redis restarts
     prefix = f"{redis_info.key_prefix}streams-{uuid.uuid4().hex[:6]}:"
     yield lambda max_events: RedisEventLog(client, prefix, max_events, ttl_s=60, block_ms=200)
     async for key in client.scan_iter(f"{prefix}*"):
