@@ -50,4 +50,4 @@ class CeleryDecoderQueue(DecoderQueue):
 def redis_clients(settings: Settings) -> tuple[Any, Any]:
     from services.jobs.redis_clients import async_redis, sync_redis
 
-    return sync_redis(settings.redis.url), async_redis(settings.redis.url)
+    return sync_redis(settings.redis.url), async_redis(settings.redis.url, settings.redis.max_connections)

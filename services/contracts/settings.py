@@ -50,6 +50,8 @@ class RedisSettings(BaseModel):
 
     url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
     key_prefix: str = Field(default="nextgpt:", min_length=1)
+    max_connections: int = Field(
+        default=1024, ge=8, le=65536, description="Gateway's pool; each open stream holds ~2 in blocking reads")
 
 
 class EncoderSettings(BaseModel):

@@ -23,8 +23,13 @@ def sync_redis(url: str) -> Any:
                                 retry_on_error=_ERRORS)
 
 
-def async_redis(url: str) -> Any:
+def async_redis(url: str, max_connections: int = 1024, wait_s: float = 20.0) -> Any:
+    """Every open chat stream holds a connection in a blocking read (and its decode jobs one each): the pool is
+    sized for that, and a caller past the bound waits up to ``wait_s`` for a free connection instead of failing."""
     from redis.asyncio.retry import Retry
 
-    return redis.asyncio.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), _RETRIES),
-                                        retry_on_error=_ERRORS)
+    # The retry policy belongs to the connections the pool makes (a client given a pool does not pass it on).
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=wait_s,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), _RETRIES), retry_on_error=_ERRORS)
+    return redis.asyncio.Redis(connection_pool=pool)
