@@ -92,6 +92,22 @@ helm-schema: $(STAMP)
 k8s: $(HELM)
 	$(HELM) template nextgpt $(CHART) --namespace nextgpt > k8s/nextgpt.yaml
 
+# The synthetic world: data, the frozen parts' stand-ins pretrained on it (resumable: rerun after a stop),
+# assembled into a base bundle, and their held-out checks.
+WORLD_DIR := $(NEXTGPT_CACHE_DIR)/world
+.PHONY: world-data world-pretrain world-eval
+$(WORLD_DIR)/data/world.json: | $(STAMP)
+	$(BIN)/nextgpt world data --out $(WORLD_DIR)/data
+
+world-data: $(WORLD_DIR)/data/world.json
+
+world-pretrain: world-data
+	$(BIN)/nextgpt world pretrain --data $(WORLD_DIR)/data --work $(WORLD_DIR)/work
+	$(BIN)/nextgpt world assemble --work $(WORLD_DIR)/work --out $(WORLD_DIR)/base --force
+
+world-eval: $(STAMP)
+	$(BIN)/nextgpt world eval --bundle $(WORLD_DIR)/base --json $(WORLD_DIR)/eval.json
+
 .PHONY: bench bench-encoder bench-llm bench-gateway
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image

@@ -218,6 +218,81 @@ def worker(
     ])
 
 
+world_app = typer.Typer(no_args_is_help=True, help="The synthetic world: data, pretrained stand-ins, evaluation.")
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("data")
+def world_data(
+    out: Annotated[Path, typer.Option(help="Folder to write the world to")],
+    images: Annotated[int, typer.Option(help="Number of pictures")] = 2000,
+    videos: Annotated[int, typer.Option(help="Number of clips")] = 2000,
+    audios: Annotated[int, typer.Option(help="Number of tones")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same samples")] = 0,
+) -> None:
+    """Write world samples (pictures, clips, tones with captions) in the documented world format."""
+    from services.world.dataset import write_world
+
+    write_world(out, seed, {"image": images, "video": videos, "audio": audios})
+    typer.echo(f"wrote {images} pictures, {videos} clips, {audios} tones (seed {seed}) to {out}")
+
+
+@world_app.command("pretrain")
+def world_pretrain(
+    data: Annotated[Path, typer.Option(help="World folder (from `nextgpt world data`)")],
+    work: Annotated[Path, typer.Option(help="Folder for checkpoints, loss logs and exported parts")],
+    part: Annotated[list[str], typer.Option(help="Part(s) to train (repeatable), or 'all'")] = ["all"],  # noqa: B006
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: each part's recipe)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+) -> None:
+    """Pretrain the frozen parts' stand-ins on the world; resumes from the checkpoints in --work."""
+    from services.cli.logs import configure_logging
+    from services.world.pretrain.parts import DEFAULT_STEPS, PARTS, write_result
+
+    configure_logging("info")
+    names = list(PARTS) if "all" in part else part
+    unknown = sorted(set(names) - set(PARTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {unknown}; choose from {list(PARTS)} or all", param_hint="--part")
+    for name in names:
+        result = PARTS[name](data, work, steps or DEFAULT_STEPS[name], seed, True)
+        write_result(result, work)
+        typer.echo(f"{name}: exported {result.exported} {result.metrics}")
+
+
+@world_app.command("assemble")
+def world_assemble(
+    work: Annotated[Path, typer.Option(help="Pretraining work folder")],
+    out: Annotated[Path, typer.Option(help="Folder to write the base bundle to")],
+    seed: Annotated[int, typer.Option(help="Seed of the untrained projections")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
+) -> None:
+    """Assemble the pretrained stand-ins into a bundle (projections untrained): where NExT-GPT's stages start."""
+    from services.world.assemble import assemble_base_bundle
+
+    manifest = assemble_base_bundle(work, out, seed=seed, force=force)
+    typer.echo(f"wrote {manifest.name} ({manifest.version}) to {out}")
+
+
+@world_app.command("eval")
+def world_eval(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose stand-ins to check")],
+    count: Annotated[int, typer.Option(help="Fresh samples per modality for retrieval")] = 200,
+    decoder_count: Annotated[int, typer.Option(help="Captions per decoder")] = 48,
+    steps: Annotated[int, typer.Option(help="Diffusion steps per generation")] = 25,
+    part: Annotated[list[str], typer.Option(help="retrieval, image, video, audio (repeatable)")] = [  # noqa: B006
+        "retrieval", "image", "video", "audio"],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
+) -> None:
+    """Held-out checks of the stand-ins on fresh world samples: zero-shot retrieval, decoders from captions."""
+    from services.world.evaluate import evaluate_stand_ins, format_table
+
+    table = evaluate_stand_ins(bundle, count=count, decoder_count=decoder_count, steps=steps, parts=part)
+    typer.echo(format_table(table))
+    if json_out:
+        json_out.write_text(json.dumps(table, indent=2) + "\n")
+
+
 @app.command("health")
 def health(
     url: Annotated[Optional[list[str]], typer.Option(help="An HTTP endpoint that must answer 2xx (repeatable)")] = None,

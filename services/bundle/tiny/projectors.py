@@ -16,12 +16,12 @@ TINY_OUT_DIMS = {"image": 32, "video": 48, "audio": 24}
 NUM_QUERIES = {"image": 77, "video": 77, "audio": 1}
 
 
-def projector_spec(modality: str, in_dim: int) -> ProjectorSpec:
+def projector_spec(modality: str, in_dim: int, out_dims: dict[str, int] = TINY_OUT_DIMS) -> ProjectorSpec:
     return ProjectorSpec(
         weights=f"projectors/{modality}.safetensors",
         signal_embeddings=f"projectors/{modality}.signal_embeddings.safetensors",
         in_dim=in_dim, hidden_dim=64, num_heads=4, num_encoder_layers=4, num_decoder_layers=4, ffn_dim=128,
-        num_queries=NUM_QUERIES[modality], out_dim=TINY_OUT_DIMS[modality],
+        num_queries=NUM_QUERIES[modality], out_dim=out_dims[modality],
     )
 
 

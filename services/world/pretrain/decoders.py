@@ -1,0 +1,298 @@
+"""The three decoders' stand-ins, trained as diffusers pipelines of the release's classes.
+
+Per modality: a VAE (pictures 64x64 -> 4x16x16 latents; the audio decoder's log-mel 100x64 -> 4x25x16), a text
+encoder (CLIP for StableDiffusion and TextToVideoSD, CLAP for AudioLDM) trained jointly with the UNet by the
+denoising loss, with 10% of captions dropped to "" for classifier-free guidance as SD trains, and for audio a
+HiFi-GAN vocoder trained on multi-resolution spectral losses. The pipelines then draw the world from a caption
+through their own text encoder, and from ``prompt_embeds`` exactly as the serving workers call them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AudioLDMPipeline, AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, TextToVideoSDPipeline,
+    UNet2DConditionModel, UNet3DConditionModel,
+)
+from torch import nn
+from transformers import (
+    ClapTextConfig, ClapTextModelWithProjection, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, RobertaTokenizer,
+    SpeechT5HifiGan, SpeechT5HifiGanConfig,
+)
+
+from services.world.attributes import AUDIO_RATE, all_captions
+from services.world.dataset import WorldSplit
+from services.world.pretrain.audio_features import HOP, MEL_BINS, log_mel
+from services.world.pretrain.loop import LoopConfig, train_part
+from services.world.pretrain.text_tokenizers import (
+    write_world_clip_tokenizer_files, write_world_roberta_tokenizer_files,
+)
+
+log = logging.getLogger(__name__)
+
+# Conditioning widths (the projectors' output widths); distinct so that a modality mix-up fails on shape.
+WORLD_COND_DIMS = {"image": 64, "video": 80, "audio": 32}
+CFG_DROPOUT = 0.1
+_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def inference_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def world_vae(channels: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=[32, 64, 64], in_channels=channels, out_channels=channels, layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4, norm_num_groups=16,
+    )
+
+
+def world_clip(work: Path, dim: int) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    vocab, merges = write_world_clip_tokenizer_files(work)
+    tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos,
+        hidden_size=dim, intermediate_size=2 * dim, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77,
+    ))
+    return encoder, tokenizer
+
+
+def world_clap(work: Path, dim: int) -> tuple[ClapTextModelWithProjection, RobertaTokenizer]:
+    vocab, merges = write_world_roberta_tokenizer_files(work)
+    tokenizer = RobertaTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77)
+    encoder = ClapTextModelWithProjection(ClapTextConfig(
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=64, intermediate_size=128,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), projection_dim=dim,
+        max_position_embeddings=80,
+    ))
+    return encoder, tokenizer
+
+
+def world_vocoder() -> SpeechT5HifiGan:
+    # 16 kHz and an upsampling product of 160 give the 100 mel frames per second the pipeline assumes.
+    return SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=MEL_BINS, sampling_rate=AUDIO_RATE, upsample_initial_channel=64, upsample_rates=[8, 5, 4],
+        upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3], [1, 3]],
+        normalize_before=False,
+    ))
+
+
+def picture_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0
+    return x.movedim(-1, -3)
+
+
+def audio_tensor(waves: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(waves.astype(np.float32) / 32767.0)
+
+
+# ---------------------------------------------------------------- VAEs
+
+
+def train_vae(name: str, vae: AutoencoderKL, batches: torch.Tensor, cfg: LoopConfig, workdir: Path,
+              batch_size: int = 32, kl_weight: float = 1e-6, progress: bool = True) -> AutoencoderKL:
+    """Reconstruction (MSE) + a small KL, then ``scaling_factor`` set so that latents have unit variance."""
+
+    def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x = batches[torch.randint(len(batches), (batch_size,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        rec = vae.decode(z).sample
+        return {"recon": F.mse_loss(rec, x), "kl": kl_weight * posterior.kl().mean()}
+
+    train_part(name, vae, step_loss, cfg, workdir, progress=progress)
+    with torch.inference_mode():
+        sample = batches[: min(512, len(batches))]
+        std = float(torch.cat([vae.encode(sample[i:i + 64]).latent_dist.mean for i in range(0, len(sample), 64)]).std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae.eval()
+
+
+@torch.inference_mode()
+def encode_latents(vae: AutoencoderKL, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    parts = [vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)]
+    return torch.cat(parts) * vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------- denoisers
+
+
+class Denoiser(nn.Module):
+    """A UNet and its text encoder, trained together by the denoising loss."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+
+def caption_tokens(tokenizer: Any, captions: list[str]) -> dict[str, torch.Tensor]:
+    return dict(tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt"))
+
+
+def condition(modality: str, text_encoder: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the pipeline computes from a caption: CLIP's last hidden states, or CLAP's normalised projection."""
+    if modality == "audio":
+        out = text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
+        return F.normalize(out, dim=-1)
+    return text_encoder(tokens["input_ids"])[0]
+
+
+def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: torch.Tensor, captions: list[str],
+                   cfg: LoopConfig, workdir: Path, batch_size: int, progress: bool = True) -> Denoiser:
+    """Epsilon-prediction MSE over the DDPM schedule the inference scheduler shares; 10% of captions -> ""."""
+    vocabulary = all_captions(modality) + [""]
+    index = torch.tensor([vocabulary.index(c) for c in captions])
+    uncond = len(vocabulary) - 1
+    tokens = caption_tokens(tokenizer, vocabulary)
+    noise_schedule = DDPMScheduler(**_SCHEDULE)
+
+    def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pick = torch.randint(len(latents), (batch_size,), generator=generator)
+        x0 = latents[pick]
+        which = index[pick].clone()
+        which[torch.rand(batch_size, generator=generator) < CFG_DROPOUT] = uncond
+        cond = condition(modality, denoiser.text_encoder, tokens)[which]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = noise_schedule.add_noise(x0, noise, t)
+        if modality == "audio":
+            pred = denoiser.unet(noisy, t, encoder_hidden_states=None, class_labels=cond).sample
+        else:
+            pred = denoiser.unet(noisy, t, encoder_hidden_states=cond).sample
+        return {"eps": F.mse_loss(pred, noise)}
+
+    train_part(f"{modality}-unet", denoiser, step_loss, cfg, workdir, progress=progress)
+    return denoiser.eval()
+
+
+def image_unet(dim: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=dim, norm_num_groups=32, attention_head_dim=8,
+    )
+
+
+def video_unet(dim: int) -> UNet3DConditionModel:
+    return UNet3DConditionModel(
+        block_out_channels=(48, 96), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=dim, attention_head_dim=8, norm_num_groups=24,
+    )
+
+
+def audio_unet(dim: int) -> UNet2DConditionModel:
+    # AudioLDM conditions through the class embedding (FiLM on the time embedding), not cross-attention.
+    return UNet2DConditionModel(
+        block_out_channels=(48, 96), layers_per_block=1, norm_num_groups=16, sample_size=16,
+        in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D", cross_attention_dim=dim, class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=dim, class_embeddings_concat=True,
+    )
+
+
+# ---------------------------------------------------------------- vocoder
+
+
+def _stft_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    total = pred.new_zeros(())
+    for n_fft, hop in ((128, 32), (512, 128), (1024, 256)):
+        window = torch.hann_window(n_fft)
+        p = torch.stft(pred, n_fft, hop, window=window, return_complex=True).abs()
+        t = torch.stft(target, n_fft, hop, window=window, return_complex=True).abs()
+        convergence = torch.linalg.norm(t - p) / torch.linalg.norm(t).clamp(min=1e-6)
+        total = total + convergence + F.l1_loss(torch.log(p + 1e-5), torch.log(t + 1e-5))
+    return total / 3
+
+
+def train_vocoder(vocoder: SpeechT5HifiGan, waves: torch.Tensor, cfg: LoopConfig, workdir: Path,
+                  batch_size: int = 16, crop_frames: int = 32, progress: bool = True) -> SpeechT5HifiGan:
+    """Mel -> waveform on random crops, multi-resolution STFT + log-mel L1 (no adversary: tones need none)."""
+    mels = log_mel(waves)  # (N, frames, mel)
+
+    def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pick = torch.randint(len(waves), (batch_size,), generator=generator)
+        start = int(torch.randint(0, mels.shape[1] - crop_frames + 1, (1,), generator=generator))
+        mel = mels[pick, start:start + crop_frames]
+        target = waves[pick, start * HOP:(start + crop_frames) * HOP]
+        pred = vocoder(mel)
+        return {"stft": _stft_loss(pred, target), "mel": F.l1_loss(log_mel(pred), mel)}
+
+    train_part("vocoder", vocoder, step_loss, cfg, workdir, progress=progress)
+    return vocoder.eval()
+
+
+# ---------------------------------------------------------------- the three pipelines
+
+
+def pretrain_picture_vae(splits: dict[str, WorldSplit], cfg: LoopConfig, workdir: Path,
+                         progress: bool = True) -> AutoencoderKL:
+    """One VAE for pictures and clip frames (TextToVideoSD decodes frame by frame with a 2D VAE)."""
+    torch.manual_seed(cfg.seed)
+    frames = [picture_tensor(splits["image"].data)] if "image" in splits else []
+    if "video" in splits:
+        frames.append(picture_tensor(splits["video"].data[:, ::3].reshape(-1, 64, 64, 3)))
+    return train_vae("picture-vae", world_vae(3), torch.cat(frames), cfg, workdir, progress=progress)
+
+
+def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workdir: Path, out: Path,
+                   batch_size: int = 64, progress: bool = True) -> StableDiffusionPipeline:
+    torch.manual_seed(cfg.seed)
+    text_encoder, tokenizer = world_clip(workdir / "tokenizer", WORLD_COND_DIMS["image"])
+    latents = encode_latents(vae, picture_tensor(split.data))
+    denoiser = train_denoiser("image", Denoiser(image_unet(WORLD_COND_DIMS["image"]), text_encoder), tokenizer,
+                              latents, split.captions, cfg, workdir, batch_size, progress)
+    pipe = StableDiffusionPipeline(
+        unet=denoiser.unet, vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer,
+        scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return pipe
+
+
+def pretrain_video(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workdir: Path, out: Path,
+                   batch_size: int = 16, progress: bool = True) -> TextToVideoSDPipeline:
+    torch.manual_seed(cfg.seed)
+    text_encoder, tokenizer = world_clip(workdir / "tokenizer", WORLD_COND_DIMS["video"])
+    n, f = split.data.shape[:2]
+    frames = encode_latents(vae, picture_tensor(split.data.reshape(n * f, 64, 64, 3)))
+    latents = frames.reshape(n, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()  # (N, C, F, h, w)
+    denoiser = train_denoiser("video", Denoiser(video_unet(WORLD_COND_DIMS["video"]), text_encoder), tokenizer,
+                              latents, split.captions, cfg, workdir, batch_size, progress)
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer,
+                                 unet=denoiser.unet, scheduler=inference_scheduler())
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return pipe
+
+
+def pretrain_audio(split: WorldSplit, cfgs: dict[str, LoopConfig], workdir: Path, out: Path,
+                   batch_size: int = 64, progress: bool = True) -> AudioLDMPipeline:
+    """VAE on log-mel pictures (1, 100, 64), vocoder mel -> wave, then the class-conditioned UNet."""
+    torch.manual_seed(cfgs["vae"].seed)
+    waves = audio_tensor(split.data)
+    mels = log_mel(waves).unsqueeze(1)  # (N, 1, frames, mel)
+    vae = train_vae("audio-vae", world_vae(1), mels, cfgs["vae"], workdir / "vae", progress=progress)
+    vocoder = train_vocoder(world_vocoder(), waves, cfgs["vocoder"], workdir / "vocoder", progress=progress)
+    text_encoder, tokenizer = world_clap(workdir / "tokenizer", WORLD_COND_DIMS["audio"])
+    latents = encode_latents(vae, mels)
+    denoiser = train_denoiser("audio", Denoiser(audio_unet(WORLD_COND_DIMS["audio"]), text_encoder), tokenizer,
+                              latents, split.captions, cfgs["unet"], workdir / "unet", batch_size, progress)
+    pipe = AudioLDMPipeline(vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer, unet=denoiser.unet,
+                            scheduler=inference_scheduler(), vocoder=vocoder)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return pipe

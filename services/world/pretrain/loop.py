@@ -1,0 +1,110 @@
+"""One training loop for every part: accelerate, resumable checkpoints, a progress bar, a loss log.
+
+A part gives its trainable module, and a function that computes the loss of one step from a batch generator.
+Batches are drawn from a generator seeded with (seed, step), so a run resumed from a checkpoint sees the same
+batches as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+LOSS_LOG = "loss.jsonl"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup: int = 50
+    weight_decay: float = 0.0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    grad_clip: float = 1.0
+
+
+StepLoss = Callable[[torch.Generator], "dict[str, torch.Tensor]"]
+
+
+def _schedule(cfg: LoopConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfig, workdir: Path,
+               progress: bool = True) -> list[dict[str, float]]:
+    """Train ``module``'s parameters that require grad for ``cfg.steps`` steps; resumes from ``workdir``.
+
+    ``step_loss(generator)`` returns named losses; their sum is minimised. Returns the loss log of this run.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    start = 0
+    checkpoint = workdir / CHECKPOINT
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        log.info("%s: resumed at step %d of %d", name, start, cfg.steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    module.train()
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    started = time.perf_counter()
+    with (workdir / LOSS_LOG).open("a") as loss_log:
+        for step in bar:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            losses = step_loss(generator)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(total)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            row = {"step": step + 1, "loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
+                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2)}
+            history.append(row)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                loss_log.write(json.dumps(row) + "\n")
+                loss_log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                _save(accelerator, module, optimizer, scheduler, step + 1, checkpoint)
+    module.eval()
+    return history
+
+
+def _save(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, path: Path) -> None:
+    if not accelerator.is_main_process:
+        return
+    tmp = path.with_suffix(".tmp")
+    torch.save({"module": accelerator.unwrap_model(module).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step}, tmp)
+    tmp.replace(path)  # a kill mid-write leaves the previous checkpoint whole

@@ -1,0 +1,113 @@
+"""Run each pretraining part and export its result under the work folder (``WORK/<part>/``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.world.dataset import read_world
+from services.world.pretrain.loop import LoopConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartResult:
+    part: str
+    exported: Path
+    metrics: dict[str, float]
+
+
+def run_imagebind(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    from services.bundle.tensor_io import save_state_dict
+    from services.world.pretrain.imagebind import IMAGEBIND_PHASES, Phase, pretrain_imagebind
+
+    splits = read_world(data)
+    folder = work / "imagebind"
+    # --steps scales every phase (a quick run); the recipe is IMAGEBIND_PHASES.
+    total = sum(p.loop.steps for p in IMAGEBIND_PHASES)
+    phases = tuple(Phase(LoopConfig(**{**p.loop.__dict__, "steps": max(1, p.loop.steps * steps // total)}),
+                         p.batch_sizes) for p in IMAGEBIND_PHASES)
+    model = pretrain_imagebind(splits, phases, folder, seed=seed, progress=progress)
+    exported = folder / "imagebind.safetensors"
+    save_state_dict(model, exported)
+    return PartResult("imagebind", exported, {})
+
+
+
+
+def write_result(result: PartResult, work: Path) -> None:
+    """Record what a part exported, beside its checkpoints and loss log."""
+    (work / result.part / "result.json").write_text(json.dumps(
+        {"part": result.part, "exported": str(result.exported), "metrics": result.metrics}, indent=2) + "\n")
+
+
+def _load_picture_vae(work: Path):  # noqa: ANN202 - diffusers type imported lazily
+    from diffusers import AutoencoderKL
+
+    path = work / "picture-vae" / "exported"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: train the picture VAE first (`--part picture-vae`)")
+    return AutoencoderKL.from_pretrained(str(path))
+
+
+def run_picture_vae(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    from services.world.pretrain.decoders import pretrain_picture_vae
+
+    folder = work / "picture-vae"
+    vae = pretrain_picture_vae(read_world(data, ("image", "video")), LoopConfig(steps=steps, lr=1e-3, seed=seed),
+                               folder, progress=progress)
+    vae.save_pretrained(str(folder / "exported"), safe_serialization=True)
+    return PartResult("picture-vae", folder / "exported", {"scaling_factor": float(vae.config.scaling_factor)})
+
+
+def run_image(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    from services.world.pretrain.decoders import pretrain_image
+
+    folder = work / "image"
+    pretrain_image(read_world(data, ("image",))["image"], _load_picture_vae(work),
+                   LoopConfig(steps=steps, lr=5e-4, seed=seed), folder, folder / "exported", progress=progress)
+    return PartResult("image", folder / "exported", {})
+
+
+def run_video(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    from services.world.pretrain.decoders import pretrain_video
+
+    folder = work / "video"
+    pretrain_video(read_world(data, ("video",))["video"], _load_picture_vae(work),
+                   LoopConfig(steps=steps, lr=5e-4, seed=seed), folder, folder / "exported", progress=progress)
+    return PartResult("video", folder / "exported", {})
+
+
+def run_audio(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    from services.world.pretrain.decoders import pretrain_audio
+
+    folder = work / "audio"
+    # The VAE and vocoder learn tones quickly; the UNet gets the step budget.
+    cfgs = {"vae": LoopConfig(steps=max(1, steps // 3), lr=1e-3, seed=seed),
+            "vocoder": LoopConfig(steps=max(1, steps // 2), lr=1e-3, seed=seed),
+            "unet": LoopConfig(steps=steps, lr=5e-4, seed=seed)}
+    pretrain_audio(read_world(data, ("audio",))["audio"], cfgs, folder, folder / "exported", progress=progress)
+    return PartResult("audio", folder / "exported", {})
+
+
+
+
+def run_language(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    from services.world.pretrain.language import pretrain_language
+
+    folder = work / "language"
+    pretrain_language(LoopConfig(steps=steps, lr=2e-3, seed=seed), folder, folder / "exported", progress=progress)
+    return PartResult("language", folder / "exported", {})
+
+
+Part = Callable[[Path, Path, int, int, bool], PartResult]
+# In the order `--part all` runs them (the picture VAE before the two decoders that share it).
+PARTS: dict[str, Part] = {
+    "imagebind": run_imagebind, "language": run_language, "picture-vae": run_picture_vae, "image": run_image,
+    "audio": run_audio, "video": run_video,
+}
+DEFAULT_STEPS = {"imagebind": 1400, "language": 1500, "picture-vae": 600, "image": 2500, "audio": 1500, "video": 1500}
