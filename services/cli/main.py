@@ -293,6 +293,59 @@ def world_eval(
         json_out.write_text(json.dumps(table, indent=2) + "\n")
 
 
+train_app = typer.Typer(no_args_is_help=True, help="NExT-GPT's training stages over a bundle's frozen parts.")
+app.add_typer(train_app, name="train")
+
+
+def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path], steps: Optional[int], seed: int,
+           lora_name: str, lora_rank: int, lora_alpha: int, force: bool) -> None:
+    from services.cli.logs import configure_logging
+    from services.training.runner import StageRun, train_stage
+    from services.training.stages import LoraOptions
+
+    configure_logging("info")
+    report = train_stage(StageRun(
+        stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"), steps=steps,
+        seed=seed, lora=LoraOptions(name=lora_name, rank=lora_rank, alpha=lora_alpha), force=force,
+    ))
+    typer.echo(json.dumps(report, indent=2))
+
+
+TrainBundle = Annotated[Path, typer.Option(help="Bundle to start from")]
+TrainData = Annotated[Path, typer.Option(help="World folder (from `nextgpt world data`)")]
+TrainOut = Annotated[Path, typer.Option(help="Folder to write the trained bundle to")]
+TrainWork = Annotated[Optional[Path], typer.Option(help="Checkpoints and loss log (default: <out>.work)")]
+TrainSteps = Annotated[Optional[int], typer.Option(help="Steps (default: the stage's recipe)")]
+TrainSeed = Annotated[int, typer.Option(help="Seed")]
+LoraName = Annotated[str, typer.Option(help="Name of the LoRA adapter (instruct)")]
+LoraRank = Annotated[int, typer.Option(help="LoRA r (the release: 32)")]
+LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (the release: 32)")]
+Force = Annotated[bool, typer.Option(help="Replace an existing output folder")]
+
+
+@train_app.command("align-encoder")
+def train_align_encoder(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
+                        steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False) -> None:
+    """Stage 1: the input projection learns X -> caption; ImageBind and the LLM frozen."""
+    _train("align-encoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force)
+
+
+@train_app.command("align-decoder")
+def train_align_decoder(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
+                        steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False) -> None:
+    """Stage 2: output projectors + signal-token rows learn caption -> signal group (NLL + L2 to the decoders'
+    text encoders)."""
+    _train("align-decoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force)
+
+
+@train_app.command("instruct")
+def train_instruct(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
+                   steps: TrainSteps = None, seed: TrainSeed = 0, lora_name: LoraName = "nextgpt",
+                   lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, force: Force = False) -> None:
+    """Stage 3: modality-switching instruction tuning: LoRA + both projections on mixed dialogues."""
+    _train("instruct", bundle, data, out, work, steps, seed, lora_name, lora_rank, lora_alpha, force)
+
+
 @app.command("health")
 def health(
     url: Annotated[Optional[list[str]], typer.Option(help="An HTTP endpoint that must answer 2xx (repeatable)")] = None,

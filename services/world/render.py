@@ -67,19 +67,21 @@ def _paint(mask: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     return np.round(mask[..., None] * rgb[None, None, :] * 255.0).astype(np.uint8)
 
 
-def render_image(seed: int, index: int) -> Sample:
+def render_image(seed: int, index: int, want: Attributes | None = None) -> Sample:
     rng = sample_rng(seed, "image", index)
     attrs = Attributes(size=_pick(rng, "size"), colour=_pick(rng, "colour"), shape=_pick(rng, "shape"))
+    attrs = want or attrs
     half = rng.uniform(*SIZE_RANGES[attrs.size])
     cx, cy = rng.uniform(half + 1, IMAGE_SIZE - half - 1, size=2)
     pixels = _paint(shape_mask(attrs.shape, cx, cy, half), colour_rgb(rng, attrs.colour))
     return Sample("image", attrs, caption("image", attrs), pixels)
 
 
-def render_video(seed: int, index: int) -> Sample:
+def render_video(seed: int, index: int, want: Attributes | None = None) -> Sample:
     rng = sample_rng(seed, "video", index)
     attrs = Attributes(size=_pick(rng, "size"), colour=_pick(rng, "colour"), shape=_pick(rng, "shape"),
                        motion=_pick(rng, "motion"))
+    attrs = want or attrs
     half = rng.uniform(*SIZE_RANGES[attrs.size])
     distance = rng.uniform(*MOTION_RANGE)
     dx, dy = MOTION_VECTORS[attrs.motion]
@@ -101,9 +103,10 @@ def render_video(seed: int, index: int) -> Sample:
     return Sample("video", attrs, caption("video", attrs), np.stack(frames))
 
 
-def render_audio(seed: int, index: int) -> Sample:
+def render_audio(seed: int, index: int, want: Attributes | None = None) -> Sample:
     rng = sample_rng(seed, "audio", index)
     attrs = Attributes(pitch=_pick(rng, "pitch"), rhythm=_pick(rng, "rhythm"))
+    attrs = want or attrs
     lo, hi = PITCH_RANGES[attrs.pitch]
     frequency = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     amplitude = rng.uniform(0.3, 0.6)
@@ -122,5 +125,7 @@ def render_audio(seed: int, index: int) -> Sample:
 RENDERERS = {"image": render_image, "video": render_video, "audio": render_audio}
 
 
-def render(modality: WorldModality, seed: int, index: int) -> Sample:
-    return RENDERERS[modality](seed, index)
+def render(modality: WorldModality, seed: int, index: int, want: Attributes | None = None) -> Sample:
+    """Sample ``index``; with ``want``, the same draw of positions, sizes and tones but of the classes asked for
+    (the classes are drawn first either way, so the rest of the sample does not depend on ``want``)."""
+    return RENDERERS[modality](seed, index, want)

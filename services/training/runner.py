@@ -1,0 +1,73 @@
+"""``nextgpt train <stage>``: a bundle and a world folder in, a trained bundle out, with a held-out check."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from services.bundle.loader import load_bundle
+from services.training.examples import Encoded
+from services.training.model import NextGPTTrainable
+from services.training.stages import STAGES, LoraOptions, encoded_pool, export_bundle, run_stage
+from services.training.world_source import WorldExamples, decoder_targets, embed_world
+from services.world.dataset import generate_split, read_world
+from services.world.evaluate import EVAL_SEED
+
+log = logging.getLogger(__name__)
+POOL = 20_000
+HELD_OUT = 256
+
+
+@dataclass(frozen=True)
+class StageRun:
+    stage: str
+    bundle: Path
+    data: Path
+    out: Path
+    work: Path
+    steps: int | None = None
+    seed: int = 0
+    lora: LoraOptions = LoraOptions()
+    force: bool = False
+    progress: bool = True
+    pool_size: int = POOL
+
+
+@torch.inference_mode()
+def held_out_losses(model: NextGPTTrainable, pool: list[Encoded], table: torch.Tensor, spec_weights: object,
+                    batch: int = 32) -> dict[str, float]:
+    model.eval()
+    totals: dict[str, float] = {}
+    for i in range(0, len(pool), batch):
+        for name, value in model.losses(pool[i:i + batch], table, spec_weights).items():  # type: ignore[arg-type]
+            totals[name] = totals.get(name, 0.0) + float(value) * len(pool[i:i + batch])
+    return {k: round(v / len(pool), 5) for k, v in totals.items()}
+
+
+def train_stage(run: StageRun) -> dict[str, object]:
+    spec = STAGES[run.stage]
+    if run.steps:
+        spec = replace(spec, loop=replace(spec.loop, steps=run.steps))
+    spec = replace(spec, loop=replace(spec.loop, seed=run.seed))
+    bundle = load_bundle(run.bundle)
+    splits = read_world(run.data)
+    fresh = {m: generate_split(m, EVAL_SEED, len(s) // 4 or 1) for m, s in splits.items()}
+    targets = decoder_targets(bundle)
+    train_source = WorldExamples(splits, embed_world(bundle, splits), targets)
+    eval_source = WorldExamples(fresh, embed_world(bundle, fresh), targets)
+    model = NextGPTTrainable(bundle)
+    pool = encoded_pool(model, train_source.examples(spec.conversations, run.pool_size, run.seed))
+    held_out = encoded_pool(model, eval_source.examples(spec.conversations, HELD_OUT, EVAL_SEED, split="eval"))
+    before = held_out_losses(model, held_out, eval_source.table, spec.weights)
+    log.info("%s: held-out losses before %s", run.stage, before)
+    run_stage(spec, bundle, pool, train_source.table, run.work, run.lora, run.progress, model=model)
+    after = held_out_losses(model, held_out, eval_source.table, spec.weights)
+    export_bundle(model, spec, run.out, run.lora, force=run.force)
+    report = {"stage": run.stage, "steps": spec.loop.steps, "held_out_before": before, "held_out_after": after,
+              "trainable": sum(n for _, n in model.trainable_summary()), "bundle": str(run.out)}
+    (run.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,88 @@
+"""Turn world conversations into training examples: media as the bundle's own (frozen) ImageBind vectors of
+world samples, signal targets as the bundle's decoders' own text-encoder embeddings of the captions."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from services.bundle.loader import Bundle
+from services.training.examples import Example, SignalTarget
+from services.training.world_tasks import Conversation, Draw, Split, Task as Source
+from services.world.attributes import WORLD_MODALITIES, WorldModality, all_captions, caption
+from services.world.dataset import WorldSplit
+
+
+@torch.inference_mode()
+def embed_world(bundle: Bundle, splits: dict[WorldModality, WorldSplit], batch: int = 64) -> dict[str, torch.Tensor]:
+    """ImageBind vectors (1024) of every sample, preprocessed as the encoder service does."""
+    from services.encoder.model import EncoderModel
+    from services.world.pretrain.imagebind import PREPARE
+
+    encoder = EncoderModel.from_bundle(bundle)
+    out = {}
+    for modality, split in splits.items():
+        x = PREPARE[modality](split.data)
+        rows = [encoder.embed(modality, x[i:i + batch].float().unsqueeze(1)) for i in range(0, len(x), batch)]
+        out[modality] = torch.cat(rows)
+    return out
+
+
+@torch.inference_mode()
+def decoder_targets(bundle: Bundle) -> dict[tuple[str, str], torch.Tensor]:
+    """(modality, caption) -> what the modality's decoder pipeline computes from that caption itself."""
+    from transformers import AutoTokenizer, CLIPTextModel, ClapTextModelWithProjection
+
+    from services.world.pretrain.decoders import caption_tokens, condition
+
+    targets = {}
+    for modality in WORLD_MODALITIES:
+        source = bundle.decoder_source(modality)  # type: ignore[arg-type]
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        cls = ClapTextModelWithProjection if modality == "audio" else CLIPTextModel
+        encoder = cls.from_pretrained(source, subfolder="text_encoder").eval()
+        captions = all_captions(modality)
+        for text, vector in zip(captions, condition(modality, encoder, caption_tokens(tokenizer, captions))):
+            targets[(modality, text)] = vector.clone()
+    return targets
+
+
+class WorldExamples:
+    """Examples from world conversations; each input medium is a random sample of the classes asked for."""
+
+    def __init__(self, splits: dict[WorldModality, WorldSplit], vectors: dict[str, torch.Tensor],
+                 targets: dict[tuple[str, str], torch.Tensor]) -> None:
+        self.targets = targets
+        tables, offset = [], 0
+        self.rows: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for modality, split in splits.items():
+            for i, text in enumerate(split.captions):
+                self.rows[(modality, text)].append(offset + i)
+            tables.append(vectors[modality])
+            offset += len(split)
+        self.table = torch.cat(tables)
+        self.attributes = {m: s.attributes for m, s in splits.items()}
+
+    def conversation(self, source: Source, rng: random.Random, split: Split) -> Conversation:
+        return source(rng, split, lambda modality: rng.choice(self.attributes[modality]))
+
+    def examples(self, source: Source, count: int, seed: int, split: Split = "train") -> list[Example]:
+        rng = random.Random(seed)
+        return [self.example(self.conversation(source, rng, split), rng) for _ in range(count)]
+
+    def example(self, conversation: Conversation, rng: random.Random) -> Example:
+        media = []
+        for modality, attrs in conversation.inputs:
+            candidates = self.rows.get((modality, caption(modality, attrs)))
+            if not candidates:
+                raise ValueError(f"the world data has no {caption(modality, attrs)!r} ({modality})")
+            media.append(rng.choice(candidates))
+        signals = [SignalTarget(m, self.targets[(m, caption(m, a))]) for m, a in conversation.outputs]
+        return Example(turns=conversation.turns, media=media, reply=conversation.reply, signals=signals)
+
+
+def vectors_as_numpy(table: torch.Tensor) -> np.ndarray:
+    return table.numpy().astype(np.float32)

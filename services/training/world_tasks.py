@@ -1,0 +1,181 @@
+"""The world's training conversations for the three stages, in many phrasings per task.
+
+Each task has training phrasings and a disjoint set of held-out phrasings (``split="eval"``) that no stage
+trains on, so an evaluation can ask in words the model has not seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from services.contracts.llm import Turn
+from services.world.attributes import CLASSES, Attributes, WorldModality, caption
+
+Split = Literal["train", "eval"]
+# Draws the classes of an input medium the data has (so a sample of them exists to show the model).
+Draw = Callable[[WorldModality], Attributes]
+
+DESCRIBE = {
+    "train": {
+        "image": ["Describe this picture.", "What is in this image?", "What do you see?", "Tell me what this shows.",
+                  "Caption this picture.", "What is this?", "Explain the image.", "Give a caption for this."],
+        "video": ["Describe this clip.", "What happens in this video?", "What do you see in the clip?",
+                  "Caption this video.", "Tell me what this video shows.", "What is moving here?"],
+        "audio": ["Describe this sound.", "What do you hear?", "What is this audio?", "Caption this sound.",
+                  "Tell me about this tone.", "What does this sound like?"],
+    },
+    "eval": {
+        "image": ["Can you tell me what this picture contains?", "Please describe the image for me."],
+        "video": ["Can you tell me what this clip contains?", "Please describe the video for me."],
+        "audio": ["Can you tell me what this recording contains?", "Please describe the sound for me."],
+    },
+}
+CREATE = {
+    "train": {
+        "image": ["Draw {x}.", "Make a picture of {x}.", "Show me {x}.", "Generate an image of {x}.",
+                  "Paint {x}.", "I want a picture of {x}.", "Create an image with {x}."],
+        "video": ["Make a video of {x}.", "Film {x}.", "Show me a clip of {x}.", "Generate a video of {x}.",
+                  "Animate {x}.", "I want a clip of {x}."],
+        "audio": ["Play {x}.", "Make a sound: {x}.", "Generate audio of {x}.", "Let me hear {x}.",
+                  "Produce {x}.", "I want to hear {x}."],
+    },
+    "eval": {
+        "image": ["Could you please render {x} for me?", "Please sketch {x}."],
+        "video": ["Could you please produce a moving clip of {x}?", "Please record a video of {x}."],
+        "audio": ["Could you please synthesize {x}?", "Please sound {x}."],
+    },
+}
+TO_VIDEO = {"train": ["Make this move {m}.", "Animate this moving {m}.", "Turn this into a video moving {m}.",
+                      "Now make it move {m}."],
+            "eval": ["Could you set this in motion towards the {m}?"]}
+TO_IMAGE = {"train": ["Show this as a still picture.", "Make a picture of this.", "Draw a frame of this clip."],
+            "eval": ["Could you give me a still image of this?"]}
+RECOLOUR = {"train": ["Now make it {c}.", "Make it {c} instead.", "Change the colour to {c}.", "Same, but {c}."],
+            "eval": ["Could you redo it in {c}?"]}
+BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", "Make a picture of {x} and a sound of {y}."],
+        "eval": ["Could you render {x} and also synthesize {y}?"]}
+
+
+def _phrase(rng: random.Random, table: dict[str, list[str]] | dict[str, dict[str, list[str]]], split: Split,
+            modality: str | None = None) -> str:
+    options = table[split]
+    return rng.choice(options[modality] if modality else options)  # type: ignore[index]
+
+
+def described(modality: WorldModality, attrs: Attributes) -> str:
+    return caption(modality, attrs).capitalize() + "."
+
+
+def partial_request(rng: random.Random, modality: WorldModality, attrs: Attributes) -> str:
+    """How a user names what they want: sometimes leaving out the size or the rhythm (the model then picks)."""
+    text = caption(modality, attrs)
+    if modality != "audio" and rng.random() < 0.3:
+        text = text.replace(f" {attrs.size} ", " ", 1)
+    return text
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation before media and targets are attached: media as (modality, attributes) to be drawn."""
+
+    turns: list[Turn]
+    inputs: list[tuple[WorldModality, Attributes]]  # the media the turns refer to, by index
+    reply: str
+    outputs: list[tuple[WorldModality, Attributes]]  # the groups of the reply, with what each should show
+
+
+def random_attrs(rng: random.Random, modality: WorldModality) -> Attributes:
+    from services.world.attributes import ATTRIBUTES
+
+    return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
+
+
+def describe_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = draw(modality)
+    turn = Turn(role="user", text=_phrase(rng, DESCRIBE, split, modality), media=[0])
+    return Conversation([turn], [(modality, attrs)], described(modality, attrs), [])
+
+
+def create_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = random_attrs(rng, modality)
+    text = _phrase(rng, CREATE, split, modality).format(x=partial_request(rng, modality, attrs))
+    reply = f"Here is {caption(modality, attrs)}."
+    return Conversation([Turn(role="user", text=text)], [], reply, [(modality, attrs)])
+
+
+def image_to_video_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    still = draw("image")
+    motion = rng.choice(CLASSES["motion"])
+    clip = Attributes(size=still.size, colour=still.colour, shape=still.shape, motion=motion)
+    turn = Turn(role="user", text=_phrase(rng, TO_VIDEO, split).format(m=motion), media=[0])
+    return Conversation([turn], [("image", still)], f"Here is {caption('video', clip)}.", [("video", clip)])
+
+
+def video_to_image_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    clip = draw("video")
+    still = Attributes(size=clip.size, colour=clip.colour, shape=clip.shape)
+    turn = Turn(role="user", text=_phrase(rng, TO_IMAGE, split), media=[0])
+    return Conversation([turn], [("video", clip)], f"Here is {caption('image', still)}.", [("image", still)])
+
+
+def two_media_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    picture, tone = random_attrs(rng, "image"), random_attrs(rng, "audio")
+    text = _phrase(rng, BOTH, split).format(x=caption("image", picture), y=caption("audio", tone))
+    reply = f"Here is {caption('image', picture)} and {caption('audio', tone)}."
+    return Conversation([Turn(role="user", text=text)], [], reply, [("image", picture), ("audio", tone)])
+
+
+def follow_up_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    first = draw("image")
+    colour = rng.choice([c for c in CLASSES["colour"] if c != first.colour])
+    second = Attributes(size=first.size, colour=colour, shape=first.shape)
+    turns = [
+        Turn(role="user", text=_phrase(rng, CREATE, split, "image").format(x=caption("image", first))),
+        Turn(role="assistant", text=f"Here is {caption('image', first)}.", media=[0]),
+        Turn(role="user", text=_phrase(rng, RECOLOUR, split).format(c=colour)),
+    ]
+    return Conversation(turns, [("image", first)], f"Here is {caption('image', second)}.", [("image", second)])
+
+
+def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    from services.world.text import ANSWERS, QUESTIONS
+
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = draw(modality)
+    from services.world.attributes import ATTRIBUTES
+
+    name = rng.choice(ATTRIBUTES[modality])
+    thing = {"image": "this picture", "video": "the thing in this clip", "audio": "this tone"}[modality]
+    question = rng.choice(QUESTIONS[name]).format(thing=thing)
+    turn = Turn(role="user", text=question[0].upper() + question[1:], media=[0])
+    return Conversation([turn], [(modality, attrs)], ANSWERS[name].format(value=getattr(attrs, name)), [])
+
+
+Task = Callable[[random.Random, Split, Draw], Conversation]
+# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up.
+INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
+    (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (image_to_video_task, 1.0),
+    (video_to_image_task, 0.5), (two_media_task, 0.7), (follow_up_task, 0.8),
+)
+
+
+def encoder_alignment(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """Stage 1: X -> caption, with the release's short caption-generation instruction."""
+    return describe_task(rng, split, draw)
+
+
+def decoder_alignment(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """Stage 2: the caption as input, the modality's signal group as the whole target (as the release does)."""
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = random_attrs(rng, modality)
+    return Conversation([Turn(role="user", text=caption(modality, attrs))], [], "", [(modality, attrs)])
+
+
+def instruction(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    tasks, weights = zip(*INSTRUCT_MIX)
+    return rng.choices(tasks, weights=weights)[0](rng, split, draw)
