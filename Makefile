@@ -106,7 +106,7 @@ world-pretrain: world-data
 	$(BIN)/nextgpt world assemble --work $(WORLD_DIR)/work --out $(WORLD_DIR)/base --force
 
 world-eval: $(STAMP)
-	$(BIN)/nextgpt world eval --bundle $(WORLD_DIR)/base --json $(WORLD_DIR)/eval.json
+	$(BIN)/nextgpt world eval --bundle $(WORLD_DIR)/base --work $(WORLD_DIR)/work --json $(WORLD_DIR)/eval.json
 
 .PHONY: bench bench-encoder bench-llm bench-gateway
 bench-encoder: $(STAMP)

@@ -85,6 +85,20 @@ def bundle_inspect(path: Annotated[Path, typer.Argument(help="Bundle folder")]) 
     typer.echo(json.dumps(bundle_summary(load_bundle(path)), indent=2))
 
 
+@bundle_app.command("pack")
+def bundle_pack(
+    source: Annotated[Path, typer.Argument(help="Bundle folder")],
+    out: Annotated[Path, typer.Option(help="Folder to write the packed bundle to")],
+    force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
+) -> None:
+    """Copy a bundle with its weights stored as float16 (loaded back at the services' own dtype)."""
+    from services.bundle.pack import pack_half
+
+    pack_half(source, out, force=force)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    typer.echo(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
 @app.command("serve")
 def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
     """Embedded mode: the whole stack in one process (today: the parts that exist, see README)."""
@@ -277,6 +291,7 @@ def world_assemble(
 @world_app.command("eval")
 def world_eval(
     bundle: Annotated[Path, typer.Option(help="Bundle whose stand-ins to check")],
+    work: Annotated[Optional[Path], typer.Option(help="Pretraining work folder (full ImageBind, for retrieval)")] = None,
     count: Annotated[int, typer.Option(help="Fresh samples per modality for retrieval")] = 200,
     decoder_count: Annotated[int, typer.Option(help="Captions per decoder")] = 48,
     steps: Annotated[int, typer.Option(help="Diffusion steps per generation")] = 25,
@@ -287,7 +302,8 @@ def world_eval(
     """Held-out checks of the stand-ins on fresh world samples: zero-shot retrieval, decoders from captions."""
     from services.world.evaluate import evaluate_stand_ins, format_table
 
-    table = evaluate_stand_ins(bundle, count=count, decoder_count=decoder_count, steps=steps, parts=part)
+    weights = work / "imagebind" / "imagebind.safetensors" if work else None
+    table = evaluate_stand_ins(bundle, weights, count=count, decoder_count=decoder_count, steps=steps, parts=part)
     typer.echo(format_table(table))
     if json_out:
         json_out.write_text(json.dumps(table, indent=2) + "\n")
@@ -344,6 +360,29 @@ def train_instruct(bundle: TrainBundle, data: TrainData, out: TrainOut, work: Tr
                    lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, force: Force = False) -> None:
     """Stage 3: modality-switching instruction tuning: LoRA + both projections on mixed dialogues."""
     _train("instruct", bundle, data, out, work, steps, seed, lora_name, lora_rank, lora_alpha, force)
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a running stack through its public API.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("world")
+def eval_world(
+    url: Annotated[str, typer.Option(help="Base URL of the gateway, e.g. http://127.0.0.1:8000")],
+    api_key: Annotated[Optional[str], typer.Option(help="Bearer key (default: NEXTGPT_EVAL_API_KEY)",
+                                                   envvar="NEXTGPT_EVAL_API_KEY")] = None,
+    count: Annotated[int, typer.Option(help="Items per task")] = 12,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
+) -> None:
+    """Semantic evaluation on fresh world samples and held-out phrasings: describe, generate, image -> video,
+    two media in one reply, a follow-up turn. Prints a table of accuracies."""
+    from services.world.api_eval import WorldClient, evaluate_api
+    from services.world.evaluate import format_table
+
+    table = evaluate_api(WorldClient(url, api_key), count=count, progress=lambda s: typer.echo(s, err=True))
+    typer.echo(format_table(table))
+    if json_out:
+        json_out.write_text(json.dumps(table, indent=2) + "\n")
 
 
 @app.command("health")

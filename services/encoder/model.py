@@ -8,7 +8,7 @@ from torch import nn
 
 from services.bundle.loader import Bundle
 from services.contracts.encoder import InputModality
-from services.modeling.imagebind import build_imagebind, modality_types
+from services.modeling.imagebind import build_imagebind, load_served_weights, modality_types
 
 
 class EncoderModel:
@@ -24,7 +24,7 @@ class EncoderModel:
     def from_bundle(cls, bundle: Bundle, device: str = "cpu", dtype: torch.dtype = torch.float32) -> EncoderModel:
         spec = bundle.manifest.encoder
         imagebind = build_imagebind(spec.config)
-        imagebind.load_state_dict(load_file(str(bundle.path(spec.weights))), strict=True)
+        load_served_weights(imagebind, load_file(str(bundle.path(spec.weights))), str(bundle.path(spec.weights)))
         proj_state = load_file(str(bundle.path(spec.input_projection)))
         out_dim, in_dim = proj_state["weight"].shape
         projection = nn.Linear(in_dim, out_dim)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 import threading
 import types
@@ -110,3 +111,26 @@ def imagebind_without_weights(config: ImageBindConfig) -> nn.Module:
 
     with init_empty_weights():
         return build_imagebind(config)
+
+
+# The branches the encoder service runs: pictures and clips through vision, sounds through audio.
+SERVED_BRANCHES = ("vision", "audio")
+_BRANCH_KEY = re.compile(r"^modality_(?:preprocessors|trunks|heads|postprocessors)\.([a-z]+)\.")
+
+
+def served_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of the branches the encoder serves; the text, depth, thermal and IMU branches are left out."""
+    return {k: v for k, v in state.items() if (m := _BRANCH_KEY.match(k)) and m.group(1) in SERVED_BRANCHES}
+
+
+def load_served_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``: every weight of a served branch must be there, every key must be the model's;
+    the weights of unserved branches may be absent (a bundle need not carry what it never runs)."""
+    expected = model.state_dict()
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(served_state(expected)) - set(state))
+    if unknown or missing:
+        raise ValueError(f"{source}: ImageBind weights do not match the configured model: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unknown {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+    model.load_state_dict(state, strict=False)

@@ -89,11 +89,13 @@ class NextGPTTrainable(nn.Module):
 
     def losses(self, batch: list[Encoded], media_table: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
         embed = self.base_llm().get_input_embeddings()
+        device = embed.weight.device
+        media_table = media_table.to(device)
         width = max(len(e.ids) for e in batch)
         hidden = embed.weight.shape[1]
         rows, labels, mask = [], [], []
         for e in batch:
-            ids = torch.tensor(e.ids)
+            ids = torch.tensor(e.ids, device=device)
             x = embed(ids.clamp(min=0))
             slots = (ids == -1).nonzero().flatten()
             if len(slots):
@@ -104,8 +106,8 @@ class NextGPTTrainable(nn.Module):
             labels.append(torch.tensor(e.labels + [-100] * pad))
             mask.append(torch.tensor([1] * len(e.ids) + [0] * pad))
         inputs = torch.stack(rows).reshape(len(batch), width, hidden)
-        label_tensor = torch.stack(labels)
-        out = self.llm(inputs_embeds=inputs, attention_mask=torch.stack(mask), output_hidden_states=True)
+        label_tensor = torch.stack(labels).to(device)
+        out = self.llm(inputs_embeds=inputs, attention_mask=torch.stack(mask).to(device), output_hidden_states=True)
         logits = out.logits[:, :-1]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), label_tensor[:, 1:].reshape(-1), ignore_index=-100)
         losses = {"nll": weights.nll * nll}
@@ -119,7 +121,7 @@ class NextGPTTrainable(nn.Module):
                 by_modality.setdefault(target.modality, []).append((h, target.conditioning))
         for modality, pairs in by_modality.items():
             h = torch.stack([p[0] for p in pairs])
-            target = torch.stack([p[1] for p in pairs])
+            target = torch.stack([p[1] for p in pairs]).to(device)
             pred = self.projectors[modality](h, self.signal_rows(modality))
             losses[f"l2_{modality}"] = weights.l2_weight(modality) * F.mse_loss(pred, target)
         return losses

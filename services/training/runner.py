@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from services.bundle.loader import load_bundle
 from services.training.examples import Encoded
@@ -66,8 +67,12 @@ def train_stage(run: StageRun) -> dict[str, object]:
     log.info("%s: held-out losses before %s", run.stage, before)
     run_stage(spec, bundle, pool, train_source.table, run.work, run.lora, run.progress, model=model)
     after = held_out_losses(model, held_out, eval_source.table, spec.weights)
-    export_bundle(model, spec, run.out, run.lora, force=run.force)
+    state = PartialState()
+    if state.is_main_process:  # several processes (accelerate launch) train one model; one writes it
+        export_bundle(model, spec, run.out, run.lora, force=run.force)
+    state.wait_for_everyone()
     report = {"stage": run.stage, "steps": spec.loop.steps, "held_out_before": before, "held_out_after": after,
               "trainable": sum(n for _, n in model.trainable_summary()), "bundle": str(run.out)}
-    (run.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if state.is_main_process:
+        (run.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

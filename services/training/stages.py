@@ -18,7 +18,7 @@ from services.contracts.bundle_manifest import LoraSpec
 from services.training.examples import Encoded, Example, encode_example
 from services.training.model import LossWeights, NextGPTTrainable
 from services.training.world_tasks import Task, decoder_alignment, encoder_alignment, instruction
-from services.world.pretrain.loop import LoopConfig, train_part
+from services.world.pretrain.loop import LoopConfig, local_shard, train_part
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_stage(spec: StageSpec, bundle: Bundle, pool: list[Encoded], media_table:
         log.info("%s trains %s: %d parameters", spec.name, key, count)
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pick = torch.randint(len(pool), (spec.batch_size,), generator=generator).tolist()
+        pick = local_shard(torch.randint(len(pool), (spec.batch_size,), generator=generator)).tolist()
         return model.losses([pool[i] for i in pick], media_table, spec.weights)
 
     train_part(spec.name, model, step_loss, spec.loop, workdir, progress=progress)

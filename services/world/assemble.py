@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from services.bundle.manifest_io import write_manifest
@@ -19,6 +20,7 @@ from services.bundle.release import MEDIA_END, MEDIA_START, STOP_STRING, signal_
 from services.bundle.staging import staged_output
 from services.bundle.tensor_io import save_state_dict
 from services.bundle.tiny.projectors import build_projector, projector_spec
+from services.modeling.imagebind import served_state
 from services.contracts.bundle_manifest import (
     BUNDLE_SCHEMA_VERSION, OUTPUT_MODALITIES, PIPELINE_FOR_MODALITY, BundleManifest, DecoderDefaults, DecoderSpec,
     EncoderSpec, GenerationDefaults, LLMSpec, Modality, OutputSpec, PromptSpec, SignalSpec, StopSpec,
@@ -53,8 +55,10 @@ def _assemble(work: Path, root: Path, seed: int) -> BundleManifest:
     tokenizer = AutoTokenizer.from_pretrained(str(root / "llm"))
     llm = LlamaForCausalLM.from_pretrained(str(root / "llm"))
     hidden = llm.config.hidden_size
-    (root / "encoder").mkdir()
-    shutil.copy(work / "imagebind" / "imagebind.safetensors", root / "encoder" / "imagebind.safetensors")
+    # The encoder serves the vision and audio branches; ImageBind's text branch (a 49k-row token table), needed
+    # only to pretrain and to check retrieval, stays in the work folder.
+    full = load_file(str(work / "imagebind" / "imagebind.safetensors"))
+    save_state_dict(served_state(full), root / "encoder" / "imagebind.safetensors")
     torch.manual_seed(seed)
     save_state_dict(nn.Linear(WORLD_IMAGEBIND.out_embed_dim, hidden), root / "encoder" / "input_projection.safetensors")
     embeddings = llm.get_input_embeddings().weight.detach()

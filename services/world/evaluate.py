@@ -100,10 +100,13 @@ def load_imagebind(weights: Path, config: Any = None) -> Any:
     return model.eval()
 
 
-def evaluate_stand_ins(bundle_dir: Path, count: int = 200, decoder_count: int = 48, steps: int = 25,
-                       parts: Iterable[str] = ("retrieval", "image", "video", "audio"),
+def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: int = 200, decoder_count: int = 48,
+                       steps: int = 25, parts: Iterable[str] = ("retrieval", "image", "video", "audio"),
                        seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
-    """The table of `nextgpt world eval`: retrieval top-1 per modality and each decoder's measured classes."""
+    """The table of `nextgpt world eval`: retrieval top-1 per modality and each decoder's measured classes.
+
+    Retrieval needs ImageBind's text branch, which bundles do not carry: ``imagebind_weights`` is the full
+    pretrained ImageBind (``<work>/imagebind/imagebind.safetensors``)."""
     from services.bundle.loader import load_bundle
     from services.world.dataset import generate_split
     from services.world.pretrain.imagebind import retrieval_accuracy
@@ -112,7 +115,9 @@ def evaluate_stand_ins(bundle_dir: Path, count: int = 200, decoder_count: int = 
     table: dict[str, dict[str, float]] = {}
     parts = list(parts)
     if "retrieval" in parts:
-        model = load_imagebind(bundle.path(bundle.manifest.encoder.weights), bundle.manifest.encoder.config)
+        if imagebind_weights is None:
+            raise ValueError("retrieval needs the full pretrained ImageBind weights (--work)")
+        model = load_imagebind(imagebind_weights, bundle.manifest.encoder.config)
         table["retrieval top-1"] = {
             m: retrieval_accuracy(model, generate_split(m, seed, count)) for m in ("image", "video", "audio")
         }

@@ -29,7 +29,7 @@ from transformers import (
 from services.world.attributes import AUDIO_RATE, all_captions
 from services.world.dataset import WorldSplit
 from services.world.pretrain.audio_features import HOP, MEL_BINS, log_mel
-from services.world.pretrain.loop import LoopConfig, train_part
+from services.world.pretrain.loop import LoopConfig, device, local_shard, train_part
 from services.world.pretrain.text_tokenizers import (
     write_world_clip_tokenizer_files, write_world_roberta_tokenizer_files,
 )
@@ -104,9 +104,9 @@ def train_vae(name: str, vae: AutoencoderKL, batches: torch.Tensor, cfg: LoopCon
     """Reconstruction (MSE) + a small KL, then ``scaling_factor`` set so that latents have unit variance."""
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = batches[torch.randint(len(batches), (batch_size,), generator=generator)]
+        x = batches[local_shard(torch.randint(len(batches), (batch_size,), generator=generator))].to(device())
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device())
         rec = vae.decode(z).sample
         return {"recon": F.mse_loss(rec, x), "kl": kl_weight * posterior.kl().mean()}
 
@@ -160,12 +160,15 @@ def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: t
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
         pick = torch.randint(len(latents), (batch_size,), generator=generator)
-        x0 = latents[pick]
-        which = index[pick].clone()
-        which[torch.rand(batch_size, generator=generator) < CFG_DROPOUT] = uncond
-        cond = condition(modality, denoiser.text_encoder, tokens)[which]
-        noise = torch.randn(x0.shape, generator=generator)
+        dropped = torch.rand(batch_size, generator=generator) < CFG_DROPOUT
+        noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=generator)
+        mine = local_shard(torch.arange(batch_size))
+        pick, dropped, noise, t = pick[mine], dropped[mine], noise[mine], t[mine]
+        x0, noise, t = latents[pick].to(device()), noise.to(device()), t.to(device())
+        which = index[pick].clone()
+        which[dropped] = uncond
+        cond = condition(modality, denoiser.text_encoder, {k: v.to(device()) for k, v in tokens.items()})[which]
         noisy = noise_schedule.add_noise(x0, noise, t)
         if modality == "audio":
             pred = denoiser.unet(noisy, t, encoder_hidden_states=None, class_labels=cond).sample
@@ -179,10 +182,10 @@ def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: t
 
 def image_unet(dim: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        block_out_channels=(64, 128), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(48, 96), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=dim, norm_num_groups=32, attention_head_dim=8,
+        cross_attention_dim=dim, norm_num_groups=24, attention_head_dim=8,
     )
 
 
@@ -212,7 +215,7 @@ def audio_unet(dim: int) -> UNet2DConditionModel:
 def _stft_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     total = pred.new_zeros(())
     for n_fft, hop in ((128, 32), (512, 128), (1024, 256)):
-        window = torch.hann_window(n_fft)
+        window = torch.hann_window(n_fft, device=pred.device)
         p = torch.stft(pred, n_fft, hop, window=window, return_complex=True).abs()
         t = torch.stft(target, n_fft, hop, window=window, return_complex=True).abs()
         convergence = torch.linalg.norm(t - p) / torch.linalg.norm(t).clamp(min=1e-6)
@@ -226,10 +229,10 @@ def train_vocoder(vocoder: SpeechT5HifiGan, waves: torch.Tensor, cfg: LoopConfig
     mels = log_mel(waves)  # (N, frames, mel)
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pick = torch.randint(len(waves), (batch_size,), generator=generator)
+        pick = local_shard(torch.randint(len(waves), (batch_size,), generator=generator))
         start = int(torch.randint(0, mels.shape[1] - crop_frames + 1, (1,), generator=generator))
-        mel = mels[pick, start:start + crop_frames]
-        target = waves[pick, start * HOP:(start + crop_frames) * HOP]
+        mel = mels[pick, start:start + crop_frames].to(device())
+        target = waves[pick, start * HOP:(start + crop_frames) * HOP].to(device())
         pred = vocoder(mel)
         return {"stft": _stft_loss(pred, target), "mel": F.l1_loss(log_mel(pred), mel)}
 

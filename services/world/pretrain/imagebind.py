@@ -28,7 +28,7 @@ from services.encoder.preprocess.video import short_side_scale
 from services.modeling.imagebind import build_imagebind, imagebind_models, modality_types
 from services.world.attributes import WORLD_MODALITIES, WorldModality, all_captions
 from services.world.dataset import WorldSplit
-from services.world.pretrain.loop import LoopConfig, train_part
+from services.world.pretrain.loop import LoopConfig, device, local_shard, train_part
 
 WORLD_IMAGEBIND = ImageBindConfig(
     out_embed_dim=1024,
@@ -128,12 +128,12 @@ def pretrain_imagebind(splits: dict[WorldModality, WorldSplit], phases: tuple[Ph
         losses = {}
         scale = binder.log_scale.clamp(max=math.log(100.0)).exp()
         for modality, x in inputs.items():
-            pick = torch.randint(len(x), (batch_sizes[modality],), generator=generator)
-            media = embed(binder.imagebind, _branch(modality), x[pick].float())
-            text = embed(binder.imagebind, text_key, tokens[modality])
+            pick = local_shard(torch.randint(len(x), (batch_sizes[modality],), generator=generator))
+            media = embed(binder.imagebind, _branch(modality), x[pick].to(device()).float())
+            text = embed(binder.imagebind, text_key, tokens[modality].to(device()))
             logits = scale * media @ text.T
             # Media -> caption over all captions; caption -> media over the captions present in the batch.
-            labels = targets[modality][pick]
+            labels = targets[modality][pick].to(device())
             media_to_text = F.cross_entropy(logits, labels)
             present = labels.unique()
             text_logits = logits.T[present]

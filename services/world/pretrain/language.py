@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from services.bundle.release import STOP_STRING, add_release_tokens
-from services.world.pretrain.loop import LoopConfig, train_part
+from services.world.pretrain.loop import LoopConfig, device, local_shard, train_part
 from services.world.text import text_corpus
 
 WORLD_LM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
@@ -60,8 +60,8 @@ def pretrain_language(cfg: LoopConfig, workdir: Path, out: Path, batch_size: int
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pick = torch.randint(len(ids), (batch_size,), generator=generator)
-        x, m = ids[pick], mask[pick]
+        pick = local_shard(torch.randint(len(ids), (batch_size,), generator=generator))
+        x, m = ids[pick].to(device()), mask[pick].to(device())
         logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
         labels = x[:, 1:].masked_fill(m[:, 1:] == 0, -100)
         return {"nll": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 from tqdm import tqdm
 
@@ -38,6 +38,18 @@ class LoopConfig:
 
 
 StepLoss = Callable[[torch.Generator], "dict[str, torch.Tensor]"]
+
+
+def device() -> torch.device:
+    """Where this process trains (a GPU under `accelerate launch` when there is one, else the CPU)."""
+    return PartialState().device
+
+
+def local_shard(indices: torch.Tensor) -> torch.Tensor:
+    """This process's share of a global batch: every process draws the same indices from the step's generator
+    and keeps every n-th, so n processes together see exactly the global batch one process would."""
+    state = PartialState()
+    return indices[state.process_index::state.num_processes]
 
 
 def _schedule(cfg: LoopConfig) -> Callable[[int], float]:
@@ -70,7 +82,9 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
         log.info("%s: resumed at step %d of %d", name, start, cfg.steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    # Parts compute their losses through their own references to the module, so it is not wrapped in DDP (whose
+    # gradient hooks only fire through the wrapper's forward): gradients are averaged over processes explicitly.
+    module.to(accelerator.device)
     module.train()
     history: list[dict[str, float]] = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step",
@@ -83,14 +97,22 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(total)
+            if accelerator.num_processes > 1:
+                for param in params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    param.grad = accelerator.reduce(param.grad, reduction="mean")
             if cfg.grad_clip:
-                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            row = {"step": step + 1, "loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
-                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2)}
+            # Logged: the mean over processes (with equal shards, the global batch's loss).
+            logged = {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}
+            logged = {k: float(accelerator.reduce(v.reshape(1), reduction="mean")) for k, v in logged.items()}
+            row = {"step": step + 1, **logged, "lr": scheduler.get_last_lr()[0],
+                   "elapsed_s": round(time.perf_counter() - started, 2)}
             history.append(row)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                 loss_log.write(json.dumps(row) + "\n")
                 loss_log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -105,6 +127,6 @@ def _save(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Op
     if not accelerator.is_main_process:
         return
     tmp = path.with_suffix(".tmp")
-    torch.save({"module": accelerator.unwrap_model(module).state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step}, tmp)
     tmp.replace(path)  # a kill mid-write leaves the previous checkpoint whole

@@ -1,0 +1,154 @@
+"""`nextgpt eval world --url`: what a user gets, judged through the public API of a running stack (any mode).
+
+Fresh world samples and held-out phrasings (no stage trained on either) go in as a user would send them:
+uploaded PNG / MP4 / WAV files and plain words, never ``require_modalities`` (the model must pick the modality
+from the words). Replies are judged by the world's measures: words of the text for descriptions, measured
+classes of the downloaded artifacts for generations.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import soundfile
+from PIL import Image
+
+from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
+from services.training.world_tasks import BOTH, CREATE, DESCRIBE, RECOLOUR, TO_VIDEO
+from services.world.attributes import ATTRIBUTES, AUDIO_RATE, CLASSES, VIDEO_FPS, Attributes, WorldModality, caption
+from services.world.measures import measure
+from services.world.render import render
+
+API_EVAL_SEED = 2_000_003  # not a training seed, not the stand-ins' evaluation seed
+MIME = {"image": ("world.png", "image/png"), "video": ("world.mp4", "video/mp4"), "audio": ("world.wav", "audio/wav")}
+
+
+@dataclass
+class Tally:
+    scores: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, row: str, ok: bool) -> None:
+        self.scores[row].append(int(ok))
+
+    def table(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.scores.items() if v}
+
+
+def media_file(modality: WorldModality, data: np.ndarray) -> bytes:
+    if modality == "image":
+        return png_bytes(Image.fromarray(data))
+    if modality == "video":
+        return mp4_bytes(data.astype(np.float32) / 255.0, VIDEO_FPS)
+    return wav_bytes(data, AUDIO_RATE)
+
+
+def decode_artifact(modality: str, payload: bytes) -> np.ndarray:
+    if modality == "image":
+        return np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+    if modality == "video":
+        with av.open(io.BytesIO(payload)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    wave, _ = soundfile.read(io.BytesIO(payload), dtype="float32")
+    return wave if wave.ndim == 1 else wave[:, 0]
+
+
+def words_say(text: str, name: str, value: str) -> bool:
+    """The reply names the right class of ``name`` and no other class of it."""
+    words = set(text.lower().replace(".", " ").replace(",", " ").split())
+    return value in words and not (words & (set(CLASSES[name]) - {value}))
+
+
+class WorldClient:
+    def __init__(self, url: str, api_key: str | None, timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def chat(self, text: str, media: tuple[WorldModality, np.ndarray] | None = None,
+             conversation_id: str | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "user", "content": text}
+        request: dict[str, Any] = {"messages": [message], "max_tokens": 48, "inline_media": True, "wait_s": 300,
+                                   "seed": 0}
+        if conversation_id:
+            request["conversation_id"] = conversation_id
+        if media is None:
+            response = self.http.post("/v1/chat", json=request)
+        else:
+            name, mime = MIME[media[0]]
+            message["files"] = [name]
+            response = self.http.post("/v1/chat", data={"request": json.dumps(request)},
+                                      files=[("files", (name, media_file(*media), mime))])
+        response.raise_for_status()
+        return response.json()
+
+    def artifacts(self, reply: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+        out = []
+        for artifact in reply["artifacts"]:
+            if artifact.get("state") != "completed":
+                continue
+            payload = base64.b64decode(artifact["data"]) if artifact.get("data") else \
+                self.http.get(artifact["url"]).content
+            out.append((artifact["modality"], decode_artifact(artifact["modality"], payload)))
+        return out
+
+
+def _first(artifacts: list[tuple[str, np.ndarray]], modality: str) -> np.ndarray | None:
+    return next((data for m, data in artifacts if m == modality), None)
+
+
+def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str], None] = lambda _: None,
+                 seed: int = API_EVAL_SEED) -> dict[str, dict[str, float]]:
+    rng = random.Random(seed)
+    tallies: dict[str, Tally] = defaultdict(Tally)
+    for i in range(count):
+        for modality in ("image", "video", "audio"):
+            sample = render(modality, seed, i)  # type: ignore[arg-type]
+            reply = client.chat(rng.choice(DESCRIBE["eval"][modality]), (modality, sample.data))  # type: ignore[arg-type]
+            for name in ATTRIBUTES[modality]:  # type: ignore[index]
+                tallies[f"describe {modality}"].add(name, words_say(reply["text"], name, getattr(sample.attributes, name)))
+            asked = render(modality, seed + 1, i).attributes  # type: ignore[arg-type]
+            reply = client.chat(rng.choice(CREATE["eval"][modality]).format(x=caption(modality, asked)))  # type: ignore[arg-type]
+            made = _first(client.artifacts(reply), modality)
+            tallies[f"generate {modality}"].add("chose the modality", made is not None)
+            got = measure(modality, made) if made is not None else Attributes()  # type: ignore[arg-type]
+            for name in ATTRIBUTES[modality]:  # type: ignore[index]
+                if name != "size":
+                    tallies[f"generate {modality}"].add(name, getattr(got, name) == getattr(asked, name))
+        still = render("image", seed + 2, i)
+        motion = rng.choice(CLASSES["motion"])
+        reply = client.chat(rng.choice(TO_VIDEO["eval"]).format(m=motion), ("image", still.data))
+        clip = _first(client.artifacts(reply), "video")
+        got = measure("video", clip) if clip is not None else Attributes()
+        row = tallies["image -> video"]
+        row.add("chose video", clip is not None)
+        row.add("keeps colour", got.colour == still.attributes.colour)
+        row.add("keeps shape", got.shape == still.attributes.shape)
+        row.add("moves as asked", got.motion == motion)
+        picture, tone = render("image", seed + 3, i).attributes, render("audio", seed + 3, i).attributes
+        reply = client.chat(rng.choice(BOTH["eval"]).format(x=caption("image", picture), y=caption("audio", tone)))
+        made_all = client.artifacts(reply)
+        image, sound = _first(made_all, "image"), _first(made_all, "audio")
+        row = tallies["two media in one reply"]
+        row.add("both made", image is not None and sound is not None)
+        row.add("image colour", image is not None and measure("image", image).colour == picture.colour)
+        row.add("audio pitch", sound is not None and measure("audio", sound).pitch == tone.pitch)
+        first = render("image", seed + 4, i).attributes
+        reply = client.chat(rng.choice(CREATE["eval"]["image"]).format(x=caption("image", first)))
+        colour = rng.choice([c for c in CLASSES["colour"] if c != first.colour])
+        reply = client.chat(rng.choice(RECOLOUR["eval"]).format(c=colour), conversation_id=reply["conversation_id"])
+        image = _first(client.artifacts(reply), "image")
+        got = measure("image", image) if image is not None else Attributes()
+        row = tallies["follow-up changes one attribute"]
+        row.add("new colour", got.colour == colour)
+        row.add("keeps shape", got.shape == first.shape)
+        progress(f"{i + 1}/{count}")
+    return {task: tally.table() for task, tally in tallies.items()}
