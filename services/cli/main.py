@@ -314,7 +314,7 @@ app.add_typer(train_app, name="train")
 
 
 def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path], steps: Optional[int], seed: int,
-           lora_name: str, lora_rank: int, lora_alpha: int, force: bool) -> None:
+           lora_name: str, lora_rank: int, lora_alpha: int, force: bool, media_root: Optional[Path]) -> None:
     from services.cli.logs import configure_logging
     from services.training.runner import StageRun, train_stage
     from services.training.stages import LoraOptions
@@ -323,12 +323,16 @@ def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path]
     report = train_stage(StageRun(
         stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"), steps=steps,
         seed=seed, lora=LoraOptions(name=lora_name, rank=lora_rank, alpha=lora_alpha), force=force,
+        media_root=media_root,
     ))
     typer.echo(json.dumps(report, indent=2))
 
 
 TrainBundle = Annotated[Path, typer.Option(help="Bundle to start from")]
-TrainData = Annotated[Path, typer.Option(help="World folder (from `nextgpt world data`)")]
+TrainData = Annotated[Path, typer.Option(
+    help="World folder (from `nextgpt world data`), or a release-format JSON file (CC3M / WebVid / AudioCaps "
+         "captions, T2M / MosIT instructions)")]
+MediaRoot = Annotated[Optional[Path], typer.Option(help="Release-format data: folder of the media files it names")]
 TrainOut = Annotated[Path, typer.Option(help="Folder to write the trained bundle to")]
 TrainWork = Annotated[Optional[Path], typer.Option(help="Checkpoints and loss log (default: <out>.work)")]
 TrainSteps = Annotated[Optional[int], typer.Option(help="Steps (default: the stage's recipe)")]
@@ -341,25 +345,28 @@ Force = Annotated[bool, typer.Option(help="Replace an existing output folder")]
 
 @train_app.command("align-encoder")
 def train_align_encoder(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
-                        steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False) -> None:
+                        steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False,
+                        media_root: MediaRoot = None) -> None:
     """Stage 1: the input projection learns X -> caption; ImageBind and the LLM frozen."""
-    _train("align-encoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force)
+    _train("align-encoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force, media_root)
 
 
 @train_app.command("align-decoder")
 def train_align_decoder(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
-                        steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False) -> None:
+                        steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False,
+                        media_root: MediaRoot = None) -> None:
     """Stage 2: output projectors + signal-token rows learn caption -> signal group (NLL + L2 to the decoders'
     text encoders)."""
-    _train("align-decoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force)
+    _train("align-decoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force, media_root)
 
 
 @train_app.command("instruct")
 def train_instruct(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
                    steps: TrainSteps = None, seed: TrainSeed = 0, lora_name: LoraName = "nextgpt",
-                   lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, force: Force = False) -> None:
+                   lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, force: Force = False,
+                   media_root: MediaRoot = None) -> None:
     """Stage 3: modality-switching instruction tuning: LoRA + both projections on mixed dialogues."""
-    _train("instruct", bundle, data, out, work, steps, seed, lora_name, lora_rank, lora_alpha, force)
+    _train("instruct", bundle, data, out, work, steps, seed, lora_name, lora_rank, lora_alpha, force, media_root)
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a running stack through its public API.")

@@ -13,6 +13,7 @@ from accelerate import PartialState
 from services.bundle.loader import load_bundle
 from services.training.examples import Encoded
 from services.training.model import NextGPTTrainable
+from services.training.release_data import BundleEncoders, release_examples
 from services.training.stages import STAGES, LoraOptions, encoded_pool, export_bundle, run_stage
 from services.training.world_source import WorldExamples, decoder_targets, embed_world
 from services.world.dataset import generate_split, read_world
@@ -36,6 +37,7 @@ class StageRun:
     force: bool = False
     progress: bool = True
     pool_size: int = POOL
+    media_root: Path | None = None  # release-format data: the folder its media file names are under
 
 
 @torch.inference_mode()
@@ -55,18 +57,31 @@ def train_stage(run: StageRun) -> dict[str, object]:
         spec = replace(spec, loop=replace(spec.loop, steps=run.steps))
     spec = replace(spec, loop=replace(spec.loop, seed=run.seed))
     bundle = load_bundle(run.bundle)
-    splits = read_world(run.data)
-    fresh = {m: generate_split(m, EVAL_SEED, len(s) // 4 or 1) for m, s in splits.items()}
-    targets = decoder_targets(bundle)
-    train_source = WorldExamples(splits, embed_world(bundle, splits), targets)
-    eval_source = WorldExamples(fresh, embed_world(bundle, fresh), targets)
     model = NextGPTTrainable(bundle)
-    pool = encoded_pool(model, train_source.examples(spec.conversations, run.pool_size, run.seed))
-    held_out = encoded_pool(model, eval_source.examples(spec.conversations, HELD_OUT, EVAL_SEED, split="eval"))
-    before = held_out_losses(model, held_out, eval_source.table, spec.weights)
+    if (run.data / "world.json").is_file():
+        splits = read_world(run.data)
+        fresh = {m: generate_split(m, EVAL_SEED, len(s) // 4 or 1) for m, s in splits.items()}
+        targets = decoder_targets(bundle)
+        train_source = WorldExamples(splits, embed_world(bundle, splits), targets)
+        eval_source = WorldExamples(fresh, embed_world(bundle, fresh), targets)
+        pool = encoded_pool(model, train_source.examples(spec.conversations, run.pool_size, run.seed))
+        held_out = encoded_pool(model, eval_source.examples(spec.conversations, HELD_OUT, EVAL_SEED, split="eval"))
+        train_table, eval_table = train_source.table, eval_source.table
+    else:
+        if run.media_root is None:
+            raise ValueError("release-format data needs --media-root (the folder its file names are under)")
+        encoders = BundleEncoders(bundle)
+        pool = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, run.pool_size,
+                                                    run.seed))
+        held_out = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, HELD_OUT,
+                                                        EVAL_SEED, split="eval"))
+        train_table = eval_table = encoders.table
+        if not pool:
+            raise ValueError(f"{run.data}: no training examples")
+    before = held_out_losses(model, held_out, eval_table, spec.weights) if held_out else {}
     log.info("%s: held-out losses before %s", run.stage, before)
-    run_stage(spec, bundle, pool, train_source.table, run.work, run.lora, run.progress, model=model)
-    after = held_out_losses(model, held_out, eval_source.table, spec.weights)
+    run_stage(spec, bundle, pool, train_table, run.work, run.lora, run.progress, model=model)
+    after = held_out_losses(model, held_out, eval_table, spec.weights) if held_out else {}
     state = PartialState()
     if state.is_main_process:  # several processes (accelerate launch) train one model; one writes it
         export_bundle(model, spec, run.out, run.lora, force=run.force)
