@@ -108,6 +108,18 @@ world-pretrain: world-data
 world-eval: $(STAMP)
 	$(BIN)/nextgpt world eval --bundle $(WORLD_DIR)/base --work $(WORLD_DIR)/work --json $(WORLD_DIR)/eval.json
 
+# The whole recipe from nothing: world data, stand-ins, NExT-GPT's three stages, packed (float16) into
+# bundles/nextgpt-world. Every step resumes from its checkpoints: rerun after a stop.
+WORLD_BUNDLE := $(CURDIR)/bundles/nextgpt-world
+.PHONY: world-bundle world-stages
+world-stages: world-pretrain
+	$(BIN)/nextgpt train align-encoder --bundle $(WORLD_DIR)/base --data $(WORLD_DIR)/data --out $(WORLD_DIR)/stage1 --force
+	$(BIN)/nextgpt train align-decoder --bundle $(WORLD_DIR)/stage1 --data $(WORLD_DIR)/data --out $(WORLD_DIR)/stage2 --force
+	$(BIN)/nextgpt train instruct --bundle $(WORLD_DIR)/stage2 --data $(WORLD_DIR)/data --out $(WORLD_DIR)/stage3 --force
+
+world-bundle: world-stages
+	$(BIN)/nextgpt bundle pack $(WORLD_DIR)/stage3 --out $(WORLD_BUNDLE) --force
+
 .PHONY: bench bench-encoder bench-llm bench-gateway
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image

@@ -21,10 +21,18 @@ from services.storage import build_artifact_store
 log = logging.getLogger(__name__)
 
 
+# The trained world bundle committed with the repository (see `make world-bundle`).
+WORLD_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
+TINY = Path("tiny")
+
+
 def resolve_bundle(settings: Settings) -> Bundle:
-    """The configured bundle, or the tiny bundle in the cache folder, built on first use."""
-    if settings.bundle is not None:
+    """The configured bundle; by default the committed world bundle; ``tiny`` for the random tiny bundle in the
+    cache folder (built on first use, and the fallback where the world bundle is not there)."""
+    if settings.bundle is not None and settings.bundle != TINY:
         return load_bundle(settings.bundle)
+    if settings.bundle is None and (WORLD_BUNDLE / "bundle.json").is_file():
+        return load_bundle(WORLD_BUNDLE)
     target = settings.tiny_bundle_dir
     if not (target / "bundle.json").is_file():
         from services.bundle.tiny.build import build_tiny_bundle

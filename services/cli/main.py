@@ -16,7 +16,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve NExT-G
 bundle_app = typer.Typer(no_args_is_help=True, help="Build, convert and inspect model bundles.")
 app.add_typer(bundle_app, name="bundle")
 
-BundleOpt = Annotated[Optional[Path], typer.Option(help="Model bundle folder (default: the tiny bundle)")]
+BundleOpt = Annotated[Optional[Path], typer.Option(
+    help="Model bundle folder (default: the committed world bundle, bundles/nextgpt-world; 'tiny': the random "
+         "tiny bundle, built on first use)")]
 HostOpt = Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1)")]
 PortOpt = Annotated[Optional[int], typer.Option(help="Port to bind (default 8000)")]
 

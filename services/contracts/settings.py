@@ -156,7 +156,8 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    bundle: Path | None = Field(default=None, description="Model bundle folder; default: the tiny bundle in cache_dir")
+    bundle: Path | None = Field(default=None, description="Model bundle folder; default: the committed world bundle "
+                                "(bundles/nextgpt-world); 'tiny': the random tiny bundle in cache_dir")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -62,8 +62,9 @@ def train_stage(run: StageRun) -> dict[str, object]:
         splits = read_world(run.data)
         fresh = {m: generate_split(m, EVAL_SEED, len(s) // 4 or 1) for m, s in splits.items()}
         targets = decoder_targets(bundle)
-        train_source = WorldExamples(splits, embed_world(bundle, splits), targets)
-        eval_source = WorldExamples(fresh, embed_world(bundle, fresh), targets)
+        cache = run.data / ".cache"
+        train_source = WorldExamples(splits, embed_world(bundle, splits, cache=cache), targets)
+        eval_source = WorldExamples(fresh, embed_world(bundle, fresh, cache=cache), targets)
         pool = encoded_pool(model, train_source.examples(spec.conversations, run.pool_size, run.seed))
         held_out = encoded_pool(model, eval_source.examples(spec.conversations, HELD_OUT, EVAL_SEED, split="eval"))
         train_table, eval_table = train_source.table, eval_source.table

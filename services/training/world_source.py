@@ -3,8 +3,10 @@ world samples, signal targets as the bundle's decoders' own text-encoder embeddi
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,17 +19,33 @@ from services.world.dataset import WorldSplit
 
 
 @torch.inference_mode()
-def embed_world(bundle: Bundle, splits: dict[WorldModality, WorldSplit], batch: int = 64) -> dict[str, torch.Tensor]:
-    """ImageBind vectors (1024) of every sample, preprocessed as the encoder service does."""
+def embed_world(bundle: Bundle, splits: dict[WorldModality, WorldSplit], batch: int = 64,
+                cache: Path | None = None) -> dict[str, torch.Tensor]:
+    """ImageBind vectors (1024) of every sample, preprocessed as the encoder service does.
+
+    With ``cache`` (a folder), the vectors are kept under a name made of the encoder weights' digest and the
+    samples' digest: the three stages share one frozen encoder, so they are computed once."""
     from services.encoder.model import EncoderModel
     from services.world.pretrain.imagebind import PREPARE
 
+    path = None
+    if cache is not None:
+        digest = hashlib.sha256(bundle.path(bundle.manifest.encoder.weights).read_bytes())
+        for modality, split in splits.items():
+            digest.update(modality.encode())
+            digest.update(np.ascontiguousarray(split.data).tobytes())
+        path = cache / f"imagebind-vectors-{digest.hexdigest()[:16]}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
     encoder = EncoderModel.from_bundle(bundle)
     out = {}
     for modality, split in splits.items():
         x = PREPARE[modality](split.data)
         rows = [encoder.embed(modality, x[i:i + batch].float().unsqueeze(1)) for i in range(0, len(x), batch)]
         out[modality] = torch.cat(rows)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
     return out
 
 

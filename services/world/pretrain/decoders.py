@@ -254,7 +254,7 @@ def pretrain_picture_vae(splits: dict[str, WorldSplit], cfg: LoopConfig, workdir
 
 
 def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workdir: Path, out: Path,
-                   batch_size: int = 64, progress: bool = True) -> StableDiffusionPipeline:
+                   batch_size: int = 32, progress: bool = True) -> StableDiffusionPipeline:
     torch.manual_seed(cfg.seed)
     text_encoder, tokenizer = world_clip(workdir / "tokenizer", WORLD_COND_DIMS["image"])
     latents = encode_latents(vae, picture_tensor(split.data))
@@ -269,7 +269,7 @@ def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workd
 
 
 def pretrain_video(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workdir: Path, out: Path,
-                   batch_size: int = 16, progress: bool = True) -> TextToVideoSDPipeline:
+                   batch_size: int = 8, progress: bool = True) -> TextToVideoSDPipeline:
     torch.manual_seed(cfg.seed)
     text_encoder, tokenizer = world_clip(workdir / "tokenizer", WORLD_COND_DIMS["video"])
     n, f = split.data.shape[:2]

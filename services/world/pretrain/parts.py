@@ -110,4 +110,5 @@ PARTS: dict[str, Part] = {
     "imagebind": run_imagebind, "language": run_language, "picture-vae": run_picture_vae, "image": run_image,
     "audio": run_audio, "video": run_video,
 }
-DEFAULT_STEPS = {"imagebind": 1400, "language": 1500, "picture-vae": 600, "image": 2500, "audio": 1500, "video": 1500}
+# Sized for a 2-core CPU (minutes per part in the README); a GPU can afford more.
+DEFAULT_STEPS = {"imagebind": 1400, "language": 1500, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}
