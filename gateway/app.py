@@ -65,11 +65,11 @@ def build_app(state: GatewayState) -> FastAPI:
         """The web playground: chat, uploads, media shown as their jobs complete."""
         return HTMLResponse(playground, headers={"cache-control": "no-cache"})
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    @app.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> JSONResponse:
         failures: dict[str, str] = {}
         for name, check in request.app.state.gateway.readiness_checks.items():

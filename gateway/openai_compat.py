@@ -31,8 +31,9 @@ class OpenAIChatRequest(BaseModel):
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=256)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    # strict: JSON true is not a number of tokens (lax validation would take it as 1)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0)

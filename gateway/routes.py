@@ -29,7 +29,8 @@ router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 429, 503)
 }
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 18 digits: a larger offset is past any artifact (and int() of thousands of digits raises).
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
 _MAX_EVENT_ID = 10**12
 
 
@@ -230,7 +231,7 @@ _BYTES: dict[str, Any] = {m: {"schema": {"type": "string", "format": "binary"}}
                           for m in ("image/png", "video/mp4", "audio/wav", "application/octet-stream")}
 
 
-@router.get("/v1/artifacts/{key:path}", response_class=StreamingResponse,
+@router.api_route("/v1/artifacts/{key:path}", methods=["GET", "HEAD"], response_class=StreamingResponse,
             responses=_ERRORS | {200: {"content": _BYTES, "description": "The artifact's bytes"},
                                  206: {"content": _BYTES, "description": "One byte range"},
                                  416: {"description": "Range not satisfiable"}})
@@ -242,8 +243,9 @@ async def artifact(key: str, request: Request, expires: int | None = None, sig: 
     start, end, status = 0, meta.size, 200
     header = request.headers.get("range")
     headers = {"accept-ranges": "bytes", "cache-control": "private, max-age=3600"}
-    if header:
-        match = _RANGE.match(header.strip())
+    # A range in a unit other than bytes is ignored, as RFC 9110 14.2 says: the whole artifact is the answer.
+    if header and header.strip().lower().startswith("bytes="):
+        match = _RANGE.match(header.strip().lower())
         if not match or (not match.group(1) and not match.group(2)):
             return Response(status_code=416, headers={"content-range": f"bytes */{meta.size}"})
         if match.group(1):
@@ -256,6 +258,8 @@ async def artifact(key: str, request: Request, expires: int | None = None, sig: 
         status = 206
         headers["content-range"] = f"bytes {start}-{end - 1}/{meta.size}"
     headers["content-length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, media_type=meta.mime, headers=headers)
     chunks = await asyncio.to_thread(st.store.iter_bytes, key, start, end)
     return StreamingResponse(_iterate(chunks), status_code=status, media_type=meta.mime, headers=headers)
 

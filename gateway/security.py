@@ -28,9 +28,11 @@ class ApiKeys:
         """The caller's identity: a hash of its key (never the key itself)."""
         if self._hashes is None:
             return None
-        if not authorization or not authorization.startswith("Bearer "):
+        # The scheme is case-insensitive (RFC 9110 11.1): "bearer KEY" is as good as "Bearer KEY".
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
             raise AuthenticationError("missing 'Authorization: Bearer <key>' header", code="missing_api_key")
-        digest = key_hash(authorization.removeprefix("Bearer ").strip())
+        digest = key_hash(credentials.strip())
         if not any(hmac.compare_digest(digest, h) for h in self._hashes):
             raise AuthenticationError("invalid API key", code="invalid_api_key")
         return digest[:32]

@@ -24,7 +24,8 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     stream: bool = False
     conversation_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    # strict: JSON true is not a number of tokens (lax validation would take it as 1)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=5.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)

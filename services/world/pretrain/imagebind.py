@@ -106,11 +106,12 @@ class Phase:
 
 
 # Phase 1 binds all three modalities evenly; pictures and tones are learnt by then (retrieval ~99-100%) while
-# motion, which the vision stem only sees as the difference between a clip's two frames, is not, so phase 2
-# spends its batches on clips and keeps a few pictures and tones so that they are not forgotten.
+# motion, which the vision stem only sees as the difference between a clip's two frames, is not, so phases 2
+# and 3 spend their batches on clips and keep a few pictures and tones so that they are not forgotten.
 IMAGEBIND_PHASES = (
     Phase(LoopConfig(steps=800, lr=1e-3, warmup=50), {"image": 48, "video": 48, "audio": 48}),
     Phase(LoopConfig(steps=600, lr=1e-3, warmup=20), {"image": 16, "video": 64, "audio": 16}),
+    Phase(LoopConfig(steps=600, lr=5e-4, warmup=20), {"image": 8, "video": 64, "audio": 8}),
 )
 
 
