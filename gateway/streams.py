@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from services.contracts.errors import GoneError, NextGPTError, NotFoundError
+from services.contracts.errors import GoneError, InvalidRequestError, NextGPTError, NotFoundError
 
 log = logging.getLogger(__name__)
 Event = tuple[str, dict[str, Any]]
@@ -41,6 +41,10 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def first_id(self, stream_id: str) -> int | None:
         """Id of the oldest entry still kept (None: none yet)."""
+
+    @abc.abstractmethod
+    async def end_id(self, stream_id: str) -> int | None:
+        """The id of the stream's end marker once it has ended (one past its last event), else None."""
 
     @abc.abstractmethod
     def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:
@@ -102,6 +106,10 @@ class MemoryEventLog(EventLog):
         s = self._streams.get(stream_id)
         return s.entries[0][0] if s and s.entries else None
 
+    async def end_id(self, stream_id: str) -> int | None:
+        s = self._streams.get(stream_id)
+        return s.entries[-1][0] if s and s.ended_at is not None and s.entries else None
+
     async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
         s = self._streams.get(stream_id)
         if s is None:
@@ -115,6 +123,8 @@ class MemoryEventLog(EventLog):
                     return
                 after = entry[0]
                 yield entry
+            if s.ended_at is not None:  # ended before ``after``: nothing more will come
+                return
             await changed.wait()
 
     async def touch(self, stream_id: str, ttl_s: float) -> None:
@@ -163,6 +173,12 @@ class RedisEventLog(EventLog):
         first = await self.r.xrange(self._key(stream_id), count=1)
         return int(first[0][0].split(b"-")[0]) if first else None
 
+    async def end_id(self, stream_id: str) -> int | None:
+        last = await self.r.xrevrange(self._key(stream_id), count=1)
+        if last and last[0][1][b"name"].decode() == END:
+            return int(last[0][0].split(b"-")[0])
+        return None
+
     async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
         key = self._key(stream_id)
         last = f"{after}-0"
@@ -173,6 +189,8 @@ class RedisEventLog(EventLog):
             if not reply and not await self.r.exists(self._key(stream_id, ":owner")):
                 # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait forever.
                 raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
+            if not reply and await self.end_id(stream_id) is not None:  # ended before ``after``
+                return
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
@@ -266,6 +284,10 @@ class StreamHub:
         exists, stream_owner = await self.log.owner(stream_id)
         if not exists or stream_owner != owner:
             raise NotFoundError(f"stream {stream_id} not found (or expired)", code="stream_not_found")
+        end = await self.log.end_id(stream_id)
+        if end is not None and after >= end:
+            raise InvalidRequestError(f"stream {stream_id} ended at event {end - 1}; there is no event {after}",
+                                      code="invalid_event_id", param="Last-Event-ID")
         first = await self.log.first_id(stream_id)
         if first is not None and first > after + 1:
             raise GoneError(f"events {after + 1}..{first - 1} of stream {stream_id} are past the replay window",

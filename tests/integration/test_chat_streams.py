@@ -19,7 +19,7 @@ from gateway.conversations import (
     StoredTurn,
 )
 from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub
-from services.contracts.errors import GoneError, NotFoundError, ServiceUnavailableError
+from services.contracts.errors import GoneError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from services.jobs.redis_clients import async_redis
 from tests.support.servers import RedisInfo
 
@@ -211,3 +211,24 @@ async def test_a_redis_reader_does_not_wait_forever_on_a_vanished_stream(redis_i
     async for key in client.scan_iter(f"{prefix}*"):
         await client.delete(key)
     await client.aclose()
+
+
+async def test_resuming_past_the_end_of_a_stream_ends_instead_of_waiting(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    stream_id = await hub.start(Turn(3).events(), owner="alice")
+    entries = await asyncio.wait_for(_drain(await hub.attach(stream_id, "alice")), 20)
+    done_id = entries[-1][0]
+    assert entries[-1][1] == "done"
+    # After the last event: nothing more, and the reader ends.
+    assert await asyncio.wait_for(_drain(await hub.attach(stream_id, "alice", after=done_id)), 5) == []
+    # Beyond it: a clear 400 that names the last event, not heartbeats forever.
+    for after in (done_id + 1, done_id + 50):
+        with pytest.raises(InvalidRequestError, match=f"ended at event {done_id}"):
+            await hub.attach(stream_id, "alice", after=after)
+
+
+async def test_a_reader_ahead_of_a_live_stream_ends_when_the_stream_does(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    stream_id = await hub.start(Turn(5, every_s=0.1).events(), owner="alice")
+    ahead = await hub.attach(stream_id, "alice", after=500)  # the stream is still running: nothing to refuse yet
+    assert await asyncio.wait_for(_drain(ahead), 20) == []
