@@ -26,6 +26,22 @@ WORLD_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
 TINY = Path("tiny")
 
 
+def check_devices(settings: Settings, groups: tuple[str, ...] = ("encoder", "llm", "decoders")) -> None:
+    """Refuse, in one line naming the variable, a device this machine does not have (before any model loads)."""
+    import torch
+
+    for group in groups:
+        device = str(getattr(settings, group).device)
+        kind = device.split(":")[0]
+        index = int(device.split(":")[1]) if ":" in device and device.split(":")[1].isdigit() else 0
+        if kind == "cuda" and (not torch.cuda.is_available() or index >= torch.cuda.device_count()):
+            raise ConfigurationError(f"NEXTGPT_{group.upper()}__DEVICE={device}: this machine has "
+                                     f"{torch.cuda.device_count()} CUDA device(s)", code="invalid_settings")
+        if kind not in ("cpu", "cuda", "mps") or (kind == "mps" and not torch.backends.mps.is_available()):
+            raise ConfigurationError(f"NEXTGPT_{group.upper()}__DEVICE={device}: not a device of this machine "
+                                     "(cpu, cuda, cuda:N)", code="invalid_settings")
+
+
 def resolve_bundle(settings: Settings) -> Bundle:
     """The configured bundle; by default the committed world bundle; ``tiny`` for the random tiny bundle in the
     cache folder (built on first use, and the fallback where the world bundle is not there)."""

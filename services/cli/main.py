@@ -106,9 +106,10 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     """Embedded mode: the whole stack in one process (today: the parts that exist, see README)."""
     import uvicorn
 
-    from services.cli.compose import embedded_app, resolve_bundle
+    from services.cli.compose import check_devices, embedded_app, resolve_bundle
 
     settings = _settings(bundle=bundle, host=host, port=port)
+    check_devices(settings)
     app_ = embedded_app(settings, resolve_bundle(settings))
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
 
@@ -124,12 +125,13 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import resolve_bundle
+    from services.cli.compose import check_devices, resolve_bundle
     from services.encoder.app import build_encoder_app
     from services.encoder.compose import build_encoder_service
     from services.storage import build_artifact_store
 
     settings = _settings(bundle=bundle, host=host)
+    check_devices(settings, ("encoder",))
     registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
     store = build_artifact_store(settings)
@@ -151,11 +153,12 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import resolve_bundle
+    from services.cli.compose import check_devices, resolve_bundle
     from services.llm.app import build_llm_app
     from services.llm.compose import build_llm_service
 
     settings = _settings(bundle=bundle, host=host)
+    check_devices(settings, ("llm",))
     registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
     app_ = build_llm_app(lambda: build_llm_service(resolved, settings.llm, registry), registry)
@@ -210,7 +213,7 @@ def worker(
     hostname: Annotated[Optional[str], typer.Option(help="Celery node name (default: nextgpt-<queues>@host)")] = None,
 ) -> None:
     """A Celery decoder worker: loads the pipelines of its queues once, then runs decode jobs one at a time."""
-    from services.cli.compose import resolve_bundle
+    from services.cli.compose import check_devices, resolve_bundle
     from services.contracts.celery_config import QUEUES
     from services.decoders.celery_app import make_worker_app
     from services.decoders.compose import build_runner
@@ -222,6 +225,7 @@ def worker(
     if unknown or not names:
         raise typer.BadParameter(f"unknown queues {unknown}; choose from {list(QUEUES)}", param_hint="--queues")
     settings = _settings(bundle=bundle)
+    check_devices(settings, ("decoders",))
     resolved = resolve_bundle(settings)
     book = RedisJobBook(sync_redis(settings.redis.url), settings.redis.key_prefix)
     runner = build_runner(settings, resolved, names, book)  # type: ignore[arg-type]

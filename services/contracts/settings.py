@@ -4,10 +4,12 @@ down to whatever needs them. A bad value stops start-up with the name of the var
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from services.contracts.errors import ConfigurationError
 
@@ -134,9 +136,11 @@ class GatewaySettings(BaseModel):
     max_files: int = Field(default=8, ge=0, le=64)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Whole request body")
     heartbeat_s: float = Field(default=15.0, gt=0)
-    trusted_proxies: list[str] = Field(
-        default_factory=list, description='Client addresses whose X-Forwarded-Proto/-Host/-Prefix are believed')
-    cors_origins: list[str] = Field(default_factory=list, description='JSON list, e.g. ["https://app.example"]')
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Client addresses whose X-Forwarded-Proto/-Host/-Prefix are believed "
+                                          '(comma-separated, or a JSON list)')
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description='Comma-separated, or a JSON list, e.g. ["https://app.example"]')
     rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Chat requests per key; unset: off")
     conversation_ttl_s: int = Field(default=24 * 3600, ge=60, description="History kept after a conversation's last turn")
     max_conversation_turns: int = Field(default=64, ge=2, le=1024, description="Oldest turns are dropped beyond")
@@ -147,6 +151,20 @@ class GatewaySettings(BaseModel):
     replay_max_events: int = Field(default=20_000, ge=100, le=1_000_000, description="Events kept per stream")
     inline_max_bytes: int = Field(
         default=16 * 1024 * 1024, ge=0, description="Largest artifact returned inline (base64) when asked for")
+
+    @field_validator("trusted_proxies", "cors_origins", mode="before")
+    @classmethod
+    def _list_from_env(cls, value: Any) -> Any:
+        """An environment variable holds "a, b" or a JSON list; a malformed JSON list is reported on the field."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list ({exc.msg})") from exc
+        return [part.strip() for part in text.split(",") if part.strip()]
 
 
 class Settings(BaseSettings):
@@ -193,6 +211,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigurationError(f"invalid settings: {problems}", code="invalid_settings") from exc
+    except SettingsError as exc:  # a value the settings source could not even parse (e.g. malformed JSON)
+        raise ConfigurationError(f"invalid settings: {exc}", code="invalid_settings") from exc
 
 
 def env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> list[str]:

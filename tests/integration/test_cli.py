@@ -43,6 +43,26 @@ def test_bad_setting_stops_start_naming_the_variable(tiny_bundle_dir: Path) -> N
     assert "NEXTGPT_STORAGE__BACKEND" in result.stderr
 
 
+def test_every_setting_error_is_one_line_naming_the_variable(tiny_bundle_dir: Path) -> None:
+    cases = [
+        ({"NEXTGPT_GATEWAY__TRUSTED_PROXIES": "[10.0.0.1"}, ("serve",), "NEXTGPT_GATEWAY__TRUSTED_PROXIES"),
+        ({"NEXTGPT_ENCODER__DEVICE": "cuda"}, ("encoder", "serve", "--port", "1"), "NEXTGPT_ENCODER__DEVICE"),
+        ({"NEXTGPT_LLM__DEVICE": "cuda:3"}, ("serve",), "NEXTGPT_LLM__DEVICE"),
+    ]
+    for env, args, variable in cases:
+        result = _run(*args, "--bundle", str(tiny_bundle_dir), env=env)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_list_settings_take_comma_separated_values() -> None:
+    code = "from services.contracts.settings import load_settings; print(load_settings().gateway.trusted_proxies)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "NEXTGPT_GATEWAY__TRUSTED_PROXIES": "10.0.0.1, 10.0.0.2"})
+    assert result.stdout.strip() == "['10.0.0.1', '10.0.0.2']", result.stderr
+
+
 def test_tiny_refuses_to_overwrite(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file").write_text("keep")
