@@ -44,8 +44,9 @@ vllm-env: $(VLLM_STAMP)
 bundle-tiny: $(STAMP)
 	$(BIN)/nextgpt bundle tiny --out $(TEST_BUNDLE) --force
 
+# Host and port from NEXTGPT_HOST / NEXTGPT_PORT (default 127.0.0.1:8000); a taken port fails before models load.
 run: $(STAMP)
-	$(BIN)/nextgpt serve --host 127.0.0.1 --port 8000
+	$(BIN)/nextgpt serve
 
 test: bundle-tiny $(VLLM_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \

@@ -26,6 +26,20 @@ WORLD_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
 TINY = Path("tiny")
 
 
+def check_port(host: str, port: int, variable: str = "NEXTGPT_PORT") -> None:
+    """Fail at once when the address is taken, not after minutes of loading models."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another port with "
+                                     f"--port or {variable}", code="port_unavailable") from exc
+
+
 def check_devices(settings: Settings, groups: tuple[str, ...] = ("encoder", "llm", "decoders")) -> None:
     """Refuse, in one line naming the variable, a device this machine does not have (before any model loads)."""
     import torch

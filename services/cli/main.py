@@ -106,9 +106,10 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     """Embedded mode: the whole stack in one process (today: the parts that exist, see README)."""
     import uvicorn
 
-    from services.cli.compose import check_devices, embedded_app, resolve_bundle
+    from services.cli.compose import check_devices, check_port, embedded_app, resolve_bundle
 
     settings = _settings(bundle=bundle, host=host, port=port)
+    check_port(settings.host, settings.port)
     check_devices(settings)
     app_ = embedded_app(settings, resolve_bundle(settings))
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
@@ -125,12 +126,13 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import check_devices, resolve_bundle
+    from services.cli.compose import check_devices, check_port, resolve_bundle
     from services.encoder.app import build_encoder_app
     from services.encoder.compose import build_encoder_service
     from services.storage import build_artifact_store
 
     settings = _settings(bundle=bundle, host=host)
+    check_port(settings.host, port, "--port")
     check_devices(settings, ("encoder",))
     registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
@@ -153,11 +155,12 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import check_devices, resolve_bundle
+    from services.cli.compose import check_devices, check_port, resolve_bundle
     from services.llm.app import build_llm_app
     from services.llm.compose import build_llm_service
 
     settings = _settings(bundle=bundle, host=host)
+    check_port(settings.host, port, "--port")
     check_devices(settings, ("llm",))
     registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
@@ -199,9 +202,10 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     decoder workers behind Redis (NEXTGPT_REDIS__URL). Loads no model."""
     import uvicorn
 
-    from services.cli.compose import distributed_gateway_app, resolve_bundle
+    from services.cli.compose import check_port, distributed_gateway_app, resolve_bundle
 
     settings = _settings(bundle=bundle, host=host, port=port)
+    check_port(settings.host, settings.port)
     app_ = distributed_gateway_app(settings, resolve_bundle(settings))
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
 

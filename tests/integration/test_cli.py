@@ -56,6 +56,19 @@ def test_every_setting_error_is_one_line_naming_the_variable(tiny_bundle_dir: Pa
         assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_taken_port_fails_before_any_model_loads(tiny_bundle_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("serve", "--bundle", str(tiny_bundle_dir), env={"NEXTGPT_PORT": str(port)})
+    assert result.returncode == 2, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "NEXTGPT_PORT" in result.stderr
+    assert "loaded" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_list_settings_take_comma_separated_values() -> None:
     code = "from services.contracts.settings import load_settings; print(load_settings().gateway.trusted_proxies)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
