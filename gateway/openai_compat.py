@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.contracts.chat import ChatMessage, ChatRequest
 from services.contracts.errors import InvalidRequestError
@@ -57,7 +57,18 @@ def _decode(url: str, where: str, max_bytes: int) -> tuple[bytes, str]:
 
 def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
                     max_files: int) -> tuple[ChatRequest, dict[str, bytes]]:
-    """``model_names``: served model id -> LoRA name (None: the base model)."""
+    """``model_names``: served model id -> LoRA name (None: the base model). Whatever the translated request
+    breaks (a content too long, no user message, the assistant's message last) is a 400 naming the field."""
+    try:
+        return _translate(body, model_names, max_bytes, max_files)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "messages"
+        raise InvalidRequestError(f"{where}: {err['msg']}", param=where) from exc
+
+
+def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
+               max_files: int) -> tuple[ChatRequest, dict[str, bytes]]:
     if body.model not in model_names:
         raise InvalidRequestError(f"unknown model {body.model!r}; see GET /v1/models", code="model_not_found",
                                   param="model")
@@ -76,10 +87,16 @@ def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None],
             if kind == "text":
                 texts.append(str(part.get("text", "")))
             elif kind in ("image_url", "video_url"):
-                data, mime = _decode(str((part.get(kind) or {}).get("url", "")), where, max_bytes)
+                ref = part.get(kind)
+                # {"url": "data:..."} as OpenAI documents it; a bare string is taken as the URL itself.
+                url = ref if isinstance(ref, str) else ref.get("url", "") if isinstance(ref, dict) else ""
+                data, mime = _decode(str(url), where, max_bytes)
                 files.append(_add(uploads, data, _SUFFIX.get(mime, ".bin"), max_files))
             elif kind == "input_audio":
-                audio = part.get("input_audio") or {}
+                audio = part.get("input_audio")
+                if not isinstance(audio, dict):
+                    raise InvalidRequestError(f"{where}.input_audio must be an object with 'data' and 'format'",
+                                              param=where)
                 try:
                     data = base64.b64decode(str(audio.get("data", "")), validate=True)
                 except (binascii.Error, ValueError) as exc:
@@ -92,7 +109,12 @@ def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None],
         elif role in ("user", "assistant"):
             if role == "assistant" and files:
                 raise InvalidRequestError(f"messages[{i}]: assistant media are not accepted", param=f"messages[{i}]")
-            messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
+            try:
+                messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = f"messages[{i}]." + ".".join(str(p) for p in err["loc"])
+                raise InvalidRequestError(f"{where}: {err['msg']}", param=where) from exc
         else:
             raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", param=f"messages[{i}].role")
     if system and messages:

@@ -68,3 +68,20 @@ def test_a_boolean_is_not_a_token_budget(url: str, path: str) -> None:
     reply = httpx.post(f"{url}{path}", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=60)
     assert reply.status_code == 400, reply.text
     assert "max_tokens" in reply.text
+
+
+WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA="  # an empty 16 kHz WAV
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "not a data url"}]}], "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": WAV}]}], "messages[0].content[0]"),
+    ([{"role": "system", "content": "be brief"}], "messages"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "messages"),
+    ([{"role": "user", "content": "x" * 100_001}], "messages[0].content"),
+])
+def test_openai_requests_that_do_not_translate_are_400s(url: str, messages: list[object], param: str) -> None:
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "nextgpt-tiny", "messages": messages},
+                       headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
