@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
+from typing import Any
 from importlib.resources import files
 
 from fastapi import FastAPI, Request
@@ -71,12 +74,9 @@ def build_app(state: GatewayState) -> FastAPI:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> JSONResponse:
-        failures: dict[str, str] = {}
-        for name, check in request.app.state.gateway.readiness_checks.items():
-            try:
-                await call_hook(check)
-            except NextGPTError as exc:
-                failures[name] = exc.message
+        checks = request.app.state.gateway.readiness_checks
+        results = await asyncio.gather(*(_probe(check) for check in checks.values()))
+        failures = {name: problem for name, problem in zip(checks, results) if problem}
         if failures:
             return error_json(503, "service_unavailable", "not_ready",
                               "; ".join(f"{k}: {v}" for k, v in failures.items()))
@@ -87,3 +87,27 @@ def build_app(state: GatewayState) -> FastAPI:
         return ModelList(data=request.app.state.gateway.models)
 
     return app
+
+
+# A probe answers within this bound, whatever a dependency does: a check still waiting (a client riding out a Redis
+# restart with its retry backoff, say) is reported as not ready rather than holding the probe.
+PROBE_TIMEOUT_S = 2.0
+
+
+async def _probe(check: Any) -> str | None:
+    """None when ``check`` passes within PROBE_TIMEOUT_S; else what is wrong. Sync checks run in a thread."""
+    async def run() -> None:
+        if inspect.iscoroutinefunction(check):
+            await check()
+        else:
+            result = await asyncio.to_thread(check)
+            if inspect.isawaitable(result):
+                await result
+
+    try:
+        await asyncio.wait_for(run(), PROBE_TIMEOUT_S)
+    except NextGPTError as exc:
+        return exc.message
+    except TimeoutError:
+        return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+    return None

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.testclient import TestClient
 
-from gateway.app import GatewayState, ModelCard, build_app
+from gateway.app import PROBE_TIMEOUT_S, GatewayState, ModelCard, build_app
 from services.contracts.errors import ServiceUnavailableError
 
 
@@ -104,3 +106,22 @@ def test_url_signatures_refuse_garbage_without_crashing() -> None:
     for sig in ("é" * 64, "\udcff", "", "00"):
         with pytest.raises(PermissionDeniedError):
             signer.verify(path, expires, sig)
+
+
+def test_readiness_answers_within_its_bound_when_a_dependency_hangs() -> None:
+    import time
+
+    async def hangs() -> None:
+        await asyncio.sleep(30)
+
+    def blocks() -> None:
+        time.sleep(5)
+
+    state = GatewayState(models=[], readiness_checks={"redis": hangs, "encoder": blocks, "ok": lambda: None})
+    with TestClient(build_app(state)) as client:
+        started = time.monotonic()
+        response = client.get("/readyz")
+        took = time.monotonic() - started
+    assert response.status_code == 503 and took < PROBE_TIMEOUT_S + 1.5
+    message = response.json()["error"]["message"]
+    assert "redis: no answer within 2 s" in message and "encoder: no answer" in message and "ok" not in message
