@@ -65,11 +65,26 @@ def resolve_bundle(settings: Settings) -> Bundle:
         return load_bundle(WORLD_BUNDLE)
     target = settings.tiny_bundle_dir
     if not (target / "bundle.json").is_file():
-        from services.bundle.tiny.build import build_tiny_bundle
-
-        log.info("building the tiny bundle into %s (first use)", target)
-        build_tiny_bundle(target, seed=0, force=True)
+        _build_tiny_once(target)
     return load_bundle(target)
+
+
+def _build_tiny_once(target: Path) -> None:
+    """Build the tiny bundle on first use, once, even when several services start at the same moment on one
+    cache: an exclusive lock on a file beside it; whoever gets it second finds the bundle there and waits no more."""
+    import fcntl
+
+    from services.bundle.tiny.build import build_tiny_bundle
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (target / "bundle.json").is_file():
+                log.info("building the tiny bundle into %s (first use)", target)
+                build_tiny_bundle(target, seed=0, force=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def model_cards(bundle: Bundle) -> list[ModelCard]:

@@ -121,3 +121,16 @@ def _tiny_health_app() -> FastAPI:
     app.get("/ok")(lambda: {"status": "ok"})
     app.get("/broken")(lambda: JSONResponse({"status": "down"}, status_code=503))
     return app
+
+
+def test_services_starting_together_build_the_tiny_bundle_once(tmp_path: Path) -> None:
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "from services.cli.compose import resolve_bundle; from services.contracts.settings import load_settings; "
+            "print(resolve_bundle(load_settings()).manifest.name)")
+    env = {**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path), "NEXTGPT_BUNDLE": "tiny", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert all(out.strip() == "nextgpt-tiny" for out, _ in outputs)
+    assert sum("building the tiny bundle" in err for _, err in outputs) == 1
