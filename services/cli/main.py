@@ -112,7 +112,9 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     check_port(settings.host, settings.port)
     check_devices(settings)
     app_ = embedded_app(settings, resolve_bundle(settings))
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
+    # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False)
 
 
 encoder_app = typer.Typer(no_args_is_help=True, help="The encoder service (ImageBind + input projection).")
@@ -207,7 +209,9 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     settings = _settings(bundle=bundle, host=host, port=port)
     check_port(settings.host, settings.port)
     app_ = distributed_gateway_app(settings, resolve_bundle(settings))
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
+    # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False)
 
 
 @app.command("worker")
