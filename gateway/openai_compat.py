@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.contracts.chat import ChatMessage, ChatRequest
 from services.contracts.errors import InvalidRequestError
@@ -25,8 +25,29 @@ _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "imag
            "audio/x-wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac", "video/mp4": ".mp4"}
 
 
+# OpenAI options this server does not honour, with the value that means "not used": anything else is refused with
+# a 400 naming the option rather than silently ignored (a client asking for stop strings or tools must know).
+UNSUPPORTED: dict[str, Any] = {
+    "stop": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+    "parallel_tool_calls": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
+    "logprobs": False, "top_logprobs": None, "response_format": None, "audio": None, "prediction": None,
+}
+
+
 class OpenAIChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are ignored, as other servers do
+    # Other unknown options (user, store, metadata...) change nothing about the answer and are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unhonoured(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, unused in UNSUPPORTED.items():
+                value = data.get(name, unused)
+                if value not in (unused, None) and value != [] and value != {}:
+                    raise InvalidRequestError(f"{name} is not supported by this server", code="unsupported_parameter",
+                                              param=name)
+        return data
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=256)

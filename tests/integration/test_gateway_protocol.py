@@ -85,3 +85,12 @@ def test_openai_requests_that_do_not_translate_are_400s(url: str, messages: list
                        headers={"authorization": f"Bearer {KEY}"}, timeout=60)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("option", "value"), [("stop", ["###"]), ("tools", [{"type": "function"}]),
+                                               ("presence_penalty", 0.5), ("logprobs", True), ("n", 2)])
+def test_openai_options_not_honoured_are_refused_by_name(url: str, option: str, value: object) -> None:
+    body = {"model": "nextgpt-tiny", "messages": [{"role": "user", "content": "hi"}], option: value}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert option in reply.text
