@@ -150,13 +150,16 @@ def condition(modality: str, text_encoder: nn.Module, tokens: dict[str, torch.Te
 
 
 def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: torch.Tensor, captions: list[str],
-                   cfg: LoopConfig, workdir: Path, batch_size: int, progress: bool = True) -> Denoiser:
-    """Epsilon-prediction MSE over the DDPM schedule the inference scheduler shares; 10% of captions -> ""."""
+                   cfg: LoopConfig, workdir: Path, batch_size: int, progress: bool = True,
+                   train_text: bool = True) -> Denoiser:
+    """Epsilon-prediction MSE over the DDPM schedule the inference scheduler shares; 10% of captions -> "".
+    ``train_text=False`` keeps a pretrained text encoder frozen, as AudioLDM keeps CLAP."""
     vocabulary = all_captions(modality) + [""]
     index = torch.tensor([vocabulary.index(c) for c in captions])
     uncond = len(vocabulary) - 1
     tokens = caption_tokens(tokenizer, vocabulary)
     noise_schedule = DDPMScheduler(**_SCHEDULE)
+    denoiser.text_encoder.requires_grad_(train_text)
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
         pick = torch.randint(len(latents), (batch_size,), generator=generator)
@@ -208,6 +211,52 @@ def audio_unet(dim: int) -> UNet2DConditionModel:
         mid_block_type="UNetMidBlock2D", cross_attention_dim=dim, class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=dim, class_embeddings_concat=True,
     )
+
+
+# ---------------------------------------------------------------- CLAP
+
+
+class MelEncoder(nn.Module):
+    """The audio tower of the CLAP stand-in: log-mel (frames, bins) -> a unit vector in the text space."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(64, dim))
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(mel), dim=-1)
+
+
+class Clap(nn.Module):
+    def __init__(self, text_encoder: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.audio = MelEncoder(dim)
+        self.log_scale = nn.Parameter(torch.tensor(2.6))
+
+
+def pretrain_clap(text_encoder: ClapTextModelWithProjection, tokenizer: Any, mels: torch.Tensor, captions: list[str],
+                  cfg: LoopConfig, workdir: Path, batch_size: int = 64, progress: bool = True) -> None:
+    """CLAP is a contrastive audio-text model; its stand-in's text tower is bound to sounds the same way (InfoNCE
+    of log-mels against every caption), so that captions land apart before the UNet learns to follow them. Trained
+    jointly with the UNet from scratch instead, the normalised embeddings collapse onto one point."""
+    vocabulary = all_captions("audio")
+    index = torch.tensor([vocabulary.index(c) for c in captions])
+    tokens = caption_tokens(tokenizer, vocabulary)
+    clap = Clap(text_encoder, text_encoder.config.projection_dim)
+
+    def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pick = local_shard(torch.randint(len(mels), (batch_size,), generator=generator))
+        text = condition("audio", clap.text_encoder, {k: v.to(device()) for k, v in tokens.items()})
+        audio = clap.audio(mels[pick].to(device()))
+        logits = clap.log_scale.exp() * audio @ text.T
+        return {"infonce": F.cross_entropy(logits, index[pick].to(device()))}
+
+    train_part("clap", clap, step_loss, cfg, workdir, progress=progress)
+    text_encoder.eval()
 
 
 # ---------------------------------------------------------------- vocoder
@@ -286,16 +335,19 @@ def pretrain_video(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workd
 
 def pretrain_audio(split: WorldSplit, cfgs: dict[str, LoopConfig], workdir: Path, out: Path,
                    batch_size: int = 64, progress: bool = True) -> AudioLDMPipeline:
-    """VAE on log-mel pictures (1, 100, 64), vocoder mel -> wave, then the class-conditioned UNet."""
+    """VAE on log-mel pictures (1, 100, 64), vocoder mel -> wave, the CLAP text tower bound to sounds, then the
+    class-conditioned UNet with that text tower frozen."""
     torch.manual_seed(cfgs["vae"].seed)
     waves = audio_tensor(split.data)
     mels = log_mel(waves).unsqueeze(1)  # (N, 1, frames, mel)
     vae = train_vae("audio-vae", world_vae(1), mels, cfgs["vae"], workdir / "vae", progress=progress)
     vocoder = train_vocoder(world_vocoder(), waves, cfgs["vocoder"], workdir / "vocoder", progress=progress)
     text_encoder, tokenizer = world_clap(workdir / "tokenizer", WORLD_COND_DIMS["audio"])
+    pretrain_clap(text_encoder, tokenizer, mels, split.captions, cfgs["clap"], workdir / "clap", progress=progress)
     latents = encode_latents(vae, mels)
     denoiser = train_denoiser("audio", Denoiser(audio_unet(WORLD_COND_DIMS["audio"]), text_encoder), tokenizer,
-                              latents, split.captions, cfgs["unet"], workdir / "unet", batch_size, progress)
+                              latents, split.captions, cfgs["unet"], workdir / "unet", batch_size, progress,
+                              train_text=False)
     pipe = AudioLDMPipeline(vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer, unet=denoiser.unet,
                             scheduler=inference_scheduler(), vocoder=vocoder)
     pipe.save_pretrained(str(out), safe_serialization=True)

@@ -89,6 +89,7 @@ def run_audio(data: Path, work: Path, steps: int, seed: int, progress: bool) -> 
     # The VAE and vocoder learn tones quickly; the UNet gets the step budget.
     cfgs = {"vae": LoopConfig(steps=max(1, steps // 3), lr=1e-3, seed=seed),
             "vocoder": LoopConfig(steps=max(1, steps // 2), lr=1e-3, seed=seed),
+            "clap": LoopConfig(steps=max(1, steps // 3), lr=1e-3, warmup=10, seed=seed),
             "unet": LoopConfig(steps=steps, lr=5e-4, seed=seed)}
     pretrain_audio(read_world(data, ("audio",))["audio"], cfgs, folder, folder / "exported", progress=progress)
     return PartResult("audio", folder / "exported", {})
