@@ -111,7 +111,7 @@ class Phase:
 IMAGEBIND_PHASES = (
     Phase(LoopConfig(steps=800, lr=1e-3, warmup=50), {"image": 48, "video": 48, "audio": 48}),
     Phase(LoopConfig(steps=600, lr=1e-3, warmup=20), {"image": 16, "video": 64, "audio": 16}),
-    Phase(LoopConfig(steps=600, lr=5e-4, warmup=20), {"image": 8, "video": 64, "audio": 8}),
+    Phase(LoopConfig(steps=300, lr=5e-4, warmup=20), {"image": 8, "video": 64, "audio": 8}),
 )
 
 
