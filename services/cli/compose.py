@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -14,7 +15,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from services.bundle.loader import Bundle, load_bundle
-from services.contracts.errors import ConfigurationError
+from services.contracts.errors import ConfigurationError, ServiceUnavailableError
 from services.contracts.settings import Settings
 from services.storage import build_artifact_store
 
@@ -24,6 +25,30 @@ log = logging.getLogger(__name__)
 # The trained world bundle committed with the repository (see `make world-bundle`).
 WORLD_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
 TINY = Path("tiny")
+
+
+class StopOnLoadFailure:
+    """Handed to a model service: when its model cannot load, stop the server so the process exits non-zero
+    with the reason (its supervisor restarts it) instead of living on, never ready."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server: Any = None
+        self.reason: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        self.reason = reason
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def serve(self, app: Any, host: str, port: int, log_level: str) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server.run()
+        if self.reason is not None:
+            raise ServiceUnavailableError(f"{self.name} failed to load its model: {self.reason}",
+                                          code="load_failed")
 
 
 def check_port(host: str, port: int, variable: str = "NEXTGPT_PORT") -> None:

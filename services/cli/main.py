@@ -125,10 +125,9 @@ app.add_typer(encoder_app, name="encoder")
 def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
                   port: Annotated[int, typer.Option(help="Port to bind")] = 8001) -> None:
     """Serve POST /v1/encode; /readyz answers 503 until the model is loaded."""
-    import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import check_devices, check_port, resolve_bundle
+    from services.cli.compose import StopOnLoadFailure, check_devices, check_port, resolve_bundle
     from services.encoder.app import build_encoder_app
     from services.encoder.compose import build_encoder_service
     from services.storage import build_artifact_store
@@ -139,11 +138,12 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
     store = build_artifact_store(settings)
+    stopper = StopOnLoadFailure("encoder")
     encoder_app_ = build_encoder_app(
         lambda: build_encoder_service(resolved, settings.encoder, registry, store), registry,
-        settings.encoder.max_request_bytes,
+        settings.encoder.max_request_bytes, on_load_failure=stopper,
     )
-    uvicorn.run(encoder_app_, host=settings.host, port=port, log_level=settings.log_level)
+    stopper.serve(encoder_app_, settings.host, port, settings.log_level)
 
 
 llm_app = typer.Typer(no_args_is_help=True, help="The LLM service (signal tokens, output projectors).")
@@ -154,10 +154,9 @@ app.add_typer(llm_app, name="llm")
 def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
               port: Annotated[int, typer.Option(help="Port to bind")] = 8002) -> None:
     """Serve POST /v1/generate (NDJSON stream); /readyz answers 503 until the model is loaded."""
-    import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import check_devices, check_port, resolve_bundle
+    from services.cli.compose import StopOnLoadFailure, check_devices, check_port, resolve_bundle
     from services.llm.app import build_llm_app
     from services.llm.compose import build_llm_service
 
@@ -166,8 +165,10 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
     check_devices(settings, ("llm",))
     registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
-    app_ = build_llm_app(lambda: build_llm_service(resolved, settings.llm, registry), registry)
-    uvicorn.run(app_, host=settings.host, port=port, log_level=settings.log_level)
+    stopper = StopOnLoadFailure("llm")
+    app_ = build_llm_app(lambda: build_llm_service(resolved, settings.llm, registry), registry,
+                         on_load_failure=stopper)
+    stopper.serve(app_, settings.host, port, settings.log_level)
 
 
 @llm_app.command("vllm-commands")

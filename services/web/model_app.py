@@ -31,8 +31,12 @@ S = TypeVar("S", bound=ModelService)
 
 class ModelApp(Generic[S]):
     def __init__(self, name: str, load: Callable[[], S], registry: CollectorRegistry, max_request_bytes: int,
-                 start: Callable[[S], Any] | None = None, stop: Callable[[S], Any] | None = None) -> None:
+                 start: Callable[[S], Any] | None = None, stop: Callable[[S], Any] | None = None,
+                 on_load_failure: Callable[[str], None] | None = None) -> None:
+        """``on_load_failure(reason)``: the process entry point's way to stop the server (a service that cannot
+        load never becomes ready; exiting lets its supervisor restart it). Liveness fails meanwhile either way."""
         self.name = name
+        self.on_load_failure = on_load_failure
 
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,8 +55,11 @@ class ModelApp(Generic[S]):
         install_error_handlers(self.app)
         add_metrics_route(self.app, registry)
 
-        @self.app.get("/healthz")
-        async def healthz() -> dict[str, str]:
+        @self.app.get("/healthz", responses={503: {"model": ErrorResponse}})
+        async def healthz(request: Request) -> dict[str, str]:
+            if request.app.state.load_error is not None:
+                raise ServiceUnavailableError(f"{self.name} failed to load: {request.app.state.load_error}",
+                                              code="load_failed")
             return {"status": "ok"}
 
         @self.app.get("/readyz", responses={503: {"model": ErrorResponse}})
@@ -69,6 +76,8 @@ class ModelApp(Generic[S]):
         except Exception as exc:
             log.exception("%s failed to load", self.name)
             app.state.load_error = str(exc)
+            if self.on_load_failure is not None:
+                self.on_load_failure(str(exc))
 
     def service(self, request: Request) -> S:
         service: S | None = request.app.state.service

@@ -134,3 +134,19 @@ def test_services_starting_together_build_the_tiny_bundle_once(tmp_path: Path) -
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-2000:] for _, err in outputs]
     assert all(out.strip() == "nextgpt-tiny" for out, _ in outputs)
     assert sum("building the tiny bundle" in err for _, err in outputs) == 1
+
+
+def test_a_service_whose_model_cannot_load_exits_with_the_reason(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, broken)
+    weights = broken / "encoder" / "imagebind.safetensors"
+    state = load_file(str(weights))
+    state.pop("modality_trunks.vision.blocks.0.norm_1.weight")  # passes the manifest checks, fails the load
+    save_file(state, str(weights))
+    result = _run("encoder", "serve", "--bundle", str(broken), "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "encoder failed to load its model" in result.stderr and "norm_1" in result.stderr
