@@ -6,6 +6,7 @@ The Celery task and the embedded worker pool both call ``DecoderRunner.run``; al
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -42,6 +43,39 @@ class JobBusyError(TransientJobError):
     """Another delivery of the same job is running right now."""
 
 
+class LeaseKeeper:
+    """Keeps a job's lease for the job's whole life, not only between diffusion steps: a thread renews it every
+    third of its TTL while the VAE decodes, the media encode and the artifact uploads. ``check()`` raises once the
+    lease was lost (another delivery may run the job now), so this one stops rather than race it."""
+
+    def __init__(self, book: JobBook, job_id: str, token: str, ttl_s: int) -> None:
+        self.book, self.job_id, self.token, self.ttl_s = book, job_id, token, ttl_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=f"lease-{job_id[:8]}", daemon=True)
+
+    def _keep(self) -> None:
+        while not self._stop.wait(max(1.0, self.ttl_s / 3)):
+            try:
+                if not self.book.renew(self.job_id, self.token, self.ttl_s):
+                    self.lost.set()
+                    return
+            except JobBookUnavailable:
+                continue  # the store is away for now; the lease lasts ttl_s, the next renewal may reach it
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise TransientJobError(f"job {self.job_id}: its lease was lost (another delivery may run it)")
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class DecoderRunner:
     def __init__(self, pipelines: DecoderPipelines, store: ArtifactStore, book: JobBook,
                  manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120,
@@ -58,12 +92,15 @@ class DecoderRunner:
             # A re-delivered job whose artifact was already written: report it, write nothing.
             self.book.publish(JobEvent(job_id=job.job_id, type="completed", artifact=existing), job.modality)
             return existing
-        if not self.book.claim(job.job_id, self.lock_ttl_s):
+        token = self.book.claim(job.job_id, self.lock_ttl_s)
+        if token is None:
             raise JobBusyError(f"job {job.job_id} is being run by another worker")
+        lease = LeaseKeeper(self.book, job.job_id, token, self.lock_ttl_s)
         try:
-            return self._run(job)
+            with lease:
+                return self._run(job, lease)
         finally:
-            self.book.release(job.job_id)
+            self.book.release(job.job_id, token)
 
     def _existing(self, job: DecodeJob) -> ArtifactInfo | None:
         try:
@@ -75,7 +112,7 @@ class DecoderRunner:
         return ArtifactInfo(key=meta.key, modality=job.modality, mime=meta.mime, bytes=meta.size,
                             metadata=meta.metadata)
 
-    def _run(self, job: DecodeJob) -> ArtifactInfo | None:
+    def _run(self, job: DecodeJob, lease: LeaseKeeper) -> ArtifactInfo | None:
         started = time.perf_counter()
         self.book.publish(JobEvent(job_id=job.job_id, type="started"), job.modality)
         try:
@@ -95,7 +132,7 @@ class DecoderRunner:
             def on_step(step: int, total: int) -> None:
                 if self.book.is_cancelled(job.job_id):
                     raise JobCancelled
-                self.book.renew(job.job_id, self.lock_ttl_s)
+                lease.check()
                 if time.perf_counter() - started > self.time_limit_s:
                     raise JobTimeoutError(f"{job.modality} job ran past its time limit of {self.time_limit_s:.0f} s")
                 self.book.publish(JobEvent(job_id=job.job_id, type="progress", step=step, total=total))
@@ -120,6 +157,7 @@ class DecoderRunner:
             metadata["seconds"] = f"{len(generated.frames) / opts.fps:.3f}"
             metadata["frames"] = str(len(generated.frames))
         _, mime = ARTIFACT_FORMATS[job.modality]
+        lease.check()  # never write an artifact under a lease another delivery now holds
         try:
             meta = self.store.put(job.artifact_key, data, mime, metadata=metadata)
         except NextGPTError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -51,15 +52,17 @@ class JobBook(ABC):
     def cancel(self, job_id: str) -> None: ...
 
     @abstractmethod
-    def claim(self, job_id: str, ttl_s: int) -> bool:
-        """True when this worker may run the job now (no other delivery is running it)."""
+    def claim(self, job_id: str, ttl_s: int) -> str | None:
+        """A lease token when this worker may run the job now (no other delivery holds it), else None."""
 
     @abstractmethod
-    def renew(self, job_id: str, ttl_s: int) -> None:
-        """Extend the claim: a claim is a lease, so a worker that dies frees its job when the lease runs out."""
+    def renew(self, job_id: str, token: str, ttl_s: int) -> bool:
+        """Extend the lease if ``token`` still holds it (False: it was lost). A claim is a lease, so a worker that
+        dies frees its job when the lease runs out."""
 
     @abstractmethod
-    def release(self, job_id: str) -> None: ...
+    def release(self, job_id: str, token: str) -> None:
+        """Drop the lease, only if ``token`` still holds it: a worker never frees another worker's lease."""
 
 
 class JobBookUnavailable(Exception):
@@ -82,17 +85,29 @@ class RedisJobBook(JobBook):
         self.r, self.prefix, self.ttl = client, prefix, ttl_s
 
     def publish(self, event: JobEvent, modality: Any = None) -> None:
-        with _reachable():
-            current = self.status(event.job_id)
-            if current is not None and current.state in TERMINAL_STATES and event.type not in ("completed",):
-                return  # a late progress event must not reopen a finished job
-            status = next_status(current, event, modality)
-            skey, ekey = status_key(self.prefix, event.job_id), events_key(self.prefix, event.job_id)
-            pipe = self.r.pipeline()
-            pipe.set(skey, status.model_dump_json(), ex=self.ttl)
-            pipe.xadd(ekey, {"event": event.model_dump_json()}, maxlen=MAX_EVENTS, approximate=True)
-            pipe.expire(ekey, self.ttl)
-            pipe.execute()
+        """Read the status, apply the event, write both, as one optimistic transaction (WATCH): a publisher
+        racing another (the gateway's cancel, a second delivery) never writes over a transition it did not see."""
+        from redis.exceptions import WatchError
+
+        skey, ekey = status_key(self.prefix, event.job_id), events_key(self.prefix, event.job_id)
+        with _reachable(), self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(skey)
+                    raw = pipe.get(skey)
+                    current = JobStatus.model_validate_json(raw) if raw else None
+                    if current is not None and current.state in TERMINAL_STATES and event.type != "completed":
+                        pipe.unwatch()
+                        return  # a late progress event must not reopen a finished job
+                    status = next_status(current, event, modality)
+                    pipe.multi()
+                    pipe.set(skey, status.model_dump_json(), ex=self.ttl)
+                    pipe.xadd(ekey, {"event": event.model_dump_json()}, maxlen=MAX_EVENTS, approximate=True)
+                    pipe.expire(ekey, self.ttl)
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     def status(self, job_id: str) -> JobStatus | None:
         with _reachable():
@@ -107,17 +122,29 @@ class RedisJobBook(JobBook):
         with _reachable():
             self.r.set(cancel_key(self.prefix, job_id), "1", ex=self.ttl)
 
-    def claim(self, job_id: str, ttl_s: int) -> bool:
+    def claim(self, job_id: str, ttl_s: int) -> str | None:
+        token = uuid.uuid4().hex
         with _reachable():
-            return bool(self.r.set(lock_key(self.prefix, job_id), "1", nx=True, ex=ttl_s))
+            return token if self.r.set(lock_key(self.prefix, job_id), token, nx=True, ex=ttl_s) else None
 
-    def renew(self, job_id: str, ttl_s: int) -> None:
+    def renew(self, job_id: str, token: str, ttl_s: int) -> bool:
         with _reachable():
-            self.r.expire(lock_key(self.prefix, job_id), ttl_s)
+            return bool(self.r.eval(_RENEW_IF_OWNED, 1, lock_key(self.prefix, job_id), token, ttl_s))
 
-    def release(self, job_id: str) -> None:
+    def release(self, job_id: str, token: str) -> None:
         with _reachable():
-            self.r.delete(lock_key(self.prefix, job_id))
+            self.r.eval(_DELETE_IF_OWNED, 1, lock_key(self.prefix, job_id), token)
+
+
+# Compare-and-act on the lease, atomically in Redis: only the holder of the token may extend or drop it.
+_RENEW_IF_OWNED = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_DELETE_IF_OWNED = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 class MemoryJobBook(JobBook):
@@ -128,7 +155,7 @@ class MemoryJobBook(JobBook):
         self._status: dict[str, JobStatus] = {}
         self._events: dict[str, list[JobEvent]] = {}
         self._cancelled: set[str] = set()
-        self._running: set[str] = set()
+        self._running: dict[str, str] = {}  # job id -> lease token
         self.max_jobs = max_jobs
         self.listeners: list[Any] = []
 
@@ -170,16 +197,20 @@ class MemoryJobBook(JobBook):
         with self._lock:
             self._cancelled.add(job_id)
 
-    def claim(self, job_id: str, ttl_s: int) -> bool:
+    def claim(self, job_id: str, ttl_s: int) -> str | None:
         with self._lock:
             if job_id in self._running:
-                return False
-            self._running.add(job_id)
-            return True
+                return None
+            token = uuid.uuid4().hex
+            self._running[job_id] = token
+            return token
 
-    def renew(self, job_id: str, ttl_s: int) -> None:
-        return None  # in one process a dead worker takes its claims with it
-
-    def release(self, job_id: str) -> None:
+    def renew(self, job_id: str, token: str, ttl_s: int) -> bool:
+        # In one process a dead worker takes its claims with it: no expiry, only ownership.
         with self._lock:
-            self._running.discard(job_id)
+            return self._running.get(job_id) == token
+
+    def release(self, job_id: str, token: str) -> None:
+        with self._lock:
+            if self._running.get(job_id) == token:
+                del self._running[job_id]
