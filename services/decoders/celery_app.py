@@ -4,6 +4,7 @@ translates between Celery and ``DecoderRunner``; retries happen for transient I/
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -13,9 +14,12 @@ from pydantic import ValidationError
 from services.contracts.celery_config import DECODE_TASK, celery_config
 from services.contracts.decoders import DecodeJob, JobEvent
 from services.contracts.settings import Settings
-from services.decoders.runner import DecoderRunner, JobBusyError, PoisonJobError, TransientJobError
+from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, PoisonJobError, TransientJobError
 
 log = logging.getLogger(__name__)
+
+
+EXIT_DEVICE_BROKEN = 70  # EX_SOFTWARE: a supervisor restarts the worker
 
 
 def make_worker_app(settings: Settings, runner: Callable[[], DecoderRunner]) -> Celery:
@@ -42,6 +46,11 @@ def make_worker_app(settings: Settings, runner: Callable[[], DecoderRunner]) -> 
         current = get_runner()
         try:
             info = current.run(job)
+        except DeviceBrokenError as exc:
+            # Unacknowledged (acks_late), the job goes to another worker; this process cannot run anything more.
+            log.critical("job %s: %s; exiting so the supervisor restarts this worker", job.job_id, exc)
+            logging.shutdown()
+            os._exit(EXIT_DEVICE_BROKEN)
         except PoisonJobError as exc:
             log.warning("job %s failed: %s", job.job_id, exc)
             current.book.publish(JobEvent(job_id=job.job_id, type="failed", error=str(exc)), job.modality)

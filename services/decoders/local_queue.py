@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from services.contracts.decoders import TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus
 from services.contracts.errors import ServiceUnavailableError
-from services.decoders.runner import DecoderRunner, JobBusyError, PoisonJobError, TransientJobError
+from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, PoisonJobError, TransientJobError
 from services.jobs.book import MemoryJobBook
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,13 @@ class LocalDecoderQueue(DecoderQueue):
                     return
                 except PoisonJobError as exc:
                     self._fail(job, str(exc))
+                    return
+                except DeviceBrokenError as exc:
+                    # Nothing more can run in this process: fail the job, and stop the server (SIGTERM: a
+                    # graceful shutdown) so its supervisor starts a fresh one.
+                    self._fail(job, str(exc))
+                    log.critical("%s; stopping the server so that it is restarted", exc)
+                    os.kill(os.getpid(), signal.SIGTERM)
                     return
                 except TransientJobError as exc:
                     if attempt == self.max_retries or isinstance(exc, JobBusyError):

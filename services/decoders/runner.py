@@ -43,6 +43,31 @@ class JobBusyError(TransientJobError):
     """Another delivery of the same job is running right now."""
 
 
+class OutOfMemoryJobError(TransientJobError):
+    """The decode ran out of (device) memory: the job may well fit later, or on another worker."""
+
+
+class DeviceBrokenError(Exception):
+    """The accelerator's context is broken (a device-side assert, an illegal access): nothing more can run in this
+    process. Neither the job's fault nor transient here: the worker must exit so its supervisor restarts it, and
+    the unacknowledged job goes to another worker."""
+
+
+_BROKEN_DEVICE = ("device-side assert", "illegal memory access", "cuda error", "cublas_status", "cudnn_status",
+                  "unspecified launch failure", "ecc error")
+
+
+def classify(exc: BaseException, modality: str) -> Exception:
+    """What an unexpected decoder exception means for the job and for the worker."""
+    message = str(exc).lower()
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if (oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError) or "out of memory" in message:
+        return OutOfMemoryJobError(f"{modality} decoder ran out of memory: {exc}")
+    if isinstance(exc, RuntimeError) and any(sign in message for sign in _BROKEN_DEVICE):
+        return DeviceBrokenError(f"{modality} decoder broke the device: {exc}")
+    return PoisonJobError(f"{modality} decoder failed: {type(exc).__name__}: {exc}")
+
+
 class LeaseKeeper:
     """Keeps a job's lease for the job's whole life, not only between diffusion steps: a thread renews it every
     third of its TTL while the VAE decodes, the media encode and the artifact uploads. ``check()`` raises once the
@@ -147,7 +172,10 @@ class DecoderRunner:
         except JobBookUnavailable as exc:  # Redis away longer than the client retries: try the job again later
             raise TransientJobError(f"job book: {exc}") from exc
         except Exception as exc:
-            raise PoisonJobError(f"{job.modality} decoder failed: {type(exc).__name__}: {exc}") from exc
+            kind = classify(exc, job.modality)
+            if isinstance(kind, OutOfMemoryJobError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise kind from exc
         decode_s = time.perf_counter() - started
         metadata = {"seed": str(opts.seed), "steps": str(opts.steps), "decode-ms": str(int(decode_s * 1000)),
                     "job-id": job.job_id}
