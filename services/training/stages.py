@@ -46,11 +46,11 @@ class LoraOptions:
 
 
 STAGES = {
-    "align-encoder": StageSpec("align-encoder", encoder_alignment, LoopConfig(steps=400, lr=1e-3, warmup=30), 32,
+    "align-encoder": StageSpec("align-encoder", encoder_alignment, LoopConfig(steps=2000, lr=1e-3, warmup=30), 32,
                                input_projection=True),
-    "align-decoder": StageSpec("align-decoder", decoder_alignment, LoopConfig(steps=500, lr=1e-3, warmup=30), 32,
+    "align-decoder": StageSpec("align-decoder", decoder_alignment, LoopConfig(steps=1000, lr=1e-3, warmup=30), 32,
                                projectors=True, signal_rows=True),
-    "instruct": StageSpec("instruct", instruction, LoopConfig(steps=1000, lr=5e-4, warmup=50), 32,
+    "instruct": StageSpec("instruct", instruction, LoopConfig(steps=1200, lr=5e-4, warmup=50), 32,
                           weights=LossWeights(l2=(("image", 1.0), ("video", 2.0), ("audio", 1.0))),
                           input_projection=True, projectors=True, signal_rows=True, lora=True),
 }
