@@ -50,7 +50,7 @@ STAGES = {
                                input_projection=True),
     "align-decoder": StageSpec("align-decoder", decoder_alignment, LoopConfig(steps=1000, lr=1e-3, warmup=30), 32,
                                projectors=True, signal_rows=True),
-    "instruct": StageSpec("instruct", instruction, LoopConfig(steps=1200, lr=5e-4, warmup=50), 32,
+    "instruct": StageSpec("instruct", instruction, LoopConfig(steps=3000, lr=1e-3, warmup=50), 32,
                           weights=LossWeights(l2=(("image", 1.0), ("video", 2.0), ("audio", 1.0))),
                           input_projection=True, projectors=True, signal_rows=True, lora=True),
 }
