@@ -24,6 +24,7 @@ import torch
 from services.bundle.loader import Bundle
 from services.contracts.llm import Turn
 from services.training.examples import Example, SignalTarget
+from services.training.targets import DecoderTextEncoders
 from services.training.world_tasks import Split
 
 CAPTION_KEYS = {"image_name": "image", "video_name": "video", "audio_name": "audio"}
@@ -108,7 +109,7 @@ class BundleEncoders:
         self.vectors: list[torch.Tensor] = []
         self.rows: dict[Path, int] = {}
         self.targets: dict[tuple[str, str], torch.Tensor] = {}
-        self._text: dict[str, tuple[Any, Any]] = {}
+        self.text = DecoderTextEncoders(bundle)
 
     @torch.inference_mode()
     def media_row(self, modality: str, path: Path) -> int:
@@ -128,21 +129,10 @@ class BundleEncoders:
             self.vectors.append(self.encoder.embed(modality, x)[0])  # type: ignore[arg-type]
         return self.rows[path]
 
-    @torch.inference_mode()
     def target(self, modality: str, caption: str) -> torch.Tensor:
-        from transformers import AutoTokenizer, CLIPTextModel, ClapTextModelWithProjection
-
-        from services.world.pretrain.decoders import caption_tokens, condition
-
         key = (modality, caption)
         if key not in self.targets:
-            if modality not in self._text:
-                source = self.bundle.decoder_source(modality)  # type: ignore[arg-type]
-                cls = ClapTextModelWithProjection if modality == "audio" else CLIPTextModel
-                self._text[modality] = (AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
-                                        cls.from_pretrained(source, subfolder="text_encoder").eval())
-            tokenizer, encoder = self._text[modality]
-            self.targets[key] = condition(modality, encoder, caption_tokens(tokenizer, [caption]))[0].clone()
+            self.targets[key] = self.text.encode(modality, [caption])[0]
         return self.targets[key]
 
     @property

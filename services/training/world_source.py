@@ -13,7 +13,8 @@ import torch
 
 from services.bundle.loader import Bundle
 from services.training.examples import Example, SignalTarget
-from services.training.world_tasks import Conversation, Draw, Split, Task as Source
+from services.training.targets import DecoderTextEncoders
+from services.training.world_tasks import Conversation, Split, Task as Source
 from services.world.attributes import WORLD_MODALITIES, WorldModality, all_captions, caption
 from services.world.dataset import WorldSplit
 
@@ -49,22 +50,13 @@ def embed_world(bundle: Bundle, splits: dict[WorldModality, WorldSplit], batch: 
     return out
 
 
-@torch.inference_mode()
 def decoder_targets(bundle: Bundle) -> dict[tuple[str, str], torch.Tensor]:
     """(modality, caption) -> what the modality's decoder pipeline computes from that caption itself."""
-    from transformers import AutoTokenizer, CLIPTextModel, ClapTextModelWithProjection
-
-    from services.world.pretrain.decoders import caption_tokens, condition
-
+    encoders = DecoderTextEncoders(bundle)
     targets = {}
     for modality in WORLD_MODALITIES:
-        source = bundle.decoder_source(modality)  # type: ignore[arg-type]
-        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-        cls = ClapTextModelWithProjection if modality == "audio" else CLIPTextModel
-        encoder = cls.from_pretrained(source, subfolder="text_encoder").eval()
         captions = all_captions(modality)
-        for text, vector in zip(captions, condition(modality, encoder, caption_tokens(tokenizer, captions))):
-            targets[(modality, text)] = vector.clone()
+        targets.update({(modality, c): v for c, v in zip(captions, encoders.encode(modality, captions))})
     return targets
 
 
@@ -100,7 +92,3 @@ class WorldExamples:
             media.append(rng.choice(candidates))
         signals = [SignalTarget(m, self.targets[(m, caption(m, a))]) for m, a in conversation.outputs]
         return Example(turns=conversation.turns, media=media, reply=conversation.reply, signals=signals)
-
-
-def vectors_as_numpy(table: torch.Tensor) -> np.ndarray:
-    return table.numpy().astype(np.float32)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from services.contracts.llm import Turn
-from services.world.attributes import CLASSES, Attributes, WorldModality, caption
+from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, WorldModality, caption
+from services.world.text import ANSWERS, QUESTIONS
 
 Split = Literal["train", "eval"]
 # Draws the classes of an input medium the data has (so a sample of them exists to show the model).
@@ -88,8 +89,6 @@ class Conversation:
 
 
 def random_attrs(rng: random.Random, modality: WorldModality) -> Attributes:
-    from services.world.attributes import ATTRIBUTES
-
     return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
 
 
@@ -143,12 +142,8 @@ def follow_up_task(rng: random.Random, split: Split, draw: Draw) -> Conversation
 
 
 def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
-    from services.world.text import ANSWERS, QUESTIONS
-
     modality: WorldModality = rng.choice(["image", "video", "audio"])
     attrs = draw(modality)
-    from services.world.attributes import ATTRIBUTES
-
     name = rng.choice(ATTRIBUTES[modality])
     thing = {"image": "this picture", "video": "the thing in this clip", "audio": "this tone"}[modality]
     question = rng.choice(QUESTIONS[name]).format(thing=thing)
