@@ -209,9 +209,13 @@ class ChatService:
         cond = await asyncio.to_thread(self.store.put, new_key("conditioning", ".safetensors", uid=job_id), blob,
                                        "application/vnd.nextgpt.safetensors")
         suffix, _ = ARTIFACT_FORMATS[signal.modality]
+        options = request.decoder
+        if options.seed is None and request.seed is not None:
+            # A seeded turn is reproducible end to end: the n-th item's noise follows from the turn's seed, not
+            # from a random job id (an explicit decoder.seed still wins).
+            options = options.model_copy(update={"seed": (request.seed * 1009 + signal.index) % 2**63})
         job = DecodeJob(job_id=job_id, modality=signal.modality, conditioning_key=cond.key,
-                        artifact_key=new_key(signal.modality, suffix, uid=job_id), options=request.decoder,
-                        owner=owner)
+                        artifact_key=new_key(signal.modality, suffix, uid=job_id), options=options, owner=owner)
         await self.decoders.submit(job)
         return job
 

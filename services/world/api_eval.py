@@ -74,10 +74,10 @@ class WorldClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def chat(self, text: str, media: tuple[WorldModality, np.ndarray] | None = None,
-             conversation_id: str | None = None) -> dict[str, Any]:
+             conversation_id: str | None = None, seed: int = 0) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "user", "content": text}
         request: dict[str, Any] = {"messages": [message], "max_tokens": 48, "inline_media": True, "wait_s": 300,
-                                   "seed": 0}
+                                   "seed": seed}
         if conversation_id:
             request["conversation_id"] = conversation_id
         if media is None:

@@ -214,3 +214,17 @@ def test_an_oversized_decode_is_refused_up_front(url: str) -> None:
         "decoder": {"height": 2048, "width": 2048, "frames": 128}})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "decode_too_large" and response.json()["error"]["param"] == "decoder"
+
+
+def test_a_seeded_turn_is_reproducible_media_included(url: str) -> None:
+    def turn(seed: int, decoder_seed: int | None = None) -> tuple[str, bytes]:
+        decoder: dict[str, object] = {"steps": 2} | ({"seed": decoder_seed} if decoder_seed is not None else {})
+        body = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+            "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12, "seed": seed,
+            "require_modalities": ["image"], "decoder": decoder, "inline_media": True}).json()
+        return body["text"], base64.b64decode(body["artifacts"][0]["data"])
+
+    first = turn(7)
+    assert turn(7) == first  # same words, same pixels: the decoder's noise follows the turn's seed
+    assert turn(8)[1] != first[1]
+    assert turn(7, decoder_seed=123)[1] != first[1]  # an explicit decoder seed still wins
