@@ -130,7 +130,7 @@ world-stages: world-pretrain
 world-bundle: world-stages
 	$(BIN)/nextgpt bundle pack $(WORLD_DIR)/stage3 --out $(WORLD_BUNDLE) --force
 
-.PHONY: bench bench-encoder bench-llm bench-gateway
+.PHONY: bench bench-encoder bench-llm bench-chat bench-gateway
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image
 	$(BIN)/python -m bench.encoder_batching --modality audio
@@ -138,8 +138,12 @@ bench-encoder: $(STAMP)
 bench-llm: $(STAMP)
 	$(BIN)/python -m bench.llm_stream
 
+# Continuous batching through /v1/chat: running batch of 16 vs one reply at a time, concurrency 1 vs 16.
+bench-chat: $(STAMP)
+	$(BIN)/python -m bench.chat_batching
+
 # The distributed stack as processes: TTFT via the gateway / TTFT direct at 1/8/32, tokens/s, first artifact.
 bench-gateway: $(STAMP)
 	$(BIN)/python -m bench.gateway_overhead
 
-bench: bench-encoder bench-llm bench-gateway
+bench: bench-encoder bench-llm bench-chat bench-gateway

@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
-from gateway.sse import HEARTBEAT, sse_event
+from gateway.sse import HEARTBEAT, batches, sse_event
 from gateway.state import GatewayState
 from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
@@ -159,24 +159,21 @@ def _sse_response(entries: AsyncIterator[LogEntry], stream_id: str, st: GatewayS
 
 
 async def _sse(entries: AsyncIterator[LogEntry], heartbeat_s: float) -> AsyncIterator[bytes]:
-    pending: asyncio.Task[LogEntry] | None = None
+    """The log's entries as SSE. Whatever is already waiting goes out in one write: under load a reply's events
+    pile up between two turns of this loop, and one send (through the middleware stack, one syscall) per batch
+    instead of per event is what keeps the gateway from becoming the bottleneck of a busy LLM."""
     try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(entries))
-            done, _ = await asyncio.wait({pending}, timeout=heartbeat_s)
-            if not done:
+        async for batch in batches(entries, heartbeat_s):
+            if not batch:
                 yield HEARTBEAT  # keeps proxies from closing a quiet stream (long decodes)
                 continue
-            try:
-                event_id, name, data = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                pending = None
-            yield sse_event(event_id, name, data)
-            if name in ("done", "error"):
-                return
+            chunk = []
+            for event_id, name, data in batch:
+                chunk.append(sse_event(event_id, name, data))
+                if name in ("done", "error"):
+                    yield b"".join(chunk)
+                    return
+            yield b"".join(chunk)
     except NextGPTError as exc:  # the log itself failed (no id: the client may resume from its last one)
         yield sse_event(None, "error", exc.to_response().model_dump())
     except Exception:
@@ -184,10 +181,6 @@ async def _sse(entries: AsyncIterator[LogEntry], heartbeat_s: float) -> AsyncIte
         yield sse_event(None, "error", {"error": {"type": "internal_error", "code": "stream_read_failed",
                                                   "message": "reading the stream failed; reconnect with "
                                                              "Last-Event-ID", "param": None}})
-    finally:
-        if pending is not None:
-            pending.cancel()
-        await entries.aclose()  # type: ignore[attr-defined]
 
 
 async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: float,

@@ -113,7 +113,8 @@ class LLMSettings(BaseModel):
     max_tokens: int = Field(default=1024, ge=1, le=32768, description="Upper bound on a request's max_tokens")
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="Default: the bundle's max_model_len")
     max_media: int = Field(default=16, ge=0, le=256)
-    max_waiting: int = Field(default=32, ge=1, description="Generations waiting for the model; 503 beyond")
+    max_batch: int = Field(default=16, ge=1, le=256, description="Replies decoded together (transformers backend)")
+    max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
 
     @model_validator(mode="after")

@@ -20,5 +20,6 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
         backend = VLLMBackend(bundle, settings.vllm_url, settings.vllm_pooler_url, settings.timeout_s,
                               settings.max_prompt_tokens)
     else:
-        backend = HFBackend(bundle, settings.device, getattr(torch, settings.dtype), settings.max_prompt_tokens)
+        backend = HFBackend(bundle, settings.device, getattr(torch, settings.dtype), settings.max_prompt_tokens,
+                            settings.max_batch)
     return LLMService(backend, settings, LLMMetrics(registry), bundle.manifest.llm.hidden_size)

@@ -14,24 +14,28 @@ import numpy as np
 from services.contracts.errors import InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
 from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
 from services.contracts.settings import LLMSettings
+from services.llm.channel import EventChannel
 from services.llm.metrics import LLMMetrics
-
-_END = object()
 
 
 class Backend(Protocol):
     def generate(self, params: GenerateParams, media: np.ndarray | None, emit: object,
                  cancelled: threading.Event) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class LLMService:
     def __init__(self, backend: Backend, settings: LLMSettings, metrics: LLMMetrics, hidden_size: int) -> None:
         self.backend, self.settings, self.metrics, self.hidden_size = backend, settings, metrics, hidden_size
-        self._executor = ThreadPoolExecutor(max_workers=settings.max_waiting + 1, thread_name_prefix="llm")
-        self._slots = threading.BoundedSemaphore(settings.max_waiting + 1)
+        # A thread per admitted generation (it waits while the backend decodes it inside a batch).
+        slots = settings.max_batch + settings.max_waiting
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llm")
+        self._slots = threading.BoundedSemaphore(slots)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
 
     def _check(self, params: GenerateParams, media: np.ndarray | None) -> None:
         if params.max_tokens is not None and params.max_tokens > self.settings.max_tokens:
@@ -50,31 +54,24 @@ class LLMService:
         if not self._slots.acquire(blocking=False):
             self.metrics.requests.labels("overloaded").inc()
             raise ServiceUnavailableError("too many generations waiting; retry later", code="overloaded")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        channel = EventChannel(asyncio.get_running_loop())
         cancelled = threading.Event()
 
-        def emit(event: LLMEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
         def work() -> None:
-            tracker = _Running(emit, self.metrics)
+            tracker = _Running(channel.put, self.metrics)
             try:
                 self.backend.generate(params, media, tracker, cancelled)
             except BaseException as exc:  # delivered to the consumer, which raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                channel.put(exc)
             finally:
                 tracker.close()
                 self._slots.release()
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
+                channel.end()
 
         self._executor.submit(work)
         outcome = "error"
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
+            async for item in channel.items():
                 if isinstance(item, BaseException):
                     raise item
                 assert isinstance(item, (TextDelta, SignalEvent, Done))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,87 @@ def test_model_started_group_cannot_starve_a_required_one(backend: HFBackend) ->
     assert vid[0] not in ctl.decide(len(vid) + len(img) + 1).banned
     one_left = SignalController(m, None, ["image"], max_groups=1, stop_ids=list(m.stop.token_ids))
     assert vid[0] in one_left.decide(1000).banned and img[0] not in one_left.decide(1000).banned
+
+
+def _in_threads(backend: HFBackend, requests: list[tuple[GenerateParams, np.ndarray | None]],
+                stagger_s: float = 0.0) -> list[list[LLMEvent]]:
+    """Run requests concurrently (each in its own thread, as LLMService does), optionally joining one by one."""
+    results: list[list[LLMEvent]] = [[] for _ in requests]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            backend.generate(requests[i][0], requests[i][1], results[i].append, threading.Event())
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger_s)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+def _signals(events: list[LLMEvent]) -> list[SignalEvent]:
+    return [e for e in events if isinstance(e, SignalEvent)]
+
+
+def test_a_reply_does_not_depend_on_what_else_is_in_the_batch(backend: HFBackend) -> None:
+    """The same request alone and inside a batch of 8 (other lengths, adapters, sampling, joining mid-way):
+    the same tokens under greedy, and under a seed; the same signal conditioning within float tolerance."""
+    rng = np.random.default_rng(5)
+    texts = ["show me a picture", "hi", "a long request " * 12, "make a sound and a video", "x", "draw", "play",
+             "tell me about it please"]
+    requests = []
+    for i, text in enumerate(texts):
+        params = GenerateParams(turns=[Turn(role="user", text=text, media=[0])], seed=i, max_tokens=8 + 5 * i,
+                                temperature=0.0 if i % 2 == 0 else 0.9, top_p=0.9,
+                                lora=None if i % 3 == 0 else "nextgpt",
+                                require_modalities=[["image"], ["audio"], [], ["video", "image"]][i % 4])  # type: ignore[list-item]
+        requests.append((params, rng.standard_normal((1, 128)).astype(np.float32)))
+    alone = [_run(backend, params, media) for params, media in requests]
+    for together in (_in_threads(backend, requests), _in_threads(backend, requests, stagger_s=0.01)):
+        for solo, batched in zip(alone, together, strict=True):
+            assert isinstance(solo[-1], Done) and isinstance(batched[-1], Done)
+            assert batched[-1].token_ids == solo[-1].token_ids
+            assert "".join(e.text for e in batched if isinstance(e, TextDelta)) == \
+                "".join(e.text for e in solo if isinstance(e, TextDelta))
+            assert [s.modality for s in _signals(batched)] == [s.modality for s in _signals(solo)]
+            for a, b in zip(_signals(solo), _signals(batched), strict=True):
+                assert np.allclose(a.conditioning, b.conditioning, atol=1e-4)
+
+
+def test_a_cancelled_reply_leaves_the_batch_and_the_others_go_on(backend: HFBackend) -> None:
+    cancel = threading.Event()
+    events: list[LLMEvent] = []
+
+    def cancelling(event: LLMEvent) -> None:
+        events.append(event)
+        if isinstance(event, TextDelta):
+            cancel.set()
+
+    others = [(_params(max_tokens=40, temperature=0.0), MEDIA)] * 3
+    expected = _run(backend, *others[0])[-1]
+    thread = threading.Thread(target=backend.generate, args=(_params(max_tokens=400), MEDIA, cancelling, cancel))
+    thread.start()
+    results = _in_threads(backend, others)
+    thread.join(timeout=60)
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
+    assert all(isinstance(r[-1], Done) and r[-1].token_ids == expected.token_ids for r in results)  # type: ignore[union-attr]
+    assert backend.engine.running == 0
+
+
+def test_streamed_text_is_the_decoded_reply(backend: HFBackend) -> None:
+    """Text goes out incrementally (a few tokens decoded per step), and adds up to the whole reply decoded once."""
+    events = _run(backend, _params(max_tokens=60, temperature=1.2, top_p=1.0), MEDIA)
+    done = events[-1]
+    assert isinstance(done, Done)
+    signal_ids = {i for spec in backend.manifest.outputs.values() for i in spec.signal.token_ids}
+    stop = set(backend.manifest.stop.token_ids)
+    text_ids = [t for t in done.token_ids if t not in signal_ids and t not in stop]
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 1
+    assert "".join(deltas) == backend.tokenizer.decode(text_ids, skip_special_tokens=True)

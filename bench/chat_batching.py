@@ -1,0 +1,132 @@
+"""Continuous batching through the public API: the embedded stack (tiny bundle, `nextgpt serve` as its own
+process, so the client's parsing does not share its interpreter) on loopback, streamed POST /v1/chat,
+text only, greedy, a fixed token budget. Side by side in one run: the transformers backend with its running batch
+(``llm.max_batch`` 16) and with batching off (``max_batch`` 1, one reply at a time, as before), each at concurrency
+1 and 16. Reports aggregate tokens/s, median and max time to first token, and the ratios the batching issue sets
+goals on (c16/c1 tok/s >= 4, c16/c1 median TTFT <= 4). Writes bench/results/chat_batching.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import bench_bundle
+from tests.support.servers import _stop, free_port, wait_until
+
+KEY = "bench-key"
+
+
+async def _turn(http: httpx.AsyncClient, url: str, tokens: int, seed: int) -> dict[str, float]:
+    # A tiny random model may stop early; ``usage`` counts what it really produced.
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": f"tell me a story number {seed}"}],
+                            "stream": True, "max_tokens": tokens, "seed": seed, "temperature": 0.0,
+                            "allowed_modalities": []}
+    started, out, name = time.perf_counter(), {"tokens": 0.0}, ""
+    async with http.stream("POST", f"{url}/v1/chat", json=body, headers={"authorization": f"Bearer {KEY}"}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                if name == "message.delta":
+                    out.setdefault("ttft", time.perf_counter() - started)
+                elif name == "done":
+                    out["tokens"] = json.loads(line[6:])["usage"]["completion_tokens"]
+                elif name == "error":
+                    raise RuntimeError(line)
+    out["total"] = time.perf_counter() - started
+    out.setdefault("ttft", out["total"])
+    return out
+
+
+async def _point(url: str, concurrency: int, tokens: int, per_client: int) -> dict[str, float]:
+    """``concurrency`` clients, each sending its next request as soon as its last one ended (a closed loop: the
+    usual meaning of concurrency in serving benchmarks); every request counts, the first synchronized wave too."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4), timeout=600) as http:
+        await _turn(http, url, 4, 10_000)  # warm-up
+
+        async def client(c: int) -> list[dict[str, float]]:
+            return [await _turn(http, url, tokens, c * 1000 + r) for r in range(per_client)]
+
+        started = time.perf_counter()
+        results = [x for xs in await asyncio.gather(*(client(c) for c in range(concurrency))) for x in xs]
+        wall = time.perf_counter() - started
+    ttfts = [x["ttft"] for x in results]
+    return {"concurrency": concurrency, "requests": len(results),
+            "aggregate_tok_s": round(sum(x["tokens"] for x in results) / wall, 1),
+            "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1), "ttft_max_ms": round(max(ttfts) * 1000, 1),
+            "mean_tokens": round(statistics.mean(x["tokens"] for x in results), 1)}
+
+
+@contextlib.contextmanager
+def _server(bundle: Path, max_batch: int, waiting: int, threads: int) -> Iterator[str]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NEXTGPT_CACHE_DIR": cache, "NEXTGPT_API_KEYS": KEY, "NEXTGPT_LOG_LEVEL": "warning",
+               "NEXTGPT_LLM__MAX_BATCH": str(max_batch), "NEXTGPT_LLM__MAX_WAITING": str(waiting), "OMP_NUM_THREADS": str(threads)}
+        log = Path(cache) / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([str(Path(sys.executable).parent / "nextgpt"), "serve", "--bundle", str(bundle),
+                                     "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 300, "nextgpt serve", proc, log)
+                yield url
+            finally:
+                _stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client at the top concurrency")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="the server's torch threads: the load generator needs a core of this machine too")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/chat_batching.json"))
+    args = parser.parse_args()
+    bundle = bench_bundle()
+    rows: list[dict[str, Any]] = []
+    for max_batch in (args.concurrency, 1):
+        with _server(bundle, max_batch, 4 * args.concurrency, args.torch_threads) as url:
+            for concurrency in (1, args.concurrency):
+                # Concurrency 1 runs as many replies as the top point, so both average over as many.
+                per_client = args.requests * (args.concurrency if concurrency == 1 else 1)
+                point = asyncio.run(_point(url, concurrency, args.tokens, per_client))
+                rows.append({"max_batch": max_batch, **point})
+    print(f"/v1/chat streamed, embedded stack, tiny bundle, {args.tokens} tokens max, greedy, text only, "
+          f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), server torch threads "
+          f"{args.torch_threads}, closed-loop clients")
+    print(f"{'max_batch':>9} {'conc':>5} {'reqs':>5} {'agg tok/s':>10} {'TTFT p50 ms':>12} {'TTFT max ms':>12} "
+          f"{'tokens':>7}")
+    for r in rows:
+        print(f"{r['max_batch']:>9} {r['concurrency']:>5} {r['requests']:>5} {r['aggregate_tok_s']:>10} "
+              f"{r['ttft_p50_ms']:>12} {r['ttft_max_ms']:>12} {r['mean_tokens']:>7}")
+    ratios = {}
+    for max_batch in (args.concurrency, 1):
+        low, high = (next(r for r in rows if r["max_batch"] == max_batch and r["concurrency"] == c)
+                     for c in (1, args.concurrency))
+        ratios[max_batch] = {"tok_s_ratio": round(high["aggregate_tok_s"] / low["aggregate_tok_s"], 2),
+                             "ttft_p50_ratio": round(high["ttft_p50_ms"] / low["ttft_p50_ms"], 2)}
+        print(f"max_batch {max_batch}: c{args.concurrency}/c1 aggregate tok/s x{ratios[max_batch]['tok_s_ratio']}, "
+              f"median TTFT x{ratios[max_batch]['ttft_p50_ratio']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "ratios": ratios, "tokens": args.tokens}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Continuous batching for the transformers backend: one thread owns the model and advances every running reply by
+one token per step; new replies join at step boundaries (their prompt prefilled once, their cache merged into the
+batch's), finished or cancelled ones leave. Each row carries its own LoRA adapter (PEFT's mixed-adapter batches),
+its own sampling and its own generator.
+
+The batch's KV cache is left-padded to a common length; an attention mask hides the padding and explicit position
+ids keep each reply's positions its own, so padding changes nothing a reply computes beyond float rounding.
+Only the final norm's output (the last-layer state the signal groups need) is kept, and logits only for the last
+position.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.llm.hf_sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+class LastStates:
+    """Captures the final norm's output (the last layer's post-norm states) of each forward pass."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        norm.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self.value = output
+
+    def take(self) -> torch.Tensor:
+        assert self.value is not None
+        value, self.value = self.value, None
+        return value
+
+
+class BatchEngine:
+    def __init__(self, model: nn.Module, norm: nn.Module, lora_names: list[str], max_batch: int,
+                 device: torch.device) -> None:
+        self.model, self.device, self.max_batch = model, device, max_batch
+        self.mixed_adapters = bool(lora_names)
+        self._active = lora_names[0] if lora_names else None  # PEFT activates the first adapter it loads
+        self.states = LastStates(norm)
+        # Serialises every use of the model: the engine's steps and teacher-forced passes from other threads.
+        self.model_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._joining: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._cache: Any = None  # the running batch's DynamicCache, rows in the order of _running
+        self._mask: torch.Tensor | None = None  # (batch, cache length): 1 for real tokens, 0 for left padding
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
+        self._thread.start()
+
+    # -- public ------------------------------------------------------------------------------------------------
+    def submit(self, sequence: Sequence) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the LLM engine is closed")
+            self._joining.append(sequence)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def forward(self, adapters: list[str | None], **inputs: Any) -> tuple[Any, torch.Tensor]:
+        """One pass of the model (caller holds ``model_lock``): its output and the last layer's states.
+
+        ``adapters``: each row's LoRA (None: the base model). PEFT's mixed-adapter path splits every LoRA layer's
+        input by adapter in Python, which cost more than half of a decode step when measured, so it is taken only
+        when the rows really differ; a batch on one adapter runs the plain path with that adapter active."""
+        context: AbstractContextManager[object] = nullcontext()
+        if self.mixed_adapters:
+            names = set(adapters)
+            if len(names) > 1:
+                inputs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
+            elif None in names:
+                context = self.model.disable_adapter()
+            elif self._active != adapters[0]:
+                self.model.set_adapter(adapters[0])
+                self._active = adapters[0]
+        with context:
+            out = self.model(**inputs)
+        return out, self.states.take()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._joining and not self._running:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                room = self.max_batch - len(self._running)
+                joiners = [self._joining.popleft() for _ in range(min(room, len(self._joining)))]
+            with torch.inference_mode(), self.model_lock:
+                self._admit(joiners)
+                if self._running:
+                    self._step()
+        for sequence in [*self._running, *self._joining]:
+            sequence.fail(RuntimeError("the LLM engine was closed"))
+
+    def _admit(self, joiners: list[Sequence]) -> None:
+        """Prefill every joiner's prompt in one left-padded pass and add them to the running batch."""
+        for sequence in [s for s in joiners if s.cancelled.is_set()]:
+            sequence.finish("cancelled")
+        joiners = [s for s in joiners if not s.cancelled.is_set()]
+        if not joiners:
+            return
+        width = max(s.prompt_tokens for s in joiners)
+        embeds = torch.stack([F.pad(s.embeds, (0, 0, width - s.prompt_tokens, 0)) for s in joiners])
+        mask = torch.stack([F.pad(torch.ones(s.prompt_tokens, dtype=torch.long, device=self.device),
+                                  (width - s.prompt_tokens, 0)) for s in joiners])
+        try:
+            out, states = self.forward([s.lora for s in joiners], inputs_embeds=embeds, attention_mask=mask,
+                                       position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True,
+                                       logits_to_keep=1)
+        except Exception as exc:  # these prompts' own failure (e.g. out of memory): the running batch goes on
+            log.exception("prefill failed for %d prompts", len(joiners))
+            for sequence in joiners:
+                sequence.fail(exc)
+            return
+        for i, sequence in enumerate(joiners):
+            sequence.prefilled(out.logits[i, -1], states[i, -1])
+        self._merge(out.past_key_values, mask)
+        self._running += joiners
+
+    def _step(self) -> None:
+        keep: list[int] = []
+        tokens: list[int] = []
+        for i, sequence in enumerate(self._running):
+            token = sequence.choose()
+            if token is not None:
+                keep.append(i)
+                tokens.append(token)
+        self._select(keep)
+        if not self._running:
+            return
+        assert self._mask is not None
+        batch = len(self._running)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
+        try:
+            out, states = self.forward(
+                [s.lora for s in self._running], input_ids=torch.tensor(tokens, device=self.device)[:, None],
+                attention_mask=self._mask, past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+                position_ids=torch.tensor([s.length for s in self._running], device=self.device)[:, None])
+        except Exception as exc:  # the whole batch shared the pass: each of its replies gets the error
+            log.exception("decode step failed for a batch of %d", batch)
+            for sequence in self._running:
+                sequence.fail(exc)
+            self._running, self._cache, self._mask = [], None, None
+            return
+        self._cache = out.past_key_values
+        done = [s.fed(out.logits[i, -1], states[i, -1]) for i, s in enumerate(self._running)]
+        self._select([i for i, d in enumerate(done) if not d])
+
+    # -- the batch's cache ---------------------------------------------------------------------------------------
+    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
+        """Add prefilled replies' cache rows (``mask``: their padding) after the batch's, left-padding the shorter."""
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        grow, pad = width - self._mask.shape[1], width - mask.shape[1]
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, grow, 0)), F.pad(theirs.keys, (0, 0, pad, 0))])
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, grow, 0)), F.pad(theirs.values, (0, 0, pad, 0))])
+        self._mask = torch.cat([F.pad(self._mask, (grow, 0)), F.pad(mask, (pad, 0))])
+
+    def _select(self, rows: list[int]) -> None:
+        """Keep these rows of the batch; drop padding columns no remaining row needs."""
+        if len(rows) == len(self._running):
+            return
+        self._running = [self._running[i] for i in rows]
+        if not rows or self._mask is None:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(rows, device=self.device)
+        self._mask = self._mask[index]
+        unused = int(self._mask.sum(dim=0).eq(0).long().cumprod(dim=0).sum())  # leading all-padding columns
+        self._mask = self._mask[:, unused:]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, unused:], layer.values[index, :, unused:]
