@@ -130,7 +130,7 @@ world-stages: world-pretrain
 world-bundle: world-stages
 	$(BIN)/nextgpt bundle pack $(WORLD_DIR)/stage3 --out $(WORLD_BUNDLE) --force
 
-.PHONY: bench bench-encoder bench-llm bench-chat bench-gateway
+.PHONY: bench bench-encoder bench-llm bench-chat bench-decoders bench-gateway
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image
 	$(BIN)/python -m bench.encoder_batching --modality audio
@@ -143,7 +143,11 @@ bench-chat: $(STAMP)
 	$(BIN)/python -m bench.chat_batching
 
 # The distributed stack as processes: TTFT via the gateway / TTFT direct at 1/8/32, tokens/s, first artifact.
+# Batched decoding: 8 image jobs one at a time vs as shared pipeline calls (tiny and world bundles).
+bench-decoders: $(STAMP)
+	$(BIN)/python -m bench.decoder_batching
+
 bench-gateway: $(STAMP)
 	$(BIN)/python -m bench.gateway_overhead
 
-bench: bench-encoder bench-llm bench-chat bench-gateway
+bench: bench-encoder bench-llm bench-chat bench-decoders bench-gateway

@@ -165,7 +165,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     book = MemoryJobBook()
     runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book)
     decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,
-                                 max_retries=settings.decoders.max_retries)
+                                 max_retries=settings.decoders.max_retries, max_batch=settings.decoders.max_batch)
     g = settings.gateway
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)

@@ -95,6 +95,8 @@ class DecoderSettings(BaseModel):
     lock_ttl_s: int = Field(default=120, ge=1, description="Lease on a running job, renewed at every step")
     queue_wait_s: float = Field(default=600.0, gt=0, description="Embedded pool: bound on queued jobs' wait")
     max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")
+    max_batch: int = Field(default=8, ge=1, le=64,
+                           description="Embedded pool: queued jobs of one modality, steps and size run as one call")
     max_pixels_per_job: int = Field(
         default=2**24, ge=64 * 64, description="Bound on height x width x frames of one image or video job")
 

@@ -1,5 +1,6 @@
 """``DecoderQueue`` in one process (embedded mode): the same runner and job semantics as the Celery workers,
-on a local worker thread, with a bounded number of queued jobs."""
+on a local worker thread, with a bounded number of queued jobs. The worker takes the oldest job together with the
+queued jobs that can share its pipeline call (same modality, steps, guidance and size), up to ``max_batch``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 
 from services.contracts.decoders import TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus
 from services.contracts.errors import ServiceUnavailableError
@@ -22,14 +23,19 @@ log = logging.getLogger(__name__)
 
 class LocalDecoderQueue(DecoderQueue):
     def __init__(self, runner: DecoderRunner, book: MemoryJobBook, max_queued: int = 64, max_retries: int = 3,
-                 idle_timeout_s: float = 3600.0) -> None:
+                 idle_timeout_s: float = 3600.0, max_batch: int = 8) -> None:
         self.runner, self.book = runner, book
         self.max_queued, self.max_retries, self.idle_timeout_s = max_queued, max_retries, idle_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        self.max_batch = max_batch
+        self._waiting: deque[DecodeJob] = deque()
         self._active: set[str] = set()
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
         # Registered first, so a job leaves the count before any reader hears of its end.
         self.book.listeners.insert(0, self._on_event)
+        self._thread = threading.Thread(target=self._loop, name="decoder", daemon=True)
+        self._thread.start()
 
     def _on_event(self, event: JobEvent) -> None:
         if event.type in TERMINAL_STATES:
@@ -37,7 +43,10 @@ class LocalDecoderQueue(DecoderQueue):
                 self._active.discard(event.job_id)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._waiting.clear()
+            self._wake.notify()
 
     async def submit(self, job: DecodeJob) -> None:
         with self._lock:
@@ -46,32 +55,63 @@ class LocalDecoderQueue(DecoderQueue):
                                               code="overloaded")
             self._active.add(job.job_id)
         self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
-        self._executor.submit(self._work, job)
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
 
-    def _work(self, job: DecodeJob) -> None:
+    def _next_batch(self) -> list[DecodeJob] | None:
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            first = self._waiting.popleft()
         try:
-            for attempt in range(self.max_retries + 1):
-                try:
-                    self.runner.run(job)
-                    return
-                except PoisonJobError as exc:
-                    self._fail(job, str(exc))
-                    return
-                except DeviceBrokenError as exc:
+            key = self.runner.batch_key(first)
+        except Exception:  # a job the runner cannot even size goes alone (and fails there, as a job)
+            return [first]
+        with self._wake:
+            mates = [job for job in self._waiting if self._key(job) == key][:self.max_batch - 1]
+            for job in mates:
+                self._waiting.remove(job)
+        return [first, *mates]
+
+    def _key(self, job: DecodeJob) -> tuple[object, ...] | None:
+        try:
+            return self.runner.batch_key(job)
+        except Exception:
+            return None
+
+    def _loop(self) -> None:
+        while (jobs := self._next_batch()) is not None:
+            try:
+                self._work(jobs)
+            except Exception:  # never let a batch kill the worker thread
+                log.exception("decode batch crashed")
+                for job in jobs:
+                    self._fail(job, "internal error")
+
+    def _work(self, jobs: list[DecodeJob]) -> None:
+        for attempt in range(self.max_retries + 1):
+            retry: list[DecodeJob] = []
+            for job, outcome in zip(jobs, self.runner.run_batch(jobs), strict=True):
+                if isinstance(outcome, DeviceBrokenError):
                     # Nothing more can run in this process: fail the job, and stop the server (SIGTERM: a
                     # graceful shutdown) so its supervisor starts a fresh one.
-                    self._fail(job, str(exc))
-                    log.critical("%s; stopping the server so that it is restarted", exc)
+                    self._fail(job, str(outcome))
+                    log.critical("%s; stopping the server so that it is restarted", outcome)
                     os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                except TransientJobError as exc:
-                    if attempt == self.max_retries or isinstance(exc, JobBusyError):
-                        self._fail(job, str(exc))
-                        return
-                    time.sleep(min(30, 2 ** attempt))
-        except Exception as exc:  # never let one job kill the worker thread
-            log.exception("decode job %s crashed", job.job_id)
-            self._fail(job, f"internal error: {type(exc).__name__}")
+                elif isinstance(outcome, TransientJobError) and not isinstance(outcome, JobBusyError) \
+                        and attempt < self.max_retries:
+                    retry.append(job)
+                elif isinstance(outcome, Exception):
+                    if not isinstance(outcome, (PoisonJobError, TransientJobError)):
+                        log.error("decode job %s crashed: %r", job.job_id, outcome)
+                    self._fail(job, str(outcome))
+            if not retry:
+                return
+            jobs = retry
+            time.sleep(min(30, 2 ** attempt))
 
     def _fail(self, job: DecodeJob, error: str) -> None:
         self.book.publish(JobEvent(job_id=job.job_id, type="failed", error=error), job.modality)

@@ -95,24 +95,32 @@ class DecoderPipelines:
 
     def generate(self, modality: Modality, conditioning: torch.Tensor, opts: ResolvedOptions,
                  on_step: StepCallback) -> Generated:
+        return self.generate_batch(modality, conditioning, [opts.seed], opts, on_step)[0]
+
+    def generate_batch(self, modality: Modality, conditioning: torch.Tensor, seeds: list[int],
+                       opts: ResolvedOptions, on_step: StepCallback) -> list[Generated]:
+        """Several items of one modality that share ``opts`` (all but the seed) in one pipeline call.
+        ``conditioning``: (items, ...) ; one generator per item, so an item's noise is the same as alone."""
         pipe = self.pipes[modality]
+        count = len(seeds)
         cond = conditioning.to(device=self.device, dtype=self.dtype)
-        uncond = self.uncond[modality].to(dtype=self.dtype)
-        generator = torch.Generator(device="cpu").manual_seed(opts.seed)
+        uncond = self.uncond[modality].to(dtype=self.dtype).expand(count, *self.uncond[modality].shape[1:])
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         common = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=opts.steps,
-                      guidance_scale=opts.guidance_scale, generator=generator)
+                      guidance_scale=opts.guidance_scale, generator=generators)
         if modality == "image":
             def on_end(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
                 on_step(step + 1, opts.steps)
                 return kwargs
 
             out = pipe(height=opts.height, width=opts.width, callback_on_step_end=on_end, **common)
-            return Generated(modality, image=out.images[0])
+            return [Generated(modality, image=image) for image in out.images]
         legacy: Callable[[int, Any, Any], None] = lambda step, _t, _latents: on_step(step + 1, opts.steps)  # noqa: E731
         if modality == "video":
             out = pipe(num_frames=opts.frames, height=opts.height, width=opts.width, callback=legacy,
                        callback_steps=1, **common)
-            return Generated(modality, frames=np.asarray(out.frames[0], dtype=np.float32))
+            return [Generated(modality, frames=np.asarray(frames, dtype=np.float32)) for frames in out.frames]
         out = pipe(audio_length_in_s=opts.seconds, callback=legacy, callback_steps=1, **common)
-        return Generated(modality, audio=np.asarray(out.audios[0], dtype=np.float32),
-                         sample_rate=int(pipe.vocoder.config.sampling_rate))
+        rate = int(pipe.vocoder.config.sampling_rate)
+        return [Generated(modality, audio=np.asarray(audio, dtype=np.float32), sample_rate=rate)
+                for audio in out.audios]

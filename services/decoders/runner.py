@@ -1,13 +1,15 @@
 """One decode job, start to finish: idempotent by job id, cancellable between steps, with progress events.
 
-The Celery task and the embedded worker pool both call ``DecoderRunner.run``; all logic lives here.
+The Celery task and the embedded worker pool both call ``DecoderRunner.run`` / ``run_batch``; all logic lives here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -18,7 +20,7 @@ from services.contracts.errors import NextGPTError
 from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
 from services.jobs.book import JobBook, JobBookUnavailable
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
-from services.decoders.pipelines import DecoderPipelines, Generated, resolve
+from services.decoders.pipelines import DecoderPipelines, Generated, ResolvedOptions, resolve
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,27 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
 
+Outcome = ArtifactInfo | None | Exception  # the artifact; None: cancelled; an exception: how the job failed
+
+
+@dataclass
+class _Running:
+    """A job that passed its checks and holds its lease, ready for the pipeline."""
+
+    job: DecodeJob
+    lease: LeaseKeeper
+    conditioning: torch.Tensor
+    opts: ResolvedOptions
+    outcome: Outcome | _Pending = field(default_factory=lambda: PENDING)
+
+
+class _Pending:
+    pass
+
+
+PENDING = _Pending()
+
+
 class DecoderRunner:
     def __init__(self, pipelines: DecoderPipelines, store: ArtifactStore, book: JobBook,
                  manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120,
@@ -109,6 +132,45 @@ class DecoderRunner:
         self.time_limit_s, self.lock_ttl_s, self.max_pixels = time_limit_s, lock_ttl_s, max_pixels
 
     def run(self, job: DecodeJob) -> ArtifactInfo | None:
+        outcome = self.run_batch([job])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def batch_key(self, job: DecodeJob) -> tuple[object, ...]:
+        """Jobs with equal keys can share one pipeline call: same modality, steps, guidance and size."""
+        opts = resolve(job.options, self.manifest.outputs[job.modality].decoder.defaults, seed=0)
+        return (job.modality, opts.steps, opts.guidance_scale, opts.height, opts.width, opts.frames, opts.seconds)
+
+    def run_batch(self, jobs: list[DecodeJob]) -> list[Outcome]:
+        """Each job's outcome, in order. Jobs of equal ``batch_key`` run as one pipeline call; everything else
+        (checks, lease, cancellation, progress, encoding, upload, failure) stays per job: one bad job never fails
+        its batch-mates."""
+        outcomes: dict[int, Outcome] = {}
+        running: dict[int, _Running] = {}
+        with contextlib.ExitStack() as leases:
+            for i, job in enumerate(jobs):
+                try:
+                    ready = self._start(job, leases)
+                except Exception as exc:
+                    outcomes[i] = exc if isinstance(exc, (PoisonJobError, TransientJobError, DeviceBrokenError)) \
+                        else self._classify(exc, job)
+                    continue
+                if isinstance(ready, _Running):
+                    running[i] = ready
+                else:
+                    outcomes[i] = ready
+            groups: dict[tuple[object, ...], list[_Running]] = {}
+            for item in running.values():
+                groups.setdefault(self.batch_key(item.job), []).append(item)
+            for group in groups.values():
+                self._generate(group)
+            for i, item in running.items():
+                assert not isinstance(item.outcome, _Pending)
+                outcomes[i] = item.outcome
+        return [outcomes[i] for i in range(len(jobs))]
+
+    def _start(self, job: DecodeJob, leases: contextlib.ExitStack) -> _Running | ArtifactInfo | None:
         if self.book.is_cancelled(job.job_id):
             self.book.publish(JobEvent(job_id=job.job_id, type="cancelled"), job.modality)
             return None
@@ -120,12 +182,116 @@ class DecoderRunner:
         token = self.book.claim(job.job_id, self.lock_ttl_s)
         if token is None:
             raise JobBusyError(f"job {job.job_id} is being run by another worker")
-        lease = LeaseKeeper(self.book, job.job_id, token, self.lock_ttl_s)
+        leases.callback(self.book.release, job.job_id, token)
+        lease = leases.enter_context(LeaseKeeper(self.book, job.job_id, token, self.lock_ttl_s))
+        self.book.publish(JobEvent(job_id=job.job_id, type="started"), job.modality)
+        conditioning = self._conditioning(job)
+        spec = self.manifest.outputs[job.modality]
+        # A per-job default seed derived from the job id: a retried job reproduces the same output.
+        opts = resolve(job.options, spec.decoder.defaults, seed=int(job.job_id[:15], 16))
+        if job.modality in ("image", "video"):
+            frames = (opts.frames or 1) if job.modality == "video" else 1
+            pixels = (opts.height or 0) * (opts.width or 0) * frames
+            if pixels > self.max_pixels:
+                # One oversized request must not take a GPU's memory (or its time) from everyone else.
+                raise PoisonJobError(f"{job.modality} of {opts.height}x{opts.width}"
+                                     f"{f'x{opts.frames} frames' if job.modality == 'video' else ''} exceeds the "
+                                     f"budget of {self.max_pixels} pixels per job")
+        return _Running(job, lease, conditioning, opts)
+
+    def _generate(self, group: list[_Running]) -> None:
+        """One pipeline call for the group; alone again, one by one, if the shared call fails."""
+        started = time.perf_counter()
+        modality, opts = group[0].job.modality, group[0].opts
+
+        def on_step(step: int, total: int) -> None:
+            for item in group:
+                if not isinstance(item.outcome, _Pending):
+                    continue
+                if self.book.is_cancelled(item.job.job_id):
+                    # Its rows finish with the batch (a pipeline call cannot drop them); its result is dropped.
+                    item.outcome = None
+                    self.book.publish(JobEvent(job_id=item.job.job_id, type="cancelled"), modality)
+                elif item.lease.lost.is_set():
+                    item.outcome = TransientJobError(f"job {item.job.job_id}: its lease was lost")
+            live = [item for item in group if isinstance(item.outcome, _Pending)]
+            if not live:
+                raise JobCancelled
+            if time.perf_counter() - started > self.time_limit_s:
+                raise JobTimeoutError(f"{modality} job ran past its time limit of {self.time_limit_s:.0f} s")
+            for item in live:
+                self.book.publish(JobEvent(job_id=item.job.job_id, type="progress", step=step, total=total))
+
         try:
-            with lease:
-                return self._run(job, lease)
-        finally:
-            self.book.release(job.job_id, token)
+            generated = self.pipelines.generate_batch(
+                modality, torch.cat([item.conditioning for item in group]),
+                [item.opts.seed for item in group], opts, on_step)
+        except JobCancelled:
+            return
+        except JobTimeoutError as exc:
+            for item in group:
+                if isinstance(item.outcome, _Pending):
+                    item.outcome = exc
+            return
+        except JobBookUnavailable as exc:  # Redis away longer than the client retries: try the jobs again later
+            for item in group:
+                if isinstance(item.outcome, _Pending):
+                    item.outcome = TransientJobError(f"job book: {exc}")
+            return
+        except Exception as exc:
+            kind = self._classify(exc, group[0].job)
+            if len(group) > 1 and not isinstance(kind, DeviceBrokenError):
+                log.warning("a batch of %d %s jobs failed (%s); running them one by one", len(group), modality, exc)
+                for item in group:
+                    if isinstance(item.outcome, _Pending):
+                        self._generate([item])
+                return
+            for item in group:
+                if isinstance(item.outcome, _Pending):
+                    item.outcome = kind
+            return
+        decode_s = time.perf_counter() - started
+        for item, result in zip(group, generated, strict=True):
+            if isinstance(item.outcome, _Pending):
+                try:
+                    item.outcome = self._finish(item, result, decode_s, len(group))
+                except Exception as exc:
+                    item.outcome = exc if isinstance(exc, (PoisonJobError, TransientJobError)) \
+                        else self._classify(exc, item.job)
+
+    def _finish(self, item: _Running, generated: Generated, decode_s: float, batch: int) -> ArtifactInfo:
+        job, opts = item.job, item.opts
+        data = self._encode(generated, opts.fps)
+        metadata = {"seed": str(opts.seed), "steps": str(opts.steps), "decode-ms": str(int(decode_s * 1000)),
+                    "batch": str(batch), "job-id": job.job_id}
+        if generated.audio is not None and generated.sample_rate:
+            metadata["seconds"] = f"{len(generated.audio) / generated.sample_rate:.3f}"
+        if generated.frames is not None and opts.fps:
+            metadata["seconds"] = f"{len(generated.frames) / opts.fps:.3f}"
+            metadata["frames"] = str(len(generated.frames))
+        _, mime = ARTIFACT_FORMATS[job.modality]
+        item.lease.check()  # never write an artifact under a lease another delivery now holds
+        try:
+            meta = self.store.put(job.artifact_key, data, mime, metadata=metadata)
+        except NextGPTError:
+            raise
+        except Exception as exc:
+            raise TransientJobError(f"artifact store: {exc}") from exc
+        info = ArtifactInfo(key=meta.key, modality=job.modality, mime=mime, bytes=meta.size, metadata=metadata)
+        self.book.publish(JobEvent(job_id=job.job_id, type="completed", artifact=info), job.modality)
+        log.info("job %s (%s) done in %.2f s (batch of %d), %d bytes", job.job_id, job.modality, decode_s, batch,
+                 meta.size)
+        return info
+
+    @staticmethod
+    def _classify(exc: Exception, job: DecodeJob) -> Exception:
+        if isinstance(exc, JobBookUnavailable):
+            return TransientJobError(f"job book: {exc}")
+        kind = classify(exc, job.modality)
+        if isinstance(kind, OutOfMemoryJobError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kind.__cause__ = exc
+        return kind
 
     def _existing(self, job: DecodeJob) -> ArtifactInfo | None:
         try:
@@ -136,66 +302,6 @@ class DecoderRunner:
             raise TransientJobError(f"artifact store: {exc}") from exc
         return ArtifactInfo(key=meta.key, modality=job.modality, mime=meta.mime, bytes=meta.size,
                             metadata=meta.metadata)
-
-    def _run(self, job: DecodeJob, lease: LeaseKeeper) -> ArtifactInfo | None:
-        started = time.perf_counter()
-        self.book.publish(JobEvent(job_id=job.job_id, type="started"), job.modality)
-        try:
-            conditioning = self._conditioning(job)
-            spec = self.manifest.outputs[job.modality]
-            # A per-job default seed derived from the job id: a retried job reproduces the same output.
-            opts = resolve(job.options, spec.decoder.defaults, seed=int(job.job_id[:15], 16))
-            if job.modality in ("image", "video"):
-                frames = (opts.frames or 1) if job.modality == "video" else 1
-                pixels = (opts.height or 0) * (opts.width or 0) * frames
-                if pixels > self.max_pixels:
-                    # One oversized request must not take a GPU's memory (or its time) from everyone else.
-                    raise PoisonJobError(f"{job.modality} of {opts.height}x{opts.width}"
-                                         f"{f'x{opts.frames} frames' if job.modality == 'video' else ''} exceeds the "
-                                         f"budget of {self.max_pixels} pixels per job")
-
-            def on_step(step: int, total: int) -> None:
-                if self.book.is_cancelled(job.job_id):
-                    raise JobCancelled
-                lease.check()
-                if time.perf_counter() - started > self.time_limit_s:
-                    raise JobTimeoutError(f"{job.modality} job ran past its time limit of {self.time_limit_s:.0f} s")
-                self.book.publish(JobEvent(job_id=job.job_id, type="progress", step=step, total=total))
-
-            generated = self.pipelines.generate(job.modality, conditioning, opts, on_step)
-            data = self._encode(generated, opts.fps)
-        except JobCancelled:
-            self.book.publish(JobEvent(job_id=job.job_id, type="cancelled"), job.modality)
-            return None
-        except (PoisonJobError, TransientJobError):
-            raise
-        except JobBookUnavailable as exc:  # Redis away longer than the client retries: try the job again later
-            raise TransientJobError(f"job book: {exc}") from exc
-        except Exception as exc:
-            kind = classify(exc, job.modality)
-            if isinstance(kind, OutOfMemoryJobError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise kind from exc
-        decode_s = time.perf_counter() - started
-        metadata = {"seed": str(opts.seed), "steps": str(opts.steps), "decode-ms": str(int(decode_s * 1000)),
-                    "job-id": job.job_id}
-        if generated.audio is not None and generated.sample_rate:
-            metadata["seconds"] = f"{len(generated.audio) / generated.sample_rate:.3f}"
-        if generated.frames is not None and opts.fps:
-            metadata["seconds"] = f"{len(generated.frames) / opts.fps:.3f}"
-            metadata["frames"] = str(len(generated.frames))
-        _, mime = ARTIFACT_FORMATS[job.modality]
-        lease.check()  # never write an artifact under a lease another delivery now holds
-        try:
-            meta = self.store.put(job.artifact_key, data, mime, metadata=metadata)
-        except NextGPTError:
-            raise
-        except Exception as exc:
-            raise TransientJobError(f"artifact store: {exc}") from exc
-        info = ArtifactInfo(key=meta.key, modality=job.modality, mime=mime, bytes=meta.size, metadata=metadata)
-        self.book.publish(JobEvent(job_id=job.job_id, type="completed", artifact=info), job.modality)
-        log.info("job %s (%s) done in %.2f s, %d bytes", job.job_id, job.modality, decode_s, meta.size)
-        return info
 
     def _conditioning(self, job: DecodeJob) -> torch.Tensor:
         try:

@@ -123,3 +123,92 @@ async def test_a_job_over_the_pixel_budget_fails_before_decoding(pipelines: Deco
         assert (await _events(queue, ok.job_id))[-1].type == "completed"
     finally:
         queue.close()
+
+
+def _pixels(data: bytes) -> "np.ndarray":
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+async def test_queued_jobs_of_one_shape_run_as_one_batch_each_as_if_alone(
+        pipelines: DecoderPipelines, store: LocalArtifactStore) -> None:
+    book = MemoryJobBook()
+    runner = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60)
+    queue = LocalDecoderQueue(runner, book, max_batch=4)
+    try:
+        blocker = _job(store, (77, 32), steps=8, seed=1)
+        batch = [_job(store, (77, 32), steps=3, seed=10 + i) for i in range(4)]
+        other = _job(store, (77, 32), steps=4, seed=20)  # other steps: not in the batch
+        for job in [blocker, *batch, other]:
+            await queue.submit(job)
+        for job in batch:
+            events = await _events(queue, job.job_id)
+            assert [e.type for e in events] == ["queued", "started", "progress", "progress", "progress", "completed"]
+            assert events[-1].artifact is not None and events[-1].artifact.metadata["batch"] == "4"
+        assert (await _events(queue, other.job_id))[-1].artifact.metadata["batch"] == "1"  # type: ignore[union-attr]
+        for job in batch:  # the same job alone: the same picture (up to float rounding of the batched kernels)
+            alone = job.model_copy(update={"artifact_key": new_key("image", ".png")})
+            assert runner.run(alone) is not None
+            assert abs(_pixels(store.read(alone.artifact_key)) - _pixels(store.read(job.artifact_key))).max() <= 2
+    finally:
+        queue.close()
+
+
+class _BreaksWithSeed(DecoderPipelines):
+    """The real pipelines, except that a call with seed 666 in it fails (a job that breaks whatever call it is in)."""
+
+    def __init__(self, real: DecoderPipelines) -> None:
+        self.__dict__.update(real.__dict__)
+
+    def generate_batch(self, modality, conditioning, seeds, opts, on_step):  # type: ignore[no-untyped-def]
+        if 666 in seeds:
+            raise RuntimeError("this job breaks the call")
+        return super().generate_batch(modality, conditioning, seeds, opts, on_step)
+
+
+async def test_one_bad_job_does_not_fail_its_batch_mates(pipelines: DecoderPipelines,
+                                                         store: LocalArtifactStore) -> None:
+    book = MemoryJobBook()
+    queue = LocalDecoderQueue(DecoderRunner(_BreaksWithSeed(pipelines), store, book, pipelines.bundle.manifest,
+                                            time_limit_s=60), book, max_batch=8)
+    try:
+        blocker = _job(store, (77, 32), steps=6, seed=1)
+        bad_shape = _job(store, (3, 3), steps=2, seed=2)
+        breaker = _job(store, (77, 32), steps=2, seed=666)
+        good = [_job(store, (77, 32), steps=2, seed=30 + i) for i in range(3)]
+        cancelled = _job(store, (77, 32), steps=2, seed=40)
+        for job in [blocker, bad_shape, breaker, *good, cancelled]:
+            await queue.submit(job)
+        await queue.cancel(cancelled.job_id)
+        assert (await _events(queue, bad_shape.job_id))[-1].type == "failed"
+        failed = (await _events(queue, breaker.job_id))[-1]
+        assert failed.type == "failed" and "breaks the call" in (failed.error or "")
+        for job in good:
+            assert (await _events(queue, job.job_id))[-1].type == "completed"
+        assert (await _events(queue, cancelled.job_id))[-1].type == "cancelled"
+    finally:
+        queue.close()
+
+
+async def test_a_job_cancelled_inside_a_batch_ends_at_once_and_the_others_finish(
+        pipelines: DecoderPipelines, store: LocalArtifactStore) -> None:
+    book = MemoryJobBook()
+    queue = LocalDecoderQueue(DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60),
+                              book, max_batch=4)
+    try:
+        blocker = _job(store, (77, 32), steps=4, seed=1)
+        jobs = [_job(store, (77, 32), steps=30, seed=50 + i) for i in range(3)]
+        for job in [blocker, *jobs]:
+            await queue.submit(job)
+        async for event in queue.events(jobs[0].job_id):
+            if event.type == "progress":
+                await queue.cancel(jobs[0].job_id)
+                break
+        events = await _events(queue, jobs[0].job_id)
+        assert events[-1].type == "cancelled" and len([e for e in events if e.type == "progress"]) < 30
+        for job in jobs[1:]:
+            done = (await _events(queue, job.job_id))[-1]
+            assert done.type == "completed" and done.artifact is not None and done.artifact.metadata["batch"] == "3"
+    finally:
+        queue.close()
