@@ -20,6 +20,8 @@ from safetensors.numpy import save
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from gateway.metrics import GatewayMetrics
 from services.contracts.chat import ArtifactOut, ChatRequest
+from services.contracts.bundle_manifest import BundleManifest
+from services.llm.signals import check_signal_budget
 from services.contracts.decoders import (
     ARTIFACT_FORMATS,
     CONDITIONING_TENSOR,
@@ -48,13 +50,17 @@ class _Turn:
 class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
                  conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
-                 metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**24) -> None:
+                 metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**24,
+                 manifest: BundleManifest | None = None) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
         self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
         self.max_decode_pixels = max_decode_pixels
+        self.manifest = manifest
 
     async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
                       ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
+        if self.manifest is not None:  # the LLM service checks it too; here it costs no upload encoding
+            check_signal_budget(self.manifest, request.require_modalities, request.max_tokens)
         d = request.decoder
         if d.height and d.width and d.height * d.width * (d.frames or 1) > self.max_decode_pixels:
             # Refused before any work; the workers enforce the same budget on the values they resolve.

@@ -170,7 +170,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)
     chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store, conversations,
-                       g.inline_max_bytes, metrics, settings.decoders.max_pixels_per_job)
+                       g.inline_max_bytes, metrics, settings.decoders.max_pixels_per_job, bundle.manifest)
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
@@ -226,7 +226,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
                           "artifact_store": store.check_health},
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
-                                        settings.decoders.max_pixels_per_job),
+                                        settings.decoders.max_pixels_per_job, bundle.manifest),
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_shutdown=[http.aclose, async_redis.aclose],
         streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,

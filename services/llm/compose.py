@@ -22,4 +22,4 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
     else:
         backend = HFBackend(bundle, settings.device, getattr(torch, settings.dtype), settings.max_prompt_tokens,
                             settings.max_batch)
-    return LLMService(backend, settings, LLMMetrics(registry), bundle.manifest.llm.hidden_size)
+    return LLMService(backend, settings, LLMMetrics(registry), bundle.manifest)

@@ -14,8 +14,10 @@ import numpy as np
 from services.contracts.errors import InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
 from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
 from services.contracts.settings import LLMSettings
+from services.contracts.bundle_manifest import BundleManifest
 from services.llm.channel import EventChannel
 from services.llm.metrics import LLMMetrics
+from services.llm.signals import check_signal_budget
 
 
 class Backend(Protocol):
@@ -26,8 +28,9 @@ class Backend(Protocol):
 
 
 class LLMService:
-    def __init__(self, backend: Backend, settings: LLMSettings, metrics: LLMMetrics, hidden_size: int) -> None:
-        self.backend, self.settings, self.metrics, self.hidden_size = backend, settings, metrics, hidden_size
+    def __init__(self, backend: Backend, settings: LLMSettings, metrics: LLMMetrics, manifest: BundleManifest) -> None:
+        self.backend, self.settings, self.metrics, self.manifest = backend, settings, metrics, manifest
+        self.hidden_size = manifest.llm.hidden_size
         # A thread per admitted generation (it waits while the backend decodes it inside a batch).
         slots = settings.max_batch + settings.max_waiting
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llm")
@@ -41,6 +44,7 @@ class LLMService:
         if params.max_tokens is not None and params.max_tokens > self.settings.max_tokens:
             raise InvalidRequestError(f"max_tokens {params.max_tokens} exceeds the limit of {self.settings.max_tokens}",
                                       code="max_tokens_too_large", param="max_tokens")
+        check_signal_budget(self.manifest, params.require_modalities, params.max_tokens)
         count = 0 if media is None else len(media)
         if count > self.settings.max_media:
             raise PayloadTooLargeError(f"{count} media items exceed the limit of {self.settings.max_media}",

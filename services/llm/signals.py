@@ -7,6 +7,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.contracts.bundle_manifest import BundleManifest, Modality
+from services.contracts.errors import InvalidRequestError
+
+
+def check_signal_budget(manifest: BundleManifest, require_modalities: list[Modality], max_tokens: int | None) -> None:
+    """A reply's token budget covers its signal groups. The groups ``require_modalities`` asks for must fit in it
+    (a group is never cut, and a required one never dropped), so a budget too small for them is the caller's
+    error, named with the number that would do; so is a required modality this bundle cannot produce."""
+    missing = [m for m in require_modalities if m not in manifest.outputs]
+    if missing:
+        raise InvalidRequestError(f"require_modalities: this model cannot produce {missing}; it produces "
+                                  f"{sorted(manifest.outputs)}", code="unsupported_modality",
+                                  param="require_modalities")
+    required = list(dict.fromkeys(require_modalities))
+    needed = sum(len(manifest.outputs[m].signal.token_ids) for m in required)
+    budget = max_tokens or manifest.generation.max_new_tokens
+    if needed > budget:
+        raise InvalidRequestError(
+            f"max_tokens {budget} cannot hold the required {', '.join(required)}: their signal tokens alone take "
+            f"{needed}; ask for max_tokens >= {needed} (more for text)", code="max_tokens_too_small",
+            param="max_tokens")
 
 
 @dataclass

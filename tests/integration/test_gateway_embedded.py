@@ -97,6 +97,11 @@ def test_json_chat_and_a_second_turn(url: str) -> None:
         ({"data": {"request": "{}"}, "files": [("files", ("big.png", b"0" * 3_100_000, "image/png"))]},
          413, "request_too_large"),
         ({"json": {"messages": [{"role": "user"}], "conversation_id": "0" * 32}}, 404, "conversation_not_found"),
+        # The required groups must fit the budget (refused before any work, streamed or not).
+        ({"json": {"messages": [{"role": "user"}], "max_tokens": 10, "require_modalities": ["video"]}}, 400,
+         "max_tokens_too_small"),
+        ({"json": {"messages": [{"role": "user"}], "max_tokens": 24, "stream": True,
+                   "require_modalities": ["image", "video", "audio"]}}, 400, "max_tokens_too_small"),
     ],
 )
 def test_bad_requests_get_the_error_shape(url: str, kwargs: dict[str, object], status: int, code: str) -> None:

@@ -215,3 +215,15 @@ def test_streamed_text_is_the_decoded_reply(backend: HFBackend) -> None:
     deltas = [e.text for e in events if isinstance(e, TextDelta)]
     assert len(deltas) > 1
     assert "".join(deltas) == backend.tokenizer.decode(text_ids, skip_special_tokens=True)
+
+
+def test_every_budget_keeps_required_groups_whole_or_is_refused(backend: HFBackend) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.contracts.settings import LLMSettings
+    from services.llm.metrics import LLMMetrics
+    from services.llm.serving import LLMService
+    from tests.support.budgets import budgets_around, check_budgets
+
+    service = LLMService(backend, LLMSettings(), LLMMetrics(CollectorRegistry()), backend.manifest)
+    assert check_budgets(service, backend.manifest, budgets_around(backend.manifest), MEDIA) > 50

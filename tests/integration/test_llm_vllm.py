@@ -86,7 +86,7 @@ def test_sampled_generation_keeps_groups_whole(backends: tuple[HFBackend, VLLMBa
 
 async def test_service_streams_and_cancels_on_vllm(backends: tuple[HFBackend, VLLMBackend]) -> None:
     _, vl = backends
-    service = LLMService(vl, LLMSettings(max_tokens=2000), LLMMetrics(CollectorRegistry()), 128)
+    service = LLMService(vl, LLMSettings(max_tokens=2000), LLMMetrics(CollectorRegistry()), vl.manifest)
     params = GenerateParams(turns=[Turn(role="user", text="talk for a long time", media=[0])], max_tokens=1500,
                             temperature=0.0)
     stream = service.generate(params, MEDIA)
@@ -119,3 +119,16 @@ def test_concurrent_requests_keep_the_engine_alive(backends: tuple[HFBackend, VL
     expected = _run(hf, GenerateParams(turns=[Turn(role="user", text="hello " * 4, media=[0])], max_tokens=12,
                                        temperature=0.0, lora="nextgpt"))[-1]
     assert isinstance(expected, Done) and results[3] == expected.token_ids
+
+
+def test_every_budget_keeps_required_groups_whole_or_is_refused_on_vllm(
+        backends: tuple[HFBackend, VLLMBackend]) -> None:
+    from tests.support.budgets import check_budgets
+
+    _, vl = backends
+    service = LLMService(vl, LLMSettings(), LLMMetrics(CollectorRegistry()), vl.manifest)
+    sizes = [len(s.signal.token_ids) for s in vl.manifest.outputs.values()]
+    # Fewer budgets than the transformers sweep (a CPU vLLM step is slow): around the sum of all groups, and
+    # around the largest group alone.
+    budgets = sorted({sum(sizes) - 1, sum(sizes), sum(sizes) + 2, max(sizes) - 1, max(sizes) + 1})
+    assert check_budgets(service, vl.manifest, budgets, MEDIA[:1]) > 10

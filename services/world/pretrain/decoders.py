@@ -1,8 +1,9 @@
 """The three decoders' stand-ins, trained as diffusers pipelines of the release's classes.
 
 Per modality: a VAE (pictures 64x64 -> 4x16x16 latents; the audio decoder's log-mel 100x64 -> 4x25x16), a text
-encoder (CLIP for StableDiffusion and TextToVideoSD, CLAP for AudioLDM) trained jointly with the UNet by the
-denoising loss, with 10% of captions dropped to "" for classifier-free guidance as SD trains, and for audio a
+encoder (CLIP for StableDiffusion and TextToVideoSD, CLAP for AudioLDM) first bound contrastively to its
+modality (as CLIP and CLAP are trained) and then frozen while the UNet learns by the denoising loss, with 10% of
+captions dropped to "" for classifier-free guidance as SD trains, and for audio a
 HiFi-GAN vocoder trained on multi-resolution spectral losses. The pipelines then draw the world from a caption
 through their own text encoder, and from ``prompt_embeds`` exactly as the serving workers call them.
 """
@@ -160,6 +161,11 @@ def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: t
     tokens = caption_tokens(tokenizer, vocabulary)
     noise_schedule = DDPMScheduler(**_SCHEDULE)
     denoiser.text_encoder.requires_grad_(train_text)
+    frozen = None
+    if not train_text:  # a frozen tower gives the same conditions every step: compute them once
+        with torch.inference_mode():
+            frozen = condition(modality, denoiser.text_encoder.to(device()).eval(),
+                               {k: v.to(device()) for k, v in tokens.items()}).clone()
 
     def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
         pick = torch.randint(len(latents), (batch_size,), generator=generator)
@@ -171,7 +177,8 @@ def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: t
         x0, noise, t = latents[pick].to(device()), noise.to(device()), t.to(device())
         which = index[pick].clone()
         which[dropped] = uncond
-        cond = condition(modality, denoiser.text_encoder, {k: v.to(device()) for k, v in tokens.items()})[which]
+        cond = frozen[which] if frozen is not None else \
+            condition(modality, denoiser.text_encoder, {k: v.to(device()) for k, v in tokens.items()})[which]
         noisy = noise_schedule.add_noise(x0, noise, t)
         if modality == "audio":
             pred = denoiser.unet(noisy, t, encoder_hidden_states=None, class_labels=cond).sample
@@ -259,6 +266,55 @@ def pretrain_clap(text_encoder: ClapTextModelWithProjection, tokenizer: Any, mel
     text_encoder.eval()
 
 
+# ---------------------------------------------------------------- CLIP
+
+
+class PictureTower(nn.Module):
+    """The picture side of the CLIP stand-in: (C, 64, 64) in [-1, 1] -> a unit vector in the text space. A clip
+    is given as its first and last frames stacked (C = 6): where the shape went is the motion its caption names."""
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.GELU(), nn.Flatten(), nn.Linear(64 * 4 * 4, dim))
+
+    def forward(self, pictures: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(pictures), dim=-1)
+
+
+class Clip(nn.Module):
+    def __init__(self, text_encoder: nn.Module, channels: int, dim: int) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pictures = PictureTower(channels, dim)
+        self.log_scale = nn.Parameter(torch.tensor(2.6))
+
+
+def pretrain_clip(modality: str, text_encoder: CLIPTextModel, tokenizer: Any, pictures: torch.Tensor,
+                  captions: list[str], cfg: LoopConfig, workdir: Path, batch_size: int = 64,
+                  progress: bool = True) -> None:
+    """SD's and ZeroScope's CLIP text towers come from contrastive image-text training; their stand-ins are bound
+    to pictures the same way (InfoNCE of pictures against every caption, the text side at CLIP's pooled EOS state)
+    and then frozen. Trained jointly with the UNet from scratch instead, captions that differ in one word (the
+    shape) came out nearly identical (cosine 0.99) and the UNet drew shapes at chance."""
+    vocabulary = all_captions(modality)
+    index = torch.tensor([vocabulary.index(c) for c in captions])
+    tokens = caption_tokens(tokenizer, vocabulary)
+    clip = Clip(text_encoder, pictures.shape[1], text_encoder.config.hidden_size)
+
+    def step_loss(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pick = local_shard(torch.randint(len(pictures), (batch_size,), generator=generator))
+        text = F.normalize(clip.text_encoder(tokens["input_ids"].to(device())).pooler_output, dim=-1)
+        seen = clip.pictures(pictures[pick].to(device()))
+        logits = clip.log_scale.exp() * seen @ text.T
+        return {"infonce": F.cross_entropy(logits, index[pick].to(device()))}
+
+    train_part(f"{modality}-clip", clip, step_loss, cfg, workdir, progress=progress)
+    text_encoder.eval()
+
+
 # ---------------------------------------------------------------- vocoder
 
 
@@ -303,13 +359,17 @@ def pretrain_picture_vae(splits: dict[str, WorldSplit], cfg: LoopConfig, workdir
     return train_vae("picture-vae", world_vae(3), torch.cat(frames), cfg, workdir, progress=progress)
 
 
-def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workdir: Path, out: Path,
+def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfgs: dict[str, LoopConfig], workdir: Path, out: Path,
                    batch_size: int = 32, progress: bool = True) -> StableDiffusionPipeline:
-    torch.manual_seed(cfg.seed)
+    """The CLIP text tower bound to pictures, then the UNet with that tower frozen."""
+    torch.manual_seed(cfgs["unet"].seed)
     text_encoder, tokenizer = world_clip(workdir / "tokenizer", WORLD_COND_DIMS["image"])
-    latents = encode_latents(vae, picture_tensor(split.data))
+    pictures = picture_tensor(split.data)
+    pretrain_clip("image", text_encoder, tokenizer, pictures, split.captions, cfgs["clip"], workdir / "clip",
+                  progress=progress)
+    latents = encode_latents(vae, pictures)
     denoiser = train_denoiser("image", Denoiser(image_unet(WORLD_COND_DIMS["image"]), text_encoder), tokenizer,
-                              latents, split.captions, cfg, workdir, batch_size, progress)
+                              latents, split.captions, cfgs["unet"], workdir, batch_size, progress, train_text=False)
     pipe = StableDiffusionPipeline(
         unet=denoiser.unet, vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer,
         scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -318,15 +378,19 @@ def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workd
     return pipe
 
 
-def pretrain_video(split: WorldSplit, vae: AutoencoderKL, cfg: LoopConfig, workdir: Path, out: Path,
+def pretrain_video(split: WorldSplit, vae: AutoencoderKL, cfgs: dict[str, LoopConfig], workdir: Path, out: Path,
                    batch_size: int = 8, progress: bool = True) -> TextToVideoSDPipeline:
-    torch.manual_seed(cfg.seed)
+    """The CLIP text tower bound to clips (first and last frames), then the UNet with that tower frozen."""
+    torch.manual_seed(cfgs["unet"].seed)
     text_encoder, tokenizer = world_clip(workdir / "tokenizer", WORLD_COND_DIMS["video"])
     n, f = split.data.shape[:2]
+    ends = picture_tensor(split.data[:, [0, -1]])  # (N, 2, 3, 64, 64)
+    pretrain_clip("video", text_encoder, tokenizer, ends.reshape(n, 6, 64, 64), split.captions, cfgs["clip"],
+                  workdir / "clip", progress=progress)
     frames = encode_latents(vae, picture_tensor(split.data.reshape(n * f, 64, 64, 3)))
     latents = frames.reshape(n, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()  # (N, C, F, h, w)
     denoiser = train_denoiser("video", Denoiser(video_unet(WORLD_COND_DIMS["video"]), text_encoder), tokenizer,
-                              latents, split.captions, cfg, workdir, batch_size, progress)
+                              latents, split.captions, cfgs["unet"], workdir, batch_size, progress, train_text=False)
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer,
                                  unet=denoiser.unet, scheduler=inference_scheduler())
     pipe.save_pretrained(str(out), safe_serialization=True)
