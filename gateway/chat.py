@@ -107,8 +107,18 @@ class ChatService:
         return conversation, params, media
 
     async def _encode_history(self, conversation: Conversation) -> None:
-        """Generated media of earlier replies go through the encoder once, when the next turn needs them."""
+        """Generated media of earlier replies go through the encoder once, when the next turn needs them. Media
+        still being decoded when their reply was saved join it here once their job has completed; running ones
+        stay pending (this turn sees the reply without them), failed or forgotten ones are dropped."""
         for turn in conversation.turns:
+            still: list[str] = []
+            for job_id in turn.pending_jobs:
+                status = await self.decoders.status(job_id)
+                if status is not None and status.state == "completed" and status.artifact is not None:
+                    turn.artifact_keys.append(status.artifact.key)
+                elif status is not None and status.state not in ("failed", "cancelled"):
+                    still.append(job_id)
+            turn.pending_jobs = still
             if turn.artifact_keys:
                 result = await self.encoder.encode([MediaInput(name=k, key=k) for k in turn.artifact_keys])
                 turn.vectors.extend(result.embeddings)
@@ -175,7 +185,12 @@ class ChatService:
                     raise item
                 elif kind == "llm_end":
                     llm_running = False
-                    yield "_llm_done", {}
+                    if state.done is not None:
+                        # The turn is saved as soon as its text is complete: a follow-up may start at once.
+                        await self._remember(conversation, state)
+                        yield "_llm_done", {"finish_reason": state.done.finish_reason,
+                                            "usage": {"prompt_tokens": state.done.prompt_tokens,
+                                                      "completion_tokens": state.done.completion_tokens}}
                 elif kind == "job":
                     translated = self._job_event(item, state, url_for)
                     if self.metrics is not None and item.type in ("completed", "failed", "cancelled"):
@@ -188,7 +203,6 @@ class ChatService:
                     followers.pop(item, None)
             done = state.done
             assert done is not None
-            await self._remember(conversation, state)
             yield "done", {
                 "conversation_id": conversation.id, "finish_reason": done.finish_reason,
                 "text": "".join(state.text),
@@ -255,7 +269,9 @@ class ChatService:
         return "artifact.completed", artifact.model_dump()
 
     async def _remember(self, conversation: Conversation, state: _Turn) -> None:
-        conversation.turns.append(StoredTurn("assistant", "".join(state.text), artifact_keys=list(state.keys)))
+        pending = [job_id for job_id, a in state.artifacts.items() if a.state in ("queued", "running")]
+        conversation.turns.append(StoredTurn("assistant", "".join(state.text), artifact_keys=list(state.keys),
+                                             pending_jobs=pending))
         await self.conversations.save(conversation)
 
 

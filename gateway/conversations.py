@@ -23,6 +23,9 @@ class StoredTurn:
     text: str
     vectors: list[np.ndarray] = field(default_factory=list)  # encoded media, in order
     artifact_keys: list[str] = field(default_factory=list)  # generated media not encoded yet
+    # Decode jobs of this (assistant) turn still running when it was saved: they join the turn when a later turn
+    # finds them completed; until then a later turn sees the reply without them.
+    pending_jobs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,8 +114,8 @@ def encode_conversation(conversation: Conversation) -> bytes:
 
     return json.dumps({
         "id": conversation.id, "owner": conversation.owner,
-        "turns": [{"role": t.role, "text": t.text, "vectors": vectors(t), "artifact_keys": t.artifact_keys}
-                  for t in conversation.turns],
+        "turns": [{"role": t.role, "text": t.text, "vectors": vectors(t), "artifact_keys": t.artifact_keys,
+                   "pending_jobs": t.pending_jobs} for t in conversation.turns],
     }).encode()
 
 
@@ -124,5 +127,6 @@ def decode_conversation(raw: bytes) -> Conversation:
         if t["vectors"]:
             array = np.frombuffer(base64.b64decode(t["vectors"]["data"]), dtype="<f4").reshape(t["vectors"]["shape"])
             vectors = list(array.astype(np.float32))
-        turns.append(StoredTurn(t["role"], t["text"], vectors, list(t["artifact_keys"])))
+        turns.append(StoredTurn(t["role"], t["text"], vectors, list(t["artifact_keys"]),
+                                list(t.get("pending_jobs", []))))
     return Conversation(body["id"], body["owner"], turns)

@@ -188,6 +188,7 @@ async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: fl
     text: list[str] = []
     artifacts: dict[str, ArtifactOut] = {}
     deadline: float | None = None
+    usage = Usage(prompt_tokens=0, completion_tokens=0)
     try:
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -202,7 +203,8 @@ async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: fl
                                     usage=Usage(**data["usage"]), finish_reason=data["finish_reason"],
                                     timings=data["timings"])
             if name == "_llm_done":
-                deadline = time.monotonic() + wait_s  # text is complete: media get wait_s more
+                deadline = time.monotonic() + wait_s  # text is complete (and the turn saved): media get wait_s more
+                usage = Usage(**data["usage"])
             elif name == "message.delta":
                 text.append(data["text"])
             elif name == "artifact.queued":
@@ -215,9 +217,10 @@ async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: fl
     finally:
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]
-    # The media outlasted the wait: the client polls GET /v1/jobs/{job_id} for them.
+    # The media outlasted the wait: the client polls GET /v1/jobs/{job_id} for them. The conversation already
+    # holds the turn; its media join it when they complete.
     return ChatResponse(conversation_id=conversation_id, text="".join(text), artifacts=list(artifacts.values()),
-                        usage=Usage(prompt_tokens=0, completion_tokens=0), finish_reason="media_pending")
+                        usage=usage, finish_reason="media_pending")
 
 
 _BYTES: dict[str, Any] = {m: {"schema": {"type": "string", "format": "binary"}}

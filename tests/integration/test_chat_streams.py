@@ -160,12 +160,12 @@ async def store(request: pytest.FixtureRequest, redis_info: RedisInfo) -> AsyncI
 async def test_conversations_round_trip_bounded_and_private(store: ConversationStore) -> None:
     conversation = Conversation.new("alice")
     vectors = [np.arange(8, dtype=np.float32) / 7, np.full(8, -1.5, dtype=np.float32)]
-    conversation.turns = [StoredTurn("user", "hi", vectors), StoredTurn("assistant", "hello", [], ["image/k.png"])]
+    conversation.turns = [StoredTurn("user", "hi", vectors), StoredTurn("assistant", "hello", [], ["image/k.png"], ["a" * 32])]
     await store.save(conversation)
     loaded = await store.load(conversation.id, "alice")
     assert loaded is not None and [t.text for t in loaded.turns] == ["hi", "hello"]
     np.testing.assert_array_equal(np.stack(loaded.turns[0].vectors), np.stack(vectors))
-    assert loaded.turns[1].artifact_keys == ["image/k.png"]
+    assert loaded.turns[1].artifact_keys == ["image/k.png"] and loaded.turns[1].pending_jobs == ["a" * 32]
     assert await store.load(conversation.id, "mallory") is None
     assert await store.load(conversation.id, None) is None
     loaded.turns += [StoredTurn("user", f"u{i}") for i in range(5)]

@@ -233,3 +233,39 @@ def test_a_seeded_turn_is_reproducible_media_included(url: str) -> None:
     assert turn(7) == first  # same words, same pixels: the decoder's noise follows the turn's seed
     assert turn(8)[1] != first[1]
     assert turn(7, decoder_seed=123)[1] != first[1]  # an explicit decoder seed still wins
+
+
+def test_a_turn_whose_media_outlast_the_wait_is_saved_and_its_media_join_later(
+        tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    app = embedded_app(Settings(cache_dir=tmp_path, api_keys=KEY), load_bundle(tiny_bundle_dir))
+    with UvicornThread(app) as server:
+        state = app.state.gateway
+        owner = state.keys.owner(f"Bearer {KEY}")
+
+        def stored() -> list:  # the conversation as the gateway keeps it
+            found = asyncio.run(state.chat.conversations.load(first["conversation_id"], owner))
+            assert found is not None
+            return found.turns
+
+        first = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
+            "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12,
+            "require_modalities": ["image"], "decoder": {"steps": 200}, "wait_s": 0}).json()
+        assert first["finish_reason"] == "media_pending" and first["usage"]["completion_tokens"] > 0
+        job_id = first["artifacts"][0]["job_id"]
+        reply = stored()[1]
+        assert reply.role == "assistant" and reply.text == first["text"] and reply.pending_jobs == [job_id]
+        # Continued at once: the conversation exists; this turn sees the reply without its picture.
+        follow = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
+            "conversation_id": first["conversation_id"], "messages": [{"role": "user", "content": "and now?"}],
+            "max_tokens": 3})
+        assert follow.status_code == 200, follow.text
+        assert wait_for_job_state(server.url, job_id, _auth(), "completed", timeout=120) == "completed"
+        # A later turn finds the job completed: the picture joins the reply it belongs to, encoded once.
+        later = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
+            "conversation_id": first["conversation_id"], "messages": [{"role": "user", "content": "and now?"}],
+            "max_tokens": 3})
+        assert later.status_code == 200, later.text
+        reply = stored()[1]
+        assert reply.pending_jobs == [] and len(reply.vectors) == 1 and reply.artifact_keys == []

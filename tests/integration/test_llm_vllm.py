@@ -84,8 +84,8 @@ def test_sampled_generation_keeps_groups_whole(backends: tuple[HFBackend, VLLMBa
                            if ids[0] not in done.token_ids[max(0, j - len(ids)):j])
 
 
-async def test_service_streams_and_cancels_on_vllm(backends: tuple[HFBackend, VLLMBackend]) -> None:
-    _, vl = backends
+async def test_service_streams_and_cancels_on_vllm(bundle: Bundle, vllm: VLLMInfo) -> None:
+    vl = VLLMBackend(bundle, vllm.server_url, vllm.pooler_url)  # its own: closing the service closes its backend
     service = LLMService(vl, LLMSettings(max_tokens=2000), LLMMetrics(CollectorRegistry()), vl.manifest)
     params = GenerateParams(turns=[Turn(role="user", text="talk for a long time", media=[0])], max_tokens=1500,
                             temperature=0.0)
