@@ -74,13 +74,16 @@ def build_app(state: GatewayState) -> FastAPI:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> JSONResponse:
-        checks = request.app.state.gateway.readiness_checks
+        state = request.app.state.gateway
+        checks = {**state.readiness_checks, **state.advisory_checks}
         results = await asyncio.gather(*(_probe(check) for check in checks.values()))
         failures = {name: problem for name, problem in zip(checks, results) if problem}
-        if failures:
+        blocking = {k: v for k, v in failures.items() if k in state.readiness_checks}
+        if blocking:
             return error_json(503, "service_unavailable", "not_ready",
                               "; ".join(f"{k}: {v}" for k, v in failures.items()))
-        return JSONResponse({"status": "ready"})
+        degraded = {k: v for k, v in failures.items() if k in state.advisory_checks}
+        return JSONResponse({"status": "degraded", "degraded": degraded} if degraded else {"status": "ready"})
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:

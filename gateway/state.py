@@ -31,6 +31,8 @@ class GatewayState:
     models: list[ModelCard]
     # Each check raises when its dependency is not usable; /readyz runs them all.
     readiness_checks: dict[str, Callable[[], Awaitable[None] | None]]
+    # Reported by /readyz when they fail, without making the gateway unready: text still works without them.
+    advisory_checks: dict[str, Callable[[], Awaitable[None] | None]] = field(default_factory=dict)
     settings: GatewaySettings = field(default_factory=GatewaySettings)
     chat: ChatService | None = None  # type: ignore[assignment]
     store: ArtifactStore | None = None  # type: ignore[assignment]

@@ -165,7 +165,8 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     book = MemoryJobBook()
     runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book)
     decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,
-                                 max_retries=settings.decoders.max_retries, max_batch=settings.decoders.max_batch)
+                                 max_retries=settings.decoders.max_retries, max_batch=settings.decoders.max_batch,
+                                 queue_wait_s=settings.decoders.queue_wait_s)
     g = settings.gateway
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)
@@ -208,7 +209,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     sync_redis, async_redis = redis_clients(settings)
     prefix = settings.redis.key_prefix
     decoders = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(sync_redis, prefix),
-                                  AsyncJobReader(async_redis, prefix))
+                                  AsyncJobReader(async_redis, prefix), settings.decoders.queue_wait_s,
+                                  tuple(bundle.manifest.outputs))
 
     async def redis_ready() -> None:
         try:
@@ -225,6 +227,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         models=model_cards(bundle),
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
                           "artifact_store": store.check_health},
+        advisory_checks={"decoder_workers": decoders.check_workers},
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
                                         settings.decoders.max_pixels_per_job, bundle.manifest),
         store=store, decoders=decoders, keys=keys, signer=signer,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -12,7 +16,7 @@ from services.contracts.celery_config import DECODE_TASK, celery_config
 from services.contracts.decoders import DecodeJob, DecoderQueue, JobEvent, JobStatus
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.settings import Settings
-from services.jobs.book import RedisJobBook
+from services.jobs.book import RedisJobBook, fail_unclaimed
 from services.jobs.reader import AsyncJobReader
 
 
@@ -23,14 +27,36 @@ def make_client_app(settings: Settings) -> Celery:
 
 
 class CeleryDecoderQueue(DecoderQueue):
-    def __init__(self, app: Celery, book: RedisJobBook, reader: AsyncJobReader) -> None:
-        self.app, self.book, self.reader = app, book, reader
+    """A job no worker takes within ``queue_wait_s`` (no worker for its modality, or all of them busy) fails with
+    ``no_decoder_worker``, seen by whoever follows or polls it; Celery's ``expires`` makes a worker that appears
+    later drop it unrun."""
+
+    def __init__(self, app: Celery, book: RedisJobBook, reader: AsyncJobReader, queue_wait_s: float = 600.0,
+                 modalities: tuple[str, ...] = ("image", "video", "audio"), workers_ttl_s: float = 15.0) -> None:
+        self.app, self.book, self.reader, self.queue_wait_s = app, book, reader, queue_wait_s
+        self.modalities, self.workers_ttl_s = modalities, workers_ttl_s
+        self._consumed: tuple[float, set[str]] | None = None  # (when asked, queues some worker consumes)
+
+    async def check_workers(self) -> None:
+        """Raise naming the modalities whose queue no worker consumes (asked of the workers at most every
+        ``workers_ttl_s``: a broadcast waits its whole timeout for replies)."""
+        now = time.monotonic()
+        if self._consumed is None or now - self._consumed[0] > self.workers_ttl_s:
+            def ask() -> set[str]:
+                replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+                return {queue["name"] for queues in replies.values() for queue in queues}
+
+            self._consumed = (now, await anyio.to_thread.run_sync(ask))
+        orphaned = [m for m in self.modalities if m not in self._consumed[1]]
+        if orphaned:
+            raise ServiceUnavailableError(f"no decoder worker consumes {', '.join(orphaned)}: such jobs fail "
+                                          f"after {self.queue_wait_s:.0f} s", code="no_decoder_worker")
 
     async def submit(self, job: DecodeJob) -> None:
         def send() -> None:
             self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
             self.app.send_task(DECODE_TASK, args=[job.model_dump(mode="json")], queue=job.modality,
-                               task_id=job.job_id)
+                               task_id=job.job_id, expires=self.queue_wait_s)
 
         try:
             await anyio.to_thread.run_sync(send)
@@ -38,13 +64,56 @@ class CeleryDecoderQueue(DecoderQueue):
             raise ServiceUnavailableError(f"decoder queue unavailable: {exc}", code="queue_unavailable") from exc
 
     async def status(self, job_id: str) -> JobStatus | None:
-        return await self.reader.status(job_id)
+        status = await self.reader.status(job_id)
+        if status is not None and status.state == "queued" and self._waited(status) > self.queue_wait_s:
+            await self._fail_unclaimed(status)
+            status = await self.reader.status(job_id)
+        return status
 
     async def cancel(self, job_id: str) -> None:
         await self.reader.cancel(job_id)
 
     def events(self, job_id: str) -> AsyncIterator[JobEvent]:
-        return self.reader.events(job_id)
+        return self._events(job_id)
+
+    async def _events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        source = self.reader.events(job_id)
+        status = await self.reader.status(job_id)
+        queued = status if status is not None and status.state == "queued" else None
+        pending: asyncio.Future[JobEvent] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(source))
+                timeout = None if queued is None else max(0.0, self.queue_wait_s - self._waited(queued))
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
+                if not done:
+                    assert queued is not None
+                    await self._fail_unclaimed(queued)  # its "failed" event (or the worker's) comes next
+                    queued = None
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                if event.type != "queued":
+                    queued = None
+                yield event
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            await source.aclose()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _waited(status: JobStatus) -> float:
+        return (datetime.now(timezone.utc) - status.updated_at).total_seconds()
+
+    async def _fail_unclaimed(self, status: JobStatus) -> None:
+        await anyio.to_thread.run_sync(fail_unclaimed, self.book, status.job_id, status.modality,
+                                       self._waited(status), "no_decoder_worker")
 
 
 def redis_clients(settings: Settings) -> tuple[Any, Any]:

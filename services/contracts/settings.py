@@ -93,7 +93,8 @@ class DecoderSettings(BaseModel):
         default=3600, ge=1, description="A job taken by a worker that died is handed out again after this")
     max_retries: int = Field(default=3, ge=0, le=20, description="Retries, for transient storage errors only")
     lock_ttl_s: int = Field(default=120, ge=1, description="Lease on a running job, renewed at every step")
-    queue_wait_s: float = Field(default=600.0, gt=0, description="Embedded pool: bound on queued jobs' wait")
+    queue_wait_s: float = Field(
+        default=600.0, gt=0, description="A job no worker has taken by then fails (no_decoder_worker / queue_timeout)")
     max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")
     max_batch: int = Field(default=8, ge=1, le=64,
                            description="Embedded pool: queued jobs of one modality, steps and size run as one call")

@@ -16,18 +16,18 @@ from collections import deque
 from services.contracts.decoders import TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus
 from services.contracts.errors import ServiceUnavailableError
 from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, PoisonJobError, TransientJobError
-from services.jobs.book import MemoryJobBook
+from services.jobs.book import MemoryJobBook, fail_unclaimed
 
 log = logging.getLogger(__name__)
 
 
 class LocalDecoderQueue(DecoderQueue):
     def __init__(self, runner: DecoderRunner, book: MemoryJobBook, max_queued: int = 64, max_retries: int = 3,
-                 idle_timeout_s: float = 3600.0, max_batch: int = 8) -> None:
+                 idle_timeout_s: float = 3600.0, max_batch: int = 8, queue_wait_s: float = 600.0) -> None:
         self.runner, self.book = runner, book
         self.max_queued, self.max_retries, self.idle_timeout_s = max_queued, max_retries, idle_timeout_s
-        self.max_batch = max_batch
-        self._waiting: deque[DecodeJob] = deque()
+        self.max_batch, self.queue_wait_s = max_batch, queue_wait_s
+        self._waiting: deque[tuple[float, DecodeJob]] = deque()  # (when queued, job)
         self._active: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -56,25 +56,31 @@ class LocalDecoderQueue(DecoderQueue):
             self._active.add(job.job_id)
         self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
         with self._wake:
-            self._waiting.append(job)
+            self._waiting.append((time.monotonic(), job))
             self._wake.notify()
 
     def _next_batch(self) -> list[DecodeJob] | None:
-        with self._wake:
-            while not self._waiting and not self._closed:
-                self._wake.wait()
-            if self._closed:
-                return None
-            first = self._waiting.popleft()
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return None
+                queued_at, first = self._waiting.popleft()
+            waited = time.monotonic() - queued_at
+            if waited <= self.queue_wait_s:
+                break
+            # Waited past its bound (the pool is that far behind): it fails rather than run for nobody.
+            fail_unclaimed(self.book, first.job_id, first.modality, waited, "queue_timeout")
         try:
             key = self.runner.batch_key(first)
         except Exception:  # a job the runner cannot even size goes alone (and fails there, as a job)
             return [first]
         with self._wake:
-            mates = [job for job in self._waiting if self._key(job) == key][:self.max_batch - 1]
-            for job in mates:
-                self._waiting.remove(job)
-        return [first, *mates]
+            mates = [entry for entry in self._waiting if self._key(entry[1]) == key][:self.max_batch - 1]
+            for entry in mates:
+                self._waiting.remove(entry)
+        return [first, *(job for _, job in mates)]
 
     def _key(self, job: DecodeJob) -> tuple[object, ...] | None:
         try:

@@ -40,7 +40,9 @@ def next_status(current: JobStatus | None, event: JobEvent, modality: Any = None
 
 class JobBook(ABC):
     @abstractmethod
-    def publish(self, event: JobEvent, modality: Any = None) -> None: ...
+    def publish(self, event: JobEvent, modality: Any = None, only_if: JobState | None = None) -> bool:
+        """Record ``event``; with ``only_if``, only when the job is in that state now (atomically). True when
+        recorded (a late event for a finished job is not)."""
 
     @abstractmethod
     def status(self, job_id: str) -> JobStatus | None: ...
@@ -80,11 +82,30 @@ def _reachable() -> Iterator[None]:
         raise JobBookUnavailable(f"redis: {exc}") from exc
 
 
+def _applies(current: JobStatus | None, event: JobEvent, only_if: JobState | None) -> bool:
+    if only_if is not None and (current is None or current.state != only_if):
+        return False
+    # A late progress event must not reopen a finished job (a completed artifact still wins over a cancel).
+    return current is None or current.state not in TERMINAL_STATES or event.type == "completed"
+
+
+def fail_unclaimed(book: JobBook, job_id: str, modality: Any, waited_s: float, code: str) -> bool:
+    """Fail a job that is still queued (no worker took it): atomically, only if still queued; then flag it
+    cancelled so that a worker taking it late skips it. True when it was failed here."""
+    what = f"{modality} decoder worker" if modality else "decoder worker"
+    event = JobEvent(job_id=job_id, type="failed",
+                     error=f"{code}: no {what} took this job within {waited_s:.0f} s")
+    if not book.publish(event, modality, only_if="queued"):
+        return False
+    book.cancel(job_id)
+    return True
+
+
 class RedisJobBook(JobBook):
     def __init__(self, client: Any, prefix: str, ttl_s: int = JOB_TTL_S) -> None:
         self.r, self.prefix, self.ttl = client, prefix, ttl_s
 
-    def publish(self, event: JobEvent, modality: Any = None) -> None:
+    def publish(self, event: JobEvent, modality: Any = None, only_if: JobState | None = None) -> bool:
         """Read the status, apply the event, write both, as one optimistic transaction (WATCH): a publisher
         racing another (the gateway's cancel, a second delivery) never writes over a transition it did not see."""
         from redis.exceptions import WatchError
@@ -96,16 +117,16 @@ class RedisJobBook(JobBook):
                     pipe.watch(skey)
                     raw = pipe.get(skey)
                     current = JobStatus.model_validate_json(raw) if raw else None
-                    if current is not None and current.state in TERMINAL_STATES and event.type != "completed":
+                    if not _applies(current, event, only_if):
                         pipe.unwatch()
-                        return  # a late progress event must not reopen a finished job
+                        return False
                     status = next_status(current, event, modality)
                     pipe.multi()
                     pipe.set(skey, status.model_dump_json(), ex=self.ttl)
                     pipe.xadd(ekey, {"event": event.model_dump_json()}, maxlen=MAX_EVENTS, approximate=True)
                     pipe.expire(ekey, self.ttl)
                     pipe.execute()
-                    return
+                    return True
                 except WatchError:
                     continue
 
@@ -159,11 +180,11 @@ class MemoryJobBook(JobBook):
         self.max_jobs = max_jobs
         self.listeners: list[Any] = []
 
-    def publish(self, event: JobEvent, modality: Any = None) -> None:
+    def publish(self, event: JobEvent, modality: Any = None, only_if: JobState | None = None) -> bool:
         with self._lock:
             current = self._status.get(event.job_id)
-            if current is not None and current.state in TERMINAL_STATES and event.type != "completed":
-                return
+            if not _applies(current, event, only_if):
+                return False
             self._status[event.job_id] = next_status(current, event, modality)
             events = self._events.setdefault(event.job_id, [])
             events.append(event)
@@ -171,6 +192,7 @@ class MemoryJobBook(JobBook):
             self._evict()
         for listener in list(self.listeners):
             listener(event)
+        return True
 
     def _evict(self) -> None:
         # Bounded memory: forget the oldest finished jobs first.

@@ -23,7 +23,8 @@ from services.contracts.bundle_manifest import Modality
 from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, DecodeOptions, JobEvent, new_job_id
 from services.contracts.settings import Settings, StorageSettings
 from services.contracts.storage import new_key
-from services.jobs.book import RedisJobBook
+from services.contracts.errors import ServiceUnavailableError
+from services.jobs.book import RedisJobBook, fail_unclaimed
 from services.jobs.reader import AsyncJobReader
 from services.storage.s3 import S3ArtifactStore
 from tests.support.servers import RedisInfo, S3Info
@@ -107,6 +108,11 @@ async def _collect(queue: CeleryDecoderQueue, job_id: str, timeout: float = 120)
         return [e async for e in queue.events(job_id)]
 
     return await asyncio.wait_for(run(), timeout)
+
+
+async def test_readiness_sees_the_worker_consuming_every_queue(worker: WorkerProcess,
+                                                               queue: CeleryDecoderQueue) -> None:
+    await queue.check_workers()
 
 
 async def test_a_job_per_modality_gives_a_valid_file(worker: WorkerProcess, queue: CeleryDecoderQueue,
@@ -201,6 +207,37 @@ async def test_queued_jobs_sit_in_the_list_the_autoscaler_watches(settings: Sett
         for _ in range(3):
             await queue.submit(_job(store, tiny_bundle_dir, "video"))
         assert sync.llen(f"{prefix}video") == 3 and sync.llen(f"{prefix}image") == 0
+    finally:
+        for key in sync.scan_iter(f"{prefix}*"):
+            sync.delete(key)
+        await areader.aclose()
+
+
+async def test_a_job_no_worker_takes_fails_with_no_decoder_worker(settings: Settings, store: S3ArtifactStore,
+                                                                   tiny_bundle_dir: Path) -> None:
+    # No worker consumes this prefix: the job must not stay "queued" forever for whoever follows or polls it.
+    prefix = f"{settings.redis.key_prefix}noworker-{uuid.uuid4().hex[:6]}:"
+    isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": prefix})})
+    sync = redis.Redis.from_url(settings.redis.url)
+    areader = redis.asyncio.Redis.from_url(settings.redis.url)
+    book = RedisJobBook(sync, prefix)
+    queue = CeleryDecoderQueue(make_client_app(isolated), book, AsyncJobReader(areader, prefix), queue_wait_s=1.5)
+    try:
+        followed, polled = _job(store, tiny_bundle_dir, "image"), _job(store, tiny_bundle_dir, "audio")
+        await queue.submit(followed)
+        await queue.submit(polled)
+        events = await _collect(queue, followed.job_id, timeout=30)
+        assert [e.type for e in events] == ["queued", "failed"]
+        assert (events[-1].error or "").startswith("no_decoder_worker: no image decoder worker took this job")
+        await asyncio.sleep(0.5)  # the second job's bound passes too
+        status = await queue.status(polled.job_id)  # polled past its bound, never followed: failed all the same
+        assert status is not None and status.state == "failed" and "no_decoder_worker" in (status.error or "")
+        assert book.is_cancelled(followed.job_id)  # a worker that takes it late skips it
+        # A job that is no longer queued is never failed this way.
+        assert not fail_unclaimed(book, followed.job_id, "image", 9.0, "no_decoder_worker")
+        # Readiness says which queues nobody consumes (the gateway reports it and stays ready for text).
+        with pytest.raises(ServiceUnavailableError, match="no decoder worker consumes image, video, audio"):
+            await queue.check_workers()
     finally:
         for key in sync.scan_iter(f"{prefix}*"):
             sync.delete(key)
