@@ -235,7 +235,14 @@ async def artifact(key: str, request: Request, expires: int | None = None, sig: 
     """The artifact's bytes (signed, expiring URL from the chat response); supports one byte range."""
     st = state_of(request)
     st.signer.verify(f"/v1/artifacts/{key}", expires, sig)
-    meta = await asyncio.to_thread(st.store.head, key)
+    meta = await asyncio.to_thread(st.store.head, key)  # a missing artifact is a 404 here, not at the store
+    if st.redirect_downloads_ttl_s is not None:
+        # The store serves the bytes (ranges included); the URL never outlives the one the client was given.
+        ttl = st.redirect_downloads_ttl_s if expires is None else \
+            max(1, min(st.redirect_downloads_ttl_s, expires - int(time.time())))
+        location = await asyncio.to_thread(st.store.presigned_url, key, ttl)
+        if location:
+            return Response(status_code=307, headers={"location": location, "cache-control": "no-store"})
     start, end, status = 0, meta.size, 200
     header = request.headers.get("range")
     headers = {"accept-ranges": "bytes", "cache-control": "private, max-age=3600"}

@@ -33,6 +33,8 @@ class GatewayState:
     readiness_checks: dict[str, Callable[[], Awaitable[None] | None]]
     # Reported by /readyz when they fail, without making the gateway unready: text still works without them.
     advisory_checks: dict[str, Callable[[], Awaitable[None] | None]] = field(default_factory=dict)
+    # Seconds a presigned store URL lives when downloads redirect to the store; None streams them through.
+    redirect_downloads_ttl_s: int | None = None
     settings: GatewaySettings = field(default_factory=GatewaySettings)
     chat: ChatService | None = None  # type: ignore[assignment]
     store: ArtifactStore | None = None  # type: ignore[assignment]

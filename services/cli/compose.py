@@ -175,6 +175,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
+        redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
         on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
@@ -228,6 +229,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,
                           "artifact_store": store.check_health},
         advisory_checks={"decoder_workers": decoders.check_workers},
+        redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
                                         settings.decoders.max_pixels_per_job, bundle.manifest),
         store=store, decoders=decoders, keys=keys, signer=signer,

@@ -33,11 +33,18 @@ class StorageSettings(BaseModel):
     s3_secret_access_key: SecretStr | None = None
     s3_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9._-]+/)*$")
     s3_create_bucket: bool = Field(default=False, description="Create the bucket at start when it is missing")
-    presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600,
+                               description="Lifetime of the presigned URLs that redirect_downloads hands out")
+    redirect_downloads: bool = Field(
+        default=False, description="Artifact downloads answer 307 to a presigned URL of the S3 store (which "
+                                   "clients must reach) instead of streaming the bytes through the gateway")
     max_object_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _s3_complete(self) -> StorageSettings:
+        if self.redirect_downloads and self.backend != "s3":
+            raise ValueError("NEXTGPT_STORAGE__REDIRECT_DOWNLOADS needs NEXTGPT_STORAGE__BACKEND=s3 (a local store "
+                             "has no URL of its own)")
         if self.backend == "s3" and not self.s3_bucket:
             raise ValueError("NEXTGPT_STORAGE__S3_BUCKET is required when NEXTGPT_STORAGE__BACKEND is 's3'")
         if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):

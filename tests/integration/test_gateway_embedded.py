@@ -269,3 +269,25 @@ def test_a_turn_whose_media_outlast_the_wait_is_saved_and_its_media_join_later(
         assert later.status_code == 200, later.text
         reply = stored()[1]
         assert reply.pending_jobs == [] and len(reply.vectors) == 1 and reply.artifact_keys == []
+
+
+def test_downloads_can_redirect_to_the_object_store(tiny_bundle_dir: Path, tmp_path: Path, s3_info) -> None:  # noqa: ANN001
+    import uuid
+
+    storage = {"backend": "s3", "s3_endpoint_url": s3_info.endpoint_url, "s3_bucket": f"r-{uuid.uuid4().hex[:12]}",
+               "s3_access_key_id": s3_info.access_key, "s3_secret_access_key": s3_info.secret_key,
+               "s3_create_bucket": True, "redirect_downloads": True, "presign_ttl_s": 600}
+    app = embedded_app(Settings(cache_dir=tmp_path, api_keys=KEY, storage=storage), load_bundle(tiny_bundle_dir))
+    with UvicornThread(app) as server:
+        body = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
+            "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12, "require_modalities": ["image"],
+            "decoder": {"steps": 2}, "inline_media": True}).json()
+        artifact = body["artifacts"][0]
+        redirect = httpx.get(artifact["url"], follow_redirects=False)
+        assert redirect.status_code == 307 and redirect.headers["location"].startswith(s3_info.endpoint_url)
+        stored = httpx.get(redirect.headers["location"])  # the store itself, no gateway in between
+        assert stored.status_code == 200 and stored.content == base64.b64decode(artifact["data"])
+        ranged = httpx.get(redirect.headers["location"], headers={"range": "bytes=0-3"})
+        assert ranged.status_code == 206 and ranged.content == b"\x89PNG"
+        # The gateway still checks the signature first: a bad one never reaches the store.
+        assert httpx.get(artifact["url"].replace("sig=", "sig=0"), follow_redirects=False).status_code in (401, 403)

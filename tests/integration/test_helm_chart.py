@@ -192,7 +192,9 @@ def test_every_setting_the_services_read_is_wired(helm: str, tmp_path: Path) -> 
     # API keys reach the gateway as a mounted file (NEXTGPT_API_KEYS_FILE), never as an env value in the pod spec.
     assert sorted(set(env_names()) - wired) == ["NEXTGPT_API_KEYS"]
     # And the values survive the trip: what the ConfigMap holds is what the services parse.
-    os_env = {**configmap, "NEXTGPT_LLM__BACKEND": "transformers"}
+    # (The chart sets the store itself, always S3: MinIO or the operator's.)
+    os_env = {**configmap, "NEXTGPT_LLM__BACKEND": "transformers", "NEXTGPT_STORAGE__BACKEND": "s3",
+              "NEXTGPT_STORAGE__S3_BUCKET": "nextgpt"}
     settings = Settings(**_nested(os_env))
     assert settings.encoder.max_batch == config["encoder"]["max_batch"]
     assert settings.gateway.trusted_proxies == ["10.0.0.1"]
