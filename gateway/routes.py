@@ -80,15 +80,25 @@ _FORWARDED_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
 _FORWARDED_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)*/?$")
 
 
+def _host_allowed(netloc: str, allowed: list[str]) -> bool:
+    host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+    host = host.lower()
+    return any(pattern == "*" or host == pattern.lower()
+               or (pattern.startswith("*.") and host.endswith(pattern[1:].lower())) for pattern in allowed)
+
+
 def _base_url(request: Request, st: GatewayState) -> str:
     """Where clients reach us: the configured public URL, else what a trusted reverse proxy says (scheme, host,
-    path prefix), else the request itself. Forwarded headers from anyone else are ignored."""
+    path prefix), else the request itself when its Host is an allowed one. Forwarded headers from anyone else are
+    ignored, and a Host outside ``allowed_hosts`` gives relative URLs: a client cannot make us hand out links to a
+    host of its choosing."""
     if st.settings.public_base_url:
         return st.settings.public_base_url.rstrip("/")
     base = str(request.base_url).rstrip("/")
     client = request.client.host if request.client else None
     if client is None or client not in st.settings.trusted_proxies:
-        return base
+        netloc = base.partition("://")[2].partition("/")[0]
+        return base if _host_allowed(netloc, st.settings.allowed_hosts) else ""
     headers = request.headers
     proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
     host = headers.get("x-forwarded-host", "").split(",")[0].strip()

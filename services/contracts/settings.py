@@ -152,6 +152,10 @@ class GatewaySettings(BaseModel):
                                           '(comma-separated, or a JSON list)')
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description='Comma-separated, or a JSON list, e.g. ["https://app.example"]')
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"],
+        description="Without PUBLIC_BASE_URL: Host headers artifact URLs may be built on (any port; '*.example.com' "
+                    "for subdomains, '*' for any); a request with another Host gets relative URLs")
     rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Chat requests per key; unset: off")
     conversation_ttl_s: int = Field(default=24 * 3600, ge=60, description="History kept after a conversation's last turn")
     max_conversation_turns: int = Field(default=64, ge=2, le=1024, description="Oldest turns are dropped beyond")
@@ -163,7 +167,7 @@ class GatewaySettings(BaseModel):
     inline_max_bytes: int = Field(
         default=16 * 1024 * 1024, ge=0, description="Largest artifact returned inline (base64) when asked for")
 
-    @field_validator("trusted_proxies", "cors_origins", mode="before")
+    @field_validator("trusted_proxies", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _list_from_env(cls, value: Any) -> Any:
         """An environment variable holds "a, b" or a JSON list; a malformed JSON list is reported on the field."""

@@ -82,12 +82,20 @@ def test_artifact_base_url_behind_a_trusted_proxy() -> None:
 
     forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "api.example.com",
                  "x-forwarded-prefix": "/nextgpt"}
-    trusting = GatewayState(models=[], readiness_checks={}, settings=GatewaySettings(trusted_proxies=["10.0.0.1"]))
+    trusting = GatewayState(models=[], readiness_checks={}, settings=GatewaySettings(
+        trusted_proxies=["10.0.0.1"], allowed_hosts=["10.0.0.5", "*.example.org"]))
     assert _base_url(request("10.0.0.1", forwarded), trusting) == "https://api.example.com/nextgpt"
     # The same headers from anyone else are ignored: no link injection through a forged header.
     assert _base_url(request("6.6.6.6", forwarded), trusting) == "http://10.0.0.5:8000"
     bad = {"x-forwarded-proto": "javascript", "x-forwarded-host": "evil.com/path?x", "x-forwarded-prefix": "/a b"}
     assert _base_url(request("10.0.0.1", bad), trusting) == "http://10.0.0.5:8000"
+    # Nor does a Host header outside the allowed hosts shape links: they stay relative.
+    assert _base_url(request("6.6.6.6", {"host": "evil.example"}), trusting) == ""
+    assert _base_url(request("6.6.6.6", {"host": "api.example.org:8443"}), trusting) == "http://api.example.org:8443"
+    assert _base_url(request("6.6.6.6", {"host": "example.org.evil.example"}), trusting) == ""
+    default = GatewayState(models=[], readiness_checks={}, settings=GatewaySettings())
+    assert _base_url(request("127.0.0.1", {"host": "localhost:8000"}), default) == "http://localhost:8000"
+    assert _base_url(request("127.0.0.1", {"host": "evil.example"}), default) == ""
     fixed = GatewayState(models=[], readiness_checks={},
                          settings=GatewaySettings(public_base_url="https://public.example/", trusted_proxies=["10.0.0.1"]))
     assert _base_url(request("10.0.0.1", forwarded), fixed) == "https://public.example"
