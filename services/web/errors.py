@@ -6,8 +6,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from services.contracts.errors import ErrorInfo, ErrorResponse, NextGPTError
 
@@ -24,7 +25,18 @@ def error_json(status: int, type_: str, code: str, message: str, param: str | No
     return JSONResponse(status_code=status, content=body.model_dump())
 
 
+# nginx's "client closed request": never received by anyone, it keeps such requests apart from server errors in the
+# metrics and the access log.
+CLIENT_CLOSED_REQUEST = 499
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> Response:
+        # A client going away mid-upload is normal traffic, not a fault of ours.
+        log.info("client closed the connection while sending %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(NextGPTError)
     async def _known(_: Request, exc: NextGPTError) -> JSONResponse:
         if exc.status_code >= 500:

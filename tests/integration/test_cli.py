@@ -100,9 +100,37 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         missing = httpx.get(f"{base}/v1/nothing-here")
         assert missing.status_code == 404
         assert missing.json()["error"]["type"] == "not_found_error"
+        _clients_that_go_away(port)
+        # Clients going away are normal: no traceback in the log, no false 500 in the metrics.
+        wait_until(lambda: log.read_text().count("client closed the connection") >= 5, 30, "disconnects logged")
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'route="/v1/chat",status="500"' not in metrics
+        assert 'nextgpt_gateway_requests_total{method="POST",route="/v1/chat",status="499"} 5.0' in metrics
     finally:
         proc.terminate()
         proc.wait(30)
+    assert "Traceback" not in log.read_text()
+
+
+def _clients_that_go_away(port: int) -> None:
+    """Five SSE clients reset mid-stream, five that drop the connection halfway through their request body."""
+    import socket
+    import struct
+    import time
+
+    body = json.dumps({"messages": [{"role": "user", "content": "a long story"}], "stream": True,
+                       "max_tokens": 300}).encode()
+    head = b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert b"text/event-stream" in sock.recv(4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + b"Content-Length: 100000\r\n\r\n" + b"{" * 5000)
+            time.sleep(0.05)
+    time.sleep(2)  # the server notices the resets and cancels those turns
 
 
 def test_health_command_probes_http_and_redis(redis_info: RedisInfo) -> None:
