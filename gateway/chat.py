@@ -21,6 +21,7 @@ from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from gateway.metrics import GatewayMetrics
 from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.bundle_manifest import BundleManifest
+from services.llm.prompt import check_prompt_chars
 from services.llm.signals import check_signal_budget
 from services.contracts.decoders import (
     ARTIFACT_FORMATS,
@@ -59,8 +60,9 @@ class ChatService:
 
     async def prepare(self, request: ChatRequest, uploads: dict[str, bytes], owner: str | None
                       ) -> tuple[Conversation, GenerateParams, np.ndarray | None]:
-        if self.manifest is not None:  # the LLM service checks it too; here it costs no upload encoding
+        if self.manifest is not None:  # the LLM service checks these too; here they cost no upload encoding
             check_signal_budget(self.manifest, request.require_modalities, request.max_tokens)
+            check_prompt_chars([m.content for m in request.messages], self.manifest.llm.max_model_len)
         d = request.decoder
         if d.height and d.width and d.height * d.width * (d.frames or 1) > self.max_decode_pixels:
             # Refused before any work; the workers enforce the same budget on the values they resolve.

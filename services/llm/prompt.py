@@ -12,7 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.contracts.bundle_manifest import PromptSpec
+from services.contracts.errors import InvalidRequestError
 from services.contracts.llm import Turn
+
+# No tokenizer's token averages this many characters: text longer than this many characters per allowed token
+# cannot fit the prompt, so it is refused before the tokenizer (and the embedding table) spend anything on it.
+MAX_CHARS_PER_TOKEN = 16
+
+
+def check_prompt_chars(texts: list[str], max_tokens: int) -> None:
+    chars = sum(len(t) for t in texts)
+    if chars > max_tokens * MAX_CHARS_PER_TOKEN:
+        raise InvalidRequestError(
+            f"the conversation holds {chars} characters; a prompt of at most {max_tokens} tokens cannot hold more "
+            f"than {max_tokens * MAX_CHARS_PER_TOKEN}", code="prompt_too_long", param="messages")
 
 
 @dataclass(frozen=True)

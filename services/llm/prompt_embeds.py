@@ -11,7 +11,7 @@ import torch
 from services.contracts.bundle_manifest import BundleManifest
 from services.contracts.errors import InvalidRequestError
 from services.contracts.llm import GenerateParams
-from services.llm.prompt import prompt_ids, prompt_pieces
+from services.llm.prompt import check_prompt_chars, prompt_ids, prompt_pieces
 
 Embed = Callable[[list[int]], torch.Tensor]  # token ids -> (n, hidden)
 
@@ -19,6 +19,7 @@ Embed = Callable[[list[int]], torch.Tensor]  # token ids -> (n, hidden)
 def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], list[int]], embed: Embed,
                             params: GenerateParams, media: np.ndarray | None, max_tokens: int) -> torch.Tensor:
     spec = manifest.prompt
+    check_prompt_chars([t.text for t in params.turns], max_tokens)
     plan = prompt_ids(spec, prompt_pieces(spec, params.turns), encode)
     hidden = manifest.llm.hidden_size
     vectors = torch.from_numpy(np.asarray(media, dtype=np.float32)) if media is not None else torch.zeros(0, hidden)

@@ -291,3 +291,23 @@ def test_downloads_can_redirect_to_the_object_store(tiny_bundle_dir: Path, tmp_p
         assert ranged.status_code == 206 and ranged.content == b"\x89PNG"
         # The gateway still checks the signature first: a bad one never reaches the store.
         assert httpx.get(artifact["url"].replace("sig=", "sig=0"), follow_redirects=False).status_code in (401, 403)
+
+
+def test_a_huge_conversation_is_refused_before_it_is_tokenised(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    import resource
+    import time
+
+    app = embedded_app(Settings(cache_dir=tmp_path, api_keys=KEY), load_bundle(tiny_bundle_dir))  # 64 MB bodies
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 10_000} for i in range(255)]
+    messages.append({"role": "user", "content": "x" * 50_000})  # 25.6 MB of text, inside the per-field limits
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with UvicornThread(app) as server:
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={"messages": messages})
+        elapsed = time.monotonic() - started
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"
+    # Before: 14 GB resident and no answer within 60 s (everything tokenised and embedded first).
+    print(f"refused in {elapsed:.2f} s, peak RSS +{grown / 2**20:.0f} MiB")
+    assert elapsed < 10 and grown < 1.5 * 2**30, (elapsed, grown / 2**20)
