@@ -55,6 +55,10 @@ def clip_to_melspec(clip: torch.Tensor, name: str) -> torch.Tensor:
     return ((fbank - FBANK_MEAN) / FBANK_STD).unsqueeze(0)
 
 
+# Telephone audio to the highest studio rates; anything outside is a mistake or an attack on the resampler.
+MIN_RATE, MAX_RATE = 1_000, 384_000
+
+
 def decode_audio(data: bytes, name: str, max_seconds: float) -> tuple[torch.Tensor, int]:
     """(channels, samples) float32 in [-1, 1] and the sample rate."""
     try:
@@ -63,6 +67,9 @@ def decode_audio(data: bytes, name: str, max_seconds: float) -> tuple[torch.Tens
         raise MediaError(f"{name}: not a readable audio file ({exc})", code="invalid_audio", param=name) from exc
     if info.frames <= 0 or info.samplerate <= 0:
         raise MediaError(f"{name}: audio has no samples", code="invalid_audio", param=name)
+    if not MIN_RATE <= info.samplerate <= MAX_RATE:
+        raise MediaError(f"{name}: a sample rate of {info.samplerate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz",
+                         code="unsupported_sample_rate", param=name)
     if info.frames / info.samplerate > max_seconds:
         raise PayloadTooLargeError(
             f"{name}: {info.frames / info.samplerate:.1f} s of audio exceeds the limit of {max_seconds:.0f} s",
