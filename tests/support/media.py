@@ -33,7 +33,8 @@ def wav(seconds: float = 3.0, rate: int = 16000, channels: int = 1, seed: int = 
 
 
 def mp4(frames: int = 40, fps: int = 8, width: int = 96, height: int = 64, pattern: str = "index") -> bytes:
-    """H.264 frames; with pattern 'index' frame i is a flat grey of value 5*i (readable back after decoding)."""
+    """H.264 frames; with pattern 'index' frame i is a flat grey of value 5*i (readable back after decoding),
+    'flat' one grey throughout (compresses to almost nothing), otherwise noise."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -41,6 +42,8 @@ def mp4(frames: int = 40, fps: int = 8, width: int = 96, height: int = 64, patte
         for i in range(frames):
             if pattern == "index":
                 pixels = np.full((height, width, 3), min(5 * i, 255), np.uint8)
+            elif pattern == "flat":
+                pixels = np.full((height, width, 3), 90, np.uint8)
             else:
                 pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):

@@ -23,47 +23,85 @@ FRAMES_PER_CLIP = 2
 CROPS = 3
 
 
-def decode_frames(data: bytes, name: str, max_seconds: float, max_pixels: int) -> tuple[list[float], list[np.ndarray], float]:
-    """Presentation times (s), RGB frames and the duration of the first video stream."""
+def _open(data: bytes, name: str) -> av.container.InputContainer:
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        return av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
         raise MediaError(f"{name}: not a readable video ({exc})", code="invalid_video", param=name) from exc
-    with container:
-        if not container.streams.video:
-            raise MediaError(f"{name}: no video stream", code="invalid_video", param=name)
-        stream = container.streams.video[0]
-        if stream.codec_context.width * stream.codec_context.height > max_pixels:
-            raise PayloadTooLargeError(
-                f"{name}: {stream.codec_context.width}x{stream.codec_context.height} frames exceed the limit",
-                code="video_too_large", param=name)
-        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-        if declared is not None and declared > max_seconds:
-            raise PayloadTooLargeError(f"{name}: {declared:.1f} s of video exceeds the limit of {max_seconds:.0f} s",
-                                       code="video_too_long", param=name)
+
+
+def _checked_stream(container: av.container.InputContainer, name: str, max_seconds: float,
+                    max_pixels: int) -> tuple[av.video.stream.VideoStream, float | None]:
+    if not container.streams.video:
+        raise MediaError(f"{name}: no video stream", code="invalid_video", param=name)
+    stream = container.streams.video[0]
+    if stream.codec_context.width * stream.codec_context.height > max_pixels:
+        raise PayloadTooLargeError(
+            f"{name}: {stream.codec_context.width}x{stream.codec_context.height} frames exceed the limit",
+            code="video_too_large", param=name)
+    declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+    if declared is not None and declared > max_seconds:
+        raise PayloadTooLargeError(f"{name}: {declared:.1f} s of video exceeds the limit of {max_seconds:.0f} s",
+                                   code="video_too_long", param=name)
+    return stream, declared
+
+
+def _too_long(name: str, max_seconds: float) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"{name}: video is longer than the limit of {max_seconds:.0f} s",
+                                code="video_too_long", param=name)
+
+
+def packet_times(data: bytes, name: str, max_seconds: float, max_pixels: int) -> tuple[list[float], float | None]:
+    """Presentation times of the first video stream's frames, from its packets (demuxed, not decoded)."""
+    with _open(data, name) as container:
+        stream, declared = _checked_stream(container, name, max_seconds, max_pixels)
         times: list[float] = []
-        frames: list[np.ndarray] = []
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                times.append(float(packet.pts * packet.time_base))
+                if times[-1] > max_seconds:  # headers can lie about the duration; timestamps cannot
+                    raise _too_long(name, max_seconds)
+        except PayloadTooLargeError:
+            raise
+        except Exception as exc:
+            if not times:
+                raise MediaError(f"{name}: corrupt video ({exc})", code="invalid_video", param=name) from exc
+    return sorted(times), declared
+
+
+def decode_frames(data: bytes, name: str, max_seconds: float, max_pixels: int,
+                  wanted: set[float]) -> tuple[dict[float, np.ndarray], list[float]]:
+    """The frames presented at ``wanted`` times, and every decoded frame's time. Only wanted frames are kept:
+    a long or large video costs one frame's memory beyond the few the sampling needs."""
+    kept: dict[float, np.ndarray] = {}
+    decoded: list[float] = []
+    with _open(data, name) as container:
+        stream, _ = _checked_stream(container, name, max_seconds, max_pixels)
         try:
             for frame in container.decode(stream):
                 if frame.time is None:
                     continue
-                # Headers can lie about the duration; the decoded timestamps cannot.
                 if frame.time > max_seconds:
-                    raise PayloadTooLargeError(f"{name}: video is longer than the limit of {max_seconds:.0f} s",
-                                               code="video_too_long", param=name)
-                times.append(float(frame.time))
-                frames.append(frame.to_ndarray(format="rgb24"))
+                    raise _too_long(name, max_seconds)
+                decoded.append(float(frame.time))
+                if decoded[-1] in wanted:
+                    kept[decoded[-1]] = frame.to_ndarray(format="rgb24")
         except PayloadTooLargeError:
             raise
         except Exception as exc:
-            if not frames:
+            if not decoded:
                 raise MediaError(f"{name}: corrupt video ({exc})", code="invalid_video", param=name) from exc
             # A truncated tail still leaves usable frames, as a demuxer reading to the end would.
-    if not frames:
+    if not decoded:
         raise MediaError(f"{name}: video has no frames", code="invalid_video", param=name)
+    return kept, sorted(decoded)
+
+
+def _duration(times: list[float], declared: float | None) -> float:
     step = times[1] - times[0] if len(times) > 1 else 0.0
-    duration = declared if declared else times[-1] + step
-    return times, frames, duration
+    return declared if declared else times[-1] + step
 
 
 def short_side_scale(clip: torch.Tensor, size: int) -> torch.Tensor:
@@ -91,24 +129,34 @@ def spatial_crops(clip: torch.Tensor, size: int) -> list[torch.Tensor]:
     return crops
 
 
-def clip_frames(times: list[float], frames: list[np.ndarray], start: Fraction, end: Fraction) -> list[np.ndarray]:
-    """The frames presented in [start, end), subsampled uniformly to FRAMES_PER_CLIP."""
-    inside = [f for t, f in zip(times, frames) if start <= Fraction(t) < end]
+def clip_times(times: list[float], start: Fraction, end: Fraction) -> list[float]:
+    """The times of the frames presented in [start, end), subsampled uniformly to FRAMES_PER_CLIP."""
+    inside = [t for t in times if start <= Fraction(t) < end]
     if not inside:
         # A clip between two sparse frames: take the nearest earlier frame, so every clip has content.
-        earlier = [f for t, f in zip(times, frames) if Fraction(t) < end]
-        inside = [earlier[-1] if earlier else frames[0]]
+        earlier = [t for t in times if Fraction(t) < end]
+        inside = [earlier[-1] if earlier else times[0]]
     picks = torch.linspace(0, len(inside) - 1, FRAMES_PER_CLIP).long().tolist()
     return [inside[i] for i in picks]
 
 
 def preprocess_video(data: bytes, name: str, max_seconds: float, max_pixels: int) -> torch.Tensor:
-    times, frames, duration = decode_frames(data, name, max_seconds, max_pixels)
+    times, declared = packet_times(data, name, max_seconds, max_pixels)
+    if not times:
+        raise MediaError(f"{name}: video has no frames", code="invalid_video", param=name)
+    windows = clip_windows(_duration(times, declared), CLIP_SECONDS, CLIPS)
+    picks = [clip_times(times, start, end) for start, end in windows]
+    frames, decoded = decode_frames(data, name, max_seconds, max_pixels, {t for p in picks for t in p})
+    if any(t not in frames for p in picks for t in p):
+        # The packets promised frames the decoder did not deliver (a corrupt tail): sample what it did.
+        windows = clip_windows(_duration(decoded, declared), CLIP_SECONDS, CLIPS)
+        picks = [clip_times(decoded, start, end) for start, end in windows]
+        frames, _ = decode_frames(data, name, max_seconds, max_pixels, {t for p in picks for t in p})
     mean = torch.from_numpy(CLIP_MEAN)[:, None, None, None]
     std = torch.from_numpy(CLIP_STD)[:, None, None, None]
     views = []
-    for start, end in clip_windows(duration, CLIP_SECONDS, CLIPS):
-        picked = np.stack(clip_frames(times, frames, start, end))  # (T, H, W, 3)
+    for pick in picks:
+        picked = np.stack([frames[t] for t in pick])  # (T, H, W, 3)
         clip = torch.from_numpy(picked).permute(3, 0, 1, 2).float() / 255.0  # (C, T, H, W)
         clip = (short_side_scale(clip, SIZE) - mean) / std
         views.extend(spatial_crops(clip, SIZE))
