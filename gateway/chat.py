@@ -24,6 +24,7 @@ from services.contracts.bundle_manifest import BundleManifest
 from services.llm.prompt import check_prompt_chars
 from services.llm.signals import check_signal_budget
 from services.contracts.decoders import (
+    decode_pixels, describe_size,
     ARTIFACT_FORMATS,
     CONDITIONING_TENSOR,
     DecodeJob,
@@ -51,7 +52,7 @@ class _Turn:
 class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
                  conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
-                 metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**24,
+                 metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**21,
                  manifest: BundleManifest | None = None) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
         self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
@@ -63,12 +64,7 @@ class ChatService:
         if self.manifest is not None:  # the LLM service checks these too; here they cost no upload encoding
             check_signal_budget(self.manifest, request.require_modalities, request.max_tokens)
             check_prompt_chars([m.content for m in request.messages], self.manifest.llm.max_model_len)
-        d = request.decoder
-        if d.height and d.width and d.height * d.width * (d.frames or 1) > self.max_decode_pixels:
-            # Refused before any work; the workers enforce the same budget on the values they resolve.
-            raise InvalidRequestError(
-                f"decoder: {d.height}x{d.width}{f'x{d.frames} frames' if d.frames else ''} exceeds the budget of "
-                f"{self.max_decode_pixels} pixels per item", code="decode_too_large", param="decoder")
+        self._check_decode_budget(request)
         if request.conversation_id:
             found = await self.conversations.load(request.conversation_id, owner)
             if found is None:
@@ -107,6 +103,29 @@ class ChatService:
             raise InvalidRequestError(f"messages: {exc.errors()[0]['msg']}", code="invalid_request",
                                       param="messages") from exc
         return conversation, params, media
+
+    def _check_decode_budget(self, request: ChatRequest) -> None:
+        """The decoder options apply to every item the reply may make: each modality it may make is checked with
+        the values a worker will resolve (the request's, else the bundle's defaults), before any work. The workers
+        enforce the same budget on what they resolve."""
+        d = request.decoder
+        if self.manifest is None:
+            sizes = [("video" if d.frames else "image", d.height, d.width, d.frames)] if d.height and d.width else []
+        else:
+            allowed = request.allowed_modalities if request.allowed_modalities is not None else list(
+                self.manifest.outputs)
+            sizes = []
+            for modality in allowed:
+                if modality in self.manifest.outputs:
+                    defaults = self.manifest.outputs[modality].decoder.defaults
+                    sizes.append((modality, d.height or defaults.height, d.width or defaults.width,
+                                  d.frames or defaults.frames))
+        for modality, height, width, frames in sizes:
+            if decode_pixels(modality, height, width, frames) > self.max_decode_pixels:
+                raise InvalidRequestError(
+                    f"decoder: {describe_size(modality, height, width, frames)} exceeds the budget of "
+                    f"{self.max_decode_pixels} pixels per item (NEXTGPT_DECODERS__MAX_PIXELS_PER_JOB)",
+                    code="decode_too_large", param="decoder")
 
     async def _encode_history(self, conversation: Conversation) -> None:
         """Generated media of earlier replies go through the encoder once, when the next turn needs them. Media

@@ -121,3 +121,14 @@ class DecoderQueue(ABC):
     @abstractmethod
     def events(self, job_id: str) -> AsyncIterator[JobEvent]:
         """Events of the job from its start, ending after a terminal event."""
+
+
+def decode_pixels(modality: str, height: int | None, width: int | None, frames: int | None) -> int:
+    """What bounds one decode's memory and time: height x width (x frames for video); 0 for audio."""
+    if modality not in ("image", "video"):
+        return 0
+    return (height or 0) * (width or 0) * ((frames or 1) if modality == "video" else 1)
+
+
+def describe_size(modality: str, height: int | None, width: int | None, frames: int | None) -> str:
+    return f"{modality} of {height}x{width}" + (f"x{frames} frames" if modality == "video" else "")

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from services.contracts.bundle_manifest import BundleManifest
-from services.contracts.decoders import ARTIFACT_FORMATS, CONDITIONING_TENSOR, ArtifactInfo, DecodeJob, JobEvent
+from services.contracts.decoders import (
+    ARTIFACT_FORMATS, CONDITIONING_TENSOR, ArtifactInfo, DecodeJob, JobEvent, decode_pixels, describe_size,
+)
 from services.contracts.errors import NextGPTError
 from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
 from services.jobs.book import JobBook, JobBookUnavailable
@@ -55,6 +57,9 @@ class DeviceBrokenError(Exception):
     the unacknowledged job goes to another worker."""
 
 
+# CPU allocations that fail raise rather than wake the OOM killer when one request asks for more than the machine
+# could ever give ("can't allocate memory"): as transient for the job as a CUDA out-of-memory.
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
 _BROKEN_DEVICE = ("device-side assert", "illegal memory access", "cuda error", "cublas_status", "cudnn_status",
                   "unspecified launch failure", "ecc error")
 
@@ -63,7 +68,8 @@ def classify(exc: BaseException, modality: str) -> Exception:
     """What an unexpected decoder exception means for the job and for the worker."""
     message = str(exc).lower()
     oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    if (oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError) or "out of memory" in message:
+    if (oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError) \
+            or any(sign in message for sign in _OUT_OF_MEMORY):
         return OutOfMemoryJobError(f"{modality} decoder ran out of memory: {exc}")
     if isinstance(exc, RuntimeError) and any(sign in message for sign in _BROKEN_DEVICE):
         return DeviceBrokenError(f"{modality} decoder broke the device: {exc}")
@@ -127,7 +133,7 @@ PENDING = _Pending()
 class DecoderRunner:
     def __init__(self, pipelines: DecoderPipelines, store: ArtifactStore, book: JobBook,
                  manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120,
-                 max_pixels: int = 2**24) -> None:
+                 max_pixels: int = 2**21) -> None:
         self.pipelines, self.store, self.book, self.manifest = pipelines, store, book, manifest
         self.time_limit_s, self.lock_ttl_s, self.max_pixels = time_limit_s, lock_ttl_s, max_pixels
 
@@ -189,14 +195,10 @@ class DecoderRunner:
         spec = self.manifest.outputs[job.modality]
         # A per-job default seed derived from the job id: a retried job reproduces the same output.
         opts = resolve(job.options, spec.decoder.defaults, seed=int(job.job_id[:15], 16))
-        if job.modality in ("image", "video"):
-            frames = (opts.frames or 1) if job.modality == "video" else 1
-            pixels = (opts.height or 0) * (opts.width or 0) * frames
-            if pixels > self.max_pixels:
-                # One oversized request must not take a GPU's memory (or its time) from everyone else.
-                raise PoisonJobError(f"{job.modality} of {opts.height}x{opts.width}"
-                                     f"{f'x{opts.frames} frames' if job.modality == 'video' else ''} exceeds the "
-                                     f"budget of {self.max_pixels} pixels per job")
+        if decode_pixels(job.modality, opts.height, opts.width, opts.frames) > self.max_pixels:
+            # One oversized request must not take a machine's memory (or its time) from everyone else.
+            raise PoisonJobError(f"{describe_size(job.modality, opts.height, opts.width, opts.frames)} exceeds the "
+                                 f"budget of {self.max_pixels} pixels per job")
         return _Running(job, lease, conditioning, opts)
 
     def _generate(self, group: list[_Running]) -> None:

@@ -13,6 +13,8 @@ from services.decoders.runner import (
 
 @pytest.mark.parametrize(("exc", "kind"), [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), OutOfMemoryJobError),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 128097152000 bytes. Error code "
+                  "12 (Cannot allocate memory)"), OutOfMemoryJobError),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: out of memory"),
      OutOfMemoryJobError),
     (MemoryError(), OutOfMemoryJobError),
