@@ -13,7 +13,9 @@ import time
 from collections.abc import AsyncIterator
 from collections import deque
 
-from services.contracts.decoders import TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus
+from services.contracts.decoders import (
+    TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus, decode_pixels,
+)
 from services.contracts.errors import ServiceUnavailableError
 from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, PoisonJobError, TransientJobError
 from services.jobs.book import MemoryJobBook, fail_unclaimed
@@ -76,8 +78,11 @@ class LocalDecoderQueue(DecoderQueue):
             key = self.runner.batch_key(first)
         except Exception:  # a job the runner cannot even size goes alone (and fails there, as a job)
             return [first]
+        # A batch's memory is its items' together: it stays within one job's pixel budget (bigger jobs go alone).
+        pixels = decode_pixels(first.modality, *key[3:6])  # type: ignore[arg-type]
+        room = min(self.max_batch, max(1, self.runner.max_pixels // pixels) if pixels else self.max_batch)
         with self._wake:
-            mates = [entry for entry in self._waiting if self._key(entry[1]) == key][:self.max_batch - 1]
+            mates = [entry for entry in self._waiting if self._key(entry[1]) == key][:room - 1]
             for entry in mates:
                 self._waiting.remove(entry)
         return [first, *(job for _, job in mates)]

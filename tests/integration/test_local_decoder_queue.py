@@ -212,3 +212,20 @@ async def test_a_job_cancelled_inside_a_batch_ends_at_once_and_the_others_finish
             assert done.type == "completed" and done.artifact is not None and done.artifact.metadata["batch"] == "3"
     finally:
         queue.close()
+
+
+async def test_a_batch_stays_within_one_jobs_pixel_budget(pipelines: DecoderPipelines,
+                                                          store: LocalArtifactStore) -> None:
+    book = MemoryJobBook()
+    runner = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60,
+                           max_pixels=64 * 64 * 2)  # room for two 64x64 pictures at once
+    queue = LocalDecoderQueue(runner, book, max_batch=8)
+    try:
+        blocker = _job(store, (77, 32), steps=6, seed=1)
+        jobs = [_job(store, (77, 32), steps=2, seed=60 + i) for i in range(4)]
+        for job in [blocker, *jobs]:
+            await queue.submit(job)
+        sizes = [(await _events(queue, job.job_id))[-1].artifact.metadata["batch"] for job in jobs]  # type: ignore[union-attr]
+        assert sizes == ["2", "2", "2", "2"]
+    finally:
+        queue.close()
