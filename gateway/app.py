@@ -46,7 +46,8 @@ def build_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="nextgpt-serve", version="0.1.0", lifespan=lifespan,
                   responses={500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     app.state.gateway = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes,
+                       timeout_s=state.settings.body_timeout_s)
     if state.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],

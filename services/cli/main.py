@@ -114,7 +114,15 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     app_ = embedded_app(settings, resolve_bundle(settings))
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False)
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
+                http=_bounded_http(settings))
+
+
+def _bounded_http(settings: Settings) -> type:
+    from services.web.http_protocol import bounded_protocol
+
+    g = settings.gateway
+    return bounded_protocol(g.max_header_bytes, g.max_header_lines, g.header_timeout_s)
 
 
 encoder_app = typer.Typer(no_args_is_help=True, help="The encoder service (ImageBind + input projection).")
@@ -212,7 +220,8 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     app_ = distributed_gateway_app(settings, resolve_bundle(settings))
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False)
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
+                http=_bounded_http(settings))
 
 
 @app.command("worker")

@@ -149,6 +149,10 @@ class GatewaySettings(BaseModel):
     artifact_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     max_files: int = Field(default=8, ge=0, le=64)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Whole request body")
+    body_timeout_s: float = Field(default=120.0, gt=0, description="A request body must arrive within this (408)")
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="A request's head (line + headers) (431)")
+    max_header_lines: int = Field(default=200, ge=8, description="Header lines of one request (431)")
+    header_timeout_s: float = Field(default=30.0, gt=0, description="A request's head must arrive within this (408)")
     heartbeat_s: float = Field(default=15.0, gt=0)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Client addresses whose X-Forwarded-Proto/-Host/-Prefix are believed "

@@ -89,11 +89,14 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
     with log.open("w") as out:
         proc = subprocess.Popen(
             [NEXTGPT, "serve", "--bundle", str(tiny_bundle_dir), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path / "cache")},
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path / "cache"),
+                                                       "NEXTGPT_GATEWAY__HEADER_TIMEOUT_S": "2",
+                                                       "NEXTGPT_GATEWAY__BODY_TIMEOUT_S": "2"},
         )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(f"{base}/healthz").status_code == 200, 120, "nextgpt serve", proc, log)
+        _hostile_heads_and_bodies(port)
         assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
         models = httpx.get(f"{base}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["nextgpt-tiny", "nextgpt"]
@@ -110,6 +113,51 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in log.read_text()
+
+
+def _exchange(port: int, chunks: list[bytes], pause_s: float = 0.0) -> bytes:
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+                time.sleep(pause_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused mid-way: the answer is still in the socket
+        reply = b""
+        while True:
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            reply += part
+    return reply
+
+
+def _hostile_heads_and_bodies(port: int) -> None:
+    """Heads and bodies the server bounds itself: size, lines, time (each answered in the shared error shape)."""
+    import time
+
+    start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    huge = _exchange(port, [start + b"Authorization: Bearer " + b"k" * 200_000 + b"\r\n\r\n"])
+    assert huge.startswith(b"HTTP/1.1 431") and b"headers_too_large" in huge
+    many = _exchange(port, [start + b"".join(b"X-%d: 1\r\n" % i for i in range(500)) + b"\r\n"])
+    assert many.startswith(b"HTTP/1.1 431")
+    started = time.monotonic()
+    slow = _exchange(port, [start[i:i + 1] for i in range(len(start))], pause_s=0.3)  # 1 byte every 0.3 s
+    assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow and time.monotonic() - started < 10
+    body = b'{"messages":[{"role":"user","content":"hi"}]}'
+    head = b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    trickle = _exchange(port, [head + b"Content-Length: %d\r\n\r\n" % len(body)] +
+                        [body[i:i + 1] for i in range(len(body))], pause_s=0.2)
+    assert b" 408 " in trickle.split(b"\r\n")[0] and b"request_timeout" in trickle
+    # Ordinary requests are untouched, on a kept-alive connection too.
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        assert all(client.get("/healthz", headers={"x-pad": "p" * 8000}).status_code == 200 for _ in range(3))
 
 
 def _clients_that_go_away(port: int) -> None:
