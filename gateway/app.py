@@ -19,6 +19,7 @@ from gateway.openapi import install_openapi
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
 from services.contracts.errors import ErrorResponse, NextGPTError
+from gateway.openai_serving import OpenAIServingChat
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import error_json, install_error_handlers
 from services.web.hooks import call_hook
@@ -46,6 +47,9 @@ def build_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="nextgpt-serve", version="0.1.0", lifespan=lifespan,
                   responses={500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     app.state.gateway = state
+    if state.openai is None and state.chat is not None and state.store is not None:
+        state.openai = OpenAIServingChat(state.chat, state.store, state.settings,
+                                         {card.id: (None if card.root is None else card.id) for card in state.models})
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes,
                        timeout_s=state.settings.body_timeout_s)
     if state.settings.cors_origins:

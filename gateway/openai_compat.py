@@ -1,9 +1,8 @@
 """``POST /v1/chat/completions``: the OpenAI Chat Completions shape over the same ChatService.
 
 Inputs: text, images as ``image_url`` data URLs, audio as ``input_audio`` (base64). Remote URLs are refused
-(the gateway never fetches URLs a client names). Outputs: text; generated images as ``image_url`` content parts
-(as vLLM-Omni returns them), videos as ``video_url`` parts, audio as OpenAI's ``message.audio`` /
-``delta.audio`` (base64 WAV). ``modalities`` (e.g. ``["text", "image"]``) becomes ``require_modalities``.
+(the gateway never fetches URLs a client names). Outputs (``openai_serving``): text as a string; generated media
+beside it. ``modalities`` (e.g. ``["text", "image"]``) becomes ``require_modalities``.
 """
 
 from __future__ import annotations
@@ -105,6 +104,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
+            if role == "assistant" and kind in ("image_url", "video_url", "input_audio"):
+                continue  # the server's own earlier output sent back as history: its text is what counts
             if kind == "text":
                 texts.append(str(part.get("text", "")))
             elif kind in ("image_url", "video_url"):
@@ -128,8 +129,6 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         if role == "system":
             system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
         elif role in ("user", "assistant"):
-            if role == "assistant" and files:
-                raise InvalidRequestError(f"messages[{i}]: assistant media are not accepted", param=f"messages[{i}]")
             try:
                 messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
             except ValidationError as exc:

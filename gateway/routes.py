@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
+from gateway.collect import collect
 from gateway.sse import HEARTBEAT, batches, sse_event
 from gateway.state import GatewayState
 from gateway.streams import LogEntry
@@ -138,7 +138,7 @@ async def chat(request: Request) -> Response:
         stream_id = await st.streams.start(events, owner)
         return _sse_response(await st.streams.attach(stream_id, owner), stream_id, st)
     events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
-    return JSONResponse((await _collect(events, chat_request.wait_s, conversation.id)).model_dump())
+    return JSONResponse((await collect(events, chat_request.wait_s, conversation.id)).model_dump())
 
 
 @router.get("/v1/chat/streams/{stream_id}", response_class=StreamingResponse,
@@ -191,46 +191,6 @@ async def _sse(entries: AsyncIterator[LogEntry], heartbeat_s: float) -> AsyncIte
         yield sse_event(None, "error", {"error": {"type": "internal_error", "code": "stream_read_failed",
                                                   "message": "reading the stream failed; reconnect with "
                                                              "Last-Event-ID", "param": None}})
-
-
-async def _collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: float,
-                   conversation_id: str) -> ChatResponse:
-    text: list[str] = []
-    artifacts: dict[str, ArtifactOut] = {}
-    deadline: float | None = None
-    usage = Usage(prompt_tokens=0, completion_tokens=0)
-    try:
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                name, data = await asyncio.wait_for(anext(events), timeout)
-            except (TimeoutError, StopAsyncIteration):
-                break
-            if name == "done":
-                inline = {job_id: a.data for job_id, a in artifacts.items() if a.data}
-                return ChatResponse(conversation_id=data["conversation_id"], text=data["text"],
-                                    artifacts=[ArtifactOut(**a, data=inline.get(a["job_id"])) for a in data["artifacts"]],
-                                    usage=Usage(**data["usage"]), finish_reason=data["finish_reason"],
-                                    timings=data["timings"])
-            if name == "_llm_done":
-                deadline = time.monotonic() + wait_s  # text is complete (and the turn saved): media get wait_s more
-                usage = Usage(**data["usage"])
-            elif name == "message.delta":
-                text.append(data["text"])
-            elif name == "artifact.queued":
-                artifacts[data["job_id"]] = ArtifactOut(job_id=data["job_id"], modality=data["modality"],
-                                                        state="queued")
-            elif name == "artifact.completed":
-                artifacts[data["job_id"]] = ArtifactOut(**data)
-            elif name == "artifact.failed":
-                artifacts[data["job_id"]].state, artifacts[data["job_id"]].error = "failed", data["error"]
-    finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
-    # The media outlasted the wait: the client polls GET /v1/jobs/{job_id} for them. The conversation already
-    # holds the turn; its media join it when they complete.
-    return ChatResponse(conversation_id=conversation_id, text="".join(text), artifacts=list(artifacts.values()),
-                        usage=usage, finish_reason="media_pending")
 
 
 _BYTES: dict[str, Any] = {m: {"schema": {"type": "string", "format": "binary"}}
@@ -306,88 +266,9 @@ async def job(job_id: str, request: Request) -> dict[str, Any]:
     200: {"content": {"application/json": {"schema": {"type": "object"}}, **_SSE},
           "description": "A chat.completion, or chat.completion.chunk events with stream: true"}})
 async def chat_completions(request: Request) -> Response:
-    """OpenAI Chat Completions: text, data-URL images and base64 audio in; text, ``image_url`` / ``video_url``
-    parts and ``audio`` out. ``modalities`` asks for media (``["text", "image"]``)."""
+    """OpenAI Chat Completions: text, data-URL images and base64 audio in; text (always a string), generated
+    images and videos in ``images`` / ``videos``, audio in ``audio``. ``modalities`` asks for media."""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
     st.limiter.check(owner)
-    try:
-        body = OpenAIChatRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or "request"
-        raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
-    names = {card.id: (None if card.root is None else card.id) for card in st.models}
-    chat_request, uploads = to_chat_request(body, names, st.settings.max_upload_bytes, st.settings.max_files)
-    conversation, params, media = await st.chat.prepare(chat_request, uploads, owner)
-    url_for = _artifact_urls(request, st)
-
-    cid, created = completion_id(), int(time.time())
-    if body.stream:
-        events = st.chat.run(chat_request, conversation, params, media, url_for, owner)
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_openai_stream(events, st, cid, created, body.model, include_usage),
-                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
-    result = await _collect(events, chat_request.wait_s, conversation.id)
-    content: list[dict[str, Any]] = [{"type": "text", "text": result.text}]
-    message: dict[str, Any] = {"role": "assistant"}
-    for artifact in result.artifacts:
-        if artifact.state != "completed" or not artifact.url:
-            continue
-        if artifact.modality == "audio":
-            message["audio"] = await _audio(st, artifact.job_id, artifact.url)
-        else:
-            content.append(image_part(artifact.modality, artifact.url))
-    message["content"] = result.text if len(content) == 1 else content
-    usage = result.usage
-    return JSONResponse({
-        "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": _finish(result.finish_reason)}],
-        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
-        "conversation_id": result.conversation_id,
-    })
-
-
-def _finish(reason: str) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason, "stop")
-
-
-async def _audio(st: GatewayState, job_id: str, url: str) -> dict[str, Any]:
-    key = url.split("/v1/artifacts/", 1)[1].split("?", 1)[0]
-    data = await asyncio.to_thread(st.store.read, key)
-    return audio_payload(job_id, data, st.settings.artifact_url_ttl_s)
-
-
-async def _openai_stream(events: AsyncIterator[tuple[str, dict[str, Any]]], st: GatewayState, cid: str,
-                         created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for name, data in events:
-            if name == "message.delta":
-                yield chunk({"content": data["text"]})
-            elif name == "artifact.completed":
-                if data["modality"] == "audio":
-                    yield chunk({"audio": await _audio(st, str(data["job_id"]), str(data["url"]))})
-                else:
-                    yield chunk({"content": [image_part(str(data["modality"]), str(data["url"]))]})
-            elif name == "done":
-                yield chunk({}, _finish(str(data["finish_reason"])))
-                if include_usage:
-                    usage = dict(data["usage"])
-                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": usage}
-                    yield f"data: {json.dumps(body)}\n\n".encode()
-                break
-    except NextGPTError as exc:
-        yield f"data: {json.dumps(exc.to_response().model_dump())}\n\n".encode()
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-    yield b"data: [DONE]\n\n"
+    return await st.openai.create(await request.body(), owner, _artifact_urls(request, st))

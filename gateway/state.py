@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from gateway.chat import ChatService
 from gateway.metrics import GatewayMetrics
+from gateway.openai_serving import OpenAIServingChat
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner
 from gateway.streams import MemoryEventLog, StreamHub
@@ -33,6 +34,8 @@ class GatewayState:
     readiness_checks: dict[str, Callable[[], Awaitable[None] | None]]
     # Reported by /readyz when they fail, without making the gateway unready: text still works without them.
     advisory_checks: dict[str, Callable[[], Awaitable[None] | None]] = field(default_factory=dict)
+    # The OpenAI-compatible endpoint; built from the above by ``build_app`` when not given.
+    openai: OpenAIServingChat | None = None  # type: ignore[assignment]
     # Seconds a presigned store URL lives when downloads redirect to the store; None streams them through.
     redirect_downloads_ttl_s: int | None = None
     settings: GatewaySettings = field(default_factory=GatewaySettings)

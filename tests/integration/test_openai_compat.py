@@ -41,11 +41,27 @@ def test_text_and_image_in_image_and_audio_out(client: openai.OpenAI) -> None:
     )
     message = completion.choices[0].message
     assert completion.usage is not None and completion.usage.completion_tokens <= 30
-    parts = message.content
-    assert isinstance(parts, list)  # vLLM-Omni style: text part + image_url part
-    image = next(p for p in parts if p["type"] == "image_url")
-    assert httpx.get(image["image_url"]["url"]).content.startswith(b"\x89PNG")
+    assert isinstance(message.content, str)  # the SDK's typed access: text stays text
+    images = message.model_extra["images"]  # media beside it, as OpenRouter's image output has them
+    assert images[0]["type"] == "image_url"
+    assert httpx.get(images[0]["image_url"]["url"]).content.startswith(b"\x89PNG")
     assert message.audio is not None and base64.b64decode(message.audio.data)[:4] == b"RIFF"
+    # The reply sent back as history, as clients do (media parts included): accepted.
+    history = [{"role": "user", "content": "draw"}, message.model_dump(exclude_none=True),
+               {"role": "assistant", "content": [{"type": "text", "text": "old"}, images[0]]},
+               {"role": "user", "content": "again"}]
+    again = client.chat.completions.create(model="nextgpt", max_tokens=4, messages=history)  # type: ignore[arg-type]
+    assert isinstance(again.choices[0].message.content, str)
+
+
+def test_streamed_media_arrive_beside_the_text(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="nextgpt", max_tokens=20, stream=True, modalities=["text", "image"],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "draw"}])
+    chunks = list(stream)
+    assert all(isinstance(c.choices[0].delta.content, (str, type(None))) for c in chunks if c.choices)
+    images = [i for c in chunks if c.choices for i in (c.choices[0].delta.model_extra or {}).get("images", [])]
+    assert len(images) == 1 and httpx.get(images[0]["image_url"]["url"]).content.startswith(b"\x89PNG")
 
 
 def test_streaming_text_and_audio_input(client: openai.OpenAI) -> None:
@@ -56,7 +72,7 @@ def test_streaming_text_and_audio_input(client: openai.OpenAI) -> None:
                                                {"type": "text", "text": "what do you hear"}]}],
     )
     chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and isinstance(c.choices[0].delta.content, str))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert text and finishes in (["length"], ["stop"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 20

@@ -1,0 +1,115 @@
+"""The OpenAI Chat Completions endpoint as a serving class over ``ChatService``: request translation in, the
+``chat.completion`` / ``chat.completion.chunk`` shapes out.
+
+``content`` is always a string (the official SDKs type it so, and most clients concatenate it). Generated media go
+beside it, where an OpenAI client that does not know them simply ignores them: pictures in ``images`` and clips in
+``videos`` (lists of ``image_url`` / ``video_url`` parts, the convention OpenRouter's image output uses; ``delta``
+carries them when streaming), sounds in OpenAI's own ``audio`` (base64 WAV). A client that sends such a reply back
+as history is accepted: media parts of assistant messages are the server's own output and are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from gateway.chat import ChatService
+from gateway.collect import collect
+from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
+from services.contracts.chat import ArtifactOut
+from services.contracts.errors import InvalidRequestError, NextGPTError
+from services.contracts.storage import ArtifactStore
+from services.contracts.settings import GatewaySettings
+
+
+def _finish(reason: str) -> str:
+    return {"stop": "stop", "length": "length"}.get(reason, "stop")
+
+
+class OpenAIServingChat:
+    def __init__(self, chat: ChatService, store: ArtifactStore, settings: GatewaySettings,
+                 model_names: dict[str, str | None]) -> None:
+        """``model_names``: served model id -> LoRA adapter (None: the base model)."""
+        self.chat, self.store, self.settings, self.model_names = chat, store, settings, model_names
+
+    async def create(self, raw: bytes, owner: str | None, url_for: Callable[[str], str]) -> Response:
+        try:
+            body = OpenAIChatRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or "request"
+            raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
+        chat_request, uploads = to_chat_request(body, self.model_names, self.settings.max_upload_bytes,
+                                                self.settings.max_files)
+        conversation, params, media = await self.chat.prepare(chat_request, uploads, owner)
+        cid, created = completion_id(), int(time.time())
+        if body.stream:
+            events = self.chat.run(chat_request, conversation, params, media, url_for, owner)
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._stream(events, cid, created, body.model, include_usage),
+                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        events = self.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
+        result = await collect(events, chat_request.wait_s, conversation.id)
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        for artifact in result.artifacts:
+            await self._attach(message, artifact)
+        usage = result.usage
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish(result.finish_reason)}],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                      "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+            "conversation_id": result.conversation_id,
+        })
+
+    async def _attach(self, message: dict[str, Any], artifact: ArtifactOut) -> None:
+        """A completed artifact into a message or delta: ``audio``, or one more entry of ``images``/``videos``."""
+        if artifact.state != "completed" or not artifact.url:
+            return
+        if artifact.modality == "audio":
+            message["audio"] = await self._audio(artifact.job_id, artifact.url)
+        else:
+            message.setdefault(f"{artifact.modality}s", []).append(image_part(artifact.modality, artifact.url))
+
+    async def _audio(self, job_id: str, url: str) -> dict[str, Any]:
+        key = url.split("/v1/artifacts/", 1)[1].split("?", 1)[0]
+        data = await asyncio.to_thread(self.store.read, key)
+        return audio_payload(job_id, data, self.settings.artifact_url_ttl_s)
+
+    async def _stream(self, events: AsyncIterator[tuple[str, dict[str, Any]]], cid: str, created: int, model: str,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for name, data in events:
+                if name == "message.delta":
+                    yield chunk({"content": data["text"]})
+                elif name == "artifact.completed":
+                    delta: dict[str, Any] = {}
+                    await self._attach(delta, ArtifactOut(**{k: v for k, v in data.items() if k != "data"}))
+                    if delta:
+                        yield chunk(delta)
+                elif name == "done":
+                    yield chunk({}, _finish(str(data["finish_reason"])))
+                    if include_usage:
+                        usage = dict(data["usage"])
+                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                "choices": [], "usage": usage}
+                        yield f"data: {json.dumps(body)}\n\n".encode()
+                    break
+        except NextGPTError as exc:
+            yield f"data: {json.dumps(exc.to_response().model_dump())}\n\n".encode()
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        yield b"data: [DONE]\n\n"
