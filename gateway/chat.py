@@ -19,6 +19,10 @@ from safetensors.numpy import save
 
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from gateway.metrics import GatewayMetrics
+from gateway.turn_events import (
+    ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, SignalChosen, TextComplete,
+    TurnDone, TurnEvent,
+)
 from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.bundle_manifest import BundleManifest
 from services.llm.prompt import check_prompt_chars
@@ -38,7 +42,6 @@ from services.contracts.llm import Done, GenerateParams, LLMClient, SignalEvent,
 from services.contracts.storage import ArtifactStore, new_key
 
 log = logging.getLogger(__name__)
-Event = tuple[str, dict[str, Any]]
 
 
 @dataclass
@@ -147,9 +150,9 @@ class ChatService:
 
     async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,
                   media: np.ndarray | None, url_for: Callable[[str], str], owner: str | None,
-                  detach_jobs: bool = False) -> AsyncIterator[Event]:
+                  detach_jobs: bool = False) -> AsyncIterator[TurnEvent]:
         """Events of the turn; closing it early cancels the generation and (unless ``detach_jobs``: a
-        non-streaming caller that stops waiting) the decode jobs. ``_``-prefixed events are internal."""
+        non-streaming caller that stops waiting) the decode jobs."""
         started = time.perf_counter()
         out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         state = _Turn()
@@ -191,15 +194,14 @@ class ChatService:
                             self.metrics.ttft.observe(first_token_ms / 1000)
                     if isinstance(item, TextDelta):
                         state.text.append(item.text)
-                        yield "message.delta", {"text": item.text}
+                        yield MessageDelta(item.text)
                     elif isinstance(item, SignalEvent):
-                        yield "signal", {"modality": item.modality, "index": item.index, "forced": item.forced}
+                        yield SignalChosen(item.modality, item.index, item.forced)
                         job = await self._dispatch(item, request, owner)
                         state.artifacts[job.job_id] = ArtifactOut(job_id=job.job_id, modality=job.modality,
                                                                   state="queued")
                         followers[job.job_id] = asyncio.create_task(follow(job.job_id))
-                        yield "artifact.queued", {"job_id": job.job_id, "modality": job.modality,
-                                                  "index": item.index}
+                        yield ArtifactQueued(job.job_id, job.modality, item.index)
                     elif isinstance(item, Done):
                         state.done = item
                 elif kind == "llm_error":
@@ -209,31 +211,28 @@ class ChatService:
                     if state.done is not None:
                         # The turn is saved as soon as its text is complete: a follow-up may start at once.
                         await self._remember(conversation, state)
-                        yield "_llm_done", {"finish_reason": state.done.finish_reason,
-                                            "usage": {"prompt_tokens": state.done.prompt_tokens,
-                                                      "completion_tokens": state.done.completion_tokens}}
+                        yield TextComplete(state.done.finish_reason, state.done.prompt_tokens,
+                                           state.done.completion_tokens)
                 elif kind == "job":
                     translated = self._job_event(item, state, url_for)
                     if self.metrics is not None and item.type in ("completed", "failed", "cancelled"):
                         self.metrics.artifacts.labels(state.artifacts[item.job_id].modality, item.type).inc()
                     if translated is not None:
-                        if translated[0] == "artifact.completed" and request.inline_media:
+                        if isinstance(translated, ArtifactCompleted) and request.inline_media:
                             translated = await self._inline(item, state)
                         yield translated
                 elif kind == "job_end":
                     followers.pop(item, None)
             done = state.done
             assert done is not None
-            yield "done", {
-                "conversation_id": conversation.id, "finish_reason": done.finish_reason,
-                "text": "".join(state.text),
-                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+            yield TurnDone(
+                conversation_id=conversation.id, finish_reason=done.finish_reason, text="".join(state.text),
+                usage={"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
                 # The bytes went out once, in artifact.completed.
-                "artifacts": [a.model_dump(exclude={"data"}) for a in state.artifacts.values()],
-                "timings": {"ttft_ms": first_token_ms or 0.0,
-                            "total_ms": round((time.perf_counter() - started) * 1000, 2),
-                            "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)},
-            }
+                artifacts=[a.model_dump(exclude={"data"}) for a in state.artifacts.values()],
+                timings={"ttft_ms": first_token_ms or 0.0,
+                         "total_ms": round((time.perf_counter() - started) * 1000, 2),
+                         "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)})
         finally:
             llm_task.cancel()
             for job_id, task in followers.items():
@@ -261,23 +260,22 @@ class ChatService:
         return job
 
     @staticmethod
-    def _job_event(event: JobEvent, state: _Turn, url_for: Callable[[str], str]) -> tuple[str, dict[str, Any]] | None:
+    def _job_event(event: JobEvent, state: _Turn, url_for: Callable[[str], str]) -> TurnEvent | None:
         artifact = state.artifacts[event.job_id]
         if event.type == "progress":
             artifact.state = "running"
-            return "artifact.progress", {"job_id": event.job_id, "step": event.step, "total": event.total}
+            return ArtifactProgress(event.job_id, event.step, event.total)
         if event.type == "completed" and event.artifact is not None:
             artifact.state, artifact.mime, artifact.bytes = "completed", event.artifact.mime, event.artifact.bytes
             artifact.url = url_for(event.artifact.key)
             state.keys.append(event.artifact.key)
-            return "artifact.completed", artifact.model_dump()
+            return ArtifactCompleted(artifact.model_copy())
         if event.type in ("failed", "cancelled"):
             artifact.state, artifact.error = event.type, event.error
-            return "artifact.failed", {"job_id": event.job_id, "modality": artifact.modality,
-                                       "error": event.error or event.type}
+            return ArtifactFailed(event.job_id, artifact.modality, event.error or event.type)
         return None
 
-    async def _inline(self, event: JobEvent, state: _Turn) -> Event:
+    async def _inline(self, event: JobEvent, state: _Turn) -> ArtifactCompleted:
         """The artifact's bytes in the event (and in ``done``), when small enough; else the URL alone and why."""
         assert event.artifact is not None
         artifact = state.artifacts[event.job_id]
@@ -287,7 +285,7 @@ class ChatService:
         else:
             blob = await asyncio.to_thread(self.store.read, event.artifact.key)
             artifact.data = base64.b64encode(blob).decode()
-        return "artifact.completed", artifact.model_dump()
+        return ArtifactCompleted(artifact.model_copy())
 
     async def _remember(self, conversation: Conversation, state: _Turn) -> None:
         pending = [job_id for job_id, a in state.artifacts.items() if a.state in ("queued", "running")]

@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
-
+from gateway.turn_events import (
+    ArtifactCompleted, ArtifactFailed, ArtifactQueued, MessageDelta, TextComplete, TurnDone, TurnEvent,
+)
 from services.contracts.chat import ArtifactOut, ChatResponse, Usage
 
 
-async def collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: float,
-                   conversation_id: str) -> ChatResponse:
+async def collect(events: AsyncIterator[TurnEvent], wait_s: float, conversation_id: str) -> ChatResponse:
     text: list[str] = []
     artifacts: dict[str, ArtifactOut] = {}
     deadline: float | None = None
@@ -22,27 +22,26 @@ async def collect(events: AsyncIterator[tuple[str, dict[str, Any]]], wait_s: flo
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                name, data = await asyncio.wait_for(anext(events), timeout)
+                event = await asyncio.wait_for(anext(events), timeout)
             except (TimeoutError, StopAsyncIteration):
                 break
-            if name == "done":
+            if isinstance(event, TurnDone):
                 inline = {job_id: a.data for job_id, a in artifacts.items() if a.data}
-                return ChatResponse(conversation_id=data["conversation_id"], text=data["text"],
-                                    artifacts=[ArtifactOut(**a, data=inline.get(a["job_id"])) for a in data["artifacts"]],
-                                    usage=Usage(**data["usage"]), finish_reason=data["finish_reason"],
-                                    timings=data["timings"])
-            if name == "_llm_done":
-                deadline = time.monotonic() + wait_s  # text is complete (and the turn saved): media get wait_s more
-                usage = Usage(**data["usage"])
-            elif name == "message.delta":
-                text.append(data["text"])
-            elif name == "artifact.queued":
-                artifacts[data["job_id"]] = ArtifactOut(job_id=data["job_id"], modality=data["modality"],
-                                                        state="queued")
-            elif name == "artifact.completed":
-                artifacts[data["job_id"]] = ArtifactOut(**data)
-            elif name == "artifact.failed":
-                artifacts[data["job_id"]].state, artifacts[data["job_id"]].error = "failed", data["error"]
+                return ChatResponse(conversation_id=event.conversation_id, text=event.text,
+                                    artifacts=[ArtifactOut(**a, data=inline.get(a["job_id"])) for a in event.artifacts],
+                                    usage=Usage(**event.usage), finish_reason=event.finish_reason,
+                                    timings=event.timings)
+            if isinstance(event, TextComplete):
+                deadline = time.monotonic() + wait_s  # the turn is saved: its media get wait_s more
+                usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+            elif isinstance(event, MessageDelta):
+                text.append(event.text)
+            elif isinstance(event, ArtifactQueued):
+                artifacts[event.job_id] = ArtifactOut(job_id=event.job_id, modality=event.modality, state="queued")
+            elif isinstance(event, ArtifactCompleted):
+                artifacts[event.artifact.job_id] = event.artifact
+            elif isinstance(event, ArtifactFailed):
+                artifacts[event.job_id].state, artifacts[event.job_id].error = "failed", event.error
     finally:
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]

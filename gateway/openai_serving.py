@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from gateway.chat import ChatService
 from gateway.collect import collect
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
+from gateway.turn_events import ArtifactCompleted, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
 from services.contracts.errors import InvalidRequestError, NextGPTError
 from services.contracts.storage import ArtifactStore
@@ -82,7 +83,7 @@ class OpenAIServingChat:
         data = await asyncio.to_thread(self.store.read, key)
         return audio_payload(job_id, data, self.settings.artifact_url_ttl_s)
 
-    async def _stream(self, events: AsyncIterator[tuple[str, dict[str, Any]]], cid: str, created: int, model: str,
+    async def _stream(self, events: AsyncIterator[TurnEvent], cid: str, created: int, model: str,
                       include_usage: bool) -> AsyncIterator[bytes]:
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -91,18 +92,18 @@ class OpenAIServingChat:
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for name, data in events:
-                if name == "message.delta":
-                    yield chunk({"content": data["text"]})
-                elif name == "artifact.completed":
+            async for event in events:
+                if isinstance(event, MessageDelta):
+                    yield chunk({"content": event.text})
+                elif isinstance(event, ArtifactCompleted):
                     delta: dict[str, Any] = {}
-                    await self._attach(delta, ArtifactOut(**{k: v for k, v in data.items() if k != "data"}))
+                    await self._attach(delta, event.artifact)
                     if delta:
                         yield chunk(delta)
-                elif name == "done":
-                    yield chunk({}, _finish(str(data["finish_reason"])))
+                elif isinstance(event, TurnDone):
+                    yield chunk({}, _finish(event.finish_reason))
                     if include_usage:
-                        usage = dict(data["usage"])
+                        usage = dict(event.usage)
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                                 "choices": [], "usage": usage}

@@ -19,10 +19,10 @@ from typing import Any
 
 from prometheus_client import Gauge
 
+from gateway.turn_events import TurnEvent, wire
 from services.contracts.errors import GoneError, InvalidRequestError, NextGPTError, NotFoundError
 
 log = logging.getLogger(__name__)
-Event = tuple[str, dict[str, Any]]
 LogEntry = tuple[int, str, dict[str, Any]]  # (event id, name, data)
 END = "_end"
 
@@ -219,7 +219,7 @@ class StreamHub:
         # A reader refreshes every touch_every_s; the stream counts as read for grace_s after the last refresh.
         return self.grace_s + 2 * self.touch_every_s
 
-    async def start(self, events: AsyncIterator[Event], owner: str | None) -> str:
+    async def start(self, events: AsyncIterator[TurnEvent], owner: str | None) -> str:
         stream_id = uuid.uuid4().hex
         await self.log.create(stream_id, owner)
         await self.log.touch(stream_id, self._reader_ttl_s)
@@ -228,7 +228,7 @@ class StreamHub:
         task.add_done_callback(self._producers.discard)
         return stream_id
 
-    async def _produce(self, stream_id: str, events: AsyncIterator[Event]) -> None:
+    async def _produce(self, stream_id: str, events: AsyncIterator[TurnEvent]) -> None:
         next_id = 0
 
         async def emit(name: str, data: dict[str, Any]) -> None:
@@ -238,9 +238,10 @@ class StreamHub:
 
         async def pump() -> None:
             try:
-                async for name, data in events:
-                    if not name.startswith("_"):
-                        await emit(name, data)
+                async for event in events:
+                    shown = wire(event)
+                    if shown is not None:  # internal events never reach the log
+                        await emit(*shown)
             except NextGPTError as exc:
                 await emit("error", exc.to_response().model_dump())
             except asyncio.CancelledError:

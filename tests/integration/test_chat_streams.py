@@ -19,6 +19,7 @@ from gateway.conversations import (
     StoredTurn,
 )
 from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub
+from gateway.turn_events import MessageDelta, TextComplete, TurnDone, TurnEvent
 from services.contracts.errors import GoneError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from services.jobs.redis_clients import async_redis
 from tests.support.servers import RedisInfo
@@ -47,16 +48,16 @@ class Turn:
         self.closed = asyncio.Event()
         self.emitted = 0
 
-    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def events(self) -> AsyncIterator[TurnEvent]:
         try:
-            yield "_internal", {}
+            yield TextComplete("stop", 1, 1)  # internal: never reaches the log
             for i in range(self.count):
                 if self.fail_at == i:
                     raise ServiceUnavailableError("llm went away", code="llm_unavailable")
                 await asyncio.sleep(self.every_s)
                 self.emitted += 1
-                yield "message.delta", {"text": f"t{i}"}
-            yield "done", {"finish_reason": "stop"}
+                yield MessageDelta(f"t{i}")
+            yield TurnDone(conversation_id="c", finish_reason="stop", text="", usage={})
         finally:
             self.closed.set()
 

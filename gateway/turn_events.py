@@ -1,0 +1,90 @@
+"""What ``ChatService.run`` emits for one turn: typed events. Those a client sees carry their SSE name and payload
+(DESIGN.md's event list); ``TextComplete`` is internal (the non-streaming collectors start their media wait there)
+and never reaches the wire."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from services.contracts.chat import ArtifactOut
+
+
+@dataclass(frozen=True)
+class MessageDelta:
+    name: ClassVar[str] = "message.delta"
+    text: str
+
+
+@dataclass(frozen=True)
+class SignalChosen:
+    name: ClassVar[str] = "signal"
+    modality: str
+    index: int
+    forced: bool
+
+
+@dataclass(frozen=True)
+class ArtifactQueued:
+    name: ClassVar[str] = "artifact.queued"
+    job_id: str
+    modality: str
+    index: int
+
+
+@dataclass(frozen=True)
+class ArtifactProgress:
+    name: ClassVar[str] = "artifact.progress"
+    job_id: str
+    step: int | None
+    total: int | None
+
+
+@dataclass(frozen=True)
+class ArtifactCompleted:
+    name: ClassVar[str] = "artifact.completed"
+    artifact: ArtifactOut
+
+    def data(self) -> dict[str, Any]:
+        return self.artifact.model_dump()
+
+
+@dataclass(frozen=True)
+class ArtifactFailed:
+    name: ClassVar[str] = "artifact.failed"
+    job_id: str
+    modality: str
+    error: str
+
+
+@dataclass(frozen=True)
+class TextComplete:
+    """The text is complete and the turn saved; media may still be decoding."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    name: ClassVar[str] = "done"
+    conversation_id: str
+    finish_reason: str
+    text: str
+    usage: dict[str, int]
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # without their bytes: those went out once
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+TurnEvent = (MessageDelta | SignalChosen | ArtifactQueued | ArtifactProgress | ArtifactCompleted | ArtifactFailed
+             | TextComplete | TurnDone)
+
+
+def wire(event: TurnEvent) -> tuple[str, dict[str, Any]] | None:
+    """The SSE name and payload of an event a client sees; None for internal ones."""
+    if isinstance(event, TextComplete):
+        return None
+    if isinstance(event, ArtifactCompleted):
+        return event.name, event.data()
+    return event.name, asdict(event)
