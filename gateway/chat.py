@@ -144,8 +144,11 @@ class ChatService:
                     still.append(job_id)
             turn.pending_jobs = still
             if turn.artifact_keys:
-                result = await self.encoder.encode([MediaInput(name=k, key=k) for k in turn.artifact_keys])
-                turn.vectors.extend(result.embeddings)
+                # Media past their retention are gone from the store: the turn keeps its words without them.
+                kept = [k for k in turn.artifact_keys if await asyncio.to_thread(self.store.exists, k)]
+                if kept:
+                    result = await self.encoder.encode([MediaInput(name=k, key=k) for k in kept])
+                    turn.vectors.extend(result.embeddings)
                 turn.artifact_keys = []
 
     async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,

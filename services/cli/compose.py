@@ -17,7 +17,7 @@ from gateway.security import ApiKeys, UrlSigner
 from services.bundle.loader import Bundle, load_bundle
 from services.contracts.errors import ConfigurationError, ServiceUnavailableError
 from services.contracts.settings import Settings
-from services.storage import build_artifact_store
+from services.storage import build_artifact_store, build_retention
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     from services.llm.compose import build_llm_service
 
     store = build_artifact_store(settings)
+    retention = build_retention(settings, store)
     registry = CollectorRegistry()
     encoder = build_encoder_service(bundle, settings.encoder, registry, store)
     llm = build_llm_service(bundle, settings.llm, registry)
@@ -178,7 +179,8 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
-        on_startup=[encoder.start], on_shutdown=[encoder.stop, llm.close, decoders.close], registry=registry,
+        on_startup=[encoder.start, retention.start],
+        on_shutdown=[retention.stop, encoder.stop, llm.close, decoders.close], registry=registry,
         streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
                           active=metrics.streams),
         metrics=metrics,
@@ -204,6 +206,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         raise ConfigurationError("the distributed gateway needs NEXTGPT_ENCODER__URL and NEXTGPT_LLM__URL",
                                  code="invalid_settings")
     store = build_artifact_store(settings)
+    retention = build_retention(settings, store)
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
     encoder = HttpEncoderClient(settings.encoder.url, http, settings.encoder.timeout_s)
     llm = HttpLLMClient(settings.llm.url, http, settings.llm.timeout_s)
@@ -233,7 +236,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
                                         settings.decoders.max_pixels_per_job, bundle.manifest),
         store=store, decoders=decoders, keys=keys, signer=signer,
-        limiter=RateLimiter(g.rate_limit_per_minute), on_shutdown=[http.aclose, async_redis.aclose],
+        limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
+        on_shutdown=[retention.stop, http.aclose, async_redis.aclose],
         streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
                           active=metrics.streams),
         registry=registry, metrics=metrics,

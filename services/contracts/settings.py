@@ -39,6 +39,11 @@ class StorageSettings(BaseModel):
         default=False, description="Artifact downloads answer 307 to a presigned URL of the S3 store (which "
                                    "clients must reach) instead of streaming the bytes through the gateway")
     max_object_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    conditioning_retention_s: int | None = Field(
+        default=86400, ge=60, description="Decode conditionings are deleted after this (None: kept)")
+    artifact_retention_s: int | None = Field(
+        default=7 * 86400, ge=60, description="Generated media are deleted after this (None: kept)")
+    sweep_every_s: int = Field(default=3600, ge=10, description="How often expired objects are swept")
 
     @model_validator(mode="after")
     def _s3_complete(self) -> StorageSettings:

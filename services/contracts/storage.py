@@ -107,6 +107,15 @@ class ArtifactStore(ABC):
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A URL that reads ``key`` directly from storage until it expires, or None where there is none."""
 
+    @abstractmethod
+    def sweep(self, kind: str, before: datetime) -> int:
+        """Delete the objects of ``kind`` (the first part of their keys) written before ``before``; how many."""
+
+    def expire_natively(self, kind: str, days: int) -> bool:
+        """Ask the store itself to expire ``kind`` after ``days`` (S3 lifecycle rules); False where it cannot,
+        and the caller sweeps."""
+        return False
+
     def exists(self, key: str) -> bool:
         try:
             self.head(key)

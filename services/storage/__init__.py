@@ -14,3 +14,10 @@ def build_artifact_store(settings: Settings) -> ArtifactStore:
     from services.storage.local import LocalArtifactStore
 
     return LocalArtifactStore(settings.artifacts_dir, settings.storage.max_object_bytes)
+
+
+def build_retention(settings: Settings, store: ArtifactStore):  # noqa: ANN201 - imported lazily below
+    from services.storage.retention import Retention, RetentionPolicy
+
+    st = settings.storage
+    return Retention(store, RetentionPolicy(st.conditioning_retention_s, st.artifact_retention_s), st.sweep_every_s)

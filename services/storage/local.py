@@ -95,6 +95,21 @@ class LocalArtifactStore(ArtifactStore):
         check_key(key)
         return None
 
+    def sweep(self, kind: str, before: datetime) -> int:
+        folder = self.root / kind
+        cutoff, removed = before.timestamp(), 0
+        if not folder.is_dir():
+            return 0
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.endswith(".meta.json") and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                self._meta_path(path).unlink(missing_ok=True)
+                removed += 1
+        for day in sorted(folder.rglob("*"), reverse=True):  # empty date folders go too
+            if day.is_dir() and not any(day.iterdir()):
+                day.rmdir()
+        return removed
+
     def check_health(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise ServiceUnavailableError(f"artifact folder {self.root} is not writable", code="storage_unavailable")

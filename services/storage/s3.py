@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -20,6 +22,9 @@ from services.contracts.storage import (
 )
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+log = logging.getLogger(__name__)
 
 
 def _code(exc: ClientError) -> str:
@@ -106,6 +111,38 @@ class S3ArtifactStore(ArtifactStore):
         return str(self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=expires_s,
         ))
+
+    def sweep(self, kind: str, before: datetime) -> int:
+        removed = 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{kind}/")
+        for page in pages:
+            old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"] < before]
+            for start in range(0, len(old), 1000):  # DeleteObjects takes 1000 keys at most
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": old[start:start + 1000],
+                                                                      "Quiet": True})
+            removed += len(old)
+        return removed
+
+    def expire_natively(self, kind: str, days: int) -> bool:
+        """One lifecycle rule per kind, merged into the bucket's others (rules of other prefixes are kept)."""
+        rule_id = f"nextgpt-{self.prefix}{kind}".replace("/", "-")[:255]
+        try:
+            try:
+                rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket).get("Rules", [])
+            except ClientError as exc:
+                if _code(exc) != "NoSuchLifecycleConfiguration":
+                    raise
+                rules = []
+            rules = [r for r in rules if r.get("ID") != rule_id] + [{
+                "ID": rule_id, "Status": "Enabled", "Filter": {"Prefix": f"{self.prefix}{kind}/"},
+                "Expiration": {"Days": days}}]
+            self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
+                                                           LifecycleConfiguration={"Rules": rules})
+        except (ClientError, BotoCoreError) as exc:
+            log.info("bucket %s: no lifecycle rules (%s); expired %s objects are swept instead", self.bucket,
+                     _code(exc) if isinstance(exc, ClientError) else exc, kind)
+            return False
+        return True
 
     def check_health(self) -> None:
         try:

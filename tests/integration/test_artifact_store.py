@@ -154,3 +154,31 @@ def test_local_store_has_no_presigned_url(tmp_path: Path) -> None:
     assert store.presigned_url(key, 60) is None
     # Objects stay under the root: nothing was written outside it.
     assert all(p.resolve().is_relative_to(tmp_path.resolve()) for p in tmp_path.rglob("*"))
+
+
+def test_retention_sweeps_old_objects_of_each_kind(store: ArtifactStore) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from services.storage.retention import Retention, RetentionPolicy
+
+    old = [store.put_new(kind, b"x", "application/octet-stream").key for kind in ("conditioning", "image")]
+    kept_audio = store.put_new("audio", b"x", "audio/wav").key
+    retention = Retention(store, RetentionPolicy(conditioning_s=120, artifacts_s=3600))
+    # Two minutes later: the conditioning is past its retention, the media are not.
+    assert retention.sweep(datetime.now(timezone.utc) + timedelta(seconds=180)) == \
+        {"conditioning": 1, "image": 0, "video": 0, "audio": 0}
+    assert not store.exists(old[0]) and store.exists(old[1]) and store.exists(kept_audio)
+    assert retention.sweep(datetime.now(timezone.utc) + timedelta(hours=2))["image"] == 1
+    assert not store.exists(old[1]) and not store.exists(kept_audio)
+
+
+def test_s3_lifecycle_rules_where_the_server_has_them(s3_info: S3Info) -> None:
+    """Whole-day retentions become the bucket's lifecycle rules (merged with the bucket's own); a server without
+    them answers an error, and the sweeper does the work instead (the test above sweeps this server too)."""
+    store = _s3_store(s3_info)
+    assert store.expire_natively("conditioning", 1)  # SeaweedFS has lifecycle rules
+    rules = store.client.get_bucket_lifecycle_configuration(Bucket=store.bucket)["Rules"]
+    assert any(r["Filter"]["Prefix"] == "artifacts/conditioning/" and r["Expiration"]["Days"] == 1 for r in rules)
+    assert store.expire_natively("image", 7)  # a second rule keeps the first
+    rules = store.client.get_bucket_lifecycle_configuration(Bucket=store.bucket)["Rules"]
+    assert {r["Filter"]["Prefix"] for r in rules} >= {"artifacts/conditioning/", "artifacts/image/"}
