@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import io
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -242,3 +243,39 @@ async def test_a_job_no_worker_takes_fails_with_no_decoder_worker(settings: Sett
         for key in sync.scan_iter(f"{prefix}*"):
             sync.delete(key)
         await areader.aclose()
+
+
+_BROKEN_DEVICE_HOOK = '''
+# Test fault injection (this file is on the worker's PYTHONPATH only in the test): the accelerator "breaks" on the
+# first decode, as a device-side assert does.
+from services.decoders import pipelines as _pipelines
+
+def _broken(self, *args, **kwargs):
+    raise RuntimeError("CUDA error: device-side assert triggered")
+
+_pipelines.DecoderPipelines.generate_batch = _broken
+'''
+
+
+async def test_a_broken_device_makes_the_worker_exit_and_the_job_goes_to_another(
+        env: dict[str, str], queue: CeleryDecoderQueue, store: S3ArtifactStore, tiny_bundle_dir: Path,
+        tmp_path: Path, worker: WorkerProcess) -> None:
+    worker.stop()  # this test owns the queue: only its own workers consume
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_BROKEN_DEVICE_HOOK)
+    pythonpath = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    broken = WorkerProcess("image", {**env, "PYTHONPATH": pythonpath}, tmp_path / "broken.log").wait_ready()
+    job = _job(store, tiny_bundle_dir, "image", steps=2)
+    await queue.submit(job)
+    try:
+        assert broken.proc.wait(120) == 70  # EX_SOFTWARE: its supervisor restarts it; nothing more runs here
+    finally:
+        broken.stop()
+    assert b"exiting so the supervisor restarts this worker" in (tmp_path / "broken.log").read_bytes()
+    healthy = WorkerProcess("image", env, tmp_path / "healthy.log").wait_ready()
+    try:
+        events = await _collect(queue, job.job_id, timeout=240)
+    finally:
+        healthy.stop()
+    assert events[-1].type == "completed"  # unacknowledged by the broken worker, run by the next one

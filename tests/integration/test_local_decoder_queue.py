@@ -229,3 +229,32 @@ async def test_a_batch_stays_within_one_jobs_pixel_budget(pipelines: DecoderPipe
         assert sizes == ["2", "2", "2", "2"]
     finally:
         queue.close()
+
+
+class _BrokenDevice(DecoderPipelines):
+    def __init__(self, real: DecoderPipelines) -> None:
+        self.__dict__.update(real.__dict__)
+
+    def generate_batch(self, modality, conditioning, seeds, opts, on_step):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+async def test_a_broken_device_fails_the_job_and_stops_the_server(pipelines: DecoderPipelines,
+                                                                  store: LocalArtifactStore,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    signals: list[tuple[int, int]] = []
+    # The server's own SIGTERM (a graceful stop, so its supervisor starts a fresh process) is recorded, not sent.
+    monkeypatch.setattr("services.decoders.local_queue.os.kill", lambda pid, sig: signals.append((pid, sig)))
+    book = MemoryJobBook()
+    queue = LocalDecoderQueue(DecoderRunner(_BrokenDevice(pipelines), store, book, pipelines.bundle.manifest), book)
+    try:
+        job = _job(store, (77, 32), steps=2)
+        await queue.submit(job)
+        failed = (await _events(queue, job.job_id))[-1]
+        assert failed.type == "failed" and "broke the device" in (failed.error or "")
+        assert signals == [(os.getpid(), signal.SIGTERM)]
+    finally:
+        queue.close()
