@@ -255,6 +255,10 @@ async def test_a_broken_device_fails_the_job_and_stops_the_server(pipelines: Dec
         await queue.submit(job)
         failed = (await _events(queue, job.job_id))[-1]
         assert failed.type == "failed" and "broke the device" in (failed.error or "")
+        for _ in range(50):  # the worker thread signals right after failing the job
+            if signals:
+                break
+            await asyncio.sleep(0.1)
         assert signals == [(os.getpid(), signal.SIGTERM)]
     finally:
         queue.close()
