@@ -125,9 +125,11 @@ class ChatService:
                                   d.frames or defaults.frames))
         for modality, height, width, frames in sizes:
             if decode_pixels(modality, height, width, frames) > self.max_decode_pixels:
+                hint = "" if request.allowed_modalities is not None else \
+                    f"; the reply may make any modality: allowed_modalities can leave {modality} out"
                 raise InvalidRequestError(
                     f"decoder: {describe_size(modality, height, width, frames)} exceeds the budget of "
-                    f"{self.max_decode_pixels} pixels per item (NEXTGPT_DECODERS__MAX_PIXELS_PER_JOB)",
+                    f"{self.max_decode_pixels} pixels per item (NEXTGPT_DECODERS__MAX_PIXELS_PER_JOB){hint}",
                     code="decode_too_large", param="decoder")
 
     async def _encode_history(self, conversation: Conversation) -> None:
