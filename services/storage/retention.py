@@ -62,8 +62,9 @@ class Retention:
         while True:
             try:
                 await asyncio.to_thread(self.sweep)
-            except Exception:  # the store away for a while: the next round tries again
-                log.exception("retention sweep failed")
+            except Exception as exc:  # the store away for a while (readiness says so): the next round tries again
+                log.warning("retention sweep failed (%s: %s); next try in %.0f s", type(exc).__name__, exc,
+                            self.sweep_every_s)
             await asyncio.sleep(self.sweep_every_s)
 
     async def stop(self) -> None:
