@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import io
 import uuid
@@ -196,34 +197,37 @@ async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], 
     assert f"nextgpt.decode[{job.job_id}] received".encode() in (tmp_path / "second.log").read_bytes()
 
 
-async def test_queued_jobs_sit_in_the_list_the_autoscaler_watches(settings: Settings, store: S3ArtifactStore,
-                                                                  tiny_bundle_dir: Path) -> None:
-    # The Helm chart's KEDA ScaledObject reads LLEN of "<key prefix><queue>"; no worker consumes this prefix.
-    prefix = f"{settings.redis.key_prefix}keda-{uuid.uuid4().hex[:6]}:"
+@contextlib.asynccontextmanager
+async def _unconsumed_queue(settings: Settings, name: str,
+                            queue_wait_s: float = 600.0) -> AsyncIterator[tuple[CeleryDecoderQueue, str]]:
+    """A queue under a key prefix of its own, which no worker consumes; its keys are deleted afterwards."""
+    prefix = f"{settings.redis.key_prefix}{name}-{uuid.uuid4().hex[:6]}:"
     isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": prefix})})
     sync = redis.Redis.from_url(settings.redis.url)
     areader = redis.asyncio.Redis.from_url(settings.redis.url)
-    queue = CeleryDecoderQueue(make_client_app(isolated), RedisJobBook(sync, prefix), AsyncJobReader(areader, prefix))
     try:
-        for _ in range(3):
-            await queue.submit(_job(store, tiny_bundle_dir, "video"))
-        assert sync.llen(f"{prefix}video") == 3 and sync.llen(f"{prefix}image") == 0
+        yield CeleryDecoderQueue(make_client_app(isolated), RedisJobBook(sync, prefix), AsyncJobReader(areader, prefix),
+                                 queue_wait_s=queue_wait_s), prefix
     finally:
         for key in sync.scan_iter(f"{prefix}*"):
             sync.delete(key)
         await areader.aclose()
 
 
+async def test_queued_jobs_sit_in_the_list_the_autoscaler_watches(settings: Settings, store: S3ArtifactStore,
+                                                                  tiny_bundle_dir: Path) -> None:
+    # The Helm chart's KEDA ScaledObject reads LLEN of "<key prefix><queue>"; no worker consumes this prefix.
+    async with _unconsumed_queue(settings, "keda") as (queue, prefix):
+        for _ in range(3):
+            await queue.submit(_job(store, tiny_bundle_dir, "video"))
+        assert queue.book.r.llen(f"{prefix}video") == 3 and queue.book.r.llen(f"{prefix}image") == 0
+
+
 async def test_a_job_no_worker_takes_fails_with_no_decoder_worker(settings: Settings, store: S3ArtifactStore,
                                                                    tiny_bundle_dir: Path) -> None:
     # No worker consumes this prefix: the job must not stay "queued" forever for whoever follows or polls it.
-    prefix = f"{settings.redis.key_prefix}noworker-{uuid.uuid4().hex[:6]}:"
-    isolated = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": prefix})})
-    sync = redis.Redis.from_url(settings.redis.url)
-    areader = redis.asyncio.Redis.from_url(settings.redis.url)
-    book = RedisJobBook(sync, prefix)
-    queue = CeleryDecoderQueue(make_client_app(isolated), book, AsyncJobReader(areader, prefix), queue_wait_s=1.5)
-    try:
+    async with _unconsumed_queue(settings, "noworker", queue_wait_s=1.5) as (queue, _):
+        book = queue.book
         followed, polled = _job(store, tiny_bundle_dir, "image"), _job(store, tiny_bundle_dir, "audio")
         await queue.submit(followed)
         await queue.submit(polled)
@@ -239,10 +243,6 @@ async def test_a_job_no_worker_takes_fails_with_no_decoder_worker(settings: Sett
         # Readiness says which queues nobody consumes (the gateway reports it and stays ready for text).
         with pytest.raises(ServiceUnavailableError, match="no decoder worker consumes image, video, audio"):
             await queue.check_workers()
-    finally:
-        for key in sync.scan_iter(f"{prefix}*"):
-            sync.delete(key)
-        await areader.aclose()
 
 
 _BROKEN_DEVICE_HOOK = '''
