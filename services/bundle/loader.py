@@ -158,8 +158,17 @@ class _Checker:
         enc = self.m.encoder
         proj = self._shapes(enc.input_projection)
         if proj is not None:
-            self._expect(enc.input_projection, proj, "weight", (self.m.llm.hidden_size, enc.config.out_embed_dim))
-            self._expect(enc.input_projection, proj, "bias", (self.m.llm.hidden_size,))
+            from services.modeling.input_projection import build_input_projection
+
+            # Every tensor the manifest's design has, with its shape; nothing else.
+            expected = {k: tuple(v.shape) for k, v in build_input_projection(
+                enc.projection, enc.config.out_embed_dim, self.m.llm.hidden_size).state_dict().items()}
+            for key, shape in expected.items():
+                self._expect(enc.input_projection, proj, key, shape)
+            extra = sorted(set(proj) - set(expected))
+            if extra:
+                self.problems.append(f"{self.bundle.path(enc.input_projection)}: tensors {extra[:5]} are not part of "
+                                     f"a {enc.projection.kind} input projection")
         shapes = self._shapes(enc.weights)
         if shapes is None:
             return

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from services.contracts.bundle_manifest import InputProjectionSpec
 from services.contracts.errors import NextGPTError
 from services.contracts.settings import Settings, load_settings
 
@@ -338,7 +339,8 @@ app.add_typer(train_app, name="train")
 
 
 def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path], steps: Optional[int], seed: int,
-           lora_name: str, lora_rank: int, lora_alpha: int, force: bool, media_root: Optional[Path]) -> None:
+           lora_name: str, lora_rank: int, lora_alpha: int, force: bool, media_root: Optional[Path],
+           input_projection: Optional[InputProjectionSpec] = None) -> None:
     from services.cli.logs import configure_logging
     from services.training.runner import StageRun, train_stage
     from services.training.stages import LoraOptions
@@ -347,7 +349,7 @@ def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path]
     report = train_stage(StageRun(
         stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"), steps=steps,
         seed=seed, lora=LoraOptions(name=lora_name, rank=lora_rank, alpha=lora_alpha), force=force,
-        media_root=media_root,
+        media_root=media_root, input_projection=input_projection,
     ))
     typer.echo(json.dumps(report, indent=2))
 
@@ -365,14 +367,28 @@ LoraName = Annotated[str, typer.Option(help="Name of the LoRA adapter (instruct)
 LoraRank = Annotated[int, typer.Option(help="LoRA r (the release: 32)")]
 LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (the release: 32)")]
 Force = Annotated[bool, typer.Option(help="Replace an existing output folder")]
+ProjectionKind = Annotated[Optional[str], typer.Option(
+    help="Train a fresh input projection of this design: linear (the release, one LLM token per item) or group "
+         "(the paper's concept tokens over ImageBind's token-level features); default: the bundle's own")]
+GroupTokens = Annotated[str, typer.Option(help="group: group tokens per grouping stage (the newer code: 64,8)")]
+GroupWidth = Annotated[int, typer.Option(help="group: width of the grouping blocks (the newer code: 512)")]
 
 
 @train_app.command("align-encoder")
 def train_align_encoder(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
                         steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False,
-                        media_root: MediaRoot = None) -> None:
+                        media_root: MediaRoot = None, input_projection: ProjectionKind = None,
+                        group_tokens: GroupTokens = "64,8", group_width: GroupWidth = 512) -> None:
     """Stage 1: the input projection learns X -> caption; ImageBind and the LLM frozen."""
-    _train("align-encoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force, media_root)
+    spec = None
+    if input_projection is not None:
+        try:
+            groups = [int(n) for n in group_tokens.split(",")]
+            spec = InputProjectionSpec(kind=input_projection, groups=groups, width=group_width,
+                                       num_heads=min(8, group_width))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    _train("align-encoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force, media_root, spec)
 
 
 @train_app.command("align-decoder")

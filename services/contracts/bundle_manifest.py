@@ -157,11 +157,39 @@ class ImageBindConfig(_Strict):
     imu_drop_path: float = 0.7
 
 
+class InputProjectionSpec(_Strict):
+    """How ImageBind's output becomes LLM input tokens.
+
+    ``linear`` (the release): the pooled vector (out_embed_dim) -> one LLM token per item. ``group`` (the paper's
+    design, GroupViT-style, as the newer NExT-GPT code has it): ImageBind's token-level features are grouped by
+    learnable concept tokens, ``groups`` per stage (64 then 8 in the newer code), into ``groups[-1]`` LLM tokens
+    per item."""
+
+    kind: Literal["linear", "group"] = "linear"
+    width: int = Field(default=512, gt=0)  # group: the grouping blocks' width (in_fc 1024 -> width)
+    groups: list[int] = Field(default_factory=lambda: [64, 8])
+    num_heads: int = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> InputProjectionSpec:
+        if self.kind == "group":
+            if not self.groups or any(g <= 0 for g in self.groups):
+                raise ValueError("group: groups must be positive counts, one per grouping stage")
+            if self.width % self.num_heads:
+                raise ValueError(f"group: width {self.width} is not divisible by num_heads {self.num_heads}")
+        return self
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.groups[-1] if self.kind == "group" else 1
+
+
 class EncoderSpec(_Strict):
     architecture: Literal["imagebind"] = "imagebind"
     config: ImageBindConfig = Field(default_factory=ImageBindConfig)
     weights: str
     input_projection: str
+    projection: InputProjectionSpec = Field(default_factory=InputProjectionSpec)
     modalities: list[Modality] = Field(default_factory=lambda: ["image", "audio", "video"])
 
 

@@ -1,4 +1,4 @@
-"""The encoder boundary: media in, one LLM-space vector per segment out (safetensors on the wire)."""
+"""The encoder boundary: media in, one LLM-space vector (or a few tokens) per segment out (safetensors on the wire)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class MediaInput:
 
 @dataclass
 class EncodeResult:
-    # (segments, llm_hidden) float32: one vector per segment, the items of a segment summed as the reference does.
+    # (segments, llm_hidden) float32: one vector per segment, the items of a segment summed as the reference does;
+    # (segments, tokens, llm_hidden) for a bundle whose input projection makes several tokens per item (``group``).
     embeddings: np.ndarray
     modalities: list[InputModality] = field(default_factory=list)
 

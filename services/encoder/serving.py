@@ -54,7 +54,7 @@ class EncoderService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _model_fn(self, modality: InputModality) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda batch: self.model.embed(modality, batch)
+        return lambda batch: self.model.features(modality, batch)
 
     @property
     def hidden_size(self) -> int:
@@ -87,10 +87,12 @@ class EncoderService:
         )
         for modality, _ in loaded:
             self.metrics.items.labels(modality).inc()
-        projected = self.model.project(torch.stack(embeddings))
+        projected = self.model.project(list(embeddings))  # (items, tokens per item, hidden)
         index = {item.name: i for i, item in enumerate(items)}
-        vectors = [projected[[index[n] for n in group]].sum(dim=0) for group in groups]
-        return EncodeResult(embeddings=torch.stack(vectors).numpy().astype(np.float32),
+        vectors = torch.stack([projected[[index[n] for n in group]].sum(dim=0) for group in groups])
+        if self.model.tokens_per_item == 1:  # the release's layout: one vector per segment
+            vectors = vectors.squeeze(1)
+        return EncodeResult(embeddings=vectors.numpy().astype(np.float32),
                             modalities=[modalities[group[0]] for group in groups])
 
     def _check_request(self, items: list[MediaInput], segments: list[list[str]] | None) -> list[list[str]]:

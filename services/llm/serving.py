@@ -49,9 +49,9 @@ class LLMService:
         if count > self.settings.max_media:
             raise PayloadTooLargeError(f"{count} media items exceed the limit of {self.settings.max_media}",
                                        code="too_many_media", param="media")
-        if media is not None and (media.ndim != 2 or media.shape[1] != self.hidden_size):
-            raise InvalidRequestError(f"media vectors must be (items, {self.hidden_size})",
-                                      code="invalid_media_embeddings", param="media")
+        if media is not None and (media.ndim not in (2, 3) or media.shape[-1] != self.hidden_size):
+            raise InvalidRequestError(f"media vectors must be (items, {self.hidden_size}) or (items, tokens, "
+                                      f"{self.hidden_size})", code="invalid_media_embeddings", param="media")
 
     async def generate(self, params: GenerateParams, media: np.ndarray | None) -> AsyncIterator[LLMEvent]:
         self._check(params, media)

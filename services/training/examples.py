@@ -36,11 +36,12 @@ class Example:
 
 @dataclass
 class Encoded:
-    """One example as ids: -1 marks a media slot; labels -100 where no loss is taken."""
+    """One example as ids: -1 marks a media slot (the input projection's tokens of one item: one, or a few with
+    ``group``); labels -100 where no loss is taken."""
 
     ids: list[int]
     labels: list[int]
-    media_rows: list[int]  # media-table row of each -1 slot, in order
+    media_rows: list[int]  # media-table row of each media item, in order
     groups: list[tuple[int, SignalTarget]]  # (position of the group's first signal token, its target)
 
 
@@ -48,9 +49,10 @@ def encode_example(manifest: BundleManifest, encode: Encode, example: Example) -
     plan = prompt_ids(manifest.prompt, prompt_pieces(manifest.prompt, example.turns), encode)
     ids: list[int] = []
     media_rows: list[int] = []
+    tokens = manifest.encoder.projection.tokens_per_item
     for part in plan:
         if isinstance(part, int):
-            ids.append(-1)
+            ids.extend([-1] * tokens)
             media_rows.append(example.media[part])
         else:
             ids.extend(part)

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from services.bundle.loader import Bundle
-from services.contracts.bundle_manifest import Modality
+from services.contracts.bundle_manifest import InputProjectionSpec, Modality
+from services.encoder.model import load_input_projection
+from services.modeling.input_projection import build_input_projection, project_media
 from services.modeling.projector import OutputProjector
 from services.training.examples import Encoded
 
@@ -29,7 +31,9 @@ class LossWeights:
 
 
 class NextGPTTrainable(nn.Module):
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, input_projection: InputProjectionSpec | None = None) -> None:
+        """``input_projection``: start a fresh input projection of this design instead of the bundle's (stage 1
+        on a bundle whose projection was trained in the other design, or never trained)."""
         super().__init__()
         from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -37,10 +41,14 @@ class NextGPTTrainable(nn.Module):
         llm_dir = str(bundle.path(self.manifest.llm.path))
         self.tokenizer = AutoTokenizer.from_pretrained(llm_dir)
         self.llm: nn.Module = LlamaForCausalLM.from_pretrained(llm_dir, torch_dtype=torch.float32)
-        proj_state = load_file(str(bundle.path(self.manifest.encoder.input_projection)))
-        out_dim, in_dim = proj_state["weight"].shape
-        self.input_projection = nn.Linear(in_dim, out_dim)
-        self.input_projection.load_state_dict(proj_state)
+        encoder = self.manifest.encoder
+        if input_projection is None or input_projection == encoder.projection:
+            self.input_projection = load_input_projection(bundle)
+        else:
+            self.input_projection = build_input_projection(input_projection, encoder.config.out_embed_dim,
+                                                           self.manifest.llm.hidden_size)
+            encoder = encoder.model_copy(update={"projection": input_projection})
+            self.manifest = self.manifest.model_copy(update={"encoder": encoder})
         self.projectors = nn.ModuleDict()
         for modality, spec in self.manifest.outputs.items():
             projector = OutputProjector(spec.projector)
@@ -93,13 +101,19 @@ class NextGPTTrainable(nn.Module):
         media_table = media_table.to(device)
         width = max(len(e.ids) for e in batch)
         hidden = embed.weight.shape[1]
+        # Every example's media through the input projection at once: (items, tokens per item, hidden).
+        media_rows = [r for e in batch for r in e.media_rows]
+        projected = project_media(self.input_projection, media_table[media_rows].float()) if media_rows else None
         rows, labels, mask = [], [], []
+        used = 0
         for e in batch:
             ids = torch.tensor(e.ids, device=device)
             x = embed(ids.clamp(min=0))
             slots = (ids == -1).nonzero().flatten()
             if len(slots):
-                vectors = self.input_projection(media_table[e.media_rows])
+                assert projected is not None
+                vectors = projected[used:used + len(e.media_rows)].reshape(-1, hidden)
+                used += len(e.media_rows)
                 x = x.index_put((slots,), vectors)
             pad = width - len(e.ids)
             rows.append(F.pad(x, (0, 0, 0, pad)))

@@ -99,12 +99,13 @@ def read_instructions(path: Path, media_root: Path) -> list[Instruction]:
 
 
 class BundleEncoders:
-    """The bundle's encoder (files -> ImageBind vectors) and its decoders' text encoders (captions -> targets)."""
+    """The bundle's encoder (files -> what its input projection takes) and its decoders' text encoders (captions -> targets)."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, token_level: bool | None = None) -> None:
         from services.encoder.model import EncoderModel
 
         self.bundle = bundle
+        self.token_level = bundle.manifest.encoder.projection.kind == "group" if token_level is None else token_level
         self.encoder = EncoderModel.from_bundle(bundle)
         self.vectors: list[torch.Tensor] = []
         self.rows: dict[Path, int] = {}
@@ -126,7 +127,8 @@ class BundleEncoders:
             else:
                 x = preprocess_audio(data, path.name, max_seconds=600)[None]
             self.rows[path] = len(self.vectors)
-            self.vectors.append(self.encoder.embed(modality, x)[0])  # type: ignore[arg-type]
+            features = self.encoder.tokens if self.token_level else self.encoder.embed
+            self.vectors.append(features(modality, x)[0])  # type: ignore[arg-type]
         return self.rows[path]
 
     def target(self, modality: str, caption: str) -> torch.Tensor:
@@ -137,7 +139,9 @@ class BundleEncoders:
 
     @property
     def table(self) -> torch.Tensor:
-        return torch.stack(self.vectors) if self.vectors else torch.zeros(0, 1024)
+        from services.encoder.model import pad_tokens
+
+        return pad_tokens(self.vectors) if self.vectors else torch.zeros(0, 1024)
 
 
 def caption_examples(pairs: list[CaptionPair], encoders: BundleEncoders, stage: str, count: int,

@@ -11,6 +11,7 @@ import torch
 from accelerate import PartialState
 
 from services.bundle.loader import load_bundle
+from services.contracts.bundle_manifest import InputProjectionSpec
 from services.training.examples import Encoded
 from services.training.model import NextGPTTrainable
 from services.training.release_data import BundleEncoders, release_examples
@@ -38,6 +39,8 @@ class StageRun:
     progress: bool = True
     pool_size: int = POOL
     media_root: Path | None = None  # release-format data: the folder its media file names are under
+    # Stage 1 only: train a fresh input projection of this design instead of the bundle's.
+    input_projection: InputProjectionSpec | None = None
 
 
 @torch.inference_mode()
@@ -57,21 +60,24 @@ def train_stage(run: StageRun) -> dict[str, object]:
         spec = replace(spec, loop=replace(spec.loop, steps=run.steps))
     spec = replace(spec, loop=replace(spec.loop, seed=run.seed))
     bundle = load_bundle(run.bundle)
-    model = NextGPTTrainable(bundle)
+    if run.input_projection is not None and not spec.input_projection:
+        raise ValueError(f"{run.stage} does not train the input projection: choose its design in align-encoder")
+    model = NextGPTTrainable(bundle, run.input_projection)
+    token_level = model.manifest.encoder.projection.kind == "group"
     if (run.data / "world.json").is_file():
         splits = read_world(run.data)
         fresh = {m: generate_split(m, EVAL_SEED, len(s) // 4 or 1) for m, s in splits.items()}
         targets = decoder_targets(bundle)
         cache = run.data / ".cache"
-        train_source = WorldExamples(splits, embed_world(bundle, splits, cache=cache), targets)
-        eval_source = WorldExamples(fresh, embed_world(bundle, fresh, cache=cache), targets)
+        train_source = WorldExamples(splits, embed_world(bundle, splits, cache=cache, token_level=token_level), targets)
+        eval_source = WorldExamples(fresh, embed_world(bundle, fresh, cache=cache, token_level=token_level), targets)
         pool = encoded_pool(model, train_source.examples(spec.conversations, run.pool_size, run.seed))
         held_out = encoded_pool(model, eval_source.examples(spec.conversations, HELD_OUT, EVAL_SEED, split="eval"))
         train_table, eval_table = train_source.table, eval_source.table
     else:
         if run.media_root is None:
             raise ValueError("release-format data needs --media-root (the folder its file names are under)")
-        encoders = BundleEncoders(bundle)
+        encoders = BundleEncoders(bundle, token_level)
         pool = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, run.pool_size,
                                                     run.seed))
         held_out = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, HELD_OUT,

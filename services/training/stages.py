@@ -96,7 +96,7 @@ def export_bundle(model: NextGPTTrainable, spec: StageSpec, out: Path, lora: Lor
                   force: bool = False) -> Bundle:
     """The input bundle with the trained parts replaced: a bundle that serves with no conversion."""
     source = model.bundle
-    manifest = source.manifest
+    manifest = model.manifest  # the bundle's, with the input projection's design if stage 1 chose another
     with staged_output(out, force=force) as root:
         shutil.copytree(source.root, root, dirs_exist_ok=True)
         save_state_dict(model.input_projection, root / manifest.encoder.input_projection)

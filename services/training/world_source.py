@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from services.bundle.loader import Bundle
 from services.training.examples import Example, SignalTarget
@@ -21,16 +22,20 @@ from services.world.dataset import WorldSplit
 
 @torch.inference_mode()
 def embed_world(bundle: Bundle, splits: dict[WorldModality, WorldSplit], batch: int = 64,
-                cache: Path | None = None) -> dict[str, torch.Tensor]:
-    """ImageBind vectors (1024) of every sample, preprocessed as the encoder service does.
+                cache: Path | None = None, token_level: bool | None = None) -> dict[str, torch.Tensor]:
+    """What the bundle's input projection takes, for every sample, preprocessed as the encoder service does:
+    ImageBind vectors (N, 1024), or token-level features (N, T, 1024) for a ``group`` projection.
 
     With ``cache`` (a folder), the vectors are kept under a name made of the encoder weights' digest and the
-    samples' digest: the three stages share one frozen encoder, so they are computed once."""
+    samples' digest: the three stages share one frozen encoder, so they are computed once. ``token_level``
+    overrides the bundle's design (stage 1 training a projection of the other design)."""
     from services.encoder.model import EncoderModel
     from services.world.pretrain.imagebind import PREPARE
 
+    group = bundle.manifest.encoder.projection.kind == "group" if token_level is None else token_level
     path = None
-    if cache is not None:
+    # Token-level features (``group``) are ~250x the pooled vectors: kept in memory (float16), not on disk.
+    if cache is not None and not group:
         digest = hashlib.sha256(bundle.path(bundle.manifest.encoder.weights).read_bytes())
         for modality, split in splits.items():
             digest.update(modality.encode())
@@ -42,7 +47,9 @@ def embed_world(bundle: Bundle, splits: dict[WorldModality, WorldSplit], batch: 
     out = {}
     for modality, split in splits.items():
         x = PREPARE[modality](split.data)
-        rows = [encoder.embed(modality, x[i:i + batch].float().unsqueeze(1)) for i in range(0, len(x), batch)]
+        features = encoder.tokens if group else encoder.embed
+        dtype = torch.float16 if group else torch.float32
+        rows = [features(modality, x[i:i + batch].float().unsqueeze(1)).to(dtype) for i in range(0, len(x), batch)]
         out[modality] = torch.cat(rows)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +80,9 @@ class WorldExamples:
                 self.rows[(modality, text)].append(offset + i)
             tables.append(vectors[modality])
             offset += len(split)
+        if tables[0].ndim == 3:  # token features: pictures and sounds have different token counts
+            longest = max(t.shape[1] for t in tables)
+            tables = [F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in tables]
         self.table = torch.cat(tables)
         self.attributes = {m: s.attributes for m, s in splits.items()}
 

@@ -3,20 +3,34 @@ changes, and each output bundle loads and serves (the last one with its new LoRA
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 
 from services.bundle.loader import load_bundle
+from services.cli.compose import embedded_app
+from services.clients.encoder_http import HttpEncoderClient
+from services.contracts.bundle_manifest import InputProjectionSpec
+from services.contracts.encoder import EncodeResult, MediaInput
+from services.contracts.errors import BundleError
+from services.contracts.settings import EncoderSettings, Settings
+from services.encoder.app import build_encoder_app
+from services.encoder.compose import build_encoder_service
 from services.contracts.llm import GenerateParams, SignalEvent, Turn
 from services.llm.hf_backend import HFBackend
 from services.training.runner import StageRun, train_stage
 from services.world.dataset import write_world
+from tests.support import media
+from tests.support.servers import UvicornThread, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +61,24 @@ def _train(stage: str, bundle: Path, world: Path, tmp: Path, steps: int) -> tupl
     return out, report
 
 
+def _tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
+    """Step -> value of one scalar, read from the TFRecord event files (length, crc, Event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    found: dict[int, float] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            length = int.from_bytes(data[at:at + 8], "little")
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.tag == tag:
+                    found[event.step] = value.simple_value
+    return found
+
+
 def _falls(losses: list[float]) -> bool:
     """The loss log has a row every 10 steps: the last is below the first."""
     return len(losses) >= 3 and losses[-1] < losses[0]
@@ -58,6 +90,12 @@ def test_three_stages_train_only_their_parts_and_serve(tiny_bundle_dir: Path, wo
 
     s1, report1 = _train("align-encoder", tiny_bundle_dir, world, tmp_path, 30)
     assert _falls(_losses(tmp_path / "align-encoder.work"))
+    # The same losses as TensorBoard scalars, at the same steps.
+    logged = {json.loads(line)["step"]: json.loads(line)["loss"]
+              for line in (tmp_path / "align-encoder.work" / "loss.jsonl").read_text().splitlines()}
+    scalars = _tensorboard_scalars(tmp_path / "align-encoder.work" / "tensorboard" / "align-encoder", "loss")
+    assert scalars.keys() == logged.keys()
+    assert all(abs(scalars[k] - logged[k]) < 1e-4 for k in logged)
     assert report1["trainable"] == 1024 * 128 + 128  # the input projection alone
     assert _frozen_files(s1) == frozen
     assert _digest(s1 / "llm" / "model.safetensors") == _digest(tiny_bundle_dir / "llm" / "model.safetensors")
@@ -103,3 +141,61 @@ def test_three_stages_train_only_their_parts_and_serve(tiny_bundle_dir: Path, wo
     shapes = {"image": (77, 32), "video": (77, 48), "audio": (24,)}
     assert "image" in {s.modality for s in signals}
     assert all(s.conditioning.shape == shapes[s.modality] for s in signals)
+
+
+def _prompt_tokens(url: str) -> int:
+    request = {"messages": [{"role": "user", "content": "what is in this picture?", "files": ["a.png"]}],
+               "max_tokens": 4, "allowed_modalities": []}
+    response = httpx.post(f"{url}/v1/chat", data={"request": json.dumps(request)},
+                          files=[("files", ("a.png", media.png(), "image/png"))], timeout=120)
+    assert response.status_code == 200, response.text
+    return int(response.json()["usage"]["prompt_tokens"])
+
+
+def test_a_group_input_projection_trains_and_is_served_like_any_other(tiny_bundle_dir: Path, world: Path,
+                                                                       tmp_path: Path) -> None:
+    """Stage 1 with the paper's design: concept tokens over ImageBind's token-level features, 4 LLM tokens per
+    item. Only the projection trains; the bundle it writes serves through the encoder service (over HTTP) and
+    the gateway's prompt builder, which gives every item its 4 tokens."""
+    spec = InputProjectionSpec(kind="group", width=32, groups=[8, 4], num_heads=4)
+    frozen = _frozen_files(tiny_bundle_dir)
+    out = tmp_path / "group"
+    report = train_stage(StageRun(stage="align-encoder", bundle=tiny_bundle_dir, data=world, out=out,
+                                  work=tmp_path / "group.work", steps=30, progress=False, pool_size=256,
+                                  input_projection=spec))
+    assert _falls(_losses(tmp_path / "group.work"))
+    assert report["held_out_after"]["nll"] < report["held_out_before"]["nll"]  # type: ignore[index]
+    assert _frozen_files(out) == frozen
+    assert _digest(out / "llm" / "model.safetensors") == _digest(tiny_bundle_dir / "llm" / "model.safetensors")
+    bundle = load_bundle(out)
+    assert bundle.manifest.encoder.projection == spec
+
+    registry = CollectorRegistry()
+    app = build_encoder_app(lambda: build_encoder_service(bundle, EncoderSettings(max_wait_ms=5), registry),
+                            registry, EncoderSettings().max_request_bytes)
+    with UvicornThread(app) as server:
+        wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, 60, "encoder ready")
+        items = [MediaInput(name="a.png", data=media.png()), MediaInput(name="b.wav", data=media.wav()),
+                 MediaInput(name="c.png", data=media.png(seed=5))]
+
+        async def encode() -> EncodeResult:
+            async with httpx.AsyncClient() as client:
+                return await HttpEncoderClient(server.url, client).encode(items)
+
+        result = asyncio.run(encode())
+    assert result.embeddings.shape == (3, 4, bundle.manifest.llm.hidden_size)
+    assert not np.allclose(result.embeddings[0], result.embeddings[2], atol=1e-4)  # the picture matters
+
+    settings = Settings(cache_dir=tmp_path / "cache")
+    with UvicornThread(embedded_app(settings, bundle)) as server:
+        group_tokens = _prompt_tokens(server.url)
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        linear_tokens = _prompt_tokens(server.url)
+    assert group_tokens == linear_tokens + 3
+
+    # A manifest that names the wrong design for the weights is refused with what does not fit.
+    manifest = json.loads((out / "bundle.json").read_text())
+    manifest["encoder"]["projection"]["kind"] = "linear"
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not part of a linear input projection"):
+        load_bundle(out)

@@ -1,4 +1,5 @@
-"""One training loop for every part: accelerate, resumable checkpoints, a progress bar, a loss log.
+"""One training loop for every part: accelerate, resumable checkpoints, a progress bar, a loss log (JSON lines and
+TensorBoard events).
 
 A part gives its trainable module, and a function that computes the loss of one step from a batch generator.
 Batches are drawn from a generator seeded with (seed, step), so a run resumed from a checkpoint sees the same
@@ -23,6 +24,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,11 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
     ``step_loss(generator)`` returns named losses; their sum is minimised. Returns the loss log of this run.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # TensorBoard event files under <workdir>/tensorboard/<name> (`tensorboard --logdir <workdir>/tensorboard`),
+    # beside the JSON loss log; only the main process writes them.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard",
+                              project_dir=str(workdir / TENSORBOARD))
+    accelerator.init_trackers(name)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
@@ -115,9 +121,11 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
             if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                 loss_log.write(json.dumps(row) + "\n")
                 loss_log.flush()
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 _save(accelerator, module, optimizer, scheduler, step + 1, checkpoint)
+    accelerator.end_training()
     module.eval()
     return history
 
