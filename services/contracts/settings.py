@@ -132,6 +132,8 @@ class LLMSettings(BaseModel):
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="Default: the bundle's max_model_len")
     max_media: int = Field(default=16, ge=0, le=256)
     max_batch: int = Field(default=16, ge=1, le=256, description="Replies decoded together (transformers backend)")
+    engine_process: bool = Field(
+        default=True, description="Transformers backend: decode in a child process, off the server's interpreter lock")
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
 

@@ -18,4 +18,4 @@ class InProcessLLMClient(LLMClient):
         return self.service.generate(params, media)
 
     async def check_ready(self) -> None:
-        return None
+        self.service.check_ready()

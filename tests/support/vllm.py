@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from services.bundle.loader import Bundle
-from services.llm.vllm_launch import VLLM_ENV, cpu_safe_max_num_seqs, pooler_args, server_args
+from services.llm.vllm_launch import VLLM_ENV, pooler_args, server_args
 from tests.support.servers import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,8 +37,7 @@ def vllm_processes(python: str, bundle: Bundle) -> Iterator[VLLMInfo]:
     procs: list[subprocess.Popen[bytes]] = []
     logs = {"server": work / "server.log", "pooler": work / "pooler.log"}
     try:
-        # CI runs vLLM on CPU: see cpu_safe_max_num_seqs for the engine crash this avoids.
-        server = server_args(python, bundle, server_port, max_num_seqs=cpu_safe_max_num_seqs(bundle))
+        server = server_args(python, bundle, server_port, max_num_seqs=8)
         for name, args in (("server", server),
                            ("pooler", pooler_args(python, bundle, pooler_port))):
             with logs[name].open("wb") as out:

@@ -1,0 +1,262 @@
+"""The transformers backend's batch engine in a process of its own.
+
+Decoding a running batch is Python work between small tensor ops: in the serving process it holds the
+interpreter lock about half the time, and the HTTP event loop waits on it (measured with py-spy: that wait is
+what made time to first token grow with concurrency). As vLLM splits its API server from its engine core, the
+engine here lives in a child process: the serving process only forwards requests and events.
+
+Parent -> child: ``("generate", rid, params, media)``, ``("cancel", rid)``, ``("close",)``.
+Child -> parent: lists of ``("event", rid, event)`` / ``("end", rid, error)``; one message carries every event
+that piled up while the last one was being sent, so a busy engine sends fewer, larger messages.
+
+A child that dies fails every generation in flight and every later one with 503 ``llm_engine_exited``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.contracts.errors import NextGPTError, ServiceUnavailableError
+from services.contracts.llm import GenerateParams
+
+log = logging.getLogger(__name__)
+
+# How often a waiting generation looks at its cancel flag (a cancelled reply leaves the batch at its next step
+# after this).
+_CANCEL_POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the child needs to build the backend (a bundle path, not a loaded bundle: it loads its own)."""
+
+    bundle: Path
+    device: str
+    dtype: str
+    max_prompt_tokens: int | None
+    max_batch: int
+    max_requests: int  # generations the child runs at once: the batch plus those waiting for a row
+    threads: int | None = None  # torch threads in the child (None: torch's default)
+
+
+@dataclass
+class _Pending:
+    emit: Any
+    finished: threading.Event
+    error: BaseException | None = None
+
+
+def _portable(exc: BaseException) -> tuple[str, Any]:
+    """Errors cross the pipe as data: ``NextGPTError``s keep their class, code and param; others become 500s."""
+    if isinstance(exc, NextGPTError):
+        return "nextgpt", (type(exc), exc.message, exc.code, exc.param)
+    return "other", f"{type(exc).__name__}: {exc}"
+
+
+def _restore(error: tuple[str, Any]) -> BaseException:
+    kind, data = error
+    if kind == "nextgpt":
+        cls, message, code, param = data
+        return cls(message, code=code, param=param)
+    return RuntimeError(f"LLM engine: {data}")
+
+
+class EngineProcess:
+    """A ``Backend`` whose generations run in a child process (see the module doc)."""
+
+    def __init__(self, spec: EngineSpec, start_timeout_s: float = 600.0,
+                 on_exit: Callable[[str], None] | None = None) -> None:
+        """``on_exit(reason)`` runs (on the reader thread) when the child dies while it should be serving."""
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_child_main, args=(child_conn, spec), name="llm-engine", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._dead: str | None = None
+        self._closing = False
+        self._on_exit = on_exit
+        if not self._conn.poll(start_timeout_s):
+            self._process.kill()
+            raise RuntimeError(f"the LLM engine process did not start within {start_timeout_s:.0f} s")
+        try:
+            first = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError(f"the LLM engine process exited while starting (code {self._process.exitcode})")
+        if first[0] != "ready":
+            self._process.join(5)
+            raise RuntimeError(f"the LLM engine process failed to start: {first[1]}")
+        self._reader = threading.Thread(target=self._read, name="llm-engine-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._process.is_alive()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def generate(self, params: GenerateParams, media: np.ndarray | None, emit: Any,
+                 cancelled: threading.Event) -> None:
+        self.check_alive()
+        rid = next(self._ids)
+        pending = _Pending(emit, threading.Event())
+        with self._pending_lock:
+            self._pending[rid] = pending
+        try:
+            self._send(("generate", rid, params, media))
+            cancel_sent = False
+            while not pending.finished.wait(_CANCEL_POLL_S):
+                if cancelled.is_set() and not cancel_sent:
+                    self._send(("cancel", rid))
+                    cancel_sent = True
+        except (BrokenPipeError, OSError) as exc:
+            raise ServiceUnavailableError(f"the LLM engine process is gone: {exc}", code="llm_engine_exited") from exc
+        finally:
+            with self._pending_lock:
+                self._pending.pop(rid, None)
+        if pending.error is not None:
+            raise pending.error
+
+    def _read(self) -> None:
+        try:
+            while True:
+                for kind, rid, payload in self._conn.recv():
+                    with self._pending_lock:
+                        pending = self._pending.get(rid)
+                    if pending is None:
+                        continue
+                    if kind == "event":
+                        pending.emit(payload)
+                    else:
+                        pending.error = _restore(payload) if payload is not None else None
+                        pending.finished.set()
+        except (EOFError, OSError):
+            pass
+        self._process.join(5)
+        self._dead = f"exit code {self._process.exitcode}"
+        with self._pending_lock:
+            pending_now = list(self._pending.values())
+        for pending in pending_now:
+            pending.error = ServiceUnavailableError(f"the LLM engine process exited ({self._dead})",
+                                                    code="llm_engine_exited")
+            pending.finished.set()
+        if not self._closing:
+            log.error("the LLM engine process exited unexpectedly (%s)", self._dead)
+            if self._on_exit is not None:
+                self._on_exit(self._dead)
+
+    def check_alive(self) -> None:
+        if not self.alive:
+            raise ServiceUnavailableError(f"the LLM engine process exited ({self._dead})", code="llm_engine_exited")
+
+    def close(self) -> None:
+        self._closing = True
+        if self._process.is_alive():
+            try:
+                self._send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+
+
+# -- the child ------------------------------------------------------------------------------------------------
+def _child_main(conn: Connection, spec: EngineSpec) -> None:
+    import torch
+
+    from services.bundle.loader import load_bundle
+    from services.llm.hf_backend import HFBackend
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        backend = HFBackend(load_bundle(spec.bundle), spec.device, getattr(torch, spec.dtype), spec.max_prompt_tokens,
+                            spec.max_batch)
+    except BaseException as exc:  # reported to the parent, which raises it at start-up
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    outbox: queue.SimpleQueue[tuple[str, int, Any] | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_batches, args=(conn, outbox), name="llm-engine-sender", daemon=True)
+    conn.send(("ready",))
+    sender.start()
+    cancels: dict[int, threading.Event] = {}
+    lock = threading.Lock()
+
+    def run(rid: int, params: GenerateParams, media: np.ndarray | None, cancelled: threading.Event) -> None:
+        error: tuple[str, Any] | None = None
+        try:
+            backend.generate(params, media, lambda event: outbox.put(("event", rid, event)), cancelled)
+        except BaseException as exc:  # every error reaches the request it belongs to
+            error = _portable(exc)
+        finally:
+            with lock:
+                cancels.pop(rid, None)
+            outbox.put(("end", rid, error))
+
+    with ThreadPoolExecutor(max_workers=spec.max_requests, thread_name_prefix="llm-request") as pool:
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == "generate":
+                    _, rid, params, media = message
+                    cancelled = threading.Event()
+                    with lock:
+                        cancels[rid] = cancelled
+                    pool.submit(run, rid, params, media, cancelled)
+                elif message[0] == "cancel":
+                    with lock:
+                        found = cancels.get(message[1])
+                    if found is not None:
+                        found.set()
+                else:
+                    break
+        except (EOFError, OSError):  # the parent is gone: stop every generation
+            pass
+        with lock:
+            for cancelled in cancels.values():
+                cancelled.set()
+    backend.close()
+    outbox.put(None)
+    sender.join(5)
+
+
+def _send_batches(conn: Connection, outbox: queue.SimpleQueue[tuple[str, int, Any] | None]) -> None:
+    while True:
+        first = outbox.get()
+        if first is None:
+            return
+        batch = [first]
+        while True:  # everything that piled up goes in one message
+            try:
+                item = outbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                conn.send(batch)
+                return
+            batch.append(item)
+        try:
+            conn.send(batch)
+        except (BrokenPipeError, OSError):
+            return
+
