@@ -10,11 +10,14 @@ generation continues from the longer prefix. Non-first signal tokens and disallo
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import io
 import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -33,6 +36,55 @@ from services.llm.signals import Group, SignalController
 
 Emit = Callable[[LLMEvent], None]
 _BAN = -100.0
+
+
+class _OrderedSignals:
+    """Signal events computed in a pool, emitted in the order their groups were made, as each is ready."""
+
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._futures: list[Future[SignalEvent]] = []
+        self._finished: dict[int, Future[SignalEvent]] = {}
+        self._next = 0
+        self._all_out = threading.Event()
+        self._all_out.set()
+
+    def submit(self, pool: ThreadPoolExecutor, make: Callable[[], SignalEvent]) -> None:
+        with self._lock:
+            index = len(self._futures)
+            self._all_out.clear()
+            future = pool.submit(make)
+            self._futures.append(future)
+        future.add_done_callback(lambda f: self._done(index, f))
+
+    def _done(self, index: int, future: Future[SignalEvent]) -> None:
+        with self._lock:
+            self._finished[index] = future
+            while self._next in self._finished:
+                ready = self._finished.pop(self._next)
+                self._next += 1
+                if ready.exception() is None:
+                    self._emit(ready.result())
+            if self._next == len(self._futures):
+                self._all_out.set()
+
+    def wait(self) -> None:
+        self._all_out.wait()
+        for future in self._futures:
+            future.result()
+
+
+class _Prompt:
+    """A reply's prompt embeddings, the key the pooler keeps them under, and whether it has them yet."""
+
+    def __init__(self, embeds: torch.Tensor) -> None:
+        self.embeds = embeds
+        self.sent = False
+
+    @functools.cached_property
+    def key(self) -> str:  # only replies that make a signal group pay for the digest
+        return hashlib.sha256(self.embeds.float().numpy().tobytes()).hexdigest()[:32]
 
 
 def _b64_tensor(tensor: torch.Tensor) -> str:
@@ -57,6 +109,7 @@ class VLLMBackend:
         # One client per generation thread: threads sharing one client's connection pool were seen to queue
         # behind each other's streams (8 concurrent replies reaching vLLM one or two at a time), which defeats the
         # server's batching.
+        self._signals = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vllm-signal")
         self._local = threading.local()
         self._clients: list[httpx.Client] = []
         self._clients_lock = threading.Lock()
@@ -67,6 +120,7 @@ class VLLMBackend:
         self.lora_names = [lora.name for lora in self.manifest.llm.loras]
 
     def close(self) -> None:
+        self._signals.shutdown(wait=False, cancel_futures=True)
         with self._clients_lock:
             for client in self._clients:
                 client.close()
@@ -103,7 +157,7 @@ class VLLMBackend:
         stop_ids = list(self.manifest.stop.token_ids)
         signals = SignalController(self.manifest, params.allowed_modalities, params.require_modalities,
                                    params.max_signal_groups, stop_ids)
-        prompt = self.prompt_embeddings(params, media)
+        prompt = _Prompt(self.prompt_embeddings(params, media))
         sampling = {
             "temperature": gen.temperature if params.temperature is None else params.temperature,
             "top_p": gen.top_p if params.top_p is None else params.top_p,
@@ -114,12 +168,17 @@ class VLLMBackend:
         finish = "length"
         request_index = 0
 
+        # A group's conditioning is computed beside the stream (the pooler's prefill), so text keeps flowing; groups
+        # go out in their order, all of them before Done.
+        groups = _OrderedSignals(emit)
+
         def append(token: int) -> None:
             position = len(generated)
             generated.append(token)
             group = signals.observe(token, position)
             if group is not None:
-                emit(self._signal(group, prompt, generated, lora))
+                so_far = list(generated)
+                groups.submit(self._signals, lambda g=group, ids=so_far: self._signal(g, prompt, ids, lora))
 
         while len(generated) < max_tokens:
             if cancelled.is_set():
@@ -132,7 +191,7 @@ class VLLMBackend:
             owed = sum(len(self.manifest.outputs[m].signal.token_ids) for m in signals.pending())
             starts = [i for i in signals.first if i not in decision.banned]
             body = {
-                "model": model, "prompt_embeds": _torch_b64(self._sequence(prompt, generated)),
+                "model": model, "prompt_embeds": _torch_b64(self._sequence(prompt.embeds, generated)),
                 "max_tokens": max(1, max_tokens - len(generated) - owed), "stream": True,
                 "stop_token_ids": stop_ids + starts, "logit_bias": {str(i): _BAN for i in decision.banned},
                 "return_token_ids": True, "skip_special_tokens": True, **sampling,
@@ -161,8 +220,9 @@ class VLLMBackend:
             elif reason == "length" and not signals.pending() and not signals.in_group:
                 finish = "length"
                 break
+        groups.wait()  # a failed group fails the reply
         now = time.perf_counter()
-        emit(Done(finish_reason=finish, prompt_tokens=int(prompt.shape[0]), completion_tokens=len(generated),  # type: ignore[arg-type]
+        emit(Done(finish_reason=finish, prompt_tokens=int(prompt.embeds.shape[0]), completion_tokens=len(generated),  # type: ignore[arg-type]
                   timings={"ttft_ms": round(((first_token_at or now) - started) * 1000, 2),
                            "total_ms": round((now - started) * 1000, 2)}, token_ids=generated))
 
@@ -197,20 +257,30 @@ class VLLMBackend:
             raise ServiceUnavailableError(f"vLLM server failed: {exc}", code="llm_unavailable") from exc
         return ids, reason, stop_reason
 
-    def _signal(self, group: Group, prompt: torch.Tensor, generated: list[int], lora: str | None) -> SignalEvent:
+    def _signal(self, group: Group, prompt: _Prompt, generated: list[int], lora: str | None) -> SignalEvent:
         size = len(self.manifest.outputs[group.modality].signal.token_ids)
-        first = prompt.shape[0] + group.start + self.manifest.hidden_state_offset
-        states = self.prefill_states(self._sequence(prompt, generated), list(range(first, first + size)), lora)
+        first = prompt.embeds.shape[0] + group.start + self.manifest.hidden_state_offset
+        states = self.prefill_states(prompt, generated, list(range(first, first + size)), lora)
         conditioning = self.projectors.project(group.modality, states)
         return SignalEvent(modality=group.modality, index=group.index, conditioning=conditioning.numpy(),
                            forced=group.forced)
 
-    def prefill_states(self, embeds: torch.Tensor, positions: list[int], lora: str | None) -> torch.Tensor:
-        body = {"embeds": _b64_tensor(embeds.float()), "positions": positions, "lora": lora}
-        try:
-            response = self.http.post(f"{self.pooler_url}/v1/states", json=body)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailableError(f"vLLM pooler failed: {exc}", code="llm_unavailable") from exc
+    def prefill_states(self, prompt: _Prompt, generated: list[int], positions: list[int],
+                       lora: str | None) -> torch.Tensor:
+        """Last-layer states at ``positions`` of prompt + generated, from the pooler. The prompt's embeddings go
+        with the reply's first group only (and again if the pooler has dropped them); then token ids alone."""
+        body: dict[str, object] = {"prompt_key": prompt.key, "token_ids": generated, "positions": positions,
+                                   "lora": lora}
+        for attempt in range(2):
+            if not prompt.sent or attempt:
+                body["prompt"] = _b64_tensor(prompt.embeds.float())
+            try:
+                response = self.http.post(f"{self.pooler_url}/v1/states", json=body)
+            except httpx.HTTPError as exc:
+                raise ServiceUnavailableError(f"vLLM pooler failed: {exc}", code="llm_unavailable") from exc
+            if response.status_code != 409:
+                break
         if response.status_code != 200:
             raise error_from_response("vllm-pooler", response)
+        prompt.sent = True
         return load_tensors(base64.b64decode(response.json()["states"]))["tensor"]
