@@ -58,7 +58,7 @@ def main() -> None:
     bundle = load_bundle(bundle_dir)
     rows = []
     backends = [("transformers", {})]
-    vllm_python = Path(os.environ.get("NEXTGPT_BENCH_VLLM_PYTHON", ".venv-vllm/bin/python"))
+    vllm_python = Path(os.environ.get("NEXTGPT_BENCH_VLLM_PYTHON", ".venv-vllm/bin/python")).absolute()
     with contextlib.ExitStack() as stack:
         if vllm_python.exists():
             from tests.support.vllm import vllm_processes
