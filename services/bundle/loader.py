@@ -158,11 +158,10 @@ class _Checker:
         enc = self.m.encoder
         proj = self._shapes(enc.input_projection)
         if proj is not None:
-            from services.modeling.input_projection import build_input_projection
+            from services.modeling.input_projection_layout import input_projection_shapes
 
             # Every tensor the manifest's design has, with its shape; nothing else.
-            expected = {k: tuple(v.shape) for k, v in build_input_projection(
-                enc.projection, enc.config.out_embed_dim, self.m.llm.hidden_size).state_dict().items()}
+            expected = input_projection_shapes(enc.projection, enc.config.out_embed_dim, self.m.llm.hidden_size)
             for key, shape in expected.items():
                 self._expect(enc.input_projection, proj, key, shape)
             extra = sorted(set(proj) - set(expected))

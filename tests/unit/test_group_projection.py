@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.modeling.input_projection import GroupProjection, build_input_projection, project_media
+from services.modeling.input_projection_layout import input_projection_shapes
 
 SPEC = InputProjectionSpec(kind="group", width=32, groups=[8, 4], num_heads=4)
 
@@ -47,3 +48,9 @@ def test_group_specs_are_checked() -> None:
         InputProjectionSpec(kind="group", width=30, num_heads=4)
     with pytest.raises(ValidationError):
         InputProjectionSpec(kind="group", groups=[])
+
+
+@pytest.mark.parametrize("spec", [InputProjectionSpec(), SPEC, InputProjectionSpec(kind="group")])
+def test_the_torch_free_layout_the_loader_checks_is_the_module_s(spec: InputProjectionSpec) -> None:
+    module = build_input_projection(spec, 64, 48)
+    assert input_projection_shapes(spec, 64, 48) == {k: tuple(v.shape) for k, v in module.state_dict().items()}
