@@ -11,6 +11,7 @@ WORKDIR /app
 COPY services/__init__.py services/__init__.py
 COPY services/llm/__init__.py services/llm/__init__.py
 COPY services/llm/vllm_pooler.py services/llm/vllm_pooler.py
+COPY services/llm/embedding_table.py services/llm/embedding_table.py
 COPY services/llm/vllm_plugin.py services/llm/vllm_plugin.py
 COPY services/llm/vllm_model.py services/llm/vllm_model.py
 # The plugin's entry point (vLLM loads it in every process): the project's metadata without its dependencies.

@@ -9,8 +9,8 @@ The prompt's embeddings arrive once per reply (kept by key, least recently used 
 only the generated token ids, embedded here from the model's own table. Concurrent callers are batched into one
 engine call.
 
-Self-contained on purpose: it imports only vLLM, torch, safetensors and FastAPI (all in vLLM's environment), no
-other module of this project.
+It runs in vLLM's environment: it imports vLLM, torch, safetensors and FastAPI, and of this project only
+``services.llm.embedding_table`` (torch and safetensors alone).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -150,20 +151,6 @@ def build_app(llm, loras: dict[str, str], table: torch.Tensor, cache_bytes: int 
     return app
 
 
-def load_embedding_table(model_dir: str) -> torch.Tensor:
-    """The input-embedding rows of the model's own weights (what vLLM embeds token ids with)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in ("model.embed_tokens.weight", "embed_tokens.weight"):
-                if name in handle.keys():
-                    return handle.get_tensor(name).float()
-    raise FileNotFoundError(f"{model_dir}: no input embedding table")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -194,8 +181,11 @@ def main() -> None:
               pooler_config=PoolerConfig(task="token_embed", use_activation=False),
               enable_lora=bool(loras), max_lora_rank=args.max_lora_rank, enable_prompt_embeds=True,
               dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True, **extra)
-    uvicorn.run(build_app(llm, loras, load_embedding_table(args.model), args.prompt_cache_mb << 20), host=args.host,
-                port=args.port, log_level="warning")
+    from services.llm.embedding_table import load_embedding_table
+
+    table = load_embedding_table(Path(args.model))
+    uvicorn.run(build_app(llm, loras, table, args.prompt_cache_mb << 20), host=args.host, port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":
