@@ -109,7 +109,11 @@ class DecoderSettings(BaseModel):
         default=600.0, gt=0, description="A job no worker has taken by then fails (no_decoder_worker / queue_timeout)")
     max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")
     max_batch: int = Field(default=8, ge=1, le=64,
-                           description="Embedded pool: queued jobs of one modality, steps and size run as one call")
+                           description="Queued jobs of one modality, steps and size run as one call (embedded pool "
+                                       "and Celery workers)")
+    batch_wait_s: float = Field(
+        default=0.05, gt=0, le=5.0,
+        description="Celery workers: how long jobs fetched together wait for batch-mates before they run")
     # Measured on the world bundle on CPU (peak RSS of one decode, 1 step): a 256x256x16 clip +1.1 GiB, a 512x512
     # picture +0.4 GiB; attention makes the cost grow faster than the pixels. 2^21 keeps one decode within a
     # few GiB here; a GPU deployment of the real decoders (ZeroScope 576x320x24 = 4.4 M) raises it.

@@ -1,5 +1,12 @@
-"""The Celery worker app: one task, ``nextgpt.decode``, routed to a queue per modality. The task body only
-translates between Celery and ``DecoderRunner``; retries happen for transient I/O errors only."""
+"""The Celery worker app: one task, ``nextgpt.decode``, routed to a queue per modality.
+
+The task is a ``celery_batches.Batches`` task: the worker takes up to ``decoders.max_batch`` queued messages (or
+what arrived within ``decoders.batch_wait_s``) as one list and hands them to ``DecoderRunner.run_batch``, which runs
+jobs of one modality, steps, guidance and size as one pipeline call and keeps everything else per job. The task body
+only translates between Celery and the runner: one outcome per message. Messages are acknowledged after the batch
+(acks_late): a worker that dies mid-batch leaves them all to another worker. Transient I/O errors are retried by
+sending the job again with a countdown (a batch task cannot ``self.retry`` one of its messages).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +15,29 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery
+from celery_batches import Batches, SimpleRequest
 from pydantic import ValidationError
 
 from services.contracts.celery_config import DECODE_TASK, celery_config
-from services.contracts.decoders import DecodeJob, JobEvent
+from services.contracts.decoders import ArtifactInfo, DecodeJob, JobEvent
 from services.contracts.settings import Settings
-from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, PoisonJobError, TransientJobError
+from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, Outcome, PoisonJobError, \
+    TransientJobError
 
 log = logging.getLogger(__name__)
 
 
 EXIT_DEVICE_BROKEN = 70  # EX_SOFTWARE: a supervisor restarts the worker
+ATTEMPT = "attempt"  # the kwarg a re-sent job carries: how many times it was retried
 
 
 def make_worker_app(settings: Settings, runner: Callable[[], DecoderRunner]) -> Celery:
-    """``runner`` builds (once, on the first task) the runner with its pipelines loaded."""
+    """``runner`` builds (once, on the first batch) the runner with its pipelines loaded."""
     app = Celery("nextgpt")
     app.conf.update(celery_config(settings))
     built: dict[str, DecoderRunner] = {}
+    max_retries = settings.decoders.max_retries
 
     def get_runner() -> DecoderRunner:
         if "runner" not in built:
@@ -35,33 +46,50 @@ def make_worker_app(settings: Settings, runner: Callable[[], DecoderRunner]) -> 
 
     app.nextgpt_runner = get_runner  # type: ignore[attr-defined]
 
-    @app.task(name=DECODE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-              max_retries=settings.decoders.max_retries)
-    def decode(self: Task, payload: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            job = DecodeJob.model_validate(payload)
-        except ValidationError as exc:
-            log.error("dropping malformed decode job: %s", exc)
-            return None
+    @app.task(name=DECODE_TASK, base=Batches, flush_every=settings.decoders.max_batch,
+              flush_interval=settings.decoders.batch_wait_s, acks_late=True, reject_on_worker_lost=True)
+    def decode(requests: list[SimpleRequest]) -> None:
+        jobs: list[tuple[SimpleRequest, DecodeJob]] = []
+        for request in requests:
+            try:
+                jobs.append((request, DecodeJob.model_validate(request.args[0] if request.args else None)))
+            except ValidationError as exc:
+                log.error("dropping malformed decode job %s: %s", request.id, exc)
+                app.backend.mark_as_done(request.id, None, request=request)
+        if not jobs:
+            return
+        log.info("took %d job(s): %s", len(jobs), " ".join(f"{job.modality}[{job.job_id}]" for _, job in jobs))
         current = get_runner()
-        try:
-            info = current.run(job)
-        except DeviceBrokenError as exc:
-            # Unacknowledged (acks_late), the job goes to another worker; this process cannot run anything more.
-            log.critical("job %s: %s; exiting so the supervisor restarts this worker", job.job_id, exc)
+        outcomes = current.run_batch([job for _, job in jobs])
+        for (request, job), outcome in zip(jobs, outcomes, strict=True):
+            settle(request, job, outcome, current)
+
+    def settle(request: SimpleRequest, job: DecodeJob, outcome: Outcome, current: DecoderRunner) -> None:
+        if isinstance(outcome, DeviceBrokenError):
+            # The batch's messages stay unacknowledged (acks_late): they go to another worker, and the jobs that
+            # did finish here are found done there (their artifacts exist). This process cannot run anything more.
+            log.critical("job %s: %s; exiting so the supervisor restarts this worker", job.job_id, outcome)
             logging.shutdown()
             os._exit(EXIT_DEVICE_BROKEN)
-        except PoisonJobError as exc:
-            log.warning("job %s failed: %s", job.job_id, exc)
-            current.book.publish(JobEvent(job_id=job.job_id, type="failed", error=str(exc)), job.modality)
-            return None
-        except TransientJobError as exc:
-            if self.request.retries >= self.max_retries and not isinstance(exc, JobBusyError):
-                current.book.publish(JobEvent(job_id=job.job_id, type="failed", error=str(exc)), job.modality)
-                return None
-            delay = 5 if isinstance(exc, JobBusyError) else min(60, 2 ** (self.request.retries + 1))
-            log.warning("job %s: %s; retry in %s s", job.job_id, exc, delay)
-            raise self.retry(exc=exc, countdown=delay, max_retries=None if isinstance(exc, JobBusyError) else self.max_retries)
-        return info.model_dump(mode="json") if info else None
+        if isinstance(outcome, PoisonJobError):
+            log.warning("job %s failed: %s", job.job_id, outcome)
+            current.book.publish(JobEvent(job_id=job.job_id, type="failed", error=str(outcome)), job.modality)
+        elif isinstance(outcome, TransientJobError):
+            attempt = int((request.kwargs or {}).get(ATTEMPT, 0))
+            busy = isinstance(outcome, JobBusyError)  # another delivery runs it: wait for it, without limit
+            if attempt >= max_retries and not busy:
+                current.book.publish(JobEvent(job_id=job.job_id, type="failed", error=str(outcome)), job.modality)
+            else:
+                delay = 5 if busy else min(60, 2 ** (attempt + 1))
+                log.warning("job %s: %s; retry in %s s", job.job_id, outcome, delay)
+                # The same task id: the job book, the lease and the artifact key make a duplicate harmless.
+                app.send_task(DECODE_TASK, args=list(request.args), kwargs={ATTEMPT: attempt + (not busy)},
+                              queue=job.modality, task_id=request.id, countdown=delay)
+                return
+        elif isinstance(outcome, Exception):
+            log.error("job %s crashed: %r", job.job_id, outcome)
+            current.book.publish(JobEvent(job_id=job.job_id, type="failed", error="internal error"), job.modality)
+        result: dict[str, Any] | None = outcome.model_dump(mode="json") if isinstance(outcome, ArtifactInfo) else None
+        app.backend.mark_as_done(request.id, result, request=request)
 
     return app

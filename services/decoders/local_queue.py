@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from collections import deque
 
 from services.contracts.decoders import (
-    TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus, decode_pixels,
+    TERMINAL_STATES, DecodeJob, DecoderQueue, JobEvent, JobStatus,
 )
 from services.contracts.errors import ServiceUnavailableError
 from services.decoders.runner import DecoderRunner, DeviceBrokenError, JobBusyError, PoisonJobError, TransientJobError
@@ -78,9 +78,7 @@ class LocalDecoderQueue(DecoderQueue):
             key = self.runner.batch_key(first)
         except Exception:  # a job the runner cannot even size goes alone (and fails there, as a job)
             return [first]
-        # A batch's memory is its items' together: it stays within one job's pixel budget (bigger jobs go alone).
-        pixels = decode_pixels(first.modality, *key[3:6])  # type: ignore[arg-type]
-        room = min(self.max_batch, max(1, self.runner.max_pixels // pixels) if pixels else self.max_batch)
+        room = min(self.max_batch, self.runner.batch_room(key))
         with self._wake:
             mates = [entry for entry in self._waiting if self._key(entry[1]) == key][:room - 1]
             for entry in mates:

@@ -148,6 +148,12 @@ class DecoderRunner:
         opts = resolve(job.options, self.manifest.outputs[job.modality].decoder.defaults, seed=0)
         return (job.modality, opts.steps, opts.guidance_scale, opts.height, opts.width, opts.frames, opts.seconds)
 
+    def batch_room(self, key: tuple[object, ...]) -> int:
+        """How many jobs of this key fit one call: a batch's memory is its items' together, so it stays within one
+        job's pixel budget (bigger jobs go alone)."""
+        pixels = decode_pixels(key[0], *key[3:6])  # type: ignore[arg-type]
+        return max(1, self.max_pixels // pixels) if pixels else 1 << 30
+
     def run_batch(self, jobs: list[DecodeJob]) -> list[Outcome]:
         """Each job's outcome, in order. Jobs of equal ``batch_key`` run as one pipeline call; everything else
         (checks, lease, cancellation, progress, encoding, upload, failure) stays per job: one bad job never fails
@@ -169,8 +175,10 @@ class DecoderRunner:
             groups: dict[tuple[object, ...], list[_Running]] = {}
             for item in running.values():
                 groups.setdefault(self.batch_key(item.job), []).append(item)
-            for group in groups.values():
-                self._generate(group)
+            for key, group in groups.items():
+                room = self.batch_room(key)
+                for start in range(0, len(group), room):
+                    self._generate(group[start:start + room])
             for i, item in running.items():
                 assert not isinstance(item.outcome, _Pending)
                 outcomes[i] = item.outcome

@@ -172,6 +172,41 @@ async def test_cancel_stops_a_running_job(worker: WorkerProcess, queue: CeleryDe
     assert (await _collect(queue, after.job_id))[-1].type == "completed"
 
 
+async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
+        worker: WorkerProcess, queue: CeleryDecoderQueue, store: S3ArtifactStore, tiny_bundle_dir: Path) -> None:
+    # A long clip holds the worker while the pictures queue up behind it; then it takes them as batches.
+    blocker = _job(store, tiny_bundle_dir, "video", steps=40)
+    await queue.submit(blocker)
+    async for event in queue.events(blocker.job_id):
+        if event.type == "started":
+            break
+    good = [_job(store, tiny_bundle_dir, "image", steps=60) for _ in range(6)]
+    bad = _job(store, tiny_bundle_dir, "image", shape=(77, 999), steps=60)
+    doomed = _job(store, tiny_bundle_dir, "image", steps=60)
+    for job in [*good[:3], bad, doomed, *good[3:]]:
+        await queue.submit(job)
+    async for event in queue.events(doomed.job_id):
+        if event.type == "progress":  # it runs, inside a batch: cancel it there
+            await queue.cancel(doomed.job_id)
+        if event.type in ("cancelled", "completed", "failed"):
+            break
+    assert event.type == "cancelled"
+    batches = []
+    for job in good:
+        events = await _collect(queue, job.job_id)
+        assert events[-1].type == "completed", events[-1]
+        assert [e.step for e in events if e.type == "progress"] == list(range(1, 61))
+        status = await queue.status(job.job_id)
+        assert status is not None and status.artifact is not None
+        batches.append(int(status.artifact.metadata["batch"]))
+        assert Image.open(io.BytesIO(store.read(job.artifact_key))).size == (64, 64)
+    assert max(batches) >= 2, batches  # pictures of one size and steps shared a pipeline call
+    bad_events = await _collect(queue, bad.job_id)
+    assert bad_events[-1].type == "failed" and "conditioning has shape" in (bad_events[-1].error or "")
+    assert not store.exists(bad.artifact_key) and not store.exists(doomed.artifact_key)
+    assert (await _collect(queue, blocker.job_id))[-1].type == "completed"
+
+
 async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], queue: CeleryDecoderQueue,
                                                            store: S3ArtifactStore, tiny_bundle_dir: Path,
                                                            tmp_path: Path, worker: WorkerProcess) -> None:
@@ -194,7 +229,7 @@ async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], 
     keys = [o["Key"] for o in listing.get("Contents", []) if job.job_id in o["Key"]]
     assert keys == [job.artifact_key]
     # The second worker is the one that ran it (the first died mid-job and never acknowledged it).
-    assert f"nextgpt.decode[{job.job_id}] received".encode() in (tmp_path / "second.log").read_bytes()
+    assert f"video[{job.job_id}]".encode() in (tmp_path / "second.log").read_bytes()
 
 
 @contextlib.asynccontextmanager
