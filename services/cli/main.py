@@ -231,7 +231,7 @@ def worker(
     bundle: BundleOpt = None,
     hostname: Annotated[Optional[str], typer.Option(help="Celery node name (default: nextgpt-<queues>@host)")] = None,
 ) -> None:
-    """A Celery decoder worker: loads the pipelines of its queues once, then runs decode jobs one at a time."""
+    """A Celery decoder worker: loads the pipelines of its queues once, then runs decode jobs in batches."""
     from services.cli.compose import check_devices, resolve_bundle
     from services.contracts.celery_config import QUEUES
     from services.decoders.celery_app import make_worker_app
@@ -249,9 +249,12 @@ def worker(
     book = RedisJobBook(sync_redis(settings.redis.url), settings.redis.key_prefix)
     runner = build_runner(settings, resolved, names, book)  # type: ignore[arg-type]
     celery = make_worker_app(settings, lambda: runner)
-    # One job at a time per process (a GPU runs one diffusion at a time); scale with more workers.
+    # One pipeline call at a time per process (a GPU runs one diffusion at a time); scale with more workers. The
+    # call takes up to max_batch jobs: the worker holds that many messages unacknowledged (the prefetch), so they
+    # can be run together.
     celery.worker_main([
         "worker", f"--queues={','.join(names)}", "--pool=solo", "--concurrency=1",
+        f"--prefetch-multiplier={settings.decoders.max_batch}",
         f"--loglevel={settings.log_level.upper()}", f"--hostname={hostname or 'nextgpt-' + '-'.join(names) + '@%h'}",
         "--without-gossip", "--without-mingle",
     ])
@@ -320,11 +323,12 @@ def world_eval(
     count: Annotated[int, typer.Option(help="Fresh samples per modality for retrieval")] = 200,
     decoder_count: Annotated[int, typer.Option(help="Captions per decoder")] = 48,
     steps: Annotated[int, typer.Option(help="Diffusion steps per generation")] = 25,
-    part: Annotated[list[str], typer.Option(help="retrieval, image, video, audio (repeatable)")] = [  # noqa: B006
-        "retrieval", "image", "video", "audio"],
+    part: Annotated[list[str], typer.Option(help="retrieval, language, image, video, audio (repeatable)")] = [  # noqa: B006
+        "retrieval", "language", "image", "video", "audio"],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
 ) -> None:
-    """Held-out checks of the stand-ins on fresh world samples: zero-shot retrieval, decoders from captions."""
+    """Held-out checks of the stand-ins on fresh world samples: zero-shot retrieval, the language model's answers,
+    decoders from captions."""
     from services.world.evaluate import evaluate_stand_ins, format_table
 
     weights = work / "imagebind" / "imagebind.safetensors" if work else None

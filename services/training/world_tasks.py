@@ -60,10 +60,42 @@ BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", 
         "eval": ["Could you render {x} and also synthesize {y}?"]}
 
 
+# How people wrap a request: politeness and indirection around the same core. Stage 3 asks half its training
+# requests inside one of these, so that "Could you ..." or "..., please" does not change the task (the world's
+# language model, trained on bare questions, reads "Can you tell me what this contains?" as an attribute
+# question). The eval phrasings stay unseen as whole sentences, and their content words (contains, render,
+# sketch, synthesize, set in motion, redo, recording) appear in no training phrasing: a test checks both.
+WRAPPERS = ("Please {c}.", "Can you {c}?", "Could you {c}?", "Could you please {c}?", "Would you {c}?",
+            "{C}, please.", "I would like you to {c}.", "Kindly {c}.", "{C} for me.", "Can you please {c} for me?")
+WRAP_RATE = 0.5
+
+
+def wrappable(sentence: str) -> bool:
+    """An imperative the wrappers read well around (not a question, a first-person wish or a fragment)."""
+    return sentence.endswith(".") and ":" not in sentence and sentence.split()[0] not in {"I", "Same,"}
+
+
+def wrap(template: str, sentence: str) -> str:
+    core = sentence[:-1]
+    return template.replace("{C}", core).replace("{c}", core[0].lower() + core[1:])
+
+
+def training_phrasings(sentence: str) -> list[str]:
+    """Every form a training phrasing can take in stage 3: bare, or inside each wrapper."""
+    return [sentence] + ([wrap(t, sentence) for t in WRAPPERS] if wrappable(sentence) else [])
+
+
 def _phrase(rng: random.Random, table: dict[str, list[str]] | dict[str, dict[str, list[str]]], split: Split,
-            modality: str | None = None) -> str:
+            modality: str | None = None, wrapped: bool = False) -> str:
     options = table[split]
-    return rng.choice(options[modality] if modality else options)  # type: ignore[index]
+    sentence: str = rng.choice(options[modality] if modality else options)  # type: ignore[index]
+    return _maybe_wrap(rng, sentence) if wrapped and split == "train" else sentence
+
+
+def _maybe_wrap(rng: random.Random, sentence: str) -> str:
+    if wrappable(sentence) and rng.random() < WRAP_RATE:
+        return wrap(rng.choice(WRAPPERS), sentence)
+    return sentence
 
 
 def described(modality: WorldModality, attrs: Attributes) -> str:
@@ -92,17 +124,17 @@ def random_attrs(rng: random.Random, modality: WorldModality) -> Attributes:
     return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
 
 
-def describe_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+def describe_task(rng: random.Random, split: Split, draw: Draw, wrapped: bool = True) -> Conversation:
     modality: WorldModality = rng.choice(["image", "video", "audio"])
     attrs = draw(modality)
-    turn = Turn(role="user", text=_phrase(rng, DESCRIBE, split, modality), media=[0])
+    turn = Turn(role="user", text=_phrase(rng, DESCRIBE, split, modality, wrapped), media=[0])
     return Conversation([turn], [(modality, attrs)], described(modality, attrs), [])
 
 
 def create_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     modality: WorldModality = rng.choice(["image", "video", "audio"])
     attrs = random_attrs(rng, modality)
-    text = _phrase(rng, CREATE, split, modality).format(x=partial_request(rng, modality, attrs))
+    text = _phrase(rng, CREATE, split, modality, wrapped=True).format(x=partial_request(rng, modality, attrs))
     reply = f"Here is {caption(modality, attrs)}."
     return Conversation([Turn(role="user", text=text)], [], reply, [(modality, attrs)])
 
@@ -111,20 +143,20 @@ def image_to_video_task(rng: random.Random, split: Split, draw: Draw) -> Convers
     still = draw("image")
     motion = rng.choice(CLASSES["motion"])
     clip = Attributes(size=still.size, colour=still.colour, shape=still.shape, motion=motion)
-    turn = Turn(role="user", text=_phrase(rng, TO_VIDEO, split).format(m=motion), media=[0])
+    turn = Turn(role="user", text=_phrase(rng, TO_VIDEO, split, wrapped=True).format(m=motion), media=[0])
     return Conversation([turn], [("image", still)], f"Here is {caption('video', clip)}.", [("video", clip)])
 
 
 def video_to_image_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     clip = draw("video")
     still = Attributes(size=clip.size, colour=clip.colour, shape=clip.shape)
-    turn = Turn(role="user", text=_phrase(rng, TO_IMAGE, split), media=[0])
+    turn = Turn(role="user", text=_phrase(rng, TO_IMAGE, split, wrapped=True), media=[0])
     return Conversation([turn], [("video", clip)], f"Here is {caption('image', still)}.", [("image", still)])
 
 
 def two_media_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     picture, tone = random_attrs(rng, "image"), random_attrs(rng, "audio")
-    text = _phrase(rng, BOTH, split).format(x=caption("image", picture), y=caption("audio", tone))
+    text = _phrase(rng, BOTH, split, wrapped=True).format(x=caption("image", picture), y=caption("audio", tone))
     reply = f"Here is {caption('image', picture)} and {caption('audio', tone)}."
     return Conversation([Turn(role="user", text=text)], [], reply, [("image", picture), ("audio", tone)])
 
@@ -134,9 +166,9 @@ def follow_up_task(rng: random.Random, split: Split, draw: Draw) -> Conversation
     colour = rng.choice([c for c in CLASSES["colour"] if c != first.colour])
     second = Attributes(size=first.size, colour=colour, shape=first.shape)
     turns = [
-        Turn(role="user", text=_phrase(rng, CREATE, split, "image").format(x=caption("image", first))),
+        Turn(role="user", text=_phrase(rng, CREATE, split, "image", wrapped=True).format(x=caption("image", first))),
         Turn(role="assistant", text=f"Here is {caption('image', first)}.", media=[0]),
-        Turn(role="user", text=_phrase(rng, RECOLOUR, split).format(c=colour)),
+        Turn(role="user", text=_phrase(rng, RECOLOUR, split, wrapped=True).format(c=colour)),
     ]
     return Conversation(turns, [("image", first)], f"Here is {caption('image', second)}.", [("image", second)])
 
@@ -147,7 +179,10 @@ def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     name = rng.choice(ATTRIBUTES[modality])
     thing = {"image": "this picture", "video": "the thing in this clip", "audio": "this tone"}[modality]
     question = rng.choice(QUESTIONS[name]).format(thing=thing)
-    turn = Turn(role="user", text=question[0].upper() + question[1:], media=[0])
+    question = question[0].upper() + question[1:]
+    # Wrapped too ("Can you tell me the colour of this picture?"): the attribute named, not the wrapper, makes
+    # it a question about one attribute.
+    turn = Turn(role="user", text=_maybe_wrap(rng, question) if split == "train" else question, media=[0])
     return Conversation([turn], [(modality, attrs)], ANSWERS[name].format(value=getattr(attrs, name)), [])
 
 
@@ -160,8 +195,8 @@ INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
 
 
 def encoder_alignment(rng: random.Random, split: Split, draw: Draw) -> Conversation:
-    """Stage 1: X -> caption, with the release's short caption-generation instruction."""
-    return describe_task(rng, split, draw)
+    """Stage 1: X -> caption, with the release's short caption-generation instruction (bare, never wrapped)."""
+    return describe_task(rng, split, draw, wrapped=False)
 
 
 def decoder_alignment(rng: random.Random, split: Split, draw: Draw) -> Conversation:

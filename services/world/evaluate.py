@@ -101,9 +101,10 @@ def load_imagebind(weights: Path, config: Any = None) -> Any:
 
 
 def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: int = 200, decoder_count: int = 48,
-                       steps: int = 25, parts: Iterable[str] = ("retrieval", "image", "video", "audio"),
+                       steps: int = 25, parts: Iterable[str] = ("retrieval", "language", "image", "video", "audio"),
                        seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
-    """The table of `nextgpt world eval`: retrieval top-1 per modality and each decoder's measured classes.
+    """The table of `nextgpt world eval`: retrieval top-1 per modality, the language model's answers to held-out
+    questions about things described in words, and each decoder's measured classes.
 
     Retrieval needs ImageBind's text branch, which bundles do not carry: ``imagebind_weights`` is the full
     pretrained ImageBind (``<work>/imagebind/imagebind.safetensors``)."""
@@ -121,6 +122,14 @@ def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: 
         table["retrieval top-1"] = {
             m: retrieval_accuracy(model, generate_split(m, seed, count)) for m in ("image", "video", "audio")
         }
+    if "language" in parts:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from services.world.pretrain.language import answer_accuracy
+
+        llm_dir = bundle.path(bundle.manifest.llm.path)
+        table["language"] = answer_accuracy(AutoModelForCausalLM.from_pretrained(str(llm_dir)),
+                                            AutoTokenizer.from_pretrained(str(llm_dir)), seed=seed)
     for modality in ("image", "video", "audio"):
         if modality in parts:
             pipe = load_pipeline(modality, Path(bundle.decoder_source(modality)))  # type: ignore[arg-type]

@@ -118,4 +118,4 @@ PARTS: dict[str, Part] = {
     "audio": run_audio, "video": run_video,
 }
 # Sized for a 2-core CPU (minutes per part in the README); a GPU can afford more.
-DEFAULT_STEPS = {"imagebind": 1700, "language": 1500, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}
+DEFAULT_STEPS = {"imagebind": 1700, "language": 3000, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}

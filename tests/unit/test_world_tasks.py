@@ -1,0 +1,55 @@
+"""The stage-3 conversations: wrapped requests in training, held-out phrasings never trained on."""
+
+from __future__ import annotations
+
+import random
+
+from services.training.world_tasks import (
+    BOTH, CREATE, DESCRIBE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, describe_task, encoder_alignment,
+    training_phrasings, wrappable,
+)
+from services.world.attributes import ATTRIBUTES, CLASSES, Attributes
+from services.world.text import QUESTIONS
+
+TABLES = {"describe": DESCRIBE, "create": CREATE, "to video": TO_VIDEO, "to image": TO_IMAGE, "recolour": RECOLOUR,
+          "both": BOTH}
+# The words that carry the eval phrasings' meaning: the model must understand them without having trained on them.
+EVAL_ONLY_WORDS = {"contains", "render", "sketch", "synthesize", "motion", "redo", "recording"}
+
+
+def _sentences(options: list[str] | dict[str, list[str]]) -> list[str]:
+    return [s for group in options.values() for s in group] if isinstance(options, dict) else list(options)
+
+
+def _words(sentences: set[str]) -> set[str]:
+    return {w.strip(".,?!:").lower() for s in sentences for w in s.split()}
+
+
+def _draw(modality: str) -> Attributes:
+    return Attributes(**{name: CLASSES[name][0] for name in ATTRIBUTES[modality]})
+
+
+def test_no_training_phrasing_wrapped_or_bare_is_an_eval_phrasing() -> None:
+    bare = [s for table in TABLES.values() for s in _sentences(table["train"])]
+    bare += [s for group in QUESTIONS.values() for s in group]
+    trained = {form for s in bare for form in training_phrasings(s)}
+    held_out = {s for table in TABLES.values() for s in _sentences(table["eval"])}
+    assert len(trained) > 4 * len(bare)  # the wrappers multiply the phrasings
+    assert not trained & held_out
+    assert EVAL_ONLY_WORDS <= _words(held_out)
+    assert not _words(trained) & EVAL_ONLY_WORDS
+
+
+def test_stage_three_wraps_about_half_its_requests_stage_one_and_eval_none() -> None:
+    rng = random.Random(0)
+    texts = [describe_task(rng, "train", _draw).turns[0].text for _ in range(2000)]
+    plain = _sentences(DESCRIBE["train"])
+    wrapped = [t for t in texts if t not in plain]
+    share = sum(wrappable(s) for s in plain) / len(plain)
+    assert abs(len(wrapped) / len(texts) - WRAP_RATE * share) < 0.05
+    forms = {form for s in plain for form in training_phrasings(s)}
+    assert set(wrapped) <= forms
+    rng = random.Random(0)
+    assert {describe_task(rng, "eval", _draw).turns[0].text for _ in range(200)} <= set(_sentences(DESCRIBE["eval"]))
+    rng = random.Random(0)
+    assert {encoder_alignment(rng, "train", _draw).turns[0].text for _ in range(200)} <= set(plain)
