@@ -1,7 +1,8 @@
-"""Batched decoding: 8 image jobs submitted at once to the embedded decoder pool, run one at a time
-(``max_batch`` 1) and as shared pipeline calls (``max_batch`` 8), side by side in one run, on the tiny bundle and on
-the world bundle, each at its bundle's default steps and size. Reports images per minute and the ratio.
-Writes bench/results/decoder_batching.json."""
+"""Batched decoding: 8 image jobs submitted at once, run one at a time (``max_batch`` 1) and as shared pipeline
+calls (``max_batch`` 8), side by side in one run, each at its bundle's default steps and size:
+- the embedded decoder pool, on the tiny bundle and on the world bundle;
+- a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle.
+Reports images per minute and the ratios. Writes bench/results/decoder_batching.json."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from safetensors.torch import save
 
 from bench.common import bench_bundle
 from services.bundle.loader import load_bundle
+from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app
+from services.contracts.settings import Settings
+from services.jobs.book import RedisJobBook
+from services.jobs.reader import AsyncJobReader
 from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, new_job_id
 from services.contracts.storage import new_key
 from services.decoders.local_queue import LocalDecoderQueue
@@ -28,6 +33,13 @@ from services.jobs.book import MemoryJobBook
 from services.storage.local import LocalArtifactStore
 
 WORLD = Path(__file__).parents[1] / "bundles" / "nextgpt-world"
+
+
+def _image_job(store: LocalArtifactStore, shape: tuple[int, ...]) -> DecodeJob:
+    cond = store.put_new("conditioning", save({"conditioning": torch.randn(1, *shape)}), "application/octet-stream")
+    job_id = new_job_id()
+    return DecodeJob(job_id=job_id, modality="image", conditioning_key=cond.key,
+                     artifact_key=new_key("image", ARTIFACT_FORMATS["image"][0], uid=job_id))
 
 
 async def _rate(pipelines: DecoderPipelines, max_batch: int, jobs: int) -> dict[str, Any]:
@@ -40,12 +52,8 @@ async def _rate(pipelines: DecoderPipelines, max_batch: int, jobs: int) -> dict[
         try:
             submitted = []
             started = time.perf_counter()
-            for i in range(jobs):
-                cond = store.put_new("conditioning", save({"conditioning": torch.randn(1, *shape)}),
-                                     "application/octet-stream")
-                job_id = new_job_id()
-                job = DecodeJob(job_id=job_id, modality="image", conditioning_key=cond.key,
-                                artifact_key=new_key("image", ARTIFACT_FORMATS["image"][0], uid=job_id))
+            for _ in range(jobs):
+                job = _image_job(store, shape)
                 await queue.submit(job)
                 submitted.append(job)
             ends = [[e async for e in queue.events(job.job_id)][-1] for job in submitted]
@@ -55,6 +63,43 @@ async def _rate(pipelines: DecoderPipelines, max_batch: int, jobs: int) -> dict[
     assert all(e.type == "completed" for e in ends), ends
     return {"max_batch": max_batch, "jobs": jobs, "wall_s": round(wall, 2),
             "images_per_min": round(jobs / wall * 60, 1)}
+
+
+async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: str, workdir: Path) -> dict[str, Any]:
+    """A real worker process consuming the image queue with this ``max_batch``; jobs sent through Redis."""
+    import redis
+    import redis.asyncio
+
+    from tests.support.workers import WorkerProcess
+
+    prefix = f"bench-{new_job_id()[:8]}:"
+    env = {"NEXTGPT_BUNDLE": str(bundle_dir), "NEXTGPT_REDIS__URL": redis_url, "NEXTGPT_REDIS__KEY_PREFIX": prefix,
+           "NEXTGPT_STORAGE__BACKEND": "local", "NEXTGPT_STORAGE__LOCAL_DIR": str(workdir),
+           "NEXTGPT_DECODERS__MAX_BATCH": str(max_batch)}
+    settings = Settings(**{"bundle": str(bundle_dir), "redis": {"url": redis_url, "key_prefix": prefix}})
+    store = LocalArtifactStore(workdir, 10**9)
+    shape = load_bundle(bundle_dir).manifest.outputs["image"].projector.output_shape
+    worker = WorkerProcess("image", env, workdir / f"worker-{max_batch}.log").wait_ready()
+    areader = redis.asyncio.Redis.from_url(redis_url)
+    queue = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(redis.Redis.from_url(redis_url), prefix),
+                               AsyncJobReader(areader, prefix, block_ms=200))
+
+    async def run(count: int) -> list[Any]:
+        submitted = [_image_job(store, shape) for _ in range(count)]
+        for job in submitted:
+            await queue.submit(job)
+        return [[e async for e in queue.events(job.job_id)][-1] for job in submitted]
+
+    try:
+        await run(1)  # warm-up: the worker loads its pipeline on the first job
+        started = time.perf_counter()
+        ends = await run(jobs)
+        wall = time.perf_counter() - started
+    finally:
+        worker.stop()
+        await areader.aclose()
+    assert all(e.type == "completed" for e in ends), ends
+    return {"max_batch": max_batch, "jobs": jobs, "wall_s": round(wall, 2), "images_per_min": round(jobs / wall * 60, 1)}
 
 
 def main() -> None:
@@ -70,18 +115,28 @@ def main() -> None:
         asyncio.run(_rate(pipelines, 1, 1))  # warm-up
         for max_batch in (1, args.jobs):
             row = asyncio.run(_rate(pipelines, max_batch, args.jobs))
-            rows.append({"bundle": name, "steps": defaults.steps, "size": f"{defaults.height}x{defaults.width}", **row})
-    print(f"embedded decoder pool, {args.jobs} image jobs at once, {os.cpu_count()} cores, torch threads "
+            rows.append({"bundle": name, "pool": "embedded", "steps": defaults.steps,
+                         "size": f"{defaults.height}x{defaults.width}", **row})
+    from tests.support.servers import redis_server
+
+    with redis_server() as info, tempfile.TemporaryDirectory() as tmp:
+        defaults = load_bundle(WORLD).manifest.outputs["image"].decoder.defaults
+        for max_batch in (1, args.jobs):
+            row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp)))
+            rows.append({"bundle": "world", "pool": "celery", "steps": defaults.steps,
+                         "size": f"{defaults.height}x{defaults.width}", **row})
+    print(f"{args.jobs} image jobs at once, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'bundle':>6} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}")
+    print(f"{'pool':>8} {'bundle':>6} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}")
     for r in rows:
-        print(f"{r['bundle']:>6} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
+        print(f"{r['pool']:>8} {r['bundle']:>6} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
               f"{r['images_per_min']:>10}")
     ratios = {}
-    for name in ("tiny", "world"):
-        serial, batched = (next(r for r in rows if r["bundle"] == name and r["max_batch"] == b) for b in (1, args.jobs))
-        ratios[name] = round(batched["images_per_min"] / serial["images_per_min"], 2)
-        print(f"{name}: batched / serial images per minute x{ratios[name]}")
+    for pool, name in (("embedded", "tiny"), ("embedded", "world"), ("celery", "world")):
+        serial, batched = (next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, name, b))
+                           for b in (1, args.jobs))
+        ratios[f"{pool} {name}"] = round(batched["images_per_min"] / serial["images_per_min"], 2)
+        print(f"{pool} {name}: batched / serial images per minute x{ratios[f'{pool} {name}']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
 
