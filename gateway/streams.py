@@ -27,24 +27,25 @@ LogEntry = tuple[int, str, dict[str, Any]]  # (event id, name, data)
 END = "_end"
 
 
+@dataclass(frozen=True)
+class StreamState:
+    exists: bool
+    owner: str | None = None
+    first_id: int | None = None  # the oldest entry still kept (None: none yet)
+    end_id: int | None = None  # one past the last event once the stream has ended, else None
+
+
 class EventLog(abc.ABC):
     @abc.abstractmethod
-    async def create(self, stream_id: str, owner: str | None) -> None: ...
+    async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
+        """A new stream, counted as read for ``reader_ttl_s`` (its first reader is on its way)."""
 
     @abc.abstractmethod
-    async def owner(self, stream_id: str) -> tuple[bool, str | None]:
-        """(exists, owner)."""
+    async def state(self, stream_id: str) -> StreamState:
+        """What a reader attaching needs to know, read at once."""
 
     @abc.abstractmethod
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None: ...
-
-    @abc.abstractmethod
-    async def first_id(self, stream_id: str) -> int | None:
-        """Id of the oldest entry still kept (None: none yet)."""
-
-    @abc.abstractmethod
-    async def end_id(self, stream_id: str) -> int | None:
-        """The id of the stream's end marker once it has ended (one past its last event), else None."""
 
     @abc.abstractmethod
     def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:
@@ -82,14 +83,20 @@ class MemoryEventLog(EventLog):
         while len(self._streams) > self.max_streams and ended:
             del self._streams[ended.pop(0)[1]]
 
-    async def create(self, stream_id: str, owner: str | None) -> None:
+    async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         self._sweep()
-        self._streams[stream_id] = _MemoryStream(owner)
+        self._streams[stream_id] = _MemoryStream(owner, seen_until=time.monotonic() + reader_ttl_s)
 
-    async def owner(self, stream_id: str) -> tuple[bool, str | None]:
+    def has(self, stream_id: str) -> bool:
+        return stream_id in self._streams
+
+    async def state(self, stream_id: str) -> StreamState:
         self._sweep()
         s = self._streams.get(stream_id)
-        return (s is not None, s.owner if s else None)
+        if s is None:
+            return StreamState(False)
+        return StreamState(True, s.owner, s.entries[0][0] if s.entries else None,
+                           s.entries[-1][0] if s.ended_at is not None and s.entries else None)
 
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None:
         s = self._streams[stream_id]
@@ -101,14 +108,6 @@ class MemoryEventLog(EventLog):
             s.ended_at = time.monotonic()
         s.changed.set()
         s.changed = asyncio.Event()
-
-    async def first_id(self, stream_id: str) -> int | None:
-        s = self._streams.get(stream_id)
-        return s.entries[0][0] if s and s.entries else None
-
-    async def end_id(self, stream_id: str) -> int | None:
-        s = self._streams.get(stream_id)
-        return s.entries[-1][0] if s and s.ended_at is not None and s.entries else None
 
     async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
         s = self._streams.get(stream_id)
@@ -140,56 +139,77 @@ class MemoryEventLog(EventLog):
 class RedisEventLog(EventLog):
     """A Redis stream per chat stream, entry ids ``<event id>-0``, trimmed to ``max_events``, expiring ``ttl_s``
     after the last event. A Redis restart mid-stream is ridden out by the client's own retry policy
-    (``services.jobs.redis_clients.async_redis``, as the job reader and the job book use)."""
+    (``services.jobs.redis_clients.async_redis``, as the job reader and the job book use).
 
-    def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000) -> None:
+    The hot path stays off Redis where it can. A stream produced in this process is also kept in memory (``local``,
+    until ``local_ttl_s`` after its end): readers on this replica follow it there, so an event reaches them
+    without a round trip, and a waiting reader holds no Redis connection; their presence is known here too. Redis
+    gets every event for readers on other replicas and for resumes after that: one write in flight per stream,
+    and the events that arrive meanwhile go together in the next one (the first event is never held back). A
+    reader on another replica holds one connection in a blocking read."""
+
+    def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
+                 local_ttl_s: float = 30.0) -> None:
         self.r, self.prefix, self.max_events = redis, key_prefix, max_events
         self.ttl_s, self.block_ms = ttl_s, block_ms
+        self.local = MemoryEventLog(max_events, local_ttl_s)
+        self._writers: dict[str, _StreamWriter] = {}
 
     def _key(self, stream_id: str, part: str = "") -> str:
         return f"{self.prefix}chatstream:{stream_id}{part}"
 
-    async def create(self, stream_id: str, owner: str | None) -> None:
+    async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
+        await self.local.create(stream_id, owner, reader_ttl_s)
         await self.r.set(self._key(stream_id, ":owner"), json.dumps(owner), ex=self.ttl_s)
+        self._writers[stream_id] = _StreamWriter(self, stream_id)
 
-    async def owner(self, stream_id: str) -> tuple[bool, str | None]:
-        raw = await self.r.get(self._key(stream_id, ":owner"))
-        return (False, None) if raw is None else (True, json.loads(raw))
+    async def state(self, stream_id: str) -> StreamState:
+        if self.local.has(stream_id):
+            return await self.local.state(stream_id)
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(self._key(stream_id, ":owner"))
+            pipe.xrange(self._key(stream_id), count=1)
+            pipe.xrevrange(self._key(stream_id), count=1)
+            raw, first, last = await pipe.execute()
+        if raw is None:
+            return StreamState(False)
+        ended = bool(last) and last[0][1][b"name"].decode() == END
+        return StreamState(True, json.loads(raw), int(first[0][0].split(b"-")[0]) if first else None,
+                           int(last[0][0].split(b"-")[0]) if ended else None)
 
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None:
-        key = self._key(stream_id)
+        await self.local.append(stream_id, event_id, name, data)
+        writer = self._writers[stream_id]
+        writer.add((event_id, name, data))
+        if name == END:  # the end is recorded in Redis before the producer finishes
+            self._writers.pop(stream_id, None)
+            await writer.drain()
 
-        async def write() -> None:
-            async with self.r.pipeline(transaction=True) as pipe:
+    async def _write(self, stream_id: str, entries: list[LogEntry]) -> None:
+        key = self._key(stream_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            for event_id, name, data in entries:
                 pipe.xadd(key, {"name": name, "data": json.dumps(data, separators=(",", ":"))},
                           id=f"{event_id}-0", maxlen=self.max_events, approximate=False)
-                pipe.expire(key, self.ttl_s)
-                pipe.expire(self._key(stream_id, ":owner"), self.ttl_s)
-                await pipe.execute()
-
-        await write()
-
-    async def first_id(self, stream_id: str) -> int | None:
-        first = await self.r.xrange(self._key(stream_id), count=1)
-        return int(first[0][0].split(b"-")[0]) if first else None
-
-    async def end_id(self, stream_id: str) -> int | None:
-        last = await self.r.xrevrange(self._key(stream_id), count=1)
-        if last and last[0][1][b"name"].decode() == END:
-            return int(last[0][0].split(b"-")[0])
-        return None
+            pipe.expire(key, self.ttl_s)
+            pipe.expire(self._key(stream_id, ":owner"), self.ttl_s)
+            await pipe.execute()
 
     async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
+        if self.local.has(stream_id):
+            async for entry in self.local.read(stream_id, after):
+                yield entry
+            return
         key = self._key(stream_id)
         last = f"{after}-0"
         while True:
             reply = await self.r.xread({key: last}, block=self.block_ms, count=200)
-            # The owner key lives from create() on and is refreshed by every append (the stream key only exists
+            # The owner key lives from create() on and is refreshed by every write (the stream key only exists
             # after the first event, which may take a while under load).
             if not reply and not await self.r.exists(self._key(stream_id, ":owner")):
                 # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait forever.
                 raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
-            if not reply and await self.end_id(stream_id) is not None:  # ended before ``after``
+            if not reply and (await self.state(stream_id)).end_id is not None:  # ended before ``after``
                 return
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
@@ -200,10 +220,45 @@ class RedisEventLog(EventLog):
                     yield int(last.split("-")[0]), name, json.loads(fields[b"data"])
 
     async def touch(self, stream_id: str, ttl_s: float) -> None:
-        await self.r.set(self._key(stream_id, ":reader"), "1", px=max(1, int(ttl_s * 1000)))
+        if self.local.has(stream_id):
+            await self.local.touch(stream_id, ttl_s)
+        else:
+            await self.r.set(self._key(stream_id, ":reader"), "1", px=max(1, int(ttl_s * 1000)))
 
     async def attached(self, stream_id: str) -> bool:
-        return bool(await self.r.exists(self._key(stream_id, ":reader")))
+        # Asked by the producer, which runs here: a reader here is seen in memory, one elsewhere in Redis.
+        return await self.local.attached(stream_id) or bool(await self.r.exists(self._key(stream_id, ":reader")))
+
+
+class _StreamWriter:
+    """A stream's events on their way to Redis: at most one write in flight; what arrives meanwhile is written
+    together next. Bounded: entries beyond ``max_events`` still waiting would be trimmed on arrival anyway."""
+
+    def __init__(self, events: RedisEventLog, stream_id: str) -> None:
+        self.events, self.stream_id = events, stream_id
+        self.pending: list[LogEntry] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, entry: LogEntry) -> None:
+        self.pending.append(entry)
+        del self.pending[:-self.events.max_events]
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
+
+    async def _flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await self.events._write(self.stream_id, batch)
+            except Exception as exc:  # the client already retried ~15 s: readers elsewhere miss these events
+                log.warning("chat stream %s: %d event(s) not written to Redis: %s", self.stream_id, len(batch), exc)
+
+    async def drain(self) -> None:
+        """Until everything added is written (or given up on); the write goes on if the caller is cancelled."""
+        while self.pending or (self.task is not None and not self.task.done()):
+            if self.task is None or self.task.done():
+                self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
+            await asyncio.shield(self.task)
 
 
 class StreamHub:
@@ -221,8 +276,7 @@ class StreamHub:
 
     async def start(self, events: AsyncIterator[TurnEvent], owner: str | None) -> str:
         stream_id = uuid.uuid4().hex
-        await self.log.create(stream_id, owner)
-        await self.log.touch(stream_id, self._reader_ttl_s)
+        await self.log.create(stream_id, owner, self._reader_ttl_s)
         task = asyncio.create_task(self._produce(stream_id, events), name=f"chat-stream-{stream_id}")
         self._producers.add(task)
         task.add_done_callback(self._producers.discard)
@@ -282,14 +336,13 @@ class StreamHub:
                 await self.log.append(stream_id, next_id + 1, END, {})
 
     async def attach(self, stream_id: str, owner: str | None, after: int = 0) -> AsyncIterator[LogEntry]:
-        exists, stream_owner = await self.log.owner(stream_id)
-        if not exists or stream_owner != owner:
+        state = await self.log.state(stream_id)
+        if not state.exists or state.owner != owner:
             raise NotFoundError(f"stream {stream_id} not found (or expired)", code="stream_not_found")
-        end = await self.log.end_id(stream_id)
+        end, first = state.end_id, state.first_id
         if end is not None and after >= end:
             raise InvalidRequestError(f"stream {stream_id} ended at event {end - 1}; there is no event {after}",
                                       code="invalid_event_id", param="Last-Event-ID")
-        first = await self.log.first_id(stream_id)
         if first is not None and first > after + 1:
             raise GoneError(f"events {after + 1}..{first - 1} of stream {stream_id} are past the replay window",
                             code="replay_window_passed")

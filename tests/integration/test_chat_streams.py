@@ -18,7 +18,7 @@ from gateway.conversations import (
     RedisConversationStore,
     StoredTurn,
 )
-from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub
+from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub, StreamState
 from gateway.turn_events import MessageDelta, TextComplete, TurnDone, TurnEvent
 from services.contracts.errors import GoneError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from services.jobs.redis_clients import async_redis
@@ -27,14 +27,43 @@ from tests.support.servers import RedisInfo
 Factory = Callable[[int], EventLog]
 
 
-@pytest.fixture(params=["memory", "redis"])
+class _Replicas(EventLog):
+    """Two gateway replicas on one Redis: the turn runs on the first, its readers attach to the second."""
+
+    def __init__(self, producer: RedisEventLog, reader: RedisEventLog) -> None:
+        self.producer, self.reader = producer, reader
+
+    async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
+        await self.producer.create(stream_id, owner, reader_ttl_s)
+
+    async def state(self, stream_id: str) -> StreamState:
+        return await self.reader.state(stream_id)
+
+    async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None:
+        await self.producer.append(stream_id, event_id, name, data)
+
+    def read(self, stream_id: str, after: int) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
+        return self.reader.read(stream_id, after)
+
+    async def touch(self, stream_id: str, ttl_s: float) -> None:
+        await self.reader.touch(stream_id, ttl_s)
+
+    async def attached(self, stream_id: str) -> bool:
+        return await self.producer.attached(stream_id)
+
+
+@pytest.fixture(params=["memory", "redis", "redis, another replica"])
 async def make_log(request: pytest.FixtureRequest, redis_info: RedisInfo) -> AsyncIterator[Factory]:
     if request.param == "memory":
         yield lambda max_events: MemoryEventLog(max_events, ttl_s=60)
         return
     client = async_redis(redis_info.url)  # the client the gateway uses: it rides out Redis restarts
     prefix = f"{redis_info.key_prefix}streams-{uuid.uuid4().hex[:6]}:"
-    yield lambda max_events: RedisEventLog(client, prefix, max_events, ttl_s=60, block_ms=200)
+    if request.param == "redis":
+        yield lambda max_events: RedisEventLog(client, prefix, max_events, ttl_s=60, block_ms=200)
+    else:
+        yield lambda max_events: _Replicas(RedisEventLog(client, prefix, max_events, ttl_s=60, block_ms=200),
+                                           RedisEventLog(client, prefix, max_events, ttl_s=60, block_ms=200))
     async for key in client.scan_iter(f"{prefix}*"):
         await client.delete(key)
     await client.aclose()
@@ -191,9 +220,10 @@ async def test_a_redis_reader_does_not_wait_forever_on_a_vanished_stream(redis_i
     client = redis.asyncio.Redis.from_url(redis_info.url)
     prefix = f"{redis_info.key_prefix}gone-{uuid.uuid4().hex[:6]}:"
     log = RedisEventLog(client, prefix, 100, ttl_s=60, block_ms=100)
+    elsewhere = RedisEventLog(client, prefix, 100, ttl_s=60, block_ms=100)  # a reader on another replica
     stream_id = uuid.uuid4().hex
-    await log.create(stream_id, None)
-    reader = log.read(stream_id, 0)
+    await log.create(stream_id, None, 5.0)
+    reader = elsewhere.read(stream_id, 0)
     first = asyncio.ensure_future(anext(reader))
     await asyncio.sleep(0.5)  # no event yet (a slow first token): still waiting, not gone
     assert not first.done()
@@ -233,3 +263,53 @@ async def test_a_reader_ahead_of_a_live_stream_ends_when_the_stream_does(make_lo
     stream_id = await hub.start(Turn(5, every_s=0.1).events(), owner="alice")
     ahead = await hub.attach(stream_id, "alice", after=500)  # the stream is still running: nothing to refuse yet
     assert await asyncio.wait_for(_drain(ahead), 20) == []
+
+
+async def _blocked_reads(client: Any) -> int:
+    clients = await client.execute_command("CLIENT", "LIST")
+    text = clients.decode() if isinstance(clients, bytes) else str(clients)
+    return sum(1 for line in text.splitlines() if "cmd=xread" in line and "flags=b" in line)
+
+
+async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_writes_coalesce(
+        redis_info: RedisInfo) -> None:
+    client = async_redis(redis_info.url)
+    watcher = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}hot-{uuid.uuid4().hex[:6]}:"
+    here = RedisEventLog(client, prefix, 1000, ttl_s=60, block_ms=2000)
+    hub = StreamHub(here, grace_s=5, touch_every_s=0.1)
+    slow = Turn(1, every_s=1.5)
+    stream_id = await hub.start(slow.events(), owner=None)
+    reading = asyncio.ensure_future(_drain(await hub.attach(stream_id, None)))
+    await asyncio.sleep(0.5)  # the reader waits for the first token
+    assert await _blocked_reads(watcher) == 0
+    elsewhere = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, block_ms=2000), grace_s=5)
+    remote = asyncio.ensure_future(_drain(await elsewhere.attach(stream_id, None)))
+    await asyncio.sleep(0.3)
+    assert await _blocked_reads(watcher) == 1  # a reader on another replica: one connection, in a blocking read
+    assert [e[0] for e in await asyncio.wait_for(reading, 10)] == [1, 2]
+    assert [e[0] for e in await asyncio.wait_for(remote, 10)] == [1, 2]
+
+    # A burst of events goes to Redis in fewer writes than events, all of them, in order.
+    async def transactions() -> int:
+        return int((await watcher.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
+
+    before = await transactions()
+    stream_id = await hub.start(Turn(300).events(), owner=None)
+    local = await asyncio.wait_for(_drain(await hub.attach(stream_id, None)), 20)
+    # The reader here saw the end from memory; the producer finishes once Redis has it too.
+    for _ in range(100):
+        if await watcher.xlen(f"{prefix}chatstream:{stream_id}") == 302:
+            break
+        await asyncio.sleep(0.05)
+    writes = await transactions() - before
+    stored = await watcher.xrange(f"{prefix}chatstream:{stream_id}")
+    assert [int(i.split(b"-")[0]) for i, _ in stored] == list(range(1, 303))  # 301 events and the end marker
+    assert [e[0] for e in local] == list(range(1, 302))
+    assert writes < 150, writes
+    await hub.close()
+    await elsewhere.close()
+    async for key in client.scan_iter(f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
+    await watcher.aclose()
