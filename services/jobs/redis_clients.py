@@ -24,8 +24,10 @@ def sync_redis(url: str) -> Any:
 
 
 def async_redis(url: str, max_connections: int = 1024, wait_s: float = 20.0) -> Any:
-    """Every open chat stream holds a connection in a blocking read (and its decode jobs one each): the pool is
-    sized for that, and a caller past the bound waits up to ``wait_s`` for a free connection instead of failing."""
+    """Connections are held only in blocking reads: one per chat stream read on a replica other than the one
+    producing it (a resumed stream), and one per process for all the decode jobs it follows; everything else borrows
+    a connection for one round trip. The bound is what caps resumed streams per replica (about ``max_connections``),
+    and a caller past it waits up to ``wait_s`` for a free connection instead of failing."""
     from redis.asyncio.retry import Retry
 
     # The retry policy belongs to the connections the pool makes (a client given a pool does not pass it on).
