@@ -22,11 +22,14 @@ Draw = Callable[[WorldModality], Attributes]
 DESCRIBE = {
     "train": {
         "image": ["Describe this picture.", "What is in this image?", "What do you see?", "Tell me what this shows.",
-                  "Caption this picture.", "What is this?", "Explain the image.", "Give a caption for this."],
+                  "Caption this picture.", "What is this?", "Explain the image.", "Give a caption for this.",
+                  "What is in this picture?", "What does this picture show?", "What is shown here?"],
         "video": ["Describe this clip.", "What happens in this video?", "What do you see in the clip?",
-                  "Caption this video.", "Tell me what this video shows.", "What is moving here?"],
+                  "Caption this video.", "Tell me what this video shows.", "What is moving here?",
+                  "What is in this video?", "What does this clip show?"],
         "audio": ["Describe this sound.", "What do you hear?", "What is this audio?", "Caption this sound.",
-                  "Tell me about this tone.", "What does this sound like?"],
+                  "Tell me about this tone.", "What does this sound like?", "What is in this sound?",
+                  "What does this audio play?"],
     },
     "eval": {
         "image": ["Can you tell me what this picture contains?", "Please describe the image for me."],
@@ -47,6 +50,19 @@ CREATE = {
         "image": ["Could you please render {x} for me?", "Please sketch {x}."],
         "video": ["Could you please produce a moving clip of {x}?", "Please record a video of {x}."],
         "audio": ["Could you please synthesize {x}?", "Please sound {x}."],
+    },
+}
+# Asking for a modality without saying what: the model picks the classes (and says which in its reply).
+OPEN_CREATE = {
+    "train": {
+        "image": ["Draw a picture.", "Draw something.", "Make an image.", "Show me a picture.", "Paint anything."],
+        "video": ["Make a video.", "Film something.", "Show me a clip.", "Animate something."],
+        "audio": ["Play a sound.", "Play a tone.", "Let me hear something.", "Make a noise."],
+    },
+    "eval": {
+        "image": ["Could you produce an image of your choice?"],
+        "video": ["Could you produce a clip of your choice?"],
+        "audio": ["Could you produce a sound of your choice?"],
     },
 }
 TO_VIDEO = {"train": ["Make this move {m}.", "Animate this moving {m}.", "Turn this into a video moving {m}.",
@@ -139,6 +155,13 @@ def create_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     return Conversation([Turn(role="user", text=text)], [], reply, [(modality, attrs)])
 
 
+def open_create_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = random_attrs(rng, modality)
+    text = _phrase(rng, OPEN_CREATE, split, modality, wrapped=True)
+    return Conversation([Turn(role="user", text=text)], [], f"Here is {caption(modality, attrs)}.", [(modality, attrs)])
+
+
 def image_to_video_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     still = draw("image")
     motion = rng.choice(CLASSES["motion"])
@@ -189,8 +212,8 @@ def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
 Task = Callable[[random.Random, Split, Draw], Conversation]
 # Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up.
 INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
-    (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (image_to_video_task, 1.0),
-    (video_to_image_task, 0.5), (two_media_task, 0.7), (follow_up_task, 0.8),
+    (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (open_create_task, 0.5),
+    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 0.7), (follow_up_task, 0.8),
 )
 
 

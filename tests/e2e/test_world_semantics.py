@@ -1,9 +1,9 @@
 """Meaning, end to end, on the committed world bundle: what a user asks for is what comes back.
 
 Through the public API of the embedded stack and of the distributed one (processes, Redis, S3, a Celery worker):
-"draw a blue triangle" returns a blue triangle, a high beeping tone is high and beeping, and a picture the model
-chose itself shows the colour its reply names. (Describing a picture and animating one are not reliable yet with
-this bundle: see `nextgpt eval world`.) These
+"draw a blue triangle" returns a blue triangle, a high beeping tone is high and beeping, a picture the model
+chose itself shows the colour its reply names, and "what is in this picture?" about a red circle names a red
+circle. (Animating a picture is not reliable yet with this bundle: see `nextgpt eval world`.) These
 pass only when every piece of wiring is right: the encoder's preprocessing and projection, the prompt layout, the
 LLM's hidden states at the bundle's offset, the projectors and their signal rows, the decoders' conditioning and
 guidance. No ``require_modalities``: the model picks the modality from the words.
@@ -21,8 +21,9 @@ from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from services.world.api_eval import WorldClient, words_say
-from services.world.attributes import CLASSES
+from services.world.attributes import CLASSES, Attributes
 from services.world.measures import measure
+from services.world.render import render
 from tests.support.servers import RedisInfo, S3Info, UvicornThread
 from tests.support.stack import KEY, distributed_stack
 
@@ -78,7 +79,19 @@ def check_picture_shows_what_the_reply_says(client: WorldClient) -> None:
     _most(results)
 
 
-CHECKS = [check_draw, check_tone, check_picture_shows_what_the_reply_says]
+def check_describe(client: WorldClient) -> None:
+    """An uploaded picture goes through the encoder's preprocessing, ImageBind's token features and the input
+    projection into the prompt: the words that come back must be the picture's."""
+    results = []
+    for seed in SEEDS:
+        picture = render("image", 4242, seed, Attributes(size="big", colour="red", shape="circle"))
+        reply = client.chat("What is in this picture?", ("image", picture.data), seed=seed)
+        ok = words_say(reply["text"], "colour", "red") and words_say(reply["text"], "shape", "circle")
+        results.append((ok, reply["text"]))
+    _most(results)
+
+
+CHECKS = [check_draw, check_tone, check_picture_shows_what_the_reply_says, check_describe]
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import random
 
 from services.training.world_tasks import (
-    BOTH, CREATE, DESCRIBE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, describe_task, encoder_alignment,
+    BOTH, CREATE, DESCRIBE, OPEN_CREATE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, describe_task, encoder_alignment,
     training_phrasings, wrappable,
 )
 from services.world.attributes import ATTRIBUTES, CLASSES, Attributes
 from services.world.text import QUESTIONS
 
-TABLES = {"describe": DESCRIBE, "create": CREATE, "to video": TO_VIDEO, "to image": TO_IMAGE, "recolour": RECOLOUR,
-          "both": BOTH}
+TABLES = {"describe": DESCRIBE, "create": CREATE, "open create": OPEN_CREATE, "to video": TO_VIDEO,
+          "to image": TO_IMAGE, "recolour": RECOLOUR, "both": BOTH}
 # The words that carry the eval phrasings' meaning: the model must understand them without having trained on them.
-EVAL_ONLY_WORDS = {"contains", "render", "sketch", "synthesize", "motion", "redo", "recording"}
+EVAL_ONLY_WORDS = {"contains", "render", "sketch", "synthesize", "motion", "redo", "recording", "choice"}
 
 
 def _sentences(options: list[str] | dict[str, list[str]]) -> list[str]:
