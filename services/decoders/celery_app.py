@@ -55,7 +55,7 @@ def make_worker_app(settings: Settings, runner: Callable[[], DecoderRunner]) -> 
                 jobs.append((request, DecodeJob.model_validate(request.args[0] if request.args else None)))
             except ValidationError as exc:
                 log.error("dropping malformed decode job %s: %s", request.id, exc)
-                app.backend.mark_as_done(request.id, None, request=request)
+                record(request, None)
         if not jobs:
             return
         log.info("took %d job(s): %s", len(jobs), " ".join(f"{job.modality}[{job.job_id}]" for _, job in jobs))
@@ -90,6 +90,13 @@ def make_worker_app(settings: Settings, runner: Callable[[], DecoderRunner]) -> 
             log.error("job %s crashed: %r", job.job_id, outcome)
             current.book.publish(JobEvent(job_id=job.job_id, type="failed", error="internal error"), job.modality)
         result: dict[str, Any] | None = outcome.model_dump(mode="json") if isinstance(outcome, ArtifactInfo) else None
-        app.backend.mark_as_done(request.id, result, request=request)
+        record(request, result)
+
+    def record(request: SimpleRequest, result: dict[str, Any] | None) -> None:
+        # Celery's own result, for its tooling (the gateway reads the job book): never worth failing the batch for.
+        try:
+            app.backend.mark_as_done(request.id, result, request=request)
+        except Exception as exc:
+            log.warning("decode %s: result not recorded: %s", request.id, exc)
 
     return app

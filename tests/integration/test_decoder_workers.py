@@ -314,3 +314,42 @@ async def test_a_broken_device_makes_the_worker_exit_and_the_job_goes_to_another
     finally:
         healthy.stop()
     assert events[-1].type == "completed"  # unacknowledged by the broken worker, run by the next one
+
+
+_FLAKY_STORE_HOOK = '''
+# Test fault injection (on the worker's PYTHONPATH only in the test): the first read from the artifact store fails
+# as a dropped connection does; later reads work.
+from services.storage import s3 as _s3
+
+_read = _s3.S3ArtifactStore.read
+_failed = []
+
+def _flaky(self, key, *args, **kwargs):
+    if not _failed:
+        _failed.append(key)
+        raise ConnectionResetError("connection reset by peer")
+    return _read(self, key, *args, **kwargs)
+
+_s3.S3ArtifactStore.read = _flaky
+'''
+
+
+async def test_a_transient_failure_inside_a_batch_is_sent_again_and_completes(
+        env: dict[str, str], queue: CeleryDecoderQueue, store: S3ArtifactStore, tiny_bundle_dir: Path,
+        tmp_path: Path, worker: WorkerProcess) -> None:
+    worker.stop()  # this test owns the queue: only its own worker consumes
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FLAKY_STORE_HOOK)
+    pythonpath = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    flaky = WorkerProcess("image", {**env, "PYTHONPATH": pythonpath}, tmp_path / "flaky.log").wait_ready()
+    try:
+        job = _job(store, tiny_bundle_dir, "image", steps=2)
+        await queue.submit(job)
+        events = await _collect(queue, job.job_id, timeout=120)
+    finally:
+        flaky.stop()
+    assert events[-1].type == "completed", events
+    assert sum(1 for e in events if e.type == "completed") == 1
+    assert b"retry in 2 s" in (tmp_path / "flaky.log").read_bytes()
+    assert store.exists(job.artifact_key)
