@@ -280,6 +280,15 @@ async def test_a_job_no_worker_takes_fails_with_no_decoder_worker(settings: Sett
             await queue.check_workers()
 
 
+def _faulty_worker(env: dict[str, str], tmp_path: Path, hook_source: str, name: str) -> WorkerProcess:
+    """An image worker whose interpreter first runs ``hook_source`` (a sitecustomize on its PYTHONPATH only)."""
+    hook = tmp_path / f"hook-{name}"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(hook_source)
+    pythonpath = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return WorkerProcess("image", {**env, "PYTHONPATH": pythonpath}, tmp_path / f"{name}.log").wait_ready()
+
+
 _BROKEN_DEVICE_HOOK = '''
 # Test fault injection (this file is on the worker's PYTHONPATH only in the test): the accelerator "breaks" on the
 # first decode, as a device-side assert does.
@@ -296,11 +305,7 @@ async def test_a_broken_device_makes_the_worker_exit_and_the_job_goes_to_another
         env: dict[str, str], queue: CeleryDecoderQueue, store: S3ArtifactStore, tiny_bundle_dir: Path,
         tmp_path: Path, worker: WorkerProcess) -> None:
     worker.stop()  # this test owns the queue: only its own workers consume
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_BROKEN_DEVICE_HOOK)
-    pythonpath = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    broken = WorkerProcess("image", {**env, "PYTHONPATH": pythonpath}, tmp_path / "broken.log").wait_ready()
+    broken = _faulty_worker(env, tmp_path, _BROKEN_DEVICE_HOOK, "broken")
     job = _job(store, tiny_bundle_dir, "image", steps=2)
     await queue.submit(job)
     try:
@@ -338,11 +343,7 @@ async def test_a_transient_failure_inside_a_batch_is_sent_again_and_completes(
         env: dict[str, str], queue: CeleryDecoderQueue, store: S3ArtifactStore, tiny_bundle_dir: Path,
         tmp_path: Path, worker: WorkerProcess) -> None:
     worker.stop()  # this test owns the queue: only its own worker consumes
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_FLAKY_STORE_HOOK)
-    pythonpath = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    flaky = WorkerProcess("image", {**env, "PYTHONPATH": pythonpath}, tmp_path / "flaky.log").wait_ready()
+    flaky = _faulty_worker(env, tmp_path, _FLAKY_STORE_HOOK, "flaky")
     try:
         job = _job(store, tiny_bundle_dir, "image", steps=2)
         await queue.submit(job)
