@@ -206,13 +206,11 @@ class RedisEventLog(EventLog):
             reply = await self.r.xread({key: last}, block=self.block_ms, count=200)
             # The owner key lives from create() on and is refreshed by every write (the stream key only exists
             # after the first event, which may take a while under load).
-            if not reply:
-                state = await self.state(stream_id)  # one round trip for both questions
-                if not state.exists:
-                    # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait.
-                    raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
-                if state.end_id is not None:  # ended before ``after``
-                    return
+            if not reply and not await self.r.exists(self._key(stream_id, ":owner")):
+                # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait forever.
+                raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
+            if not reply and (await self.state(stream_id)).end_id is not None:  # ended before ``after``
+                return
             for _key, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
