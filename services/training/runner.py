@@ -41,6 +41,7 @@ class StageRun:
     media_root: Path | None = None  # release-format data: the folder its media file names are under
     # Stage 1 only: train a fresh input projection of this design instead of the bundle's.
     input_projection: InputProjectionSpec | None = None
+    deepspeed: Path | None = None  # a DeepSpeed config (ZeRO over the processes of `accelerate launch`)
 
 
 @torch.inference_mode()
@@ -58,7 +59,7 @@ def train_stage(run: StageRun) -> dict[str, object]:
     spec = STAGES[run.stage]
     if run.steps:
         spec = replace(spec, loop=replace(spec.loop, steps=run.steps))
-    spec = replace(spec, loop=replace(spec.loop, seed=run.seed))
+    spec = replace(spec, loop=replace(spec.loop, seed=run.seed, deepspeed=run.deepspeed))
     bundle = load_bundle(run.bundle)
     if run.input_projection is not None and not spec.input_projection:
         raise ValueError(f"{run.stage} does not train the input projection: choose its design in align-encoder")

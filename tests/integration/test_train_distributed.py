@@ -1,5 +1,7 @@
 """Training in several processes (accelerate over torch.distributed with gloo, as `accelerate launch` runs it on
-CPUs): two processes with half the global batch each follow the same loss curve as one process."""
+CPUs): two processes with half the global batch each follow the same loss curve as one process, with the
+optimizer state whole in each process or sharded by DeepSpeed ZeRO-2 (the release's choice); a sharded run
+killed between checkpoints resumes onto the same curve."""
 
 from __future__ import annotations
 
@@ -13,16 +15,20 @@ import pytest
 
 from tests.support.servers import free_port
 
+REPO = Path(__file__).parents[2]
+ZERO2 = REPO / "deploy" / "training" / "zero2.json"
+
 
 def _curve(workdir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (workdir / "loss.jsonl").read_text().splitlines()]
 
 
-def _run(processes: int, workdir: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+def _run(processes: int, workdir: Path, deepspeed: Path | None = None, stop_after: int = 0) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-           f"--master_port={free_port()}", "-m", "tests.support.ddp_regression", str(workdir), "32"]
-    subprocess.run(cmd, check=True, env=env, timeout=240, cwd=Path(__file__).parents[2])
+           f"--master_port={free_port()}", "-m", "tests.support.ddp_regression", str(workdir), "32",
+           str(deepspeed or ""), str(stop_after)]
+    subprocess.run(cmd, check=True, env=env, timeout=240, cwd=REPO)
 
 
 def test_two_processes_give_the_one_process_loss_curve(tmp_path: Path) -> None:
@@ -32,3 +38,20 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path: Path) -> None:
     assert len(one) == len(two) == 20
     assert one[-1] < one[0] * 0.8  # it learns
     assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
+
+
+def test_zero2_over_two_processes_gives_the_one_process_curve_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    _run(1, tmp_path / "one")
+    _run(2, tmp_path / "zero2", ZERO2)
+    one, sharded = _curve(tmp_path / "one"), _curve(tmp_path / "zero2")
+    assert len(sharded) == 20
+    assert sharded == pytest.approx(one, rel=1e-4, abs=1e-6)
+    shards = list((tmp_path / "zero2" / "deepspeed").glob("step20/*optim_states.pt"))
+    assert len(shards) == 2  # each process wrote its own part of the optimizer state
+    # The same run killed after 12 steps (last checkpoint: 10) and started again: it goes on from step 10.
+    _run(2, tmp_path / "resumed", ZERO2, stop_after=12)
+    _run(2, tmp_path / "resumed", ZERO2)
+    resumed = _curve(tmp_path / "resumed")
+    assert resumed[:12] == pytest.approx(one[:12], rel=1e-4, abs=1e-6)
+    assert resumed[12:] == pytest.approx(one[10:], rel=1e-4, abs=1e-6)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -30,7 +33,9 @@ from services.llm.hf_backend import HFBackend
 from services.training.runner import StageRun, train_stage
 from services.world.dataset import write_world
 from tests.support import media
-from tests.support.servers import UvicornThread, wait_until
+from tests.support.servers import UvicornThread, free_port, wait_until
+
+ZERO2 = Path(__file__).parents[2] / "deploy" / "training" / "zero2.json"
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,42 @@ def test_a_group_input_projection_trains_and_is_served_like_any_other(tiny_bundl
     (out / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not part of a linear input projection"):
         load_bundle(out)
+
+
+def _launch(processes: int, bundle: Path, world: Path, out: Path, *extra: str) -> None:
+    """`nextgpt train instruct` under torchrun (as `accelerate launch` starts it), gloo on this CPU."""
+    nextgpt = Path(sys.executable).with_name("nextgpt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                           f"--master_port={free_port()}", str(nextgpt), "train", "instruct", "--bundle", str(bundle),
+                           "--data", str(world), "--out", str(out), "--steps", "12", *extra],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_instruct_under_zero2_over_two_processes(tiny_bundle_dir: Path, world: Path, tmp_path: Path) -> None:
+    """Stage 3 with DeepSpeed ZeRO-2 over two processes: shards of a batch hold different modalities (one without
+    audio has no audio projector in its graph, and no l2_audio), which must neither hang nor mix gradients. The
+    curve stays with one process's (per-shard means weigh items a little differently), nothing frozen changes,
+    and the bundle it writes carries the adapter."""
+    pytest.importorskip("deepspeed")
+    frozen = _frozen_files(tiny_bundle_dir)
+    _launch(1, tiny_bundle_dir, world, tmp_path / "one")
+    _launch(2, tiny_bundle_dir, world, tmp_path / "zero2", "--deepspeed", str(ZERO2))
+    one, sharded = _losses(tmp_path / "one.work"), _losses(tmp_path / "zero2.work")
+    assert len(sharded) == len(one) == 2
+    assert sharded == pytest.approx(one, rel=0.01)
+    assert len(list((tmp_path / "zero2.work" / "deepspeed").glob("step12/*optim_states.pt"))) == 2
+    out = tmp_path / "zero2"
+    assert _frozen_files(out) == frozen
+    manifest = load_bundle(out).manifest
+    signal_ids = [i for spec in manifest.outputs.values() for i in spec.signal.token_ids]
+    before = load_file(str(tiny_bundle_dir / "llm" / "model.safetensors"))
+    after = load_file(str(out / "llm" / "model.safetensors"))
+    for key, weight in before.items():  # only the signal tokens' rows of the LLM learn
+        keep = torch.ones(weight.shape[0], dtype=torch.bool)
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            keep[signal_ids] = False
+        assert torch.equal(after[key][keep], weight[keep]), key
+    assert [lora.name for lora in manifest.llm.loras] == ["nextgpt"]
+    assert (out / "lora" / "nextgpt" / "adapter_model.safetensors").is_file()

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm import tqdm
+
+from services.world.pretrain import zero
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -37,6 +40,9 @@ class LoopConfig:
     log_every: int = 10
     seed: int = 0
     grad_clip: float = 1.0
+    # A DeepSpeed config (deploy/training/zero2.json): ZeRO shards the optimizer state and gradients over the
+    # processes. None: every process holds them whole and gradients are averaged here.
+    deepspeed: Path | None = None
 
 
 StepLoss = Callable[[torch.Generator], "dict[str, torch.Tensor]"]
@@ -81,16 +87,22 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     start = 0
     checkpoint = workdir / CHECKPOINT
-    if checkpoint.is_file():
+    module.to(accelerator.device)
+    engine = None
+    if cfg.deepspeed is not None:
+        engine = zero.start_engine(module, optimizer, scheduler, cfg.deepspeed, cfg.grad_clip)
+        start = zero.load_checkpoint(engine, workdir)
+    elif checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
+    if start:
         log.info("%s: resumed at step %d of %d", name, start, cfg.steps)
     # Parts compute their losses through their own references to the module, so it is not wrapped in DDP (whose
-    # gradient hooks only fire through the wrapper's forward): gradients are averaged over processes explicitly.
-    module.to(accelerator.device)
+    # gradient hooks only fire through the wrapper's forward): without DeepSpeed, gradients are averaged over
+    # processes explicitly.
     module.train()
     history: list[dict[str, float]] = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step",
@@ -101,20 +113,24 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             losses = step_loss(generator)
             total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(total)
-            if accelerator.num_processes > 1:
-                for param in params:
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                    param.grad = accelerator.reduce(param.grad, reduction="mean")
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            if engine is not None:
+                # Reduce-scattered into each process's shard.
+                engine.backward(zero.same_graph_on_every_process(total, params))
+                engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(total)
+                if accelerator.num_processes > 1:
+                    for param in params:
+                        if param.grad is None:
+                            param.grad = torch.zeros_like(param)
+                        param.grad = accelerator.reduce(param.grad, reduction="mean")
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
             # Logged: the mean over processes (with equal shards, the global batch's loss).
-            logged = {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}
-            logged = {k: float(accelerator.reduce(v.reshape(1), reduction="mean")) for k, v in logged.items()}
+            logged = _mean_over_processes(accelerator, {"loss": total, **losses})
             row = {"step": step + 1, **logged, "lr": scheduler.get_last_lr()[0],
                    "elapsed_s": round(time.perf_counter() - started, 2)}
             history.append(row)
@@ -124,10 +140,28 @@ def train_part(name: str, module: nn.Module, step_loss: StepLoss, cfg: LoopConfi
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                _save(accelerator, module, optimizer, scheduler, step + 1, checkpoint)
-    accelerator.end_training()
+                if engine is not None:
+                    zero.save_checkpoint(engine, workdir, step + 1)
+                else:
+                    _save(accelerator, module, optimizer, scheduler, step + 1, checkpoint)
+    # Trackers only: `end_training` would also destroy the process group, which the caller still needs (the next
+    # part, the main process writing the bundle while the others wait).
+    for tracker in accelerator.trackers:
+        tracker.finish()
     module.eval()
     return history
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each named loss averaged over the processes (with equal shards, the global batch's). A shard can lack a
+    loss (no audio in it, no ``l2_audio``), and every process must make the same collectives: the names are
+    agreed first, a missing one counts 0, and all go in one reduction."""
+    if accelerator.num_processes == 1:
+        return {k: float(v) for k, v in values.items()}
+    names = sorted({name for found in gather_object([sorted(values)]) for name in found})
+    zero = torch.zeros((), device=accelerator.device)
+    stacked = torch.stack([values.get(n, zero).detach().float().reshape(()) for n in names])
+    return dict(zip(names, accelerator.reduce(stacked, reduction="mean").tolist()))
 
 
 def _save(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
