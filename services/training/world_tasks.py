@@ -65,8 +65,12 @@ OPEN_CREATE = {
         "audio": ["Could you produce a sound of your choice?"],
     },
 }
+# Animating a picture in many verbs: with four phrasings that all said "move"/"moving", a request in other words
+# ("could you set this in motion towards the left?") read as a question about the picture (a clip 21% of the time).
 TO_VIDEO = {"train": ["Make this move {m}.", "Animate this moving {m}.", "Turn this into a video moving {m}.",
-                      "Now make it move {m}."],
+                      "Now make it move {m}.", "Move this to the {m}.", "Make it go {m}.", "Have this travel {m}.",
+                      "Let this slide {m}.", "Make a clip of this going {m}.", "Send this {m} in a video.",
+                      "Push it to the {m}."],
             "eval": ["Could you set this in motion towards the {m}?"]}
 TO_IMAGE = {"train": ["Show this as a still picture.", "Make a picture of this.", "Draw a frame of this clip."],
             "eval": ["Could you give me a still image of this?"]}

@@ -14,7 +14,8 @@ from services.world.text import QUESTIONS
 TABLES = {"describe": DESCRIBE, "create": CREATE, "open create": OPEN_CREATE, "to video": TO_VIDEO,
           "to image": TO_IMAGE, "recolour": RECOLOUR, "both": BOTH}
 # The words that carry the eval phrasings' meaning: the model must understand them without having trained on them.
-EVAL_ONLY_WORDS = {"contains", "render", "sketch", "synthesize", "motion", "redo", "recording", "choice"}
+EVAL_ONLY_WORDS = {"contains", "render", "sketch", "synthesize", "set", "motion", "towards", "redo", "recording",
+                   "choice"}
 
 
 def _sentences(options: list[str] | dict[str, list[str]]) -> list[str]:
