@@ -157,10 +157,10 @@ def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tenso
     loss (no audio in it, no ``l2_audio``), and every process must make the same collectives: the names are
     agreed first, a missing one counts 0, and all go in one reduction."""
     if accelerator.num_processes == 1:
-        return {k: float(v) for k, v in values.items()}
+        return {k: float(v.detach()) for k, v in values.items()}
     names = sorted({name for found in gather_object([sorted(values)]) for name in found})
-    zero = torch.zeros((), device=accelerator.device)
-    stacked = torch.stack([values.get(n, zero).detach().float().reshape(()) for n in names])
+    missing = torch.zeros((), device=accelerator.device)
+    stacked = torch.stack([values.get(n, missing).detach().float().reshape(()) for n in names])
     return dict(zip(names, accelerator.reduce(stacked, reduction="mean").tolist()))
 
 
