@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.deepspeed import DEEPSPEED_PYTHON, ZERO2, needs_deepspeed
 from tests.support.servers import free_port
 
 REPO = Path(__file__).parents[2]
-ZERO2 = REPO / "deploy" / "training" / "zero2.json"
-# DeepSpeed lives in its own environment (`make deepspeed-env`), layered over this one's packages.
-DEEPSPEED_PYTHON = os.environ.get("NEXTGPT_TEST_DEEPSPEED_PYTHON")
-needs_deepspeed = pytest.mark.skipif(not DEEPSPEED_PYTHON, reason="NEXTGPT_TEST_DEEPSPEED_PYTHON not set (make test sets it)")
 
 
 def _curve(workdir: Path) -> list[float]:

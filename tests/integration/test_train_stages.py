@@ -32,10 +32,9 @@ from services.llm.hf_backend import HFBackend
 from services.training.runner import StageRun, train_stage
 from services.world.dataset import write_world
 from tests.support import media
+from tests.support.deepspeed import DEEPSPEED_PYTHON, ZERO2, needs_deepspeed
 from tests.support.servers import UvicornThread, free_port, wait_until
 
-ZERO2 = Path(__file__).parents[2] / "deploy" / "training" / "zero2.json"
-DEEPSPEED_PYTHON = os.environ.get("NEXTGPT_TEST_DEEPSPEED_PYTHON")  # `make deepspeed-env`
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +217,7 @@ def _launch(processes: int, bundle: Path, world: Path, out: Path, *extra: str) -
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.skipif(not DEEPSPEED_PYTHON, reason="NEXTGPT_TEST_DEEPSPEED_PYTHON not set (make test sets it)")
+@needs_deepspeed
 def test_instruct_under_zero2_over_two_processes(tiny_bundle_dir: Path, world: Path, tmp_path: Path) -> None:
     """Stage 3 with DeepSpeed ZeRO-2 over two processes: shards of a batch hold different modalities (one without
     audio has no audio projector in its graph, and no l2_audio), which must neither hang nor mix gradients. The
