@@ -41,8 +41,12 @@ def vllm_processes(python: str, bundle: Bundle) -> Iterator[VLLMInfo]:
         for name, args in (("server", server),
                            ("pooler", pooler_args(python, bundle, pooler_port))):
             with logs[name].open("wb") as out:
+                # A process group of its own (killed as one below) but not a session of its own: with the kernel's
+                # autogroup scheduling a new session is a CPU group of its own, and on this 2-core machine a vLLM
+                # server in one admitted one request at a time (8 concurrent streams: 1 running, TTFT p50 ~1 s vs
+                # 40 ms for the same server in the caller's session, which batches all 8).
                 procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                              start_new_session=True))
+                                              process_group=0))
         info = VLLMInfo(f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{pooler_port}",
                         (procs[0].pid, procs[1].pid))
         wait_until(lambda: httpx.get(f"{info.server_url}/health").status_code == 200, 400, "vLLM server",
