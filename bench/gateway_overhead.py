@@ -67,19 +67,23 @@ async def _point(stack_url: str, llm_url: str, auth: dict[str, str], concurrency
         await _direct(llm, 4, 0)  # warm both paths
         await _gateway(http, stack_url, auth, 4, 0)
         direct_ttft, gateway_ttft, gateway_rate = [], [], []
+        # A wave of ``concurrency`` requests gives that many TTFTs; at low concurrency the LLM's own TTFT varies
+        # more than the gateway adds, so small points run several waves per round (one path after the other).
+        waves = max(1, 24 // concurrency)
         for r in range(rounds):
             # Alternate which path goes first, so neither always runs on a warmer machine.
             for path in (("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")):
-                seeds = range(r * 1000, r * 1000 + concurrency)
-                started = time.perf_counter()
-                if path == "direct":
-                    results = await asyncio.gather(*(_direct(llm, tokens, s) for s in seeds))
-                    direct_ttft.append(statistics.median(x[0] for x in results))
-                else:
-                    runs = await asyncio.gather(*(_gateway(http, stack_url, auth, tokens, s) for s in seeds))
-                    wall = time.perf_counter() - started
-                    gateway_ttft.append(statistics.median(x["ttft"] for x in runs))
-                    gateway_rate.append(sum(x["tokens"] for x in runs) / wall)
+                for w in range(waves):
+                    seeds = range((r * waves + w) * 1000, (r * waves + w) * 1000 + concurrency)
+                    started = time.perf_counter()
+                    if path == "direct":
+                        results = await asyncio.gather(*(_direct(llm, tokens, s) for s in seeds))
+                        direct_ttft += [x[0] for x in results]
+                    else:
+                        runs = await asyncio.gather(*(_gateway(http, stack_url, auth, tokens, s) for s in seeds))
+                        wall = time.perf_counter() - started
+                        gateway_ttft += [x["ttft"] for x in runs]
+                        gateway_rate.append(sum(x["tokens"] for x in runs) / wall)
     d, g = statistics.median(direct_ttft), statistics.median(gateway_ttft)
     return {"concurrency": concurrency, "ttft_direct_ms": round(d * 1000, 1), "ttft_gateway_ms": round(g * 1000, 1),
             "overhead_ratio": round(g / d, 3), "gateway_tok_s": round(statistics.median(gateway_rate), 1)}
@@ -112,7 +116,8 @@ def main() -> None:
         artifacts = [asyncio.run(_first_artifact(stack.url, stack.auth, c, 2)) for c in (1, 8)]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
-          f"{args.tokens} tokens greedy, median of {args.rounds} rounds ({machine})")
+          f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path "
+          f"({machine})")
     print(f"{'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} {'gateway tok/s':>14}")
     for r in rows:
         print(f"{r['concurrency']:>5} {r['ttft_direct_ms']:>15} {r['ttft_gateway_ms']:>16} {r['overhead_ratio']:>7} "

@@ -40,6 +40,9 @@ class EventLog(abc.ABC):
     async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         """A new stream, counted as read for ``reader_ttl_s`` (its first reader is on its way)."""
 
+    async def published(self, stream_id: str) -> None:
+        """Until a stream made by ``create`` can be found by readers elsewhere (at once where there are none)."""
+
     @abc.abstractmethod
     async def state(self, stream_id: str) -> StreamState:
         """What a reader attaching needs to know, read at once."""
@@ -160,8 +163,17 @@ class RedisEventLog(EventLog):
 
     async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         await self.local.create(stream_id, owner, reader_ttl_s)
-        await self.r.set(self._key(stream_id, ":owner"), json.dumps(owner), ex=self.ttl_s)
-        self._writers[stream_id] = _StreamWriter(self, stream_id)
+        # The owner key is written while the turn starts (its LLM request goes out meanwhile: one Redis round trip
+        # less before the first token); ``published`` waits for it before anyone learns the stream's id, and the
+        # first event write waits for it too (every write refreshes its expiry).
+        owner_write = asyncio.ensure_future(self.r.set(self._key(stream_id, ":owner"), json.dumps(owner),
+                                                       ex=self.ttl_s))
+        self._writers[stream_id] = _StreamWriter(self, stream_id, owner_write)
+
+    async def published(self, stream_id: str) -> None:
+        writer = self._writers.get(stream_id)
+        if writer is not None:  # none: the stream has already ended, after its writes (and so the owner key's)
+            await asyncio.shield(writer.owner_write)
 
     async def state(self, stream_id: str) -> StreamState:
         if self.local.has(stream_id):
@@ -234,8 +246,8 @@ class _StreamWriter:
     """A stream's events on their way to Redis: at most one write in flight; what arrives meanwhile is written
     together next. Bounded: entries beyond ``max_events`` still waiting would be trimmed on arrival anyway."""
 
-    def __init__(self, events: RedisEventLog, stream_id: str) -> None:
-        self.events, self.stream_id = events, stream_id
+    def __init__(self, events: RedisEventLog, stream_id: str, owner_write: asyncio.Future[Any]) -> None:
+        self.events, self.stream_id, self.owner_write = events, stream_id, owner_write
         self.pending: list[LogEntry] = []
         self.task: asyncio.Task[None] | None = None
 
@@ -249,6 +261,7 @@ class _StreamWriter:
         while self.pending:
             batch, self.pending = self.pending, []
             try:
+                await self.owner_write
                 await self.events._write(self.stream_id, batch)
             except Exception as exc:  # the client already retried ~15 s: readers elsewhere miss these events
                 log.warning("chat stream %s: %d event(s) not written to Redis: %s", self.stream_id, len(batch), exc)
@@ -280,6 +293,11 @@ class StreamHub:
         task = asyncio.create_task(self._produce(stream_id, events), name=f"chat-stream-{stream_id}")
         self._producers.add(task)
         task.add_done_callback(self._producers.discard)
+        try:
+            await self.log.published(stream_id)  # the turn is already under way meanwhile
+        except BaseException:
+            task.cancel()  # nobody will learn of this stream: its turn (and generation) ends here
+            raise
         return stream_id
 
     async def _produce(self, stream_id: str, events: AsyncIterator[TurnEvent]) -> None:

@@ -36,6 +36,9 @@ class _Replicas(EventLog):
     async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         await self.producer.create(stream_id, owner, reader_ttl_s)
 
+    async def published(self, stream_id: str) -> None:
+        await self.producer.published(stream_id)
+
     async def state(self, stream_id: str) -> StreamState:
         return await self.reader.state(stream_id)
 
@@ -313,3 +316,19 @@ async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_wri
         await client.delete(key)
     await client.aclose()
     await watcher.aclose()
+
+
+async def test_a_stream_whose_owner_key_cannot_be_written_is_refused_and_its_turn_closed() -> None:
+    """The owner key is written while the turn starts; when that write fails, nobody may learn of the stream
+    (start raises) and the turn already under way is closed (its generation cancelled), not left running."""
+    from tests.support.servers import free_port
+
+    dead = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1)  # nothing listens there
+    hub = StreamHub(RedisEventLog(dead, "dead:", 100, ttl_s=60), grace_s=5, touch_every_s=0.1)
+    turn = Turn(1000, every_s=0.01)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await hub.start(turn.events(), owner=None)
+    await asyncio.wait_for(turn.closed.wait(), 10)
+    assert turn.emitted < 1000
+    await hub.close()
+    await dead.aclose()
