@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -134,7 +135,22 @@ def test_eight_concurrent_mixed_adapter_requests_batch_and_equal_transformers(
         assert isinstance(expected, Done) and results[i] == expected.token_ids, i
 
     # Longer replies, 8 at once: the engine that batched them without our plugin crashed here ("EngineCore
-    # encountered an issue"). How much they gain from batching on this CPU is the benchmark's to say.
+    # encountered an issue"). How much they gain from batching on this CPU is the benchmark's to say; that the
+    # engine ran several of them at once is checked here, from its own gauge.
+    running: list[float] = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        with httpx.Client(timeout=5) as http:
+            while not finished.is_set():
+                for line in http.get(f"{vl.server_url}/metrics").text.splitlines():
+                    if line.startswith("vllm:num_requests_running"):
+                        running.append(float(line.rsplit(" ", 1)[1]))
+                finished.wait(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+
     def long(i: int) -> None:
         try:
             done = _run(vl, GenerateParams(turns=[Turn(role="user", text="tell me more", media=[0])], max_tokens=200,
@@ -144,7 +160,10 @@ def test_eight_concurrent_mixed_adapter_requests_batch_and_equal_transformers(
             errors.append(exc)
 
     together(long)
+    finished.set()
+    watcher.join()
     assert not errors, errors
+    assert running and max(running) >= 4, f"the engine never ran more than {max(running, default=0)} at once"
 
 
 def test_every_budget_keeps_required_groups_whole_or_is_refused_on_vllm(
