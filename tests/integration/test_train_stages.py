@@ -36,7 +36,6 @@ from tests.support.deepspeed import DEEPSPEED_PYTHON, ZERO2, needs_deepspeed
 from tests.support.servers import UvicornThread, free_port, wait_until
 
 
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")

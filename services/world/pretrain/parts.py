@@ -64,7 +64,7 @@ def run_picture_vae(data: Path, work: Path, steps: int, seed: int, progress: boo
     return PartResult("picture-vae", folder / "exported", {"scaling_factor": float(vae.config.scaling_factor)})
 
 
-def _clip_and_unet(steps: int, seed: int, unet_factor: int = 1) -> dict[str, LoopConfig]:
+def _clip_and_unet(steps: int, seed: int, unet_factor: int) -> dict[str, LoopConfig]:
     # The contrastive binding is cheap (one small tower, a few dozen captions: about a tenth of the UNet's time).
     return {"clip": LoopConfig(steps=steps, lr=1e-3, warmup=10, seed=seed),
             "unet": LoopConfig(steps=steps * unet_factor, lr=5e-4, seed=seed)}
