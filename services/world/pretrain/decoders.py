@@ -40,11 +40,36 @@ log = logging.getLogger(__name__)
 # Conditioning widths (the projectors' output widths); distinct so that a modality mix-up fails on shape.
 WORLD_COND_DIMS = {"image": 64, "video": 80, "audio": 32}
 CFG_DROPOUT = 0.1
-_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# Stable Diffusion's schedule, epsilon prediction. Its last training step still keeps sqrt(0.0047) = 7% of the
+# clean latent, which sampling (from pure noise) never has.
+EPSILON = dict(_BETAS, prediction_type="epsilon")
+# Zero terminal SNR with v-prediction and trailing timesteps (Lin et al., "Common Diffusion Noise Schedules and
+# Sample Steps are Flawed"). With SD's schedule the clip UNet read the motion out of that 7% leak: its loss was
+# the same with the caption's direction reversed at every timestep (right 0.0099 = reversed 0.0099 at t=950,
+# 48 fresh clips), so from pure noise the shapes moved wherever the noise put them. At zero terminal SNR the
+# first step has nothing to read but the caption.
+ZERO_SNR = dict(_BETAS, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+SCHEDULES = {"image": EPSILON, "video": ZERO_SNR, "audio": EPSILON}
 
 
-def inference_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+def training_scheduler(modality: str) -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULES[modality])
+
+
+def denoising_target(schedule: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict from ``schedule.add_noise(x0, noise, t)``: the noise, or the velocity."""
+    if schedule.config.prediction_type == "v_prediction":
+        return schedule.get_velocity(x0, noise, t)
+    return noise
+
+
+def inference_scheduler(modality: str) -> DDIMScheduler:
+    schedule = SCHEDULES[modality]
+    spacing = "trailing" if schedule.get("rescale_betas_zero_snr") else "leading"
+    return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         timestep_spacing=spacing)
 
 
 def world_vae(channels: int) -> AutoencoderKL:
@@ -153,13 +178,15 @@ def condition(modality: str, text_encoder: nn.Module, tokens: dict[str, torch.Te
 def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: torch.Tensor, captions: list[str],
                    cfg: LoopConfig, workdir: Path, batch_size: int, progress: bool = True,
                    train_text: bool = True) -> Denoiser:
-    """Epsilon-prediction MSE over the DDPM schedule the inference scheduler shares; 10% of captions -> "".
+    """MSE to the modality's schedule target (epsilon, or velocity at zero terminal SNR) over the DDPM schedule
+    the inference scheduler shares; 10% of captions -> "".
     ``train_text=False`` keeps a pretrained text encoder frozen, as AudioLDM keeps CLAP."""
     vocabulary = all_captions(modality) + [""]
     index = torch.tensor([vocabulary.index(c) for c in captions])
     uncond = len(vocabulary) - 1
     tokens = caption_tokens(tokenizer, vocabulary)
-    noise_schedule = DDPMScheduler(**_SCHEDULE)
+    noise_schedule = training_scheduler(modality)
+    v_prediction = noise_schedule.config.prediction_type == "v_prediction"
     denoiser.text_encoder.requires_grad_(train_text)
     frozen = None
     if not train_text:  # a frozen tower gives the same conditions every step: compute them once
@@ -184,7 +211,7 @@ def train_denoiser(modality: str, denoiser: Denoiser, tokenizer: Any, latents: t
             pred = denoiser.unet(noisy, t, encoder_hidden_states=None, class_labels=cond).sample
         else:
             pred = denoiser.unet(noisy, t, encoder_hidden_states=cond).sample
-        return {"eps": F.mse_loss(pred, noise)}
+        return {"v" if v_prediction else "eps": F.mse_loss(pred, denoising_target(noise_schedule, x0, noise, t))}
 
     train_part(f"{modality}-unet", denoiser, step_loss, cfg, workdir, progress=progress)
     return denoiser.eval()
@@ -372,7 +399,7 @@ def pretrain_image(split: WorldSplit, vae: AutoencoderKL, cfgs: dict[str, LoopCo
                               latents, split.captions, cfgs["unet"], workdir, batch_size, progress, train_text=False)
     pipe = StableDiffusionPipeline(
         unet=denoiser.unet, vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer,
-        scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=inference_scheduler("image"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
     return pipe
@@ -392,7 +419,7 @@ def pretrain_video(split: WorldSplit, vae: AutoencoderKL, cfgs: dict[str, LoopCo
     denoiser = train_denoiser("video", Denoiser(video_unet(WORLD_COND_DIMS["video"]), text_encoder), tokenizer,
                               latents, split.captions, cfgs["unet"], workdir, batch_size, progress, train_text=False)
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer,
-                                 unet=denoiser.unet, scheduler=inference_scheduler())
+                                 unet=denoiser.unet, scheduler=inference_scheduler("video"))
     pipe.save_pretrained(str(out), safe_serialization=True)
     return pipe
 
@@ -413,6 +440,6 @@ def pretrain_audio(split: WorldSplit, cfgs: dict[str, LoopConfig], workdir: Path
                               latents, split.captions, cfgs["unet"], workdir / "unet", batch_size, progress,
                               train_text=False)
     pipe = AudioLDMPipeline(vae=vae, text_encoder=denoiser.text_encoder, tokenizer=tokenizer, unet=denoiser.unet,
-                            scheduler=inference_scheduler(), vocoder=vocoder)
+                            scheduler=inference_scheduler("audio"), vocoder=vocoder)
     pipe.save_pretrained(str(out), safe_serialization=True)
     return pipe

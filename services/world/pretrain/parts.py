@@ -84,8 +84,10 @@ def run_image(data: Path, work: Path, steps: int, seed: int, progress: bool) -> 
     return PartResult("image", folder / "exported", {})
 
 
-# 600 steps of 8 clips left the clip UNet drawing colour but not yet motion (31%, chance is 25%).
-VIDEO_UNET_FACTOR = 2
+# On SD's schedule the clip UNet never drew motion (31% at 1200 and 2400 steps, chance is 25%: it read direction
+# from the clean latent's leak at t=999, see decoders.ZERO_SNR). At zero terminal SNR: 1200 steps 45.8%, 2400
+# steps 93.8% (48 fresh captions, `nextgpt world eval --part video`).
+VIDEO_UNET_FACTOR = 4
 
 
 def run_video(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
