@@ -14,7 +14,7 @@ guidance. No ``require_modalities``: the model picks the modality from the words
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,24 +52,28 @@ def _measured(client: WorldClient, reply: dict, modality: str) -> Attributes | N
     return measure(modality, made[0]) if made else None  # type: ignore[arg-type]
 
 
-def check_draw(client: WorldClient) -> None:
+def _makes(client: WorldClient, modality: str, want: dict[str, str], ask: Callable[[int], dict],
+           says: tuple[str, ...] = ()) -> None:
+    """Most seeds' replies to ``ask(seed)`` hold a ``modality`` artifact that measures as ``want``, and their words
+    name ``want``'s attributes listed in ``says``."""
     results = []
     for seed in SEEDS:
-        reply = client.chat("Draw a blue triangle.", seed=seed)
-        got = _measured(client, reply, "image")
-        ok = got is not None and (got.colour, got.shape) == ("blue", "triangle") \
-            and words_say(reply["text"], "colour", "blue") and words_say(reply["text"], "shape", "triangle")
+        reply = ask(seed)
+        got = _measured(client, reply, modality)
+        ok = got is not None and all(getattr(got, name) == value for name, value in want.items()) \
+            and all(words_say(reply["text"], name, want[name]) for name in says)
         results.append((ok, (reply["text"], got)))
     _most(results)
 
 
+def check_draw(client: WorldClient) -> None:
+    _makes(client, "image", {"colour": "blue", "shape": "triangle"},
+           lambda seed: client.chat("Draw a blue triangle.", seed=seed), says=("colour", "shape"))
+
+
 def check_tone(client: WorldClient) -> None:
-    results = []
-    for seed in SEEDS:
-        reply = client.chat("Play a high beeping tone.", seed=seed)
-        got = _measured(client, reply, "audio")
-        results.append((got is not None and (got.pitch, got.rhythm) == ("high", "beeping"), (reply["text"], got)))
-    _most(results)
+    _makes(client, "audio", {"pitch": "high", "rhythm": "beeping"},
+           lambda seed: client.chat("Play a high beeping tone.", seed=seed))
 
 
 def check_picture_shows_what_the_reply_says(client: WorldClient) -> None:
@@ -99,25 +103,19 @@ def check_describe(client: WorldClient) -> None:
 def check_film(client: WorldClient) -> None:
     """The clip path: the video signal group's states, its projector and the clip decoder's conditioning carry
     the colour and the direction asked for."""
-    results = []
-    for seed in SEEDS:
-        reply = client.chat("Make a video of a red circle moving down.", seed=seed)
-        got = _measured(client, reply, "video")
-        results.append((got is not None and (got.colour, got.motion) == ("red", "down"), (reply["text"], got)))
-    _most(results)
+    _makes(client, "video", {"colour": "red", "motion": "down"},
+           lambda seed: client.chat("Make a video of a red circle moving down.", seed=seed))
 
 
 def check_animate(client: WorldClient) -> None:
     """Image -> video: the uploaded picture's colour (through the encoder) and the asked direction (through the
     words) both reach the clip. (Sampled with SD's epsilon schedule instead of the one its UNet learnt, every clip
     came out yellow and moving left: 0/8.)"""
-    results = []
-    for seed in SEEDS:
+    def ask(seed: int) -> dict:
         picture = render("image", 4343, seed, Attributes(size="big", colour="green", shape="square"))
-        reply = client.chat("Make this move right.", ("image", picture.data), seed=seed)
-        got = _measured(client, reply, "video")
-        results.append((got is not None and (got.colour, got.motion) == ("green", "right"), (reply["text"], got)))
-    _most(results)
+        return client.chat("Make this move right.", ("image", picture.data), seed=seed)
+
+    _makes(client, "video", {"colour": "green", "motion": "right"}, ask)
 
 
 CHECKS = [check_draw, check_tone, check_picture_shows_what_the_reply_says, check_describe, check_film, check_animate]
