@@ -35,8 +35,7 @@ WORLD_BUNDLE = Path(__file__).parents[2] / "bundles" / "nextgpt-world"
 # Each check asks with several seeds (a seeded turn is reproducible, its media included) and needs most of them
 # right: the bundle is a small model, right about 85-95% of the time on these attributes, and a different CPU's
 # rounding may tip a borderline sample. A wiring mistake drops an attribute to chance (25% for colour, 50% for
-# pitch), which 5 of 8 catches almost surely. Triangles are drawn reliably; squares still come out round (the
-# world eval's shape row), so the drawing check asks for a triangle.
+# pitch), which 5 of 8 catches almost surely.
 SEEDS = range(8)
 NEEDED = 5
 
@@ -69,6 +68,13 @@ def _makes(client: WorldClient, modality: str, want: dict[str, str], ask: Callab
 def check_draw(client: WorldClient) -> None:
     _makes(client, "image", {"colour": "blue", "shape": "triangle"},
            lambda seed: client.chat("Draw a blue triangle.", seed=seed), says=("colour", "shape"))
+
+
+def check_draw_square(client: WorldClient) -> None:
+    """Squares are the shape the picture UNet learnt last (the world eval's shape errors were mostly squares drawn
+    round); wired wrong, the picture's shape falls to chance."""
+    _makes(client, "image", {"colour": "yellow", "shape": "square"},
+           lambda seed: client.chat("Draw a yellow square.", seed=seed), says=("colour", "shape"))
 
 
 def check_tone(client: WorldClient) -> None:
@@ -118,7 +124,7 @@ def check_animate(client: WorldClient) -> None:
     _makes(client, "video", {"colour": "green", "motion": "right"}, ask)
 
 
-CHECKS = [check_draw, check_tone, check_picture_shows_what_the_reply_says, check_describe, check_film, check_animate]
+CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe, check_film, check_animate]
 
 
 @pytest.fixture(scope="module")
