@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio
 
 from services.clients.llm_http import HttpLLMClient
 from bench.common import bench_bundle, time_generation
 from services.contracts.llm import GenerateParams, Turn
+from tests.support.processes import ServiceProcess
 from tests.support.servers import redis_server, s3_server
 from tests.support.stack import distributed_stack
 
@@ -59,34 +61,56 @@ async def _gateway(http: httpx.AsyncClient, url: str, auth: dict[str, str], toke
     return out
 
 
-async def _point(stack_url: str, llm_url: str, auth: dict[str, str], concurrency: int, tokens: int,
-                 rounds: int) -> dict[str, Any]:
+async def _redis_transactions(redis_url: str) -> int:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        return int((await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
+    finally:
+        await client.aclose()
+
+
+async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: dict[str, str], concurrency: int,
+                 tokens: int, rounds: int) -> list[dict[str, Any]]:
+    """One row per gateway (same LLM service, same Redis), each path measured in turn within every round."""
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=600) as http:
         llm = HttpLLMClient(llm_url, http)
-        await _direct(llm, 4, 0)  # warm both paths
-        await _gateway(http, stack_url, auth, 4, 0)
-        direct_ttft, gateway_ttft, gateway_rate = [], [], []
+        await _direct(llm, 4, 0)  # warm every path
+        for url in gateways.values():
+            await _gateway(http, url, auth, 4, 0)
+        direct_ttft: list[float] = []
+        ttft: dict[str, list[float]] = {name: [] for name in gateways}
+        rate: dict[str, list[float]] = {name: [] for name in gateways}
+        writes: dict[str, int] = dict.fromkeys(gateways, 0)
+        streams: dict[str, int] = dict.fromkeys(gateways, 0)
         # A wave of ``concurrency`` requests gives that many TTFTs; at low concurrency the LLM's own TTFT varies
         # more than the gateway adds, so small points run several waves per round (one path after the other).
         waves = max(1, 24 // concurrency)
+        paths = ["direct", *gateways]
         for r in range(rounds):
-            # Alternate which path goes first, so neither always runs on a warmer machine.
-            for path in (("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")):
+            # Rotate which path goes first, so none always runs on a warmer machine.
+            for path in paths[r % len(paths):] + paths[:r % len(paths)]:
                 for w in range(waves):
                     seeds = range((r * waves + w) * 1000, (r * waves + w) * 1000 + concurrency)
                     started = time.perf_counter()
                     if path == "direct":
                         results = await asyncio.gather(*(_direct(llm, tokens, s) for s in seeds))
                         direct_ttft += [x[0] for x in results]
-                    else:
-                        runs = await asyncio.gather(*(_gateway(http, stack_url, auth, tokens, s) for s in seeds))
-                        wall = time.perf_counter() - started
-                        gateway_ttft += [x["ttft"] for x in runs]
-                        gateway_rate.append(sum(x["tokens"] for x in runs) / wall)
-    d, g = statistics.median(direct_ttft), statistics.median(gateway_ttft)
-    return {"concurrency": concurrency, "ttft_direct_ms": round(d * 1000, 1), "ttft_gateway_ms": round(g * 1000, 1),
-            "overhead_ratio": round(g / d, 3), "gateway_tok_s": round(statistics.median(gateway_rate), 1)}
+                        continue
+                    before = await _redis_transactions(redis_url)
+                    runs = await asyncio.gather(*(_gateway(http, gateways[path], auth, tokens, s) for s in seeds))
+                    wall = time.perf_counter() - started
+                    await asyncio.sleep(0.2)  # the streams' last writes (the end is written before `done`)
+                    writes[path] += await _redis_transactions(redis_url) - before
+                    streams[path] += len(runs)
+                    ttft[path] += [x["ttft"] for x in runs]
+                    rate[path].append(sum(x["tokens"] for x in runs) / wall)
+    d = statistics.median(direct_ttft)
+    return [{"gateway": name, "concurrency": concurrency, "ttft_direct_ms": round(d * 1000, 1),
+             "ttft_gateway_ms": round(statistics.median(ttft[name]) * 1000, 1),
+             "overhead_ratio": round(statistics.median(ttft[name]) / d, 3),
+             "gateway_tok_s": round(statistics.median(rate[name]), 1),
+             "redis_transactions_per_stream": round(writes[name] / streams[name], 1)} for name in gateways]
 
 
 async def _first_artifact(url: str, auth: dict[str, str], concurrency: int, rounds: int) -> dict[str, Any]:
@@ -109,19 +133,31 @@ def main() -> None:
     bundle_dir = bench_bundle()
     logs = Path(tempfile.mkdtemp(prefix="nextgpt-bench-"))
     extra = {"NEXTGPT_LLM__MAX_WAITING": "128"}
-    with redis_server() as redis, s3_server() as s3, \
-            distributed_stack(redis.url, f"{redis.key_prefix}bench:", s3, bundle_dir, logs, extra) as stack:
+    with redis_server() as redis_info, s3_server() as s3, \
+            distributed_stack(redis_info.url, f"{redis_info.key_prefix}bench:", s3, bundle_dir, logs, extra) as stack:
         llm_url = stack.services["llm"].ready_url.removesuffix("/readyz")
-        rows = [asyncio.run(_point(stack.url, llm_url, stack.auth, c, args.tokens, args.rounds)) for c in (1, 8, 32)]
-        artifacts = [asyncio.run(_first_artifact(stack.url, stack.auth, c, 2)) for c in (1, 8)]
+        # Side by side: the second replica restarted with every event written to Redis as it comes (the
+        # behaviour before REPLAY_WRITE_LINGER_S), the first with the default linger.
+        second = stack.services["gateway2"]
+        second.stop()
+        unlingered = ServiceProcess(second.args, {**stack.env, "NEXTGPT_GATEWAY__REPLAY_WRITE_LINGER_S": "0"},
+                                    logs / "gateway-no-linger.log", second.ready_url).start().wait_ready()
+        gateways = {"linger 0.02 s": stack.url, "no linger": stack.url2}
+        try:
+            rows = [row for c in (1, 8, 32) for row in asyncio.run(
+                _point(gateways, llm_url, redis_info.url, stack.auth, c, args.tokens, args.rounds))]
+            artifacts = [asyncio.run(_first_artifact(stack.url, stack.auth, c, 2)) for c in (1, 8)]
+        finally:
+            unlingered.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
           f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path "
           f"({machine})")
-    print(f"{'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} {'gateway tok/s':>14}")
+    print(f"{'gateway':>14} {'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} "
+          f"{'gateway tok/s':>14} {'Redis tx/stream':>16}")
     for r in rows:
-        print(f"{r['concurrency']:>5} {r['ttft_direct_ms']:>15} {r['ttft_gateway_ms']:>16} {r['overhead_ratio']:>7} "
-              f"{r['gateway_tok_s']:>14}")
+        print(f"{r['gateway']:>14} {r['concurrency']:>5} {r['ttft_direct_ms']:>15} {r['ttft_gateway_ms']:>16} "
+              f"{r['overhead_ratio']:>7} {r['gateway_tok_s']:>14} {r['redis_transactions_per_stream']:>16}")
     print("Time to first artifact (image, 4 steps, 64x64) through the gateway:")
     for a in artifacts:
         print(f"  concurrency {a['concurrency']}: p50 {a['first_artifact_p50_ms']} ms, max {a['first_artifact_max_ms']} ms")

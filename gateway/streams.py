@@ -147,14 +147,16 @@ class RedisEventLog(EventLog):
     The hot path stays off Redis where it can. A stream produced in this process is also kept in memory (``local``,
     until ``local_ttl_s`` after its end): readers on this replica follow it there, so an event reaches them
     without a round trip, and a waiting reader holds no Redis connection; their presence is known here too. Redis
-    gets every event for readers on other replicas and for resumes after that: one write in flight per stream,
-    and the events that arrive meanwhile go together in the next one (the first event is never held back). A
-    reader on another replica holds one connection in a blocking read."""
+    gets every event for readers on other replicas and for resumes after that: the first event is written at once,
+    later ones gather for ``linger_s`` after each write and go together in the next (one write in flight per
+    stream; the end is written without waiting). Without the linger a token-by-token reply was one transaction
+    per token (five commands: MULTI, XADD, two EXPIREs, EXEC), most of the gateway's work per stream. A
+    reader on another replica holds one connection in a blocking read, and sees events up to ``linger_s`` late."""
 
     def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
-                 local_ttl_s: float = 30.0) -> None:
+                 local_ttl_s: float = 30.0, linger_s: float = 0.02) -> None:
         self.r, self.prefix, self.max_events = redis, key_prefix, max_events
-        self.ttl_s, self.block_ms = ttl_s, block_ms
+        self.ttl_s, self.block_ms, self.linger_s = ttl_s, block_ms, linger_s
         self.local = MemoryEventLog(max_events, local_ttl_s)
         self._writers: dict[str, _StreamWriter] = {}
 
@@ -250,6 +252,8 @@ class _StreamWriter:
         self.events, self.stream_id, self.owner_write = events, stream_id, owner_write
         self.pending: list[LogEntry] = []
         self.task: asyncio.Task[None] | None = None
+        self.written = False  # the first write goes at once; later ones linger
+        self.hurry = asyncio.Event()  # set by drain: stop lingering
 
     def add(self, entry: LogEntry) -> None:
         self.pending.append(entry)
@@ -259,15 +263,20 @@ class _StreamWriter:
 
     async def _flush(self) -> None:
         while self.pending:
+            if self.written and self.events.linger_s > 0 and not self.hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.hurry.wait(), self.events.linger_s)
             batch, self.pending = self.pending, []
             try:
                 await self.owner_write
                 await self.events._write(self.stream_id, batch)
             except Exception as exc:  # the client already retried ~15 s: readers elsewhere miss these events
                 log.warning("chat stream %s: %d event(s) not written to Redis: %s", self.stream_id, len(batch), exc)
+            self.written = True
 
     async def drain(self) -> None:
         """Until everything added is written (or given up on); the write goes on if the caller is cancelled."""
+        self.hurry.set()
         while self.pending or (self.task is not None and not self.task.done()):
             if self.task is None or self.task.done():
                 self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")

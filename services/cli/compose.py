@@ -238,7 +238,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
         on_shutdown=[retention.stop, http.aclose, async_redis.aclose],
-        streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
+        streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s,
+                                        linger_s=g.replay_write_linger_s), g.resume_grace_s,
                           active=metrics.streams),
         registry=registry, metrics=metrics,
     )

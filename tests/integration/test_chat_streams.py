@@ -274,6 +274,50 @@ async def _blocked_reads(client: Any) -> int:
     return sum(1 for line in text.splitlines() if "cmd=xread" in line and "flags=b" in line)
 
 
+async def test_a_token_by_token_stream_reaches_redis_first_event_at_once_then_in_few_writes(
+        redis_info: RedisInfo) -> None:
+    """Tokens a few ms apart (a fast LLM) used to cost one transaction each; after the first, they linger."""
+    client = async_redis(redis_info.url)
+    watcher = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}linger-{uuid.uuid4().hex[:6]}:"
+    hub = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, linger_s=0.5), grace_s=5)
+    key = f"{prefix}chatstream:{{}}"
+
+    async def transactions() -> int:
+        return int((await watcher.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
+
+    # The first event is not held back by the linger: Redis has it while the second is 2 s away.
+    stream_id = await hub.start(Turn(2, every_s=1.0).events(), owner=None)
+    reader = await hub.attach(stream_id, None)
+    first = await asyncio.wait_for(reader.__anext__(), 5)
+    assert first[0] == 1
+    for _ in range(40):
+        if await watcher.xlen(key.format(stream_id)) >= 1:
+            break
+        await asyncio.sleep(0.005)
+    assert await watcher.xlen(key.format(stream_id)) == 1  # within 0.2 s of the local reader, not 0.5 s
+    await asyncio.wait_for(_drain(reader), 10)
+
+    # 40 tokens 5 ms apart: a handful of writes, every event stored in order, the end without waiting.
+    before = await transactions()
+    stream_id = await hub.start(Turn(40, every_s=0.005).events(), owner=None)
+    local = await asyncio.wait_for(_drain(await hub.attach(stream_id, None)), 10)
+    assert [e[0] for e in local] == list(range(1, 42))
+    for _ in range(200):
+        if await watcher.xlen(key.format(stream_id)) == 42:
+            break
+        await asyncio.sleep(0.01)
+    stored = await watcher.xrange(key.format(stream_id))
+    assert [int(i.split(b"-")[0]) for i, _ in stored] == list(range(1, 43))  # 41 events and the end marker
+    writes = await transactions() - before
+    assert writes <= 4, writes  # the first, then the rest at 0.5 s apart: 40 x 5 ms fits in one more, the end
+    await hub.close()
+    async for k in client.scan_iter(f"{prefix}*"):
+        await client.delete(k)
+    await client.aclose()
+    await watcher.aclose()
+
+
 async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_writes_coalesce(
         redis_info: RedisInfo) -> None:
     client = async_redis(redis_info.url)
