@@ -24,7 +24,7 @@ from services.clients.llm_http import HttpLLMClient
 from bench.common import bench_bundle, time_generation
 from services.contracts.llm import GenerateParams, Turn
 from tests.support.processes import ServiceProcess
-from tests.support.servers import redis_server, s3_server
+from tests.support.servers import redis_server, redis_transactions, s3_server
 from tests.support.stack import distributed_stack
 
 PROMPT = "tell me a story"
@@ -61,19 +61,12 @@ async def _gateway(http: httpx.AsyncClient, url: str, auth: dict[str, str], toke
     return out
 
 
-async def _redis_transactions(redis_url: str) -> int:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        return int((await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
-    finally:
-        await client.aclose()
-
-
 async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: dict[str, str], concurrency: int,
                  tokens: int, rounds: int) -> list[dict[str, Any]]:
     """One row per gateway (same LLM service, same Redis), each path measured in turn within every round."""
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(limits=limits, timeout=600) as http:
+    async with httpx.AsyncClient(limits=limits, timeout=600) as http, \
+            redis.asyncio.Redis.from_url(redis_url) as watcher:
         llm = HttpLLMClient(llm_url, http)
         await _direct(llm, 4, 0)  # warm every path
         for url in gateways.values():
@@ -97,11 +90,11 @@ async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: d
                         results = await asyncio.gather(*(_direct(llm, tokens, s) for s in seeds))
                         direct_ttft += [x[0] for x in results]
                         continue
-                    before = await _redis_transactions(redis_url)
+                    before = await redis_transactions(watcher)
                     runs = await asyncio.gather(*(_gateway(http, gateways[path], auth, tokens, s) for s in seeds))
                     wall = time.perf_counter() - started
                     await asyncio.sleep(0.2)  # the streams' last writes (the end is written before `done`)
-                    writes[path] += await _redis_transactions(redis_url) - before
+                    writes[path] += await redis_transactions(watcher) - before
                     streams[path] += len(runs)
                     ttft[path] += [x["ttft"] for x in runs]
                     rate[path].append(sum(x["tokens"] for x in runs) / wall)

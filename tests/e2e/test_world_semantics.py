@@ -124,7 +124,8 @@ def check_animate(client: WorldClient) -> None:
     _makes(client, "video", {"colour": "green", "motion": "right"}, ask)
 
 
-CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe, check_film, check_animate]
+CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
+          check_film, check_animate]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub, 
 from gateway.turn_events import MessageDelta, TextComplete, TurnDone, TurnEvent
 from services.contracts.errors import GoneError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from services.jobs.redis_clients import async_redis
-from tests.support.servers import RedisInfo
+from tests.support.servers import RedisInfo, redis_transactions
 
 Factory = Callable[[int], EventLog]
 
@@ -283,9 +283,6 @@ async def test_a_token_by_token_stream_reaches_redis_first_event_at_once_then_in
     hub = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, linger_s=0.5), grace_s=5)
     key = f"{prefix}chatstream:{{}}"
 
-    async def transactions() -> int:
-        return int((await watcher.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
-
     # The first event is not held back by the linger: Redis has it while the second is 2 s away.
     stream_id = await hub.start(Turn(2, every_s=1.0).events(), owner=None)
     reader = await hub.attach(stream_id, None)
@@ -299,7 +296,7 @@ async def test_a_token_by_token_stream_reaches_redis_first_event_at_once_then_in
     await asyncio.wait_for(_drain(reader), 10)
 
     # 40 tokens 5 ms apart: a handful of writes, every event stored in order, the end without waiting.
-    before = await transactions()
+    before = await redis_transactions(watcher)
     stream_id = await hub.start(Turn(40, every_s=0.005).events(), owner=None)
     local = await asyncio.wait_for(_drain(await hub.attach(stream_id, None)), 10)
     assert [e[0] for e in local] == list(range(1, 42))
@@ -309,7 +306,7 @@ async def test_a_token_by_token_stream_reaches_redis_first_event_at_once_then_in
         await asyncio.sleep(0.01)
     stored = await watcher.xrange(key.format(stream_id))
     assert [int(i.split(b"-")[0]) for i, _ in stored] == list(range(1, 43))  # 41 events and the end marker
-    writes = await transactions() - before
+    writes = await redis_transactions(watcher) - before
     assert writes <= 4, writes  # the first, then the rest at 0.5 s apart: 40 x 5 ms fits in one more, the end
     await hub.close()
     async for k in client.scan_iter(f"{prefix}*"):
@@ -338,10 +335,7 @@ async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_wri
     assert [e[0] for e in await asyncio.wait_for(remote, 10)] == [1, 2]
 
     # A burst of events goes to Redis in fewer writes than events, all of them, in order.
-    async def transactions() -> int:
-        return int((await watcher.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
-
-    before = await transactions()
+    before = await redis_transactions(watcher)
     stream_id = await hub.start(Turn(300).events(), owner=None)
     local = await asyncio.wait_for(_drain(await hub.attach(stream_id, None)), 20)
     # The reader here saw the end from memory; the producer finishes once Redis has it too.
@@ -349,7 +343,7 @@ async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_wri
         if await watcher.xlen(f"{prefix}chatstream:{stream_id}") == 302:
             break
         await asyncio.sleep(0.05)
-    writes = await transactions() - before
+    writes = await redis_transactions(watcher) - before
     stored = await watcher.xrange(f"{prefix}chatstream:{stream_id}")
     assert [int(i.split(b"-")[0]) for i, _ in stored] == list(range(1, 303))  # 301 events and the end marker
     assert [e[0] for e in local] == list(range(1, 302))

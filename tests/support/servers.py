@@ -75,6 +75,11 @@ class RedisInfo:
     private: bool
 
 
+async def redis_transactions(client: Any) -> int:
+    """EXEC calls the Redis server has answered (an async client): MULTI/EXEC transactions so far."""
+    return int((await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0))
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisInfo]:
     """The machine's Redis on 6379 when it runs (keys under a fresh prefix, removed afterwards), else a private
