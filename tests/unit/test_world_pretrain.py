@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -70,3 +71,43 @@ def test_language_part_learns_world_text(tmp_path: Path) -> None:
     assert tokenizer.convert_tokens_to_ids("###") == tokenizer.encode("###", add_special_tokens=False)[0]
     assert len(tokenizer.encode("### Human: a big red circle", add_special_tokens=False)) < MAX_TOKENS
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_fresh_motion_groups_differ_only_in_their_direction() -> None:
+    from services.world.measures import measure
+    from services.world.pretrain.imagebind import FRESH_CLIP_SEED, fresh_clips
+    from services.world.evaluate import EVAL_SEED
+
+    assert FRESH_CLIP_SEED not in (0, EVAL_SEED)  # neither the training split's nor an evaluation's samples
+    clips, captions = fresh_clips(torch.Generator().manual_seed(5), 8, motion_groups=True)
+    assert clips.shape == (8, 8, 64, 64, 3) and clips.dtype == np.uint8
+    for group in (slice(0, 4), slice(4, 8)):
+        read = [measure("video", c) for c in clips[group]]
+        assert [r.motion for r in read] == ["left", "right", "up", "down"]
+        assert len({(r.size, r.colour, r.shape) for r in read}) == 1  # the same shape, only its path differs
+        assert [c.rsplit(" ", 1)[1] for c in captions[group]] == ["left", "right", "up", "down"]
+        assert len({c.rsplit(" ", 2)[0] for c in captions[group]}) == 1
+        # The words agree with what is drawn.
+        assert all(c == f"a {r.size} {r.colour} {r.shape} moving {r.motion}" for c, r in zip(captions[group], read))
+    # Another step draws other clips; plain draws are not grouped.
+    again, _ = fresh_clips(torch.Generator().manual_seed(6), 8, motion_groups=True)
+    assert not np.array_equal(again, clips)
+    _, plain = fresh_clips(torch.Generator().manual_seed(5), 8, motion_groups=False)
+    assert len(plain) == 8
+
+
+def test_imagebind_phases_on_fresh_clips_train_and_resume(tmp_path: Path) -> None:
+    """A fresh-clip phase runs through the same loop (a few steps, tiny batches) and resumes from its checkpoint."""
+    from services.world.dataset import generate_split
+    from services.world.pretrain.imagebind import Phase, pretrain_imagebind
+
+    splits = {m: generate_split(m, 3, 4) for m in ("image", "video", "audio")}  # type: ignore[arg-type]
+    phase = Phase(LoopConfig(steps=2, lr=1e-3, warmup=1, log_every=1), {"image": 2, "video": 4, "audio": 2},
+                  fresh_clips=True, motion_groups=True)
+    pretrain_imagebind(splits, (phase,), tmp_path, progress=False)  # type: ignore[arg-type]
+    rows = [json.loads(line) for line in (tmp_path / "phase1" / LOSS_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["video"] > 0 for r in rows)
+    longer = Phase(LoopConfig(steps=3, lr=1e-3, warmup=1, log_every=1), phase.batch_sizes, fresh_clips=True)
+    pretrain_imagebind(splits, (longer,), tmp_path, progress=False)  # type: ignore[arg-type]
+    rows = [json.loads(line) for line in (tmp_path / "phase1" / LOSS_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # resumed at step 2, not retrained from the start

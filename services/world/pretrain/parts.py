@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -23,14 +24,14 @@ class PartResult:
 
 def run_imagebind(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
     from services.bundle.tensor_io import save_state_dict
-    from services.world.pretrain.imagebind import IMAGEBIND_PHASES, Phase, pretrain_imagebind
+    from services.world.pretrain.imagebind import IMAGEBIND_PHASES, pretrain_imagebind
 
     splits = read_world(data)
     folder = work / "imagebind"
     # --steps scales every phase (a quick run); the recipe is IMAGEBIND_PHASES.
     total = sum(p.loop.steps for p in IMAGEBIND_PHASES)
-    phases = tuple(Phase(LoopConfig(**{**p.loop.__dict__, "steps": max(1, p.loop.steps * steps // total)}),
-                         p.batch_sizes) for p in IMAGEBIND_PHASES)
+    phases = tuple(dataclasses.replace(p, loop=dataclasses.replace(p.loop, steps=max(1, p.loop.steps * steps // total)))
+                   for p in IMAGEBIND_PHASES)
     model = pretrain_imagebind(splits, phases, folder, seed=seed, progress=progress)
     exported = folder / "imagebind.safetensors"
     save_state_dict(model, exported)
@@ -136,4 +137,4 @@ PARTS: dict[str, Part] = {
     "audio": run_audio, "video": run_video,
 }
 # Sized for a 2-core CPU (minutes per part in the README); a GPU can afford more.
-DEFAULT_STEPS = {"imagebind": 1700, "language": 3000, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}
+DEFAULT_STEPS = {"imagebind": 3500, "language": 3000, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}
