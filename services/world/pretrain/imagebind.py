@@ -150,11 +150,9 @@ IMAGEBIND_PHASES = (
 
 
 def pretrain_imagebind(splits: dict[WorldModality, WorldSplit], phases: tuple[Phase, ...], workdir: Path,
-                       config: ImageBindConfig = WORLD_IMAGEBIND, seed: int = 0, progress: bool = True,
-                       binder: Binder | None = None, first_phase: int = 1) -> nn.Module:
-    """Train ``phases`` in turn (numbered from ``first_phase``), from a fresh model or ``binder``."""
+                       config: ImageBindConfig = WORLD_IMAGEBIND, seed: int = 0, progress: bool = True) -> nn.Module:
     torch.manual_seed(seed)
-    binder = binder if binder is not None else Binder(config)
+    binder = Binder(config)
     text_key = modality_types().TEXT
     inputs = {m: PREPARE[m](splits[m].data) for m in WORLD_MODALITIES if m in splits}
     candidates = {m: all_captions(m) for m in inputs}
@@ -192,7 +190,7 @@ def pretrain_imagebind(splits: dict[WorldModality, WorldSplit], phases: tuple[Ph
             losses[modality] = (media_to_text + text_to_media) / 2
         return losses
 
-    for number, phase in enumerate(phases, start=first_phase):
+    for number, phase in enumerate(phases, start=1):
         loop = LoopConfig(**{**phase.loop.__dict__, "seed": seed + number - 1})
         train_part(f"imagebind phase {number}", binder, functools.partial(step_loss, phase=phase),
                    loop, workdir / f"phase{number}", progress=progress)
