@@ -5,9 +5,10 @@ Through the public API of the embedded stack and of the distributed one (process
 chose itself shows the colour its reply names, "what is in this picture?" about a red circle names a red
 circle, "what happens in this video?" about a blue square names its colour and the way it moves, a clip
 asked for is of the colour and moves the way asked, and "make this move right" with a picture of a green square
-returns a green clip moving right. These pass only when every piece of wiring is right: the encoder's preprocessing and projection, the prompt layout, the
-LLM's hidden states at the bundle's offset, the projectors and their signal rows, the decoders' conditioning and
-guidance. No ``require_modalities``: the model picks the modality from the words.
+returns a green clip moving right. These pass only when every piece of wiring is right: the encoder's
+preprocessing and projection, the prompt layout, the LLM's hidden states at the bundle's offset, the projectors
+and their signal rows, the decoders' conditioning and guidance. No ``require_modalities``: the model picks the
+modality from the words.
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ def _makes(client: WorldClient, modality: str, want: dict[str, str], ask: Callab
     _most(results)
 
 
+def _describes(client: WorldClient, modality: str, question: str, render_seed: int,
+               shown: Callable[[int], Attributes], says: tuple[str, ...]) -> None:
+    """Most seeds' replies to ``question`` about an uploaded ``modality`` sample of ``shown(seed)`` name its
+    attributes listed in ``says`` (and no other class of them)."""
+    results = []
+    for seed in SEEDS:
+        attrs = shown(seed)
+        sample = render(modality, render_seed, seed, attrs)  # type: ignore[arg-type]
+        reply = client.chat(question, (modality, sample.data), seed=seed)  # type: ignore[arg-type]
+        ok = all(words_say(reply["text"], name, getattr(attrs, name)) for name in says)
+        results.append((ok, reply["text"]))
+    _most(results)
+
+
 def check_draw(client: WorldClient) -> None:
     _makes(client, "image", {"colour": "blue", "shape": "triangle"},
            lambda seed: client.chat("Draw a blue triangle.", seed=seed), says=("colour", "shape"))
@@ -96,13 +111,8 @@ def check_picture_shows_what_the_reply_says(client: WorldClient) -> None:
 def check_describe(client: WorldClient) -> None:
     """An uploaded picture goes through the encoder's preprocessing, ImageBind's token features and the input
     projection into the prompt: the words that come back must be the picture's."""
-    results = []
-    for seed in SEEDS:
-        picture = render("image", 4242, seed, Attributes(size="big", colour="red", shape="circle"))
-        reply = client.chat("What is in this picture?", ("image", picture.data), seed=seed)
-        ok = words_say(reply["text"], "colour", "red") and words_say(reply["text"], "shape", "circle")
-        results.append((ok, reply["text"]))
-    _most(results)
+    _describes(client, "image", "What is in this picture?", 4242,
+               lambda seed: Attributes(size="big", colour="red", shape="circle"), says=("colour", "shape"))
 
 
 def check_describe_clip(client: WorldClient) -> None:
@@ -111,14 +121,10 @@ def check_describe_clip(client: WorldClient) -> None:
     square), so frames sampled wrong, or a projection that drops what moved, leave the direction at chance. The
     seeds go round the four directions, so that one word said whatever the clip (a still clip reads as "moving
     left" to this bundle) is right at most twice."""
-    results = []
-    for seed in SEEDS:
-        motion = CLASSES["motion"][seed % len(CLASSES["motion"])]
-        clip = render("video", 4444, seed, Attributes(size="big", colour="blue", shape="square", motion=motion))
-        reply = client.chat("What happens in this video?", ("video", clip.data), seed=seed)
-        ok = words_say(reply["text"], "colour", "blue") and words_say(reply["text"], "motion", motion)
-        results.append((ok, reply["text"]))
-    _most(results)
+    motions = CLASSES["motion"]
+    _describes(client, "video", "What happens in this video?", 4444,
+               lambda seed: Attributes(size="big", colour="blue", shape="square", motion=motions[seed % len(motions)]),
+               says=("colour", "motion"))
 
 
 def check_film(client: WorldClient) -> None:

@@ -151,6 +151,7 @@ IMAGEBIND_PHASES = (
 
 def pretrain_imagebind(splits: dict[WorldModality, WorldSplit], phases: tuple[Phase, ...], workdir: Path,
                        config: ImageBindConfig = WORLD_IMAGEBIND, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Train ``phases`` in turn from a fresh model (phase n's checkpoints under ``workdir/phase<n>``)."""
     torch.manual_seed(seed)
     binder = Binder(config)
     text_key = modality_types().TEXT
