@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 import redis.asyncio
 
-from services.clients.llm_http import HttpLLMClient
-from bench.common import bench_bundle, time_generation
-from services.contracts.llm import GenerateParams, Turn
+from bench.common import bench_bundle
+from services.contracts.llm import GenerateParams, GenerateRequest, Turn
 from tests.support.processes import ServiceProcess
 from tests.support.servers import redis_server, redis_transactions, s3_server
 from tests.support.stack import distributed_stack
@@ -30,9 +29,22 @@ from tests.support.stack import distributed_stack
 PROMPT = "tell me a story"
 
 
-async def _direct(client: HttpLLMClient, tokens: int, seed: int) -> tuple[float, int, float]:
+async def _direct(http: httpx.AsyncClient, url: str, tokens: int, seed: int) -> float:
+    """Seconds to the first event of the LLM service's NDJSON stream, read the way ``_gateway`` reads the gateway's
+    SSE (one client library, lines only, no event parsing): the ratio compares the two servers, not two clients."""
     params = GenerateParams(turns=[Turn(role="user", text=PROMPT)], max_tokens=tokens, seed=seed, temperature=0.0)
-    return await time_generation(client, params, None)
+    body = GenerateRequest(params=params).model_dump_json()
+    started, first = time.perf_counter(), None
+    async with http.stream("POST", f"{url}/v1/generate", content=body,
+                           headers={"content-type": "application/json"}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line and first is None:
+                first = time.perf_counter() - started
+                if json.loads(line)["type"] == "error":
+                    raise RuntimeError(line)
+    assert first is not None
+    return first
 
 
 async def _gateway(http: httpx.AsyncClient, url: str, auth: dict[str, str], tokens: int, seed: int,
@@ -67,8 +79,7 @@ async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: d
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=600) as http, \
             redis.asyncio.Redis.from_url(redis_url) as watcher:
-        llm = HttpLLMClient(llm_url, http)
-        await _direct(llm, 4, 0)  # warm every path
+        await _direct(http, llm_url, 4, 0)  # warm every path
         for url in gateways.values():
             await _gateway(http, url, auth, 4, 0)
         direct_ttft: list[float] = []
@@ -87,8 +98,7 @@ async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: d
                     seeds = range((r * waves + w) * 1000, (r * waves + w) * 1000 + concurrency)
                     started = time.perf_counter()
                     if path == "direct":
-                        results = await asyncio.gather(*(_direct(llm, tokens, s) for s in seeds))
-                        direct_ttft += [x[0] for x in results]
+                        direct_ttft += await asyncio.gather(*(_direct(http, llm_url, tokens, s) for s in seeds))
                         continue
                     before = await redis_transactions(watcher)
                     runs = await asyncio.gather(*(_gateway(http, gateways[path], auth, tokens, s) for s in seeds))

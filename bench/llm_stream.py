@@ -36,12 +36,14 @@ async def _one(client: HttpLLMClient, tokens: int, seed: int) -> tuple[float, in
 
 
 async def _point(url: str, concurrency: int, tokens: int) -> dict[str, float]:
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=600) as http:
-        client = HttpLLMClient(url, http)
+    client = HttpLLMClient(url, max_connections=concurrency)
+    try:
         await _one(client, 4, 0)
         started = time.perf_counter()
         results = await asyncio.gather(*(_one(client, tokens, i) for i in range(concurrency)))
         wall = time.perf_counter() - started
+    finally:
+        await client.aclose()
     ttfts = [r[0] for r in results]
     total = sum(r[1] for r in results)
     return {"concurrency": concurrency, "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -25,6 +26,10 @@ from services.contracts.errors import GoneError, InvalidRequestError, NextGPTErr
 log = logging.getLogger(__name__)
 LogEntry = tuple[int, str, dict[str, Any]]  # (event id, name, data)
 END = "_end"
+# Redis work of a stream that no one waits for at that moment (the owner key as a turn starts, the first event's
+# write) is put off this long, so that the work someone waits for (the LLM request, the client's first token)
+# goes first on this process's event loop.
+OFF_PATH_DELAY_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -76,15 +81,16 @@ class MemoryEventLog(EventLog):
     def __init__(self, max_events: int, ttl_s: float, max_streams: int = 10_000) -> None:
         self.max_events, self.ttl_s, self.max_streams = max_events, ttl_s, max_streams
         self._streams: dict[str, _MemoryStream] = {}
+        # Ended streams in the order they ended (so by end time): the sweep looks only at the oldest. It runs on
+        # every create and attach, and a busy replica keeps thousands of recently ended streams, so a scan of all
+        # of them was most of what starting a stream cost.
+        self._ended: collections.deque[tuple[float, str]] = collections.deque()
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for stream_id, s in list(self._streams.items()):
-            if s.ended_at is not None and now - s.ended_at > self.ttl_s:
-                del self._streams[stream_id]
-        ended = sorted((s.ended_at, i) for i, s in self._streams.items() if s.ended_at is not None)
-        while len(self._streams) > self.max_streams and ended:
-            del self._streams[ended.pop(0)[1]]
+        while self._ended and (now - self._ended[0][0] > self.ttl_s or len(self._streams) > self.max_streams):
+            _, stream_id = self._ended.popleft()
+            self._streams.pop(stream_id, None)
 
     async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         self._sweep()
@@ -107,8 +113,9 @@ class MemoryEventLog(EventLog):
         if len(s.entries) > self.max_events:
             s.entries.pop(0)
             s.dropped += 1
-        if name == END:
+        if name == END and s.ended_at is None:
             s.ended_at = time.monotonic()
+            self._ended.append((s.ended_at, stream_id))
         s.changed.set()
         s.changed = asyncio.Event()
 
@@ -165,11 +172,15 @@ class RedisEventLog(EventLog):
 
     async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         await self.local.create(stream_id, owner, reader_ttl_s)
-        # The owner key is written while the turn starts (its LLM request goes out meanwhile: one Redis round trip
-        # less before the first token); ``published`` waits for it before anyone learns the stream's id, and the
-        # first event write waits for it too (every write refreshes its expiry).
-        owner_write = asyncio.ensure_future(self.r.set(self._key(stream_id, ":owner"), json.dumps(owner),
-                                                       ex=self.ttl_s))
+        # The owner key is written while the turn starts, just after its LLM request has gone out (a Redis command
+        # costs this process about as much as that request: neither waits for the other); ``published`` waits for
+        # it before anyone learns the stream's id, and the first event write waits for it too (every write
+        # refreshes its expiry).
+        async def write_owner() -> None:
+            await asyncio.sleep(OFF_PATH_DELAY_S)
+            await self.r.set(self._key(stream_id, ":owner"), json.dumps(owner), ex=self.ttl_s)
+
+        owner_write = asyncio.ensure_future(write_owner())
         self._writers[stream_id] = _StreamWriter(self, stream_id, owner_write)
 
     async def published(self, stream_id: str) -> None:
@@ -263,7 +274,10 @@ class _StreamWriter:
 
     async def _flush(self) -> None:
         while self.pending:
-            if self.written and self.events.linger_s > 0 and not self.hurry.is_set():
+            if not self.written and not self.hurry.is_set():
+                # The first event goes to this replica's readers (the client's first token) before Redis.
+                await asyncio.sleep(OFF_PATH_DELAY_S)
+            elif self.events.linger_s > 0 and not self.hurry.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.hurry.wait(), self.events.linger_s)
             batch, self.pending = self.pending, []

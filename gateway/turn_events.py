@@ -83,6 +83,8 @@ TurnEvent = (MessageDelta | SignalChosen | ArtifactQueued | ArtifactProgress | A
 
 def wire(event: TurnEvent) -> tuple[str, dict[str, Any]] | None:
     """The SSE name and payload of an event a client sees; None for internal ones."""
+    if isinstance(event, MessageDelta):  # one per token: dataclasses.asdict's deep copy is most of its cost
+        return event.name, {"text": event.text}
     if isinstance(event, TextComplete):
         return None
     if isinstance(event, ArtifactCompleted):

@@ -209,7 +209,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     retention = build_retention(settings, store)
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
     encoder = HttpEncoderClient(settings.encoder.url, http, settings.encoder.timeout_s)
-    llm = HttpLLMClient(settings.llm.url, http, settings.llm.timeout_s)
+    llm = HttpLLMClient(settings.llm.url, settings.llm.timeout_s)
     sync_redis, async_redis = redis_clients(settings)
     prefix = settings.redis.key_prefix
     decoders = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(sync_redis, prefix),
@@ -237,7 +237,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
                                         settings.decoders.max_pixels_per_job, bundle.manifest),
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
-        on_shutdown=[retention.stop, http.aclose, async_redis.aclose],
+        on_shutdown=[retention.stop, http.aclose, llm.aclose, async_redis.aclose],
         streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s,
                                         linger_s=g.replay_write_linger_s), g.resume_grace_s,
                           active=metrics.streams),

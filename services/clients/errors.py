@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 from services.contracts.errors import (
@@ -24,19 +26,24 @@ _BY_STATUS: dict[int, type[NextGPTError]] = {
 
 
 def error_from_response(service: str, response: httpx.Response) -> NextGPTError:
+    return error_from_status(service, response.status_code, response.content, response.reason_phrase)
+
+
+def error_from_status(service: str, status: int, body: bytes, reason: str = "") -> NextGPTError:
+    """A service's error reply (status and body, whichever HTTP client read them) as the typed error it was."""
     try:
-        info = response.json()["error"]
+        info = json.loads(body)["error"]
         message, code, param = str(info["message"]), str(info["code"]), info.get("param")
     except (ValueError, KeyError, TypeError):
-        message, code, param = response.text[:500] or response.reason_phrase, "upstream_error", None
-    cls = _BY_STATUS.get(response.status_code)
+        message, code, param = body[:500].decode("utf-8", "replace") or reason, "upstream_error", None
+    cls = _BY_STATUS.get(status)
     if cls is None:
         # A 5xx from a service is an outage of that service as far as the caller is concerned.
-        return ServiceUnavailableError(f"{service} failed ({response.status_code}): {message}", code="upstream_error")
+        return ServiceUnavailableError(f"{service} failed ({status}): {message}", code="upstream_error")
     return cls(message, code=code, param=param)
 
 
-def unavailable(service: str, exc: httpx.HTTPError) -> ServiceUnavailableError:
+def unavailable(service: str, exc: Exception) -> ServiceUnavailableError:
     return ServiceUnavailableError(f"{service} is unreachable: {type(exc).__name__}: {exc}",
                                    code=f"{service}_unavailable")
 

@@ -1,47 +1,100 @@
-"""``LLMClient`` over HTTP: NDJSON stream in; closing the iterator closes the connection, which cancels."""
+"""``LLMClient`` over HTTP: NDJSON stream in; closing the iterator closes the connection, which cancels.
+
+This is the hottest internal hop (every chat turn, every token), so it runs on aiohttp rather than httpx: with its C
+HTTP parser a request's send and its first line cost about half as much (``bench/gateway_overhead.py`` measures the
+gateway's share of time to first token, of which this hop was the largest part)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
 import numpy as np
 
-from services.clients.errors import check_ready, error_from_body, error_from_response, unavailable
+from services.clients.errors import error_from_body, error_from_status, unavailable
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.llm import GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64
 
+# One NDJSON line is one event; a signal event carries its conditioning (a few hundred KB at real size). Anything
+# far larger is a broken upstream, not an event to hold in memory.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
 
 class HttpLLMClient(LLMClient):
-    def __init__(self, base_url: str, client: httpx.AsyncClient, timeout_s: float = 600.0) -> None:
+    """Owns one aiohttp session (made on first use, inside the running event loop); ``aclose`` closes it."""
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0, max_connections: int = 256) -> None:
         self.base_url = base_url.rstrip("/")
-        self.client = client
-        self.timeout = httpx.Timeout(timeout_s, connect=5.0)
+        # No total bound: a reply streams as long as it generates; each read and the connect are bounded.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout_s)
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=self.max_connections),
+                auto_decompress=False)
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def generate(self, params: GenerateParams, media: np.ndarray | None) -> AsyncIterator[LLMEvent]:
         body = GenerateRequest(params=params, media=media_to_b64(media) if media is not None else None)
-        request = self.client.build_request("POST", f"{self.base_url}/v1/generate", content=body.model_dump_json(),
-                                            headers={"content-type": "application/json"}, timeout=self.timeout)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.session.post(f"{self.base_url}/v1/generate", data=body.model_dump_json(),
+                                               headers={"content-type": "application/json"})
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise unavailable("llm", exc) from exc
+        finished = False
         try:
-            if response.status_code != 200:
-                await response.aread()
-                raise error_from_response("llm", response)
-            async for line in response.aiter_lines():
-                if not line:
-                    continue
-                data = json.loads(line)
+            if response.status != 200:
+                raise error_from_status("llm", response.status, await response.read(), response.reason or "")
+            async for line in _lines(response):
+                data = json.loads(line.decode())  # str: json skips guessing the bytes' encoding
                 if data.get("type") == "error":
                     raise error_from_body("llm", data)
                 yield event_from_json(data)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailableError(f"llm stream broke: {exc}", code="llm_unavailable") from exc
+            finished = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ServiceUnavailableError(f"llm stream broke: {type(exc).__name__}: {exc}",
+                                          code="llm_unavailable") from exc
         finally:
-            await response.aclose()
+            if finished:
+                response.release()  # read to the end: the connection goes back to the pool
+            else:
+                response.close()  # left early: the service sees the disconnect and stops generating
 
     async def check_ready(self) -> None:
-        await check_ready(self.client, self.base_url, "llm")
+        """The service's /readyz, as the caller's readiness check: unreachable or not ready is a 503."""
+        try:
+            async with self.session.get(f"{self.base_url}/readyz", timeout=aiohttp.ClientTimeout(total=5.0)) as r:
+                body = await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise unavailable("llm", exc) from exc
+        if r.status != 200:
+            raise ServiceUnavailableError(f"llm not ready: {body[:300].decode('utf-8', 'replace')}",
+                                          code="llm_not_ready")
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's non-empty lines as they arrive (aiohttp's own readline is capped at its read buffer's size,
+    which a signal event's line may pass)."""
+    buffer, scanned = bytearray(), 0
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", scanned)) >= 0:
+            if end > start:
+                yield bytes(buffer[start:end])
+            start = scanned = end + 1
+        del buffer[:start]
+        scanned = len(buffer)  # a long line is searched once, not again with every chunk
+        if len(buffer) > MAX_LINE_BYTES:
+            raise ServiceUnavailableError(f"llm sent a line over {MAX_LINE_BYTES} bytes", code="upstream_error")
+    if buffer.strip():
+        yield bytes(buffer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -14,12 +15,14 @@ from prometheus_client import CollectorRegistry
 
 from services.bundle.loader import load_bundle
 from services.clients.llm_http import HttpLLMClient
-from services.contracts.errors import InvalidRequestError
-from services.contracts.llm import Done, GenerateParams, GenerateRequest, SignalEvent, TextDelta, Turn, media_to_b64
+from services.contracts.errors import InvalidRequestError, ServiceUnavailableError
+from services.contracts.llm import (
+    Done, GenerateParams, GenerateRequest, SignalEvent, TextDelta, Turn, event_to_json, media_to_b64,
+)
 from services.contracts.settings import LLMSettings
 from services.llm.app import build_llm_app
 from services.llm.compose import build_llm_service
-from tests.support.servers import UvicornThread, wait_until
+from tests.support.servers import UvicornThread, free_port, wait_until
 
 MEDIA = np.random.default_rng(1).standard_normal((2, 128)).astype(np.float32)
 
@@ -40,7 +43,8 @@ def _params(**kw: object) -> GenerateParams:
 
 
 async def test_stream_over_http(url: str) -> None:
-    client = HttpLLMClient(url, httpx.AsyncClient())
+    client = HttpLLMClient(url)
+    await client.check_ready()
     events = [e async for e in client.generate(_params(max_tokens=60, require_modalities=["image", "audio"]), MEDIA)]
     assert isinstance(events[-1], Done) and events[-1].finish_reason in ("stop", "length")
     signals = {e.modality: e.conditioning.shape for e in events if isinstance(e, SignalEvent)}
@@ -48,16 +52,18 @@ async def test_stream_over_http(url: str) -> None:
     assert any(isinstance(e, TextDelta) for e in events)
     again = [e async for e in client.generate(_params(max_tokens=60, require_modalities=["image", "audio"]), MEDIA)]
     assert isinstance(again[-1], Done) and again[-1].token_ids == events[-1].token_ids  # same seed, same reply
+    await client.aclose()
 
 
 async def test_request_errors_are_4xx_before_streaming(url: str) -> None:
-    client = HttpLLMClient(url, httpx.AsyncClient())
+    client = HttpLLMClient(url)
     with pytest.raises(InvalidRequestError, match="max_tokens 3000 exceeds"):
         [e async for e in client.generate(_params(max_tokens=3000), MEDIA)]
     with pytest.raises(InvalidRequestError, match="unknown LoRA"):
         [e async for e in client.generate(_params(lora="other"), MEDIA)]
     with pytest.raises(InvalidRequestError, match="media vectors"):
         [e async for e in client.generate(_params(), np.zeros((2, 5), np.float32))]
+    await client.aclose()
     bad = httpx.post(f"{url}/v1/generate", json={"params": {"turns": [{"role": "assistant", "text": "x"}]}})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     many = GenerateRequest(params=_params(), media=media_to_b64(np.zeros((5, 128), np.float32)))
@@ -86,3 +92,65 @@ def test_client_disconnect_cancels_generation(url: str) -> None:
     quick = httpx.post(f"{url}/v1/generate", content=GenerateRequest(params=_params(max_tokens=3),
                        media=media_to_b64(MEDIA)).model_dump_json(), headers={"content-type": "application/json"})
     assert quick.status_code == 200 and json.loads(quick.text.strip().splitlines()[-1])["type"] == "done"
+
+
+async def test_leaving_the_client_stream_early_stops_the_generation(url: str) -> None:
+    """The gateway closes its iterator when its client goes: the connection must close (not go back to the pool
+    half read), so that the service stops generating."""
+    client = HttpLLMClient(url)
+    before = _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}')
+    stream = client.generate(_params(max_tokens=2000), MEDIA)
+    assert isinstance(await anext(stream), (TextDelta, SignalEvent))
+    await stream.aclose()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.1)  # the socket closes on the event loop's next turns (wait_until below blocks it)
+    wait_until(lambda: _metric(url, "nextgpt_llm_running") == 0, 10, "generation stopped")
+    wait_until(lambda: _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}') > before, 10, "counted")
+    # The client is still usable afterwards, on a fresh connection.
+    events = [e async for e in client.generate(_params(max_tokens=3), MEDIA)]
+    assert isinstance(events[-1], Done)
+    await client.aclose()
+
+
+async def test_an_unreachable_service_is_a_503_error() -> None:
+    client = HttpLLMClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ServiceUnavailableError) as caught:
+        [e async for e in client.generate(_params(max_tokens=3), MEDIA)]
+    assert caught.value.code == "llm_unavailable"
+    with pytest.raises(ServiceUnavailableError):
+        await client.check_ready()
+    await client.aclose()
+
+
+BIG = np.random.default_rng(2).standard_normal((77, 1024)).astype(np.float32)  # real-size conditioning, ~420 KB
+
+
+def _chunked_stream_app(chunk: int) -> object:
+    """An LLM service stand-in whose stream arrives in ``chunk``-byte pieces: lines split anywhere, several lines in
+    one piece, a signal line far over aiohttp's own readline limit, and a last line without its newline."""
+    lines = [event_to_json(TextDelta(text="a")), event_to_json(SignalEvent(modality="image", index=0,
+                                                                            conditioning=BIG)),
+             event_to_json(TextDelta(text="b")), event_to_json(Done(finish_reason="stop", prompt_tokens=3,
+                                                                    completion_tokens=3))]
+    body = ("\n\n".join(json.dumps(line) for line in lines)).encode()
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
+                    "headers": [(b"content-type", b"application/x-ndjson")]})
+        for start in range(0, len(body), chunk):
+            await send({"type": "http.response.body", "body": body[start:start + chunk],  # type: ignore[operator]
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})  # type: ignore[operator]
+
+    return app
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 20])
+async def test_lines_are_found_whatever_the_pieces_they_arrive_in(chunk: int) -> None:
+    with UvicornThread(_chunked_stream_app(chunk)) as server:
+        client = HttpLLMClient(server.url)
+        events = [e async for e in client.generate(_params(max_tokens=3), None)]
+        await client.aclose()
+    assert [type(e).__name__ for e in events] == ["TextDelta", "SignalEvent", "TextDelta", "Done"]
+    assert isinstance(events[1], SignalEvent) and np.array_equal(events[1].conditioning, BIG)
