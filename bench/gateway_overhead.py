@@ -88,17 +88,21 @@ async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: d
         writes: dict[str, int] = dict.fromkeys(gateways, 0)
         streams: dict[str, int] = dict.fromkeys(gateways, 0)
         # A wave of ``concurrency`` requests gives that many TTFTs; at low concurrency the LLM's own TTFT varies
-        # more than the gateway adds, so small points run several waves per round (one path after the other).
+        # more than the gateway adds, so small points run several waves per round. The paths take turns wave by
+        # wave, in an order that rotates: measured in blocks (24 direct requests, then 24 through a gateway), each
+        # block ran on a machine left in a different state by the one before (the LLM's compute threads still
+        # hot from its previous request right away, or not), which moved the c1 ratio by 0.5 from run to run.
         waves = max(1, 24 // concurrency)
         paths = ["direct", *gateways]
         for r in range(rounds):
-            # Rotate which path goes first, so none always runs on a warmer machine.
-            for path in paths[r % len(paths):] + paths[:r % len(paths)]:
-                for w in range(waves):
-                    seeds = range((r * waves + w) * 1000, (r * waves + w) * 1000 + concurrency)
+            for w in range(waves):
+                turn = r * waves + w
+                seeds = range(turn * 1000, turn * 1000 + concurrency)
+                for path in paths[turn % len(paths):] + paths[:turn % len(paths)]:
                     started = time.perf_counter()
                     if path == "direct":
                         direct_ttft += await asyncio.gather(*(_direct(http, llm_url, tokens, s) for s in seeds))
+                        await asyncio.sleep(0.2)  # as after a gateway wave: every wave starts on an idle machine
                         continue
                     before = await redis_transactions(watcher)
                     runs = await asyncio.gather(*(_gateway(http, gateways[path], auth, tokens, s) for s in seeds))
@@ -154,7 +158,7 @@ def main() -> None:
             unlingered.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
-          f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path "
+          f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, the paths taking turns wave by wave "
           f"({machine})")
     print(f"{'gateway':>14} {'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} "
           f"{'gateway tok/s':>14} {'Redis tx/stream':>16}")
