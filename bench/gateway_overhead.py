@@ -158,8 +158,8 @@ def main() -> None:
             unlingered.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
-          f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, the paths taking turns wave by wave "
-          f"({machine})")
+          f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, "
+          f"the paths taking turns wave by wave ({machine})")
     print(f"{'gateway':>14} {'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} "
           f"{'gateway tok/s':>14} {'Redis tx/stream':>16}")
     for r in rows:

@@ -67,5 +67,10 @@ async def check_ready(client: httpx.AsyncClient, base_url: str, service: str) ->
         response = await client.get(f"{base_url}/readyz", timeout=5.0)
     except httpx.HTTPError as exc:
         raise unavailable(service, exc) from exc
-    if response.status_code != 200:
-        raise ServiceUnavailableError(f"{service} not ready: {response.text[:300]}", code=f"{service}_not_ready")
+    check_ready_status(service, response.status_code, response.text)
+
+
+def check_ready_status(service: str, status: int, text: str) -> None:
+    """A service's /readyz answer, whichever HTTP client read it: anything but 200 is not ready (a 503 here)."""
+    if status != 200:
+        raise ServiceUnavailableError(f"{service} not ready: {text[:300]}", code=f"{service}_not_ready")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import numpy as np
 
-from services.clients.errors import error_from_body, error_from_status, unavailable
+from services.clients.errors import check_ready_status, error_from_body, error_from_status, unavailable
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.llm import GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64
 
@@ -76,9 +76,7 @@ class HttpLLMClient(LLMClient):
                 body = await r.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise unavailable("llm", exc) from exc
-        if r.status != 200:
-            raise ServiceUnavailableError(f"llm not ready: {body[:300].decode('utf-8', 'replace')}",
-                                          code="llm_not_ready")
+        check_ready_status("llm", r.status, body.decode("utf-8", "replace"))
 
 
 async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
