@@ -1,6 +1,7 @@
 """Batched decoding: 8 image jobs submitted at once, run one at a time (``max_batch`` 1) and as shared pipeline
 calls (``max_batch`` 8), side by side in one run, each at its bundle's default steps and size:
-- the embedded decoder pool, on the tiny bundle and on the world bundle;
+- the embedded decoder pool (pipelines in their own process, as served), on the tiny bundle and on the world bundle;
+- the same pool with the pipelines on its decode thread, on the world bundle;
 - a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle.
 Reports images per minute and the ratios. Writes bench/results/decoder_batching.json."""
 
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save
 
 from bench.common import bench_bundle
-from services.bundle.loader import load_bundle
+from services.bundle.loader import Bundle, load_bundle
 from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app
 from services.contracts.settings import Settings
 from services.jobs.book import RedisJobBook
@@ -27,7 +28,8 @@ from services.jobs.reader import AsyncJobReader
 from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, new_job_id
 from services.contracts.storage import new_key
 from services.decoders.local_queue import LocalDecoderQueue
-from services.decoders.pipelines import DecoderPipelines
+from services.decoders.pipeline_process import PipelineProcess
+from services.decoders.pipelines import BatchGenerator, DecoderPipelines
 from services.decoders.runner import DecoderRunner
 from services.jobs.book import MemoryJobBook
 from services.storage.local import LocalArtifactStore
@@ -48,13 +50,12 @@ async def _last_event(queue: Any, job_id: str) -> Any:
     return [e async for e in queue.events(job_id)][-1]
 
 
-async def _rate(pipelines: DecoderPipelines, max_batch: int, jobs: int) -> dict[str, Any]:
+async def _rate(pipelines: BatchGenerator, bundle: Bundle, max_batch: int, jobs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalArtifactStore(Path(tmp), 10**9)
         book = MemoryJobBook()
-        queue = LocalDecoderQueue(DecoderRunner(pipelines, store, book, pipelines.bundle.manifest), book,
-                                  max_batch=max_batch)
-        shape = pipelines.bundle.manifest.outputs["image"].projector.output_shape
+        queue = LocalDecoderQueue(DecoderRunner(pipelines, store, book, bundle.manifest), book, max_batch=max_batch)
+        shape = bundle.manifest.outputs["image"].projector.output_shape
         try:
             submitted = []
             started = time.perf_counter()
@@ -114,15 +115,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/decoder_batching.json"))
     args = parser.parse_args()
     rows = []
-    for name, path in (("tiny", bench_bundle()), ("world", WORLD)):
+    # "embedded": the pool as `nextgpt serve` runs it, pipelines in their own process; "thread": the same pool with
+    # the pipelines on its decode thread (decoders.engine_process false), for the difference the process makes.
+    for pool, name, path in (("embedded", "tiny", bench_bundle()), ("embedded", "world", WORLD),
+                             ("thread", "world", WORLD)):
         bundle = load_bundle(path)
-        pipelines = DecoderPipelines(bundle, ["image"])
+        pipelines = PipelineProcess(bundle, ["image"]) if pool == "embedded" else DecoderPipelines(bundle, ["image"])
         defaults = bundle.manifest.outputs["image"].decoder.defaults
-        asyncio.run(_rate(pipelines, 1, 1))  # warm-up
-        for max_batch in (1, args.jobs):
-            row = asyncio.run(_rate(pipelines, max_batch, args.jobs))
-            rows.append({"bundle": name, "pool": "embedded", "steps": defaults.steps,
-                         "size": f"{defaults.height}x{defaults.width}", **row})
+        try:
+            asyncio.run(_rate(pipelines, bundle, 1, 1))  # warm-up (and the process's loading)
+            for max_batch in (1, args.jobs):
+                row = asyncio.run(_rate(pipelines, bundle, max_batch, args.jobs))
+                rows.append({"bundle": name, "pool": pool, "steps": defaults.steps,
+                             "size": f"{defaults.height}x{defaults.width}", **row})
+        finally:
+            if isinstance(pipelines, PipelineProcess):
+                pipelines.close()
     from tests.support.servers import redis_server
 
     with redis_server() as info, tempfile.TemporaryDirectory() as tmp:
@@ -138,11 +146,16 @@ def main() -> None:
         print(f"{r['pool']:>8} {r['bundle']:>6} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
               f"{r['images_per_min']:>10}")
     ratios = {}
-    for pool, name in (("embedded", "tiny"), ("embedded", "world"), ("celery", "world")):
+    for pool, name in (("embedded", "tiny"), ("embedded", "world"), ("thread", "world"), ("celery", "world")):
         serial, batched = (next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, name, b))
                            for b in (1, args.jobs))
         ratios[f"{pool} {name}"] = round(batched["images_per_min"] / serial["images_per_min"], 2)
         print(f"{pool} {name}: batched / serial images per minute x{ratios[f'{pool} {name}']}")
+    process, thread = (next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, "world", 1))
+                       for pool in ("embedded", "thread"))
+    ratios["world serial: process / thread"] = round(process["images_per_min"] / thread["images_per_min"], 2)
+    print(f"world, serial: the pool with its pipelines in a process / on its thread "
+          f"x{ratios['world serial: process / thread']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,26 @@ def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
     return ApiKeys(keys), UrlSigner(signing, g.artifact_url_ttl_s)
 
 
+def _wait_loaded(pipelines: object) -> list[Callable[[], Awaitable[None]]]:
+    """A decoder process's start-up hook: serving starts once its pipelines are loaded (or fails if they cannot
+    be)."""
+    from services.decoders.pipeline_process import PipelineProcess
+
+    if not isinstance(pipelines, PipelineProcess):
+        return []
+
+    async def loaded() -> None:
+        await asyncio.to_thread(pipelines.wait_ready)
+
+    return [loaded]
+
+
+def _closers(pipelines: object) -> list[Callable[[], None]]:
+    from services.decoders.pipeline_process import PipelineProcess
+
+    return [pipelines.close] if isinstance(pipelines, PipelineProcess) else []
+
+
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     """The whole stack in one process: encoder, LLM and decoders behind the same interfaces as over the network."""
     from gateway.chat import ChatService
@@ -161,13 +183,16 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     store = build_artifact_store(settings)
     retention = build_retention(settings, store)
     registry = CollectorRegistry()
+    book = MemoryJobBook()
+    # First: a decoder process loads its pipelines while the encoder and the LLM load here.
+    runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book,
+                          own_process=settings.decoders.engine_process)
     encoder = build_encoder_service(bundle, settings.encoder, registry, store)
     llm = build_llm_service(bundle, settings.llm, registry)
-    book = MemoryJobBook()
-    runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book)
     decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,
                                  max_retries=settings.decoders.max_retries, max_batch=settings.decoders.max_batch,
-                                 queue_wait_s=settings.decoders.queue_wait_s)
+                                 queue_wait_s=settings.decoders.queue_wait_s,
+                                 batch_wait_s=settings.decoders.batch_wait_s)
     g = settings.gateway
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)
@@ -179,8 +204,9 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
-        on_startup=[encoder.start, retention.start],
-        on_shutdown=[retention.stop, encoder.stop, llm.close, decoders.close], registry=registry,
+        on_startup=[encoder.start, retention.start, *_wait_loaded(runner.pipelines)],
+        on_shutdown=[retention.stop, encoder.stop, llm.close, decoders.close, *_closers(runner.pipelines)],
+        registry=registry,
         streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
                           active=metrics.streams),
         metrics=metrics,

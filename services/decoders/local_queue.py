@@ -1,6 +1,7 @@
 """``DecoderQueue`` in one process (embedded mode): the same runner and job semantics as the Celery workers,
 on a local worker thread, with a bounded number of queued jobs. The worker takes the oldest job together with the
-queued jobs that can share its pipeline call (same modality, steps, guidance and size), up to ``max_batch``."""
+queued jobs that can share its pipeline call (same modality, steps, guidance and size), up to ``max_batch``; a
+job that arrives on an idle pool waits up to ``batch_wait_s`` for such batch-mates."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ log = logging.getLogger(__name__)
 
 class LocalDecoderQueue(DecoderQueue):
     def __init__(self, runner: DecoderRunner, book: MemoryJobBook, max_queued: int = 64, max_retries: int = 3,
-                 idle_timeout_s: float = 3600.0, max_batch: int = 8, queue_wait_s: float = 600.0) -> None:
+                 idle_timeout_s: float = 3600.0, max_batch: int = 8, queue_wait_s: float = 600.0,
+                 batch_wait_s: float = 0.05) -> None:
         self.runner, self.book = runner, book
         self.max_queued, self.max_retries, self.idle_timeout_s = max_queued, max_retries, idle_timeout_s
-        self.max_batch, self.queue_wait_s = max_batch, queue_wait_s
+        self.max_batch, self.queue_wait_s, self.batch_wait_s = max_batch, queue_wait_s, batch_wait_s
         self._waiting: deque[tuple[float, DecodeJob]] = deque()  # (when queued, job)
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -80,10 +82,19 @@ class LocalDecoderQueue(DecoderQueue):
             return [first]
         room = min(self.max_batch, self.runner.batch_room(key))
         with self._wake:
+            # Jobs sent together reach the queue a few ms apart: a job that has not yet waited batch_wait_s waits
+            # for the rest (as a Celery worker's flush interval does); one queued behind a busy pool runs at once.
+            deadline = queued_at + self.batch_wait_s
+            while room > 1 and not self._closed and self._count(key) < room - 1 \
+                    and (left := deadline - time.monotonic()) > 0:
+                self._wake.wait(left)
             mates = [entry for entry in self._waiting if self._key(entry[1]) == key][:room - 1]
             for entry in mates:
                 self._waiting.remove(entry)
         return [first, *(job for _, job in mates)]
+
+    def _count(self, key: tuple[object, ...]) -> int:
+        return sum(1 for _, job in self._waiting if self._key(job) == key)
 
     def _key(self, job: DecodeJob) -> tuple[object, ...] | None:
         try:

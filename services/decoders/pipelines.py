@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -55,6 +55,13 @@ class Generated:
     frames: np.ndarray | None = None  # (F, H, W, 3) in [0, 1]
     audio: np.ndarray | None = None  # (samples,)
     sample_rate: int | None = None
+
+
+class BatchGenerator(Protocol):
+    """What the runner needs of its pipelines: ``DecoderPipelines`` here, or the same in a child process."""
+
+    def generate_batch(self, modality: Modality, conditioning: torch.Tensor, seeds: list[int],
+                       opts: ResolvedOptions, on_step: StepCallback) -> list[Generated]: ...
 
 
 class DecoderPipelines:

@@ -22,7 +22,7 @@ from services.contracts.errors import NextGPTError
 from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
 from services.jobs.book import JobBook, JobBookUnavailable
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
-from services.decoders.pipelines import DecoderPipelines, Generated, ResolvedOptions, resolve
+from services.decoders.pipelines import BatchGenerator, Generated, ResolvedOptions, resolve
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ PENDING = _Pending()
 
 
 class DecoderRunner:
-    def __init__(self, pipelines: DecoderPipelines, store: ArtifactStore, book: JobBook,
+    def __init__(self, pipelines: BatchGenerator, store: ArtifactStore, book: JobBook,
                  manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120,
                  max_pixels: int = 2**21) -> None:
         self.pipelines, self.store, self.book, self.manifest = pipelines, store, book, manifest

@@ -262,3 +262,19 @@ async def test_a_broken_device_fails_the_job_and_stops_the_server(pipelines: Dec
         assert signals == [(os.getpid(), signal.SIGTERM)]
     finally:
         queue.close()
+
+
+async def test_jobs_sent_moments_apart_to_an_idle_pool_wait_for_each_other(pipelines: DecoderPipelines,
+                                                                            store: LocalArtifactStore) -> None:
+    book = MemoryJobBook()
+    runner = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60)
+    queue = LocalDecoderQueue(runner, book, max_batch=3, batch_wait_s=1.0)
+    try:
+        jobs = [_job(store, (77, 32), steps=2, seed=80 + i) for i in range(3)]
+        for job in jobs:  # as a turn's jobs (or several users') arrive: not in one instant
+            await queue.submit(job)
+            await asyncio.sleep(0.05)
+        sizes = [(await _events(queue, job.job_id))[-1].artifact.metadata["batch"] for job in jobs]  # type: ignore[union-attr]
+        assert sizes == ["3", "3", "3"]
+    finally:
+        queue.close()

@@ -1,0 +1,233 @@
+"""The embedded pool's diffusers pipelines in a process of their own.
+
+In the serving process the decode thread is one of several threads that run torch (the encoder's model thread, the
+projectors, the process's start-up): each has its own OpenMP team, and once a process holds more OpenMP threads than
+cores, libgomp stops spin-waiting and every parallel op wakes its helpers through the kernel. Measured on the world
+bundle on 2 cores: one picture took 1.45-1.65 s on the embedded pool's thread and 0.58-0.62 s in a process whose only
+torch thread runs it (``OMP_WAIT_POLICY=ACTIVE`` does not lift it). A child process that only decodes has one team.
+It also keeps a decoder crash (a segfault, the OOM killer) from taking the server: the call fails, and the next one
+starts a fresh child.
+
+``PipelineProcess`` stands in for ``DecoderPipelines`` (``generate_batch`` with the same arguments and results); the
+runner, the job book, leases, encoding and storage stay in the serving process. One call at a time.
+
+Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("go",)`` / ``("stop",)`` after each
+step, ``("close",)``. Child -> parent: ``("ready",)`` / ``("failed", message)`` once; per call ``("step", step,
+total)`` and then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.bundle.loader import Bundle
+from services.contracts.bundle_manifest import Modality
+from services.decoders.pipelines import Generated, ResolvedOptions, StepCallback
+
+log = logging.getLogger(__name__)
+
+# How often a waiting call looks whether the child still lives (a child killed mid-step sends nothing more).
+_POLL_S = 1.0
+
+
+class DecoderProcessDied(RuntimeError):
+    """The child exited in the middle of a call (a crash: the call's jobs fail; the next call starts a new one)."""
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    bundle: Path
+    modalities: tuple[Modality, ...]
+    device: str
+    threads: int | None = None  # torch threads in the child (None: torch's default, one per core)
+
+
+class _Stop(Exception):
+    """In the child: the parent's step callback said stop (cancelled, timed out, job book away)."""
+
+
+class PipelineProcess:
+    def __init__(self, bundle: Bundle, modalities: list[Modality], device: str = "cpu", threads: int | None = None,
+                 start_timeout_s: float = 600.0) -> None:
+        """Starts the child at once and returns; ``wait_ready`` (or the first call) waits for its pipelines."""
+        self.bundle = bundle
+        self.spec = PipelineSpec(bundle.root, tuple(modalities), device, threads)
+        self.start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()  # one call at a time; also guards (re)starts
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._closed = False
+        self.starts = 0
+        self._start()
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_child_main, args=(child_conn, self.spec), name="decoder-pipelines",
+                                        daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._ready = False
+        self.starts += 1
+
+    def _wait_ready_locked(self) -> Connection:
+        assert self._conn is not None
+        if self._ready:
+            return self._conn
+        started = time.monotonic()
+        if not self._conn.poll(self.start_timeout_s):
+            self._kill()
+            raise RuntimeError(f"the decoder process did not load its pipelines within {self.start_timeout_s:.0f} s")
+        try:
+            first = self._conn.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise RuntimeError(f"the decoder process exited while loading (code {self._process.exitcode})") from None
+        if first[0] != "ready":
+            self._process.join(5)
+            raise RuntimeError(f"the decoder process failed to load its pipelines: {first[1]}")
+        self._ready = True
+        log.info("decoder process %d ready (%s) in %.1f s", self._process.pid, ", ".join(self.spec.modalities),
+                 time.monotonic() - started)
+        return self._conn
+
+    def wait_ready(self) -> None:
+        with self._lock:
+            self._wait_ready_locked()
+
+    def generate_batch(self, modality: Modality, conditioning: torch.Tensor, seeds: list[int],
+                       opts: ResolvedOptions, on_step: StepCallback) -> list[Generated]:
+        """As ``DecoderPipelines.generate_batch``. An exception ``on_step`` raises stops the child's call and is
+        raised here once the child has stopped (so the next call finds it idle)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decoder process is closed")
+            if not self._process.is_alive():
+                log.warning("decoder process gone (exit code %s); starting a new one", self._process.exitcode)
+                self._start()
+            conn = self._wait_ready_locked()
+            try:
+                conn.send(("generate", modality, conditioning.detach().cpu().numpy(), list(seeds), opts))
+                outcome = self._follow(conn, on_step)
+            except (EOFError, OSError):  # the pipe broke: the child is gone
+                self._process.join(5)
+                raise self._died() from None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _follow(self, conn: Connection, on_step: StepCallback) -> list[Generated] | BaseException:
+        """The call's results, or the exception to raise (returned, so that only the pipe's own errors reach the
+        caller's ``except``)."""
+        stopping: BaseException | None = None
+        while True:
+            while not conn.poll(_POLL_S):
+                if not self._process.is_alive():
+                    return self._died()
+            message = conn.recv()
+            kind = message[0]
+            if kind == "step":
+                try:
+                    on_step(message[1], message[2])
+                except BaseException as exc:  # stop the child first, then raise it here
+                    stopping = exc
+                    conn.send(("stop",))
+                else:
+                    conn.send(("go",))
+            elif kind == "stopped":
+                assert stopping is not None
+                return stopping
+            elif kind == "error":
+                error: BaseException = message[1]
+                return error
+            else:
+                results: list[Generated] = message[1]
+                return results
+
+    def _died(self) -> Exception:
+        code = self._process.exitcode
+        self._ready = False
+        if code is not None and code < 0 and -code == 9:
+            # SIGKILL: on a machine that is not being shut down, almost always the kernel's OOM killer.
+            return MemoryError("the decoder process was killed (signal 9: likely out of memory)")
+        return DecoderProcessDied(f"the decoder process died during the call (exit code {code})")
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._process is None or not self._process.is_alive():
+            return
+        try:
+            assert self._conn is not None
+            self._conn.send(("close",))
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(10)
+        self._kill()
+
+
+# -- the child ------------------------------------------------------------------------------------------------
+def _child_main(conn: Connection, spec: PipelineSpec) -> None:
+    from services.bundle.loader import load_bundle
+    from services.decoders.pipelines import DecoderPipelines
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [decoder-process]: %(message)s")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        pipelines = DecoderPipelines(load_bundle(spec.bundle), list(spec.modalities), spec.device)
+    except BaseException as exc:  # reported to the parent, which raises it
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready",))
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] != "generate":
+                return
+            _, modality, conditioning, seeds, opts = message
+            conn.send(_generate(conn, pipelines, modality, conditioning, seeds, opts))
+    except (EOFError, OSError):  # the parent is gone
+        return
+
+
+def _generate(conn: Connection, pipelines: Any, modality: Modality, conditioning: np.ndarray, seeds: list[int],
+              opts: ResolvedOptions) -> tuple[Any, ...]:
+    def on_step(step: int, total: int) -> None:
+        conn.send(("step", step, total))
+        if conn.recv()[0] != "go":
+            raise _Stop
+
+    try:
+        results = pipelines.generate_batch(modality, torch.from_numpy(conditioning), seeds, opts, on_step)
+    except _Stop:
+        return ("stopped",)
+    except Exception as exc:  # the parent classifies it (out of memory, broken device, a bad job)
+        return ("error", _portable(exc))
+    return ("done", results)
+
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself when it survives pickling (its class is what the runner classifies by), else its
+    text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc

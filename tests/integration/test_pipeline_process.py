@@ -1,0 +1,118 @@
+"""The embedded pool's pipelines in a child process (``PipelineProcess``), on the tiny bundle: the same pictures as
+in-process, step callbacks that stop a call, a child that dies mid-call, errors that keep their class."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.bundle.loader import Bundle, load_bundle
+from services.contracts.decoders import DecodeOptions
+from services.decoders.pipeline_process import DecoderProcessDied, PipelineProcess
+from services.decoders.pipelines import DecoderPipelines, ResolvedOptions, resolve
+from services.decoders.runner import JobCancelled, OutOfMemoryJobError, classify
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle_dir: Path) -> Bundle:
+    return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def process(bundle: Bundle) -> Iterator[PipelineProcess]:
+    proc = PipelineProcess(bundle, ["image"])
+    proc.wait_ready()
+    yield proc
+    proc.close()
+
+
+def _opts(bundle: Bundle, steps: int) -> ResolvedOptions:
+    return resolve(DecodeOptions(steps=steps), bundle.manifest.outputs["image"].decoder.defaults, seed=0)
+
+
+def _conditioning(bundle: Bundle, count: int) -> torch.Tensor:
+    return torch.randn(count, *bundle.manifest.outputs["image"].projector.output_shape,
+                       generator=torch.Generator().manual_seed(count))
+
+
+def _pixels(image: object) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_the_child_makes_the_pictures_the_pipelines_make_in_process(bundle: Bundle,
+                                                                    process: PipelineProcess) -> None:
+    cond, opts = _conditioning(bundle, 2), _opts(bundle, 3)
+    steps: list[tuple[int, int]] = []
+    there = process.generate_batch("image", cond, [5, 6], opts, lambda step, total: steps.append((step, total)))
+    here = DecoderPipelines(bundle, ["image"]).generate_batch("image", cond, [5, 6], opts, lambda *_: None)
+    assert steps == [(1, 3), (2, 3), (3, 3)]  # every step reported, in order
+    assert len(there) == 2 and all(g.modality == "image" for g in there)
+    for a, b in zip(there, here, strict=True):
+        assert abs(_pixels(a.image) - _pixels(b.image)).max() <= 2
+    assert abs(_pixels(there[0].image) - _pixels(there[1].image)).max() > 10  # two seeds, two pictures
+
+
+def test_a_step_callback_that_raises_stops_the_call_and_the_child_serves_on(bundle: Bundle,
+                                                                            process: PipelineProcess) -> None:
+    starts, seen = process.starts, []
+
+    def cancel_at_two(step: int, total: int) -> None:
+        seen.append(step)
+        if step == 2:
+            raise JobCancelled
+
+    with pytest.raises(JobCancelled):
+        process.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 50), cancel_at_two)
+    assert seen == [1, 2]  # stopped at once, not after the remaining 48 steps
+    done = process.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
+    assert len(done) == 1 and process.starts == starts  # the same child
+
+
+def test_an_error_in_the_child_keeps_its_class_and_the_child_lives(bundle: Bundle,
+                                                                   process: PipelineProcess) -> None:
+    starts = process.starts
+    bad = torch.randn(1, 3, 5)  # not the projector's shape: the pipeline itself refuses it
+    with pytest.raises(Exception) as caught:
+        process.generate_batch("image", bad, [1], _opts(bundle, 2), lambda *_: None)
+    assert not isinstance(caught.value, DecoderProcessDied)
+    assert type(caught.value).__module__ == "builtins"  # the child's own exception class, not a wrapper
+    with pytest.raises(Exception):  # not loaded in this child: a KeyError, as in process
+        process.generate_batch("audio", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
+    assert len(process.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2),
+                                      lambda *_: None)) == 1
+    assert process.starts == starts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_child_that_dies_mid_call_fails_the_call_and_the_next_call_gets_a_new_child(
+        bundle: Bundle, process: PipelineProcess, sig: signal.Signals) -> None:
+    starts = process.starts
+
+    def die(step: int, total: int) -> None:
+        if step == 1:
+            os.kill(process._process.pid, sig)
+
+    with pytest.raises(Exception) as caught:
+        process.generate_batch("image", _conditioning(bundle, 2), [1, 2], _opts(bundle, 50), die)
+    if sig == signal.SIGKILL:  # the OOM killer's signal: the runner retries the jobs as out of memory
+        assert isinstance(classify(caught.value, "image"), OutOfMemoryJobError)
+    else:
+        assert isinstance(caught.value, DecoderProcessDied) and "exit code -15" in str(caught.value)
+    done = process.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
+    assert len(done) == 1 and process.starts == starts + 1
+
+
+def test_a_bundle_the_child_cannot_load_fails_at_start_up(bundle: Bundle, tmp_path: Path) -> None:
+    proc = PipelineProcess(replace(bundle, root=tmp_path / "missing"), ["image"])
+    try:
+        with pytest.raises(RuntimeError, match="failed to load its pipelines"):
+            proc.wait_ready()
+    finally:
+        proc.close()
