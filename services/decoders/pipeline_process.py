@@ -140,6 +140,8 @@ class PipelineProcess:
             kind = message[0]
             if kind == "step":
                 try:
+                    if self._closed:
+                        raise RuntimeError("the decoder process is shutting down")
                     on_step(message[1], message[2])
                 except BaseException as exc:  # stop the child first, then raise it here
                     stopping = exc
@@ -169,17 +171,23 @@ class PipelineProcess:
             self._process.kill()
             self._process.join(5)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """A call in flight stops at its next step (its jobs fail); then the child exits, or is killed."""
         self._closed = True
-        if self._process is None or not self._process.is_alive():
+        if not self._lock.acquire(timeout=timeout_s):  # a step longer than that: no waiting for it
+            self._kill()
             return
         try:
-            assert self._conn is not None
-            self._conn.send(("close",))
-        except (BrokenPipeError, OSError):
-            pass
-        self._process.join(10)
-        self._kill()
+            if self._process.is_alive():
+                try:
+                    assert self._conn is not None
+                    self._conn.send(("close",))
+                except (BrokenPipeError, OSError):
+                    pass
+                self._process.join(10)
+            self._kill()
+        finally:
+            self._lock.release()
 
 
 # -- the child ------------------------------------------------------------------------------------------------

@@ -116,3 +116,24 @@ def test_a_bundle_the_child_cannot_load_fails_at_start_up(bundle: Bundle, tmp_pa
             proc.wait_ready()
     finally:
         proc.close()
+
+
+def test_closing_stops_a_call_in_flight_at_its_next_step_and_ends_the_child(bundle: Bundle) -> None:
+    import threading
+
+    proc = PipelineProcess(bundle, ["image"])
+    steps: list[int] = []
+    closer = threading.Thread(target=proc.close)
+
+    def close_at_one(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 1:
+            closer.start()  # as the server's shutdown does, from another thread
+
+    with pytest.raises(RuntimeError, match="shutting down"):
+        proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 200), close_at_one)
+    closer.join(30)
+    assert not closer.is_alive() and not proc._process.is_alive()
+    assert len(steps) < 50  # stopped, not run to its 200th step
+    with pytest.raises(RuntimeError, match="closed"):
+        proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
