@@ -3,17 +3,19 @@
 In the serving process the decode thread is one of several threads that run torch (the encoder's model thread, the
 projectors, the process's start-up): each has its own OpenMP team, and once a process holds more OpenMP threads than
 cores, libgomp stops spin-waiting and every parallel op wakes its helpers through the kernel. Measured on the world
-bundle on 2 cores: one picture took 1.45-1.65 s on the embedded pool's thread and 0.58-0.62 s in a process whose only
-torch thread runs it (``OMP_WAIT_POLICY=ACTIVE`` does not lift it). A child process that only decodes has one team.
-It also keeps a decoder crash (a segfault, the OOM killer) from taking the server: the call fails, and the next one
-starts a fresh child.
+bundle on 2 cores (``make bench-decoders``): one picture at a time, the pool made 2.12x the pictures per minute with
+its pipelines in a child process, whose one torch thread has the only team, as on its decode thread
+(``OMP_WAIT_POLICY=ACTIVE`` does not lift the slowdown). A child also keeps a decoder crash (a segfault, the OOM
+killer) from taking the server: the call fails, and the next one starts a fresh child.
 
 ``PipelineProcess`` stands in for ``DecoderPipelines`` (``generate_batch`` with the same arguments and results); the
 runner, the job book, leases, encoding and storage stay in the serving process. One call at a time.
 
-Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("go",)`` / ``("stop",)`` after each
-step, ``("close",)``. Child -> parent: ``("ready",)`` / ``("failed", message)`` once; per call ``("step", step,
-total)`` and then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``.
+Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("stop",)``, ``("close",)``.
+Child -> parent: ``("ready",)`` / ``("failed", message)`` once; per call ``("step", step, total)`` after every step,
+then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``. The child never waits for the parent
+between steps (a serving process busy with its event loop would slow every step); it looks for a stop after each
+one, so a cancelled call ends one step after the parent asked.
 """
 
 from __future__ import annotations
@@ -136,20 +138,23 @@ class PipelineProcess:
             while not conn.poll(_POLL_S):
                 if not self._process.is_alive():
                     return self._died()
+                if self._closed and stopping is None:  # a step longer than the poll: stop it all the same
+                    stopping = RuntimeError("the decoder process is shutting down")
+                    conn.send(("stop",))
             message = conn.recv()
             kind = message[0]
             if kind == "step":
+                if stopping is not None:
+                    continue  # steps the child made before it read the stop
                 try:
                     if self._closed:
                         raise RuntimeError("the decoder process is shutting down")
                     on_step(message[1], message[2])
-                except BaseException as exc:  # stop the child first, then raise it here
+                except BaseException as exc:  # stop the child, then raise it here
                     stopping = exc
                     conn.send(("stop",))
-                else:
-                    conn.send(("go",))
-            elif kind == "stopped":
-                assert stopping is not None
+            elif stopping is not None:
+                # "stopped", or the call's end that crossed the stop (the child drops a stop that finds it idle).
                 return stopping
             elif kind == "error":
                 error: BaseException = message[1]
@@ -207,6 +212,8 @@ def _child_main(conn: Connection, spec: PipelineSpec) -> None:
     try:
         while True:
             message = conn.recv()
+            if message[0] == "stop":
+                continue  # sent while the call it was meant for was ending
             if message[0] != "generate":
                 return
             _, modality, conditioning, seeds, opts = message
@@ -219,7 +226,8 @@ def _generate(conn: Connection, pipelines: Any, modality: Modality, conditioning
               opts: ResolvedOptions) -> tuple[Any, ...]:
     def on_step(step: int, total: int) -> None:
         conn.send(("step", step, total))
-        if conn.recv()[0] != "go":
+        if conn.poll():  # only a stop comes while a call runs
+            conn.recv()
             raise _Stop
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,10 +111,22 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         metrics = httpx.get(f"{base}/metrics").text
         assert 'route="/v1/chat",status="500"' not in metrics
         assert 'nextgpt_gateway_requests_total{method="POST",route="/v1/chat",status="499"} 5.0' in metrics
-        # The LLM engine runs in a child process; if it dies, the server stops so that its supervisor restarts it.
+        # Two child processes: the decoder pipelines and the LLM engine.
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        engines = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-        assert len(engines) == 1, children
+        spawned = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        found = re.search(r"decoder process (\d+) ready", log.read_text())
+        assert found is not None and found.group(1) in spawned and len(spawned) == 2, (spawned, children)
+        # A decoder child that dies costs no more than the call it was in: the server serves on, and the next
+        # job gets a new child.
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        picture = httpx.post(f"{base}/v1/chat", timeout=120, json={
+            "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12,
+            "require_modalities": ["image"], "decoder": {"steps": 2}, "wait_s": 60}).json()
+        assert [a["state"] for a in picture["artifacts"]] == ["completed"], picture
+        assert "decoder process gone" in log.read_text()
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+        # The LLM engine's child; if it dies, the server stops so that its supervisor restarts it.
+        engines = [c for c in spawned if c != found.group(1)]
         os.kill(int(engines[0]), signal.SIGKILL)
         proc.wait(60)
         assert "the LLM engine process died" in log.read_text()
