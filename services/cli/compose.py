@@ -167,6 +167,13 @@ def _closers(pipelines: object) -> list[Callable[[], None]]:
     return [pipelines.close] if isinstance(pipelines, PipelineProcess) else []
 
 
+def _decoder_checks(pipelines: object) -> dict[str, Callable[[], None]]:
+    """Degraded (text still works) while a decoder process cannot load its pipelines."""
+    from services.decoders.pipeline_process import PipelineProcess
+
+    return {"decoders": pipelines.check_health} if isinstance(pipelines, PipelineProcess) else {}
+
+
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     """The whole stack in one process: encoder, LLM and decoders behind the same interfaces as over the network."""
     from gateway.chat import ChatService
@@ -201,6 +208,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
+        advisory_checks=_decoder_checks(runner.pipelines),
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),

@@ -35,6 +35,7 @@ import torch
 
 from services.bundle.loader import Bundle
 from services.contracts.bundle_manifest import Modality
+from services.contracts.errors import ServiceUnavailableError
 from services.decoders.pipelines import Generated, ResolvedOptions, StepCallback
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class PipelineProcess:
         self._ready = False
         self._closed = False
         self.starts = 0
+        self.load_error: str | None = None
         self._start()
 
     def _start(self) -> None:
@@ -89,21 +91,32 @@ class PipelineProcess:
         if self._ready:
             return self._conn
         started = time.monotonic()
+        problem: str | None = None
         if not self._conn.poll(self.start_timeout_s):
             self._kill()
-            raise RuntimeError(f"the decoder process did not load its pipelines within {self.start_timeout_s:.0f} s")
-        try:
-            first = self._conn.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
-            raise RuntimeError(f"the decoder process exited while loading (code {self._process.exitcode})") from None
-        if first[0] != "ready":
-            self._process.join(5)
-            raise RuntimeError(f"the decoder process failed to load its pipelines: {first[1]}")
+            problem = f"the decoder process did not load its pipelines within {self.start_timeout_s:.0f} s"
+        else:
+            try:
+                first = self._conn.recv()
+            except (EOFError, OSError):
+                first = ("exited",)
+            if first[0] != "ready":
+                self._process.join(5)
+                problem = f"the decoder process failed to load its pipelines: {first[1]}" if first[0] == "failed" \
+                    else f"the decoder process exited while loading (code {self._process.exitcode})"
+        self.load_error = problem
+        if problem is not None:
+            raise RuntimeError(problem)
         self._ready = True
         log.info("decoder process %d ready (%s) in %.1f s", self._process.pid, ", ".join(self.spec.modalities),
                  time.monotonic() - started)
         return self._conn
+
+    def check_health(self) -> None:
+        """For /readyz: the pipelines could not be loaded the last time a child started (each job fails until a
+        later start succeeds). A child that died is not a problem yet: the next call starts a new one."""
+        if self.load_error is not None:
+            raise ServiceUnavailableError(self.load_error, code="decoders_unavailable")
 
     def wait_ready(self) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ import torch
 
 from services.bundle.loader import Bundle, load_bundle
 from services.contracts.decoders import DecodeOptions
+from services.contracts.errors import ServiceUnavailableError
 from services.decoders.pipeline_process import DecoderProcessDied, PipelineProcess
 from services.decoders.pipelines import DecoderPipelines, ResolvedOptions, resolve
 from services.decoders.runner import JobCancelled, OutOfMemoryJobError, classify
@@ -57,6 +58,7 @@ def test_the_child_makes_the_pictures_the_pipelines_make_in_process(bundle: Bund
     for a, b in zip(there, here, strict=True):
         assert abs(_pixels(a.image) - _pixels(b.image)).max() <= 2
     assert abs(_pixels(there[0].image) - _pixels(there[1].image)).max() > 10  # two seeds, two pictures
+    process.check_health()  # loaded: nothing for /readyz to report
 
 
 def test_a_step_callback_that_raises_stops_the_call_and_the_child_serves_on(bundle: Bundle,
@@ -114,6 +116,9 @@ def test_a_bundle_the_child_cannot_load_fails_at_start_up(bundle: Bundle, tmp_pa
     try:
         with pytest.raises(RuntimeError, match="failed to load its pipelines"):
             proc.wait_ready()
+        with pytest.raises(ServiceUnavailableError, match="failed to load") as caught:  # /readyz: degraded
+            proc.check_health()
+        assert caught.value.code == "decoders_unavailable"
     finally:
         proc.close()
 
