@@ -3,7 +3,8 @@ calls (``max_batch`` 8), side by side in one run, each at its bundle's default s
 - the embedded decoder pool (pipelines in their own process, as served), on the tiny bundle and on the world bundle;
 - the same pool with the pipelines on its decode thread, on the world bundle;
 - a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle.
-Reports images per minute and the ratios. Writes bench/results/decoder_batching.json."""
+Each row is the median of ``--repeats`` rounds (the embedded pools' serial and batched rounds take turns). Reports
+images per minute and the ratios. Writes bench/results/decoder_batching.json."""
 
 from __future__ import annotations
 
@@ -72,8 +73,11 @@ async def _rate(pipelines: BatchGenerator, bundle: Bundle, max_batch: int, jobs:
             "images_per_min": round(jobs / wall * 60, 1)}
 
 
-async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: str, workdir: Path) -> dict[str, Any]:
-    """A real worker process consuming the image queue with this ``max_batch``; jobs sent through Redis."""
+async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: str, workdir: Path,
+                       repeats: int) -> dict[str, Any]:
+    """A real worker process consuming the image queue with this ``max_batch``; jobs sent through Redis; the median
+    of ``repeats`` rounds (``max_batch`` is a worker setting: one worker per value, so these rounds cannot
+    alternate)."""
     import redis
     import redis.asyncio
 
@@ -97,21 +101,33 @@ async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: s
             await queue.submit(job)
         return await asyncio.gather(*(_last_event(queue, job.job_id) for job in submitted))
 
+    done = []
     try:
         await run(1)  # warm-up: the worker loads its pipeline on the first job
-        started = time.perf_counter()
-        ends = await run(jobs)
-        wall = time.perf_counter() - started
+        for _ in range(repeats):
+            started = time.perf_counter()
+            ends = await run(jobs)
+            wall = time.perf_counter() - started
+            assert all(e.type == "completed" for e in ends), ends
+            done.append({"max_batch": max_batch, "jobs": jobs, "wall_s": round(wall, 2),
+                         "images_per_min": round(jobs / wall * 60, 1)})
+            await asyncio.sleep(0.5)  # the last job's events settled before the next round
     finally:
         worker.stop()
         await areader.aclose()
-    assert all(e.type == "completed" for e in ends), ends
-    return {"max_batch": max_batch, "jobs": jobs, "wall_s": round(wall, 2), "images_per_min": round(jobs / wall * 60, 1)}
+    return _median(done)
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median rate, with every run's rate."""
+    ranked = sorted(runs, key=lambda run: run["images_per_min"])
+    return {**ranked[(len(ranked) - 1) // 2], "runs": [run["images_per_min"] for run in runs]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per row; a row shows the median")
     parser.add_argument("--out", type=Path, default=Path("bench/results/decoder_batching.json"))
     args = parser.parse_args()
     rows = []
@@ -124,10 +140,13 @@ def main() -> None:
         defaults = bundle.manifest.outputs["image"].decoder.defaults
         try:
             asyncio.run(_rate(pipelines, bundle, 1, 1))  # warm-up (and the process's loading)
-            for max_batch in (1, args.jobs):
-                row = asyncio.run(_rate(pipelines, bundle, max_batch, args.jobs))
+            runs: dict[int, list[dict[str, Any]]] = {1: [], args.jobs: []}
+            for r in range(args.repeats):  # serial and batched take turns, in alternating order
+                for max_batch in (1, args.jobs) if r % 2 == 0 else (args.jobs, 1):
+                    runs[max_batch].append(asyncio.run(_rate(pipelines, bundle, max_batch, args.jobs)))
+            for max_batch, done in runs.items():
                 rows.append({"bundle": name, "pool": pool, "steps": defaults.steps,
-                             "size": f"{defaults.height}x{defaults.width}", **row})
+                             "size": f"{defaults.height}x{defaults.width}", **_median(done)})
         finally:
             if isinstance(pipelines, PipelineProcess):
                 pipelines.close()
@@ -136,15 +155,16 @@ def main() -> None:
     with redis_server() as info, tempfile.TemporaryDirectory() as tmp:
         defaults = load_bundle(WORLD).manifest.outputs["image"].decoder.defaults
         for max_batch in (1, args.jobs):
-            row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp)))
+            row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp), args.repeats))
             rows.append({"bundle": "world", "pool": "celery", "steps": defaults.steps,
                          "size": f"{defaults.height}x{defaults.width}", **row})
     print(f"{args.jobs} image jobs at once, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'pool':>8} {'bundle':>6} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}")
+    print(f"{'pool':>8} {'bundle':>6} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}  "
+          f"every round")
     for r in rows:
         print(f"{r['pool']:>8} {r['bundle']:>6} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
-              f"{r['images_per_min']:>10}")
+              f"{r['images_per_min']:>10}  {' '.join(str(x) for x in r['runs'])}")
     ratios = {}
     for pool, name in (("embedded", "tiny"), ("embedded", "world"), ("thread", "world"), ("celery", "world")):
         serial, batched = (next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, name, b))
