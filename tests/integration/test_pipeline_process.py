@@ -142,3 +142,57 @@ def test_closing_stops_a_call_in_flight_at_its_next_step_and_ends_the_child(bund
     assert len(steps) < 50  # stopped, not run to its 200th step
     with pytest.raises(RuntimeError, match="closed"):
         proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
+
+
+async def test_the_embedded_pool_on_the_child_cancels_a_whole_batch_and_goes_on(
+        bundle: Bundle, process: PipelineProcess, tmp_path: Path) -> None:
+    import asyncio
+
+    from safetensors.torch import save
+
+    from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, new_job_id
+    from services.contracts.storage import new_key
+    from services.decoders.local_queue import LocalDecoderQueue
+    from services.decoders.runner import DecoderRunner
+    from services.jobs.book import MemoryJobBook
+    from services.storage.local import LocalArtifactStore
+
+    store, book = LocalArtifactStore(tmp_path, 10**8), MemoryJobBook()
+    queue = LocalDecoderQueue(DecoderRunner(process, store, book, bundle.manifest, time_limit_s=60), book,
+                              max_batch=4)
+
+    def job(steps: int, seed: int) -> DecodeJob:
+        cond = store.put_new("conditioning", save({"conditioning": _conditioning(bundle, 1)}),
+                             "application/octet-stream")
+        job_id = new_job_id()
+        return DecodeJob(job_id=job_id, modality="image", conditioning_key=cond.key,
+                         artifact_key=new_key("image", ARTIFACT_FORMATS["image"][0], uid=job_id),
+                         options=DecodeOptions(steps=steps, seed=seed))
+
+    async def events(job_id: str) -> list:
+        return await asyncio.wait_for(_collect(queue, job_id), 60)
+
+    starts = process.starts
+    try:
+        batch = [job(200, 1), job(200, 2)]
+        for item in batch:
+            await queue.submit(item)
+        async for event in queue.events(batch[0].job_id):
+            if event.type == "progress":
+                for item in batch:
+                    await queue.cancel(item.job_id)
+                break
+        for item in batch:
+            seen = await events(item.job_id)
+            assert seen[-1].type == "cancelled" and len([e for e in seen if e.type == "progress"]) < 100
+        after = job(3, 3)
+        await queue.submit(after)
+        seen = await events(after.job_id)
+        assert [e.type for e in seen] == ["queued", "started", "progress", "progress", "progress", "completed"]
+        assert process.starts == starts  # the stopped call left the same child ready
+    finally:
+        queue.close()
+
+
+async def _collect(queue: object, job_id: str) -> list:
+    return [e async for e in queue.events(job_id)]  # type: ignore[attr-defined]
