@@ -53,7 +53,7 @@ class PipelineSpec:
     bundle: Path
     modalities: tuple[Modality, ...]
     device: str
-    threads: int | None = None  # torch threads in the child (None: torch's default, one per core)
+    log_level: int  # the serving process's, so the child logs what the server does
 
 
 class _Stop(Exception):
@@ -61,11 +61,11 @@ class _Stop(Exception):
 
 
 class PipelineProcess:
-    def __init__(self, bundle: Bundle, modalities: list[Modality], device: str = "cpu", threads: int | None = None,
+    def __init__(self, bundle: Bundle, modalities: list[Modality], device: str = "cpu",
                  start_timeout_s: float = 600.0) -> None:
         """Starts the child at once and returns; ``wait_ready`` (or the first call) waits for its pipelines."""
         self.bundle = bundle
-        self.spec = PipelineSpec(bundle.root, tuple(modalities), device, threads)
+        self.spec = PipelineSpec(bundle.root, tuple(modalities), device, logging.getLogger().getEffectiveLevel())
         self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()  # one call at a time; also guards (re)starts
         self._process: Any = None
@@ -213,9 +213,8 @@ def _child_main(conn: Connection, spec: PipelineSpec) -> None:
     from services.bundle.loader import load_bundle
     from services.decoders.pipelines import DecoderPipelines
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [decoder-process]: %(message)s")
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    logging.basicConfig(level=spec.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s [decoder-process]: %(message)s")
     try:
         pipelines = DecoderPipelines(load_bundle(spec.bundle), list(spec.modalities), spec.device)
     except BaseException as exc:  # reported to the parent, which raises it
