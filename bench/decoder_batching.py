@@ -69,6 +69,10 @@ async def _rate(pipelines: BatchGenerator, bundle: Bundle, max_batch: int, jobs:
         finally:
             queue.close()
     assert all(e.type == "completed" for e in ends), ends
+    return _round_result(max_batch, jobs, wall)
+
+
+def _round_result(max_batch: int, jobs: int, wall: float) -> dict[str, Any]:
     return {"max_batch": max_batch, "jobs": jobs, "wall_s": round(wall, 2),
             "images_per_min": round(jobs / wall * 60, 1)}
 
@@ -109,8 +113,7 @@ async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: s
             ends = await run(jobs)
             wall = time.perf_counter() - started
             assert all(e.type == "completed" for e in ends), ends
-            done.append({"max_batch": max_batch, "jobs": jobs, "wall_s": round(wall, 2),
-                         "images_per_min": round(jobs / wall * 60, 1)})
+            done.append(_round_result(max_batch, jobs, wall))
             await asyncio.sleep(0.5)  # the last job's events settled before the next round
     finally:
         worker.stop()
@@ -165,15 +168,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['pool']:>8} {r['bundle']:>6} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
               f"{r['images_per_min']:>10}  {' '.join(str(x) for x in r['runs'])}")
+    def rate(pool: str, name: str, max_batch: int) -> float:
+        row = next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, name, max_batch))
+        return float(row["images_per_min"])
+
     ratios = {}
     for pool, name in (("embedded", "tiny"), ("embedded", "world"), ("thread", "world"), ("celery", "world")):
-        serial, batched = (next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, name, b))
-                           for b in (1, args.jobs))
-        ratios[f"{pool} {name}"] = round(batched["images_per_min"] / serial["images_per_min"], 2)
+        ratios[f"{pool} {name}"] = round(rate(pool, name, args.jobs) / rate(pool, name, 1), 2)
         print(f"{pool} {name}: batched / serial images per minute x{ratios[f'{pool} {name}']}")
-    process, thread = (next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, "world", 1))
-                       for pool in ("embedded", "thread"))
-    ratios["world serial: process / thread"] = round(process["images_per_min"] / thread["images_per_min"], 2)
+    ratios["world serial: process / thread"] = round(rate("embedded", "world", 1) / rate("thread", "world", 1), 2)
     print(f"world, serial: the pool with its pipelines in a process / on its thread "
           f"x{ratios['world serial: process / thread']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,31 +148,26 @@ def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
     return ApiKeys(keys), UrlSigner(signing, g.artifact_url_ttl_s)
 
 
-def _wait_loaded(pipelines: object) -> list[Callable[[], Awaitable[None]]]:
-    """A decoder process's start-up hook: serving starts once its pipelines are loaded (or fails if they cannot
-    be)."""
+@dataclass
+class _DecoderHooks:
+    """What a decoder process adds to the embedded app: start-up waits for its pipelines (or fails if they cannot
+    load), shutdown ends it, and /readyz is degraded (text still works) while a child cannot load them."""
+
+    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
+    checks: dict[str, Callable[[], None]] = field(default_factory=dict)
+
+
+def _decoder_hooks(pipelines: object) -> _DecoderHooks:
     from services.decoders.pipeline_process import PipelineProcess
 
     if not isinstance(pipelines, PipelineProcess):
-        return []
+        return _DecoderHooks()
 
     async def loaded() -> None:
         await asyncio.to_thread(pipelines.wait_ready)
 
-    return [loaded]
-
-
-def _closers(pipelines: object) -> list[Callable[[], None]]:
-    from services.decoders.pipeline_process import PipelineProcess
-
-    return [pipelines.close] if isinstance(pipelines, PipelineProcess) else []
-
-
-def _decoder_checks(pipelines: object) -> dict[str, Callable[[], None]]:
-    """Degraded (text still works) while a decoder process cannot load its pipelines."""
-    from services.decoders.pipeline_process import PipelineProcess
-
-    return {"decoders": pipelines.check_health} if isinstance(pipelines, PipelineProcess) else {}
+    return _DecoderHooks([loaded], [pipelines.close], {"decoders": pipelines.check_health})
 
 
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
@@ -200,6 +196,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
                                  max_retries=settings.decoders.max_retries, max_batch=settings.decoders.max_batch,
                                  queue_wait_s=settings.decoders.queue_wait_s,
                                  batch_wait_s=settings.decoders.batch_wait_s)
+    hooks = _decoder_hooks(runner.pipelines)
     g = settings.gateway
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)
@@ -208,12 +205,12 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
-        advisory_checks=_decoder_checks(runner.pipelines),
+        advisory_checks=hooks.checks,
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=settings.gateway, chat=chat, store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(settings.gateway.rate_limit_per_minute),
-        on_startup=[encoder.start, retention.start, *_wait_loaded(runner.pipelines)],
-        on_shutdown=[retention.stop, encoder.stop, llm.close, decoders.close, *_closers(runner.pipelines)],
+        on_startup=[encoder.start, retention.start, *hooks.on_startup],
+        on_shutdown=[retention.stop, encoder.stop, llm.close, decoders.close, *hooks.on_shutdown],
         registry=registry,
         streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
                           active=metrics.streams),

@@ -85,16 +85,17 @@ class LocalDecoderQueue(DecoderQueue):
             # Jobs sent together reach the queue a few ms apart: a job that has not yet waited batch_wait_s waits
             # for the rest (as a Celery worker's flush interval does); one queued behind a busy pool runs at once.
             deadline = queued_at + self.batch_wait_s
-            while room > 1 and not self._closed and self._count(key) < room - 1 \
+            while room > 1 and not self._closed and len(self._mates(key)) < room - 1 \
                     and (left := deadline - time.monotonic()) > 0:
                 self._wake.wait(left)
-            mates = [entry for entry in self._waiting if self._key(entry[1]) == key][:room - 1]
+            mates = self._mates(key)[:room - 1]
             for entry in mates:
                 self._waiting.remove(entry)
         return [first, *(job for _, job in mates)]
 
-    def _count(self, key: tuple[object, ...]) -> int:
-        return sum(1 for _, job in self._waiting if self._key(job) == key)
+    def _mates(self, key: tuple[object, ...]) -> list[tuple[float, DecodeJob]]:
+        """The waiting jobs that can share a call with jobs of ``key`` (caller holds the lock)."""
+        return [entry for entry in self._waiting if self._key(entry[1]) == key]
 
     def _key(self, job: DecodeJob) -> tuple[object, ...] | None:
         try:
