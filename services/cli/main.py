@@ -432,7 +432,7 @@ def eval_world(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
 ) -> None:
     """Semantic evaluation on fresh world samples and held-out phrasings: describe, generate, image -> video,
-    two media in one reply, a follow-up turn. Prints a table of accuracies."""
+    two media in one reply, a follow-up turn, a second drawing in a conversation. Prints a table of accuracies."""
     from services.world.api_eval import WorldClient, evaluate_api
     from services.world.evaluate import format_table
 

@@ -66,7 +66,10 @@ def prompt_pieces(spec: PromptSpec, turns: list[Turn]) -> list[Piece]:
                 media(turn.media)
             buffer += " " + turn.text + spec.assistant_prefix
         else:
-            buffer += " " + turn.text
+            # A stored reply is the text as streamed: " Here is ...\n" (the first token's leading space, the
+            # newline before the stop). The layout has one space after "Assistant:" and the separator right after
+            # the reply, as the model was trained and as the demo writes its history.
+            buffer += " " + turn.text.strip()
             if turn.media:
                 media(turn.media)
             buffer += spec.turn_separator

@@ -105,9 +105,16 @@ def _first(artifacts: list[tuple[str, np.ndarray]], modality: str) -> np.ndarray
     return next((data for m, data in artifacts if m == modality), None)
 
 
+def _unlike(rng: random.Random, earlier: Attributes) -> Attributes:
+    """A picture that differs from ``earlier`` in colour and in shape."""
+    return Attributes(size=rng.choice(CLASSES["size"]),
+                      colour=rng.choice([c for c in CLASSES["colour"] if c != earlier.colour]),
+                      shape=rng.choice([s for s in CLASSES["shape"] if s != earlier.shape]))
+
+
 def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str], None] = lambda _: None,
                  seed: int = API_EVAL_SEED) -> dict[str, dict[str, float]]:
-    rng = random.Random(seed)
+    rng, rng_second = random.Random(seed), random.Random(seed + 1)
     tallies: dict[str, Tally] = defaultdict(Tally)
     for i in range(count):
         for modality in ("image", "video", "audio"):
@@ -150,5 +157,17 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         row = tallies["follow-up changes one attribute"]
         row.add("new colour", got.colour == colour)
         row.add("keeps shape", got.shape == first.shape)
+        # A second, unrelated drawing in the same conversation (its own random stream, so the rows above keep
+        # their samples): it must show the new request, not the earlier picture again.
+        earlier = render("image", seed + 5, i).attributes
+        wanted = _unlike(rng_second, earlier)
+        reply = client.chat(rng_second.choice(CREATE["eval"]["image"]).format(x=caption("image", earlier)))
+        reply = client.chat(rng_second.choice(CREATE["eval"]["image"]).format(x=caption("image", wanted)),
+                            conversation_id=reply["conversation_id"])
+        image = _first(client.artifacts(reply), "image")
+        got = measure("image", image) if image is not None else Attributes()
+        row = tallies["a second drawing in a conversation"]
+        row.add("new colour", got.colour == wanted.colour)
+        row.add("new shape", got.shape == wanted.shape)
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}

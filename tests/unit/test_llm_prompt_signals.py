@@ -64,6 +64,15 @@ def test_bos_per_segment_and_media_wrappers() -> None:
     assert prompt_ids(single, pieces, lambda text: [len(text)])[-1] == [18]
 
 
+def test_a_stored_reply_is_laid_out_as_trained() -> None:
+    """A reply comes back as streamed (a leading space, a newline before the stop): the history has it as the
+    model learnt it, one space after "Assistant:" and the separator right after the words."""
+    turns = [Turn(role="user", text="draw it"), Turn(role="assistant", text=" Here it is.\n", media=[0]),
+             Turn(role="user", text="again")]
+    assert prompt_pieces(SPEC, turns) == [TextPiece("### Human: draw it\n### Assistant: Here it is."), MediaPiece(0),
+                                          TextPiece("\n### Human: again\n### Assistant:")]
+
+
 def test_params_validation() -> None:
     with pytest.raises(ValueError, match="last turn"):
         GenerateParams(turns=[Turn(role="assistant", text="x")])
