@@ -74,9 +74,16 @@ TO_VIDEO = {"train": ["Make this move {m}.", "Animate this moving {m}.", "Turn t
             "eval": ["Could you set this in motion towards the {m}?"]}
 TO_IMAGE = {"train": ["Show this as a still picture.", "Make a picture of this.", "Draw a frame of this clip."],
             "eval": ["Could you give me a still image of this?"]}
-RECOLOUR = {"train": ["Now make it {c}.", "Make it {c} instead.", "Change the colour to {c}.", "Same, but {c}."],
+# A follow-up names the change and points back ("it", "that one", "the same"); a second request names all it wants
+# (another_request_task). With four follow-up phrasings, training on second requests made "could you redo it in
+# blue?" read as a new request (keeps the shape 92% -> 29%): more ways of pointing back.
+RECOLOUR = {"train": ["Now make it {c}.", "Make it {c} instead.", "Change the colour to {c}.", "Same, but {c}.",
+                      "Try it in {c}.", "Now do it in {c}.", "Make that one {c}.", "The same in {c}, please.",
+                      "I want it {c}.", "Paint it {c} now."],
             "eval": ["Could you redo it in {c}?"]}
-BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", "Make a picture of {x} and a sound of {y}."],
+BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", "Make a picture of {x} and a sound of {y}.",
+                  "Paint {x} and produce {y}.", "I want a picture of {x} and a sound of {y}.",
+                  "Make an image of {x}, then play {y}.", "Show {x} and make a sound: {y}."],
         "eval": ["Could you render {x} and also synthesize {y}?"]}
 
 
@@ -214,10 +221,45 @@ def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
 
 
 Task = Callable[[random.Random, Split, Draw], Conversation]
-# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up.
-INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
+# The single-request tasks (weights), which also serve as the second request of a conversation.
+SINGLE_REQUESTS: tuple[tuple[Task, float], ...] = (
     (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (open_create_task, 0.5),
-    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 0.7), (follow_up_task, 0.8),
+    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 0.7),
+)
+
+
+def _earlier_exchange(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """A finished first exchange: a description, an answer, or something made (its classes drawn from the data,
+    since what an assistant turn made comes back to the model as an input medium)."""
+    kind = rng.choice(["describe", "question", "create"])
+    if kind == "describe":
+        return describe_task(rng, split, draw)
+    if kind == "question":
+        return question_task(rng, split, draw)
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = draw(modality)
+    text = _phrase(rng, CREATE, split, modality, wrapped=True).format(x=partial_request(rng, modality, attrs))
+    return Conversation([Turn(role="user", text=text)], [], f"Here is {caption(modality, attrs)}.", [(modality, attrs)])
+
+
+def another_request_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """A new request after an earlier exchange, answered on its own. Trained on single requests and the recolour
+    follow-up only, the model answered most second requests of a conversation with the first one's content again
+    (drew the earlier picture's classes for 5-6 of 8 second drawings)."""
+    earlier = _earlier_exchange(rng, split, draw)
+    tasks, weights = zip(*SINGLE_REQUESTS)
+    now = rng.choices(tasks, weights=weights)[0](rng, split, draw)
+    made = len(earlier.inputs)  # the earlier reply's media follow its inputs
+    shift = made + len(earlier.outputs)
+    reply = Turn(role="assistant", text=earlier.reply, media=list(range(made, shift)))
+    turns = [*earlier.turns, reply,
+             *(Turn(role=t.role, text=t.text, media=[i + shift for i in t.media]) for t in now.turns)]
+    return Conversation(turns, [*earlier.inputs, *earlier.outputs, *now.inputs], now.reply, now.outputs)
+
+
+# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up, a second request.
+INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
+    *SINGLE_REQUESTS, (follow_up_task, 1.2), (another_request_task, 0.6),
 )
 
 

@@ -4,10 +4,11 @@ Through the public API of the embedded stack and of the distributed one (process
 "draw a blue triangle" returns a blue triangle, a high beeping tone is high and beeping, a picture the model
 chose itself shows the colour its reply names, "what is in this picture?" about a red circle names a red
 circle, "what happens in this video?" about a blue square names its colour and the way it moves, a clip
-asked for is of the colour and moves the way asked, and "make this move right" with a picture of a green square
-returns a green clip moving right. These pass only when every piece of wiring is right: the encoder's
-preprocessing and projection, the prompt layout, the LLM's hidden states at the bundle's offset, the projectors
-and their signal rows, the decoders' conditioning and guidance. No ``require_modalities``: the model picks the
+asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
+returns a green clip moving right, and a second drawing asked for in a conversation is the new one, not the
+first again. These pass only when every piece of wiring is right: the encoder's preprocessing and projection,
+the prompt layout (history included), the LLM's hidden states at the bundle's offset, the projectors and their
+signal rows, the decoders' conditioning and guidance. No ``require_modalities``: the model picks the
 modality from the words.
 """
 
@@ -145,8 +146,19 @@ def check_animate(client: WorldClient) -> None:
     _makes(client, "video", {"colour": "green", "motion": "right"}, ask)
 
 
+def check_second_drawing(client: WorldClient) -> None:
+    """A conversation: the history (the first reply's words, its picture back through the encoder) is in the
+    prompt, and the second request still gets its own picture, not the first one again (5-6 of 8 second drawings
+    repeated the first's classes before stage 3 trained on second requests)."""
+    def ask(seed: int) -> dict:
+        first = client.chat("Draw a red circle.", seed=seed)
+        return client.chat("Draw a blue square.", conversation_id=first["conversation_id"], seed=seed)
+
+    _makes(client, "image", {"colour": "blue", "shape": "square"}, ask, says=("colour", "shape"))
+
+
 CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
-          check_describe_clip, check_film, check_animate]
+          check_describe_clip, check_film, check_animate, check_second_drawing]
 
 
 @pytest.fixture(scope="module")

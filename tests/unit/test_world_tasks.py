@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 from services.training.world_tasks import (
-    BOTH, CREATE, DESCRIBE, OPEN_CREATE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, describe_task, encoder_alignment,
-    training_phrasings, wrappable,
+    BOTH, CREATE, DESCRIBE, OPEN_CREATE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, another_request_task,
+    describe_task, encoder_alignment, training_phrasings, wrappable,
 )
-from services.world.attributes import ATTRIBUTES, CLASSES, Attributes
+from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, caption
 from services.world.text import QUESTIONS
 
 TABLES = {"describe": DESCRIBE, "create": CREATE, "open create": OPEN_CREATE, "to video": TO_VIDEO,
@@ -54,3 +54,30 @@ def test_stage_three_wraps_about_half_its_requests_stage_one_and_eval_none() -> 
     assert {describe_task(rng, "eval", _draw).turns[0].text for _ in range(200)} <= set(_sentences(DESCRIBE["eval"]))
     rng = random.Random(0)
     assert {encoder_alignment(rng, "train", _draw).turns[0].text for _ in range(200)} <= set(plain)
+
+
+def test_a_second_request_is_answered_on_its_own_with_the_first_exchange_as_history() -> None:
+    rng = random.Random(0)
+    drawn: list[tuple[str, Attributes]] = []
+
+    def draw(modality: str) -> Attributes:
+        attrs = Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
+        drawn.append((modality, attrs))
+        return attrs
+
+    made_before = 0
+    for _ in range(300):
+        drawn.clear()
+        c = another_request_task(rng, "train", draw)
+        user, reply, *now = c.turns
+        assert (user.role, reply.role) == ("user", "assistant") and [t.role for t in now] == ["user"]
+        # Every medium a turn refers to exists, in the order the turns show them, each used once.
+        assert [i for t in c.turns for i in t.media] == list(range(len(c.inputs)))
+        # What the first reply made comes back as an input medium of a drawn (existing) sample.
+        for i in reply.media:
+            assert c.inputs[i] in drawn
+            assert reply.text == f"Here is {caption(*c.inputs[i])}."
+            made_before += 1
+        # The reply names what its own signal groups make (the second request's).
+        assert all(caption(m, a) in c.reply for m, a in c.outputs)
+    assert made_before > 50  # about a third of the first exchanges made something
