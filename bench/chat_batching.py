@@ -5,7 +5,7 @@ text only, greedy, a fixed token budget. Side by side in one run: the transforme
 process (``llm.engine_process`` off: the engine and the HTTP event loop share one interpreter lock), and batching
 off (``max_batch`` 1, one reply at a time), each at concurrency 1 and 16. Reports aggregate tokens/s, median and
 max time to first token, and the ratios the batching issue sets goals on (c16/c1 tok/s >= 4, c16/c1 median TTFT
-<= 4). Writes bench/results/chat_batching.json."""
+<= 4); the two concurrencies of a server take turns, round by round. Writes bench/results/chat_batching.json."""
 
 from __future__ import annotations
 
@@ -55,9 +55,10 @@ async def _turn(http: httpx.AsyncClient, url: str, tokens: int, seed: int) -> di
     return out
 
 
-async def _point(url: str, concurrency: int, tokens: int, per_client: int) -> dict[str, float]:
+async def _wave(url: str, concurrency: int, tokens: int, per_client: int) -> tuple[list[dict[str, float]], float]:
     """``concurrency`` clients, each sending its next request as soon as its last one ended (a closed loop: the
-    usual meaning of concurrency in serving benchmarks); every request counts, the first synchronized wave too."""
+    usual meaning of concurrency in serving benchmarks); every request counts, the first synchronized wave too.
+    Every request's measures, and the wall time."""
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4), timeout=600) as http:
         await _turn(http, url, 4, 10_000)  # warm-up
 
@@ -66,10 +67,14 @@ async def _point(url: str, concurrency: int, tokens: int, per_client: int) -> di
 
         started = time.perf_counter()
         results = [x for xs in await asyncio.gather(*(client(c) for c in range(concurrency))) for x in xs]
-        wall = time.perf_counter() - started
+        return results, time.perf_counter() - started
+
+
+def _point(concurrency: int, waves: list[tuple[list[dict[str, float]], float]]) -> dict[str, float]:
+    results = [x for wave, _ in waves for x in wave]
     ttfts = [x["ttft"] for x in results]
     return {"concurrency": concurrency, "requests": len(results),
-            "aggregate_tok_s": round(sum(x["tokens"] for x in results) / wall, 1),
+            "aggregate_tok_s": round(sum(x["tokens"] for x in results) / sum(wall for _, wall in waves), 1),
             "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1), "ttft_max_ms": round(max(ttfts) * 1000, 1),
             "mean_tokens": round(statistics.mean(x["tokens"] for x in results), 1)}
 
@@ -101,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client at the top concurrency")
+    parser.add_argument("--requests", type=int, default=4,
+                        help="requests per client at the top concurrency, per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per point (the points take turns)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="the server's torch threads: the load generator needs a core of this machine too")
     parser.add_argument("--out", type=Path, default=Path("bench/results/chat_batching.json"))
@@ -111,14 +118,20 @@ def main() -> None:
     configs = [(args.concurrency, True), (args.concurrency, False), (1, True)]
     for max_batch, engine_process in configs:
         with _server(bundle, max_batch, engine_process, 4 * args.concurrency, args.torch_threads) as url:
-            for concurrency in (1, args.concurrency):
-                # Concurrency 1 runs as many replies as the top point, so both average over as many.
-                per_client = args.requests * (args.concurrency if concurrency == 1 else 1)
-                point = asyncio.run(_point(url, concurrency, args.tokens, per_client))
-                rows.append({"max_batch": max_batch, "engine": _engine(engine_process), **point})
+            # Concurrency 1 and the top concurrency take turns, round by round, in alternating order: measured one
+            # after the other, the machine's drift between the two (concurrency 1's median moved from 5.3 to 8.4
+            # ms between runs of one day) went straight into their ratio.
+            waves: dict[int, list[tuple[list[dict[str, float]], float]]] = {1: [], args.concurrency: []}
+            for r in range(args.rounds):
+                for concurrency in (1, args.concurrency) if r % 2 == 0 else (args.concurrency, 1):
+                    # Concurrency 1 runs as many replies as the top point, so both average over as many.
+                    per_client = args.requests * (args.concurrency if concurrency == 1 else 1)
+                    waves[concurrency].append(asyncio.run(_wave(url, concurrency, args.tokens, per_client)))
+            for concurrency, done in waves.items():
+                rows.append({"max_batch": max_batch, "engine": _engine(engine_process), **_point(concurrency, done)})
     print(f"/v1/chat streamed, embedded stack, tiny bundle, {args.tokens} tokens max, greedy, text only, "
           f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), server torch threads "
-          f"{args.torch_threads}, closed-loop clients")
+          f"{args.torch_threads}, closed-loop clients, {args.rounds} rounds per point taking turns")
     print(f"{'max_batch':>9} {'engine':>10} {'conc':>5} {'reqs':>5} {'agg tok/s':>10} {'TTFT p50 ms':>12} "
           f"{'TTFT max ms':>12} {'tokens':>7}")
     for r in rows:
