@@ -148,8 +148,8 @@ def check_animate(client: WorldClient) -> None:
 
 def check_second_drawing(client: WorldClient) -> None:
     """A conversation: the history (the first reply's words, its picture back through the encoder) is in the
-    prompt, and the second request still gets its own picture, not the first one again (5-6 of 8 second drawings
-    repeated the first's classes before stage 3 trained on second requests)."""
+    prompt, and the second request still gets its own picture (2-3 of 8 second drawings were right before stage 3
+    trained on second requests)."""
     def ask(seed: int) -> dict:
         first = client.chat("Draw a red circle.", seed=seed)
         return client.chat("Draw a blue square.", conversation_id=first["conversation_id"], seed=seed)
