@@ -160,10 +160,12 @@ def describe_task(rng: random.Random, split: Split, draw: Draw, wrapped: bool = 
 
 def create_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     modality: WorldModality = rng.choice(["image", "video", "audio"])
-    attrs = random_attrs(rng, modality)
+    return _create(rng, split, modality, random_attrs(rng, modality))
+
+
+def _create(rng: random.Random, split: Split, modality: WorldModality, attrs: Attributes) -> Conversation:
     text = _phrase(rng, CREATE, split, modality, wrapped=True).format(x=partial_request(rng, modality, attrs))
-    reply = f"Here is {caption(modality, attrs)}."
-    return Conversation([Turn(role="user", text=text)], [], reply, [(modality, attrs)])
+    return Conversation([Turn(role="user", text=text)], [], f"Here is {caption(modality, attrs)}.", [(modality, attrs)])
 
 
 def open_create_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
@@ -237,9 +239,7 @@ def _earlier_exchange(rng: random.Random, split: Split, draw: Draw) -> Conversat
     if kind == "question":
         return question_task(rng, split, draw)
     modality: WorldModality = rng.choice(["image", "video", "audio"])
-    attrs = draw(modality)
-    text = _phrase(rng, CREATE, split, modality, wrapped=True).format(x=partial_request(rng, modality, attrs))
-    return Conversation([Turn(role="user", text=text)], [], f"Here is {caption(modality, attrs)}.", [(modality, attrs)])
+    return _create(rng, split, modality, draw(modality))
 
 
 def another_request_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
@@ -251,8 +251,8 @@ def another_request_task(rng: random.Random, split: Split, draw: Draw) -> Conver
     now = rng.choices(tasks, weights=weights)[0](rng, split, draw)
     made = len(earlier.inputs)  # the earlier reply's media follow its inputs
     shift = made + len(earlier.outputs)
-    reply = Turn(role="assistant", text=earlier.reply, media=list(range(made, shift)))
-    turns = [*earlier.turns, reply,
+    answered = Turn(role="assistant", text=earlier.reply, media=list(range(made, shift)))
+    turns = [*earlier.turns, answered,
              *(Turn(role=t.role, text=t.text, media=[i + shift for i in t.media]) for t in now.turns)]
     return Conversation(turns, [*earlier.inputs, *earlier.outputs, *now.inputs], now.reply, now.outputs)
 
