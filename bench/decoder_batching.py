@@ -4,7 +4,11 @@ calls (``max_batch`` 8), side by side in one run, each at its bundle's default s
 - the same pool with the pipelines on its decode thread, on the world bundle;
 - a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle.
 Each row is the median of ``--repeats`` rounds (the embedded pools' serial and batched rounds take turns). Reports
-images per minute and the ratios. Writes bench/results/decoder_batching.json."""
+images per minute and the ratios. Writes bench/results/decoder_batching.json.
+
+On a GPU (``--device cuda``: fp16 pipelines, as served there), ``--bundles`` can add ``sd-size``: the world bundle
+with its image decoder replaced by one of Stable Diffusion 1.5's size (UNet and VAE, random weights) at 512x512,
+the cost a real decoder has; ``--pools embedded,thread`` leaves out the Celery worker (it needs Redis)."""
 
 from __future__ import annotations
 
@@ -22,10 +26,6 @@ from safetensors.torch import save
 
 from bench.common import bench_bundle
 from services.bundle.loader import Bundle, load_bundle
-from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app
-from services.contracts.settings import Settings
-from services.jobs.book import RedisJobBook
-from services.jobs.reader import AsyncJobReader
 from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, new_job_id
 from services.contracts.storage import new_key
 from services.decoders.local_queue import LocalDecoderQueue
@@ -36,6 +36,8 @@ from services.jobs.book import MemoryJobBook
 from services.storage.local import LocalArtifactStore
 
 WORLD = Path(__file__).parents[1] / "bundles" / "nextgpt-world"
+POOLS = ("embedded", "thread", "celery")
+BUNDLES = ("tiny", "world", "sd-size")
 
 
 def _image_job(store: LocalArtifactStore, shape: tuple[int, ...]) -> DecodeJob:
@@ -85,6 +87,10 @@ async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: s
     import redis
     import redis.asyncio
 
+    from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app
+    from services.contracts.settings import Settings
+    from services.jobs.book import RedisJobBook
+    from services.jobs.reader import AsyncJobReader
     from tests.support.workers import WorkerProcess
 
     prefix = f"bench-{new_job_id()[:8]}:"
@@ -127,60 +133,119 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**ranked[(len(ranked) - 1) // 2], "runs": [run["images_per_min"] for run in runs]}
 
 
+def sd_size_bundle(out: Path, device: str) -> Path:
+    """The world bundle with an image decoder of Stable Diffusion 1.5's size: its UNet (860M parameters; cross-
+    attention at the world's conditioning width, so the world's projector still feeds it) and its VAE, random
+    weights in fp16, served at 512x512 and the bundle's 25 steps. Only the cost is real, not the pictures."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from services.bundle.manifest_io import read_manifest, write_manifest
+
+    shutil.copytree(WORLD, out, dirs_exist_ok=True)
+    manifest = read_manifest(out)
+    image = manifest.outputs["image"]
+    source = out / image.decoder.source
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 860M parameters is minutes on a CPU, seconds on a GPU
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=image.projector.out_dim)
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            sample_size=512)
+    for name, module in (("unet", unet), ("vae", vae)):
+        shutil.rmtree(source / name)
+        module.half().save_pretrained(str(source / name), safe_serialization=True)
+    defaults = image.decoder.defaults.model_copy(update={"height": 512, "width": 512})
+    decoder = image.decoder.model_copy(update={"defaults": defaults})
+    outputs = {**manifest.outputs, "image": image.model_copy(update={"decoder": decoder})}
+    write_manifest(out, manifest.model_copy(update={"outputs": outputs, "version": f"{manifest.version}+sd-size"}))
+    return out
+
+
+def _names(value: str, allowed: tuple[str, ...]) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(allowed)}")
+    return names
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per row; a row shows the median")
+    parser.add_argument("--device", default="cpu", help="where the pipelines run (cuda: fp16)")
+    parser.add_argument("--pools", type=lambda v: _names(v, POOLS), default=list(POOLS),
+                        help="comma-separated: embedded, thread, celery (the Celery worker runs the world bundle)")
+    parser.add_argument("--bundles", type=lambda v: _names(v, BUNDLES), default=["tiny", "world"],
+                        help="comma-separated: tiny, world, sd-size (for the embedded and thread pools)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/decoder_batching.json"))
     args = parser.parse_args()
+    if "sd-size" in args.bundles and args.device == "cpu":
+        parser.error("sd-size is a GPU row: at 512x512 a CPU takes minutes per picture")
     rows = []
-    # "embedded": the pool as `nextgpt serve` runs it, pipelines in their own process; "thread": the same pool with
-    # the pipelines on its decode thread (decoders.engine_process false), for the difference the process makes.
-    for pool, name, path in (("embedded", "tiny", bench_bundle()), ("embedded", "world", WORLD),
-                             ("thread", "world", WORLD)):
-        bundle = load_bundle(path)
-        pipelines = PipelineProcess(bundle, ["image"]) if pool == "embedded" else DecoderPipelines(bundle, ["image"])
-        defaults = bundle.manifest.outputs["image"].decoder.defaults
-        try:
-            asyncio.run(_rate(pipelines, bundle, 1, 1))  # warm-up (and the process's loading)
-            runs: dict[int, list[dict[str, Any]]] = {1: [], args.jobs: []}
-            for r in range(args.repeats):  # serial and batched take turns, in alternating order
-                for max_batch in (1, args.jobs) if r % 2 == 0 else (args.jobs, 1):
-                    runs[max_batch].append(asyncio.run(_rate(pipelines, bundle, max_batch, args.jobs)))
-            for max_batch, done in runs.items():
-                rows.append({"bundle": name, "pool": pool, "steps": defaults.steps,
-                             "size": f"{defaults.height}x{defaults.width}", **_median(done)})
-        finally:
-            if isinstance(pipelines, PipelineProcess):
-                pipelines.close()
-    from tests.support.servers import redis_server
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = {"tiny": bench_bundle, "world": lambda: WORLD,
+                 "sd-size": lambda: sd_size_bundle(Path(scratch) / "sd-size", args.device)}
+        # "embedded": the pool as `nextgpt serve` runs it, pipelines in their own process; "thread": the same pool
+        # with the pipelines on its decode thread (decoders.engine_process false), for the difference the process
+        # makes.
+        for name in args.bundles:
+            path = paths[name]()
+            for pool in (p for p in ("embedded", "thread") if p in args.pools):
+                rows += _embedded_rows(pool, name, path, args.device, args.jobs, args.repeats)
+    if "celery" in args.pools:
+        from tests.support.servers import redis_server
 
-    with redis_server() as info, tempfile.TemporaryDirectory() as tmp:
-        defaults = load_bundle(WORLD).manifest.outputs["image"].decoder.defaults
-        for max_batch in (1, args.jobs):
-            row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp), args.repeats))
-            rows.append({"bundle": "world", "pool": "celery", "steps": defaults.steps,
-                         "size": f"{defaults.height}x{defaults.width}", **row})
-    print(f"{args.jobs} image jobs at once, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"{'pool':>8} {'bundle':>6} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}  "
+        with redis_server() as info, tempfile.TemporaryDirectory() as tmp:
+            defaults = load_bundle(WORLD).manifest.outputs["image"].decoder.defaults
+            for max_batch in (1, args.jobs):
+                row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp), args.repeats))
+                rows.append({"bundle": "world", "pool": "celery", "steps": defaults.steps,
+                             "size": f"{defaults.height}x{defaults.width}", **row})
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} cores"
+    print(f"{args.jobs} image jobs at once, {device}, torch threads {torch.get_num_threads()}")
+    print(f"{'pool':>8} {'bundle':>7} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}  "
           f"every round")
     for r in rows:
-        print(f"{r['pool']:>8} {r['bundle']:>6} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
+        print(f"{r['pool']:>8} {r['bundle']:>7} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
               f"{r['images_per_min']:>10}  {' '.join(str(x) for x in r['runs'])}")
+
     def rate(pool: str, name: str, max_batch: int) -> float:
         row = next(r for r in rows if (r["pool"], r["bundle"], r["max_batch"]) == (pool, name, max_batch))
         return float(row["images_per_min"])
 
     ratios = {}
-    for pool, name in (("embedded", "tiny"), ("embedded", "world"), ("thread", "world"), ("celery", "world")):
+    for pool, name in dict.fromkeys((r["pool"], r["bundle"]) for r in rows):
         ratios[f"{pool} {name}"] = round(rate(pool, name, args.jobs) / rate(pool, name, 1), 2)
         print(f"{pool} {name}: batched / serial images per minute x{ratios[f'{pool} {name}']}")
-    ratios["world serial: process / thread"] = round(rate("embedded", "world", 1) / rate("thread", "world", 1), 2)
-    print(f"world, serial: the pool with its pipelines in a process / on its thread "
-          f"x{ratios['world serial: process / thread']}")
+    if {"embedded", "thread"} <= set(args.pools) and "world" in args.bundles:
+        ratios["world serial: process / thread"] = round(rate("embedded", "world", 1) / rate("thread", "world", 1),
+                                                         2)
+        print(f"world, serial: the pool with its pipelines in a process / on its thread "
+              f"x{ratios['world serial: process / thread']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
+    args.out.write_text(json.dumps({"device": device, "rows": rows, "ratios": ratios}, indent=2))
+
+
+def _embedded_rows(pool: str, name: str, path: Path, device: str, jobs: int, repeats: int) -> list[dict[str, Any]]:
+    """Serial and batched rows of one in-process pool; their rounds take turns, in alternating order."""
+    bundle = load_bundle(path)
+    pipelines: BatchGenerator = (PipelineProcess(bundle, ["image"], device) if pool == "embedded"
+                                 else DecoderPipelines(bundle, ["image"], device))
+    defaults = bundle.manifest.outputs["image"].decoder.defaults
+    try:
+        asyncio.run(_rate(pipelines, bundle, 1, 1))  # warm-up (and the process's loading)
+        runs: dict[int, list[dict[str, Any]]] = {1: [], jobs: []}
+        for r in range(repeats):
+            for max_batch in (1, jobs) if r % 2 == 0 else (jobs, 1):
+                runs[max_batch].append(asyncio.run(_rate(pipelines, bundle, max_batch, jobs)))
+    finally:
+        if isinstance(pipelines, PipelineProcess):
+            pipelines.close()
+    return [{"bundle": name, "pool": pool, "steps": defaults.steps, "size": f"{defaults.height}x{defaults.width}",
+             **_median(done)} for done in runs.values()]
 
 
 if __name__ == "__main__":

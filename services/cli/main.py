@@ -326,13 +326,15 @@ def world_eval(
     part: Annotated[list[str], typer.Option(help="retrieval, language, image, video, audio (repeatable)")] = [  # noqa: B006
         "retrieval", "language", "image", "video", "audio"],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
+    device: Annotated[str, typer.Option(help="Where the decoders run (cuda: fp16, as served there)")] = "cpu",
 ) -> None:
     """Held-out checks of the stand-ins on fresh world samples: zero-shot retrieval, the language model's answers,
     decoders from captions."""
     from services.world.evaluate import evaluate_stand_ins, format_table
 
     weights = work / "imagebind" / "imagebind.safetensors" if work else None
-    table = evaluate_stand_ins(bundle, weights, count=count, decoder_count=decoder_count, steps=steps, parts=part)
+    table = evaluate_stand_ins(bundle, weights, count=count, decoder_count=decoder_count, steps=steps, parts=part,
+                               device=device)
     typer.echo(format_table(table))
     if json_out:
         json_out.write_text(json.dumps(table, indent=2) + "\n")

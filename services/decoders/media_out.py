@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import soundfile
 from PIL import Image
@@ -18,6 +17,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
     """(F, H, W, 3) floats in [0, 1] -> H.264 yuv420p MP4 (dimensions padded to even, as 4:2:0 requires)."""
+    import av  # only video needs PyAV (with its FFmpeg): an image or audio worker runs without loading it
+
     pixels = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
     _, h, w, _ = pixels.shape
     pixels = np.pad(pixels, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")

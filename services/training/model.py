@@ -73,7 +73,8 @@ class NextGPTTrainable(nn.Module):
             weight.requires_grad_(True)
             mask = torch.zeros(weight.shape[0], 1)
             mask[ids] = 1.0
-            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+            # The mask is made here, on the CPU; the weight may train on a GPU (accelerate moves the module later).
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
 
     def add_lora(self, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], name: str) -> None:
         from peft import LoraConfig, get_peft_model

@@ -79,12 +79,14 @@ def evaluate_decoder(modality: WorldModality, pipe: Any, count: int = 48, steps:
     return score_attributes(asked, made, names)
 
 
-def load_pipeline(modality: WorldModality, path: Path) -> Any:
+def load_pipeline(modality: WorldModality, path: Path, device: str = "cpu") -> Any:
+    """On a GPU in fp16, as the decoders are served there (the check that half precision keeps their meaning)."""
     from diffusers import AudioLDMPipeline, StableDiffusionPipeline, TextToVideoSDPipeline
 
     cls = {"image": StableDiffusionPipeline, "video": TextToVideoSDPipeline, "audio": AudioLDMPipeline}[modality]
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if modality == "image" else {}
-    pipe = cls.from_pretrained(str(path), **kwargs)
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -102,7 +104,7 @@ def load_imagebind(weights: Path, config: Any = None) -> Any:
 
 def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: int = 200, decoder_count: int = 48,
                        steps: int = 25, parts: Iterable[str] = ("retrieval", "language", "image", "video", "audio"),
-                       seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
+                       seed: int = EVAL_SEED, device: str = "cpu") -> dict[str, dict[str, float]]:
     """The table of `nextgpt world eval`: retrieval top-1 per modality, the language model's answers to held-out
     questions about things described in words, and each decoder's measured classes.
 
@@ -132,7 +134,7 @@ def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: 
                                             AutoTokenizer.from_pretrained(str(llm_dir)), seed=seed)
     for modality in ("image", "video", "audio"):
         if modality in parts:
-            pipe = load_pipeline(modality, Path(bundle.decoder_source(modality)))  # type: ignore[arg-type]
+            pipe = load_pipeline(modality, Path(bundle.decoder_source(modality)), device)  # type: ignore[arg-type]
             scores = evaluate_decoder(modality, pipe, decoder_count, steps, seed=seed)  # type: ignore[arg-type]
             table[f"{modality} decoder"] = {k: v.accuracy for k, v in scores.items()}
     return table

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import math
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from services.encoder.preprocess import MediaError
 from services.encoder.preprocess.clips import clip_windows
 from services.encoder.preprocess.image import CLIP_MEAN, CLIP_STD, SIZE
 
+if TYPE_CHECKING:
+    import av
+
 CLIP_SECONDS = 2
 CLIPS = 5
 FRAMES_PER_CLIP = 2
@@ -24,6 +27,8 @@ CROPS = 3
 
 
 def _open(data: bytes, name: str) -> av.container.InputContainer:
+    import av  # PyAV (with its FFmpeg) loads with the first video, not with the image and audio paths
+
     try:
         return av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
