@@ -189,7 +189,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     book = MemoryJobBook()
     # First: a decoder process loads its pipelines while the encoder and the LLM load here.
     runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book,
-                          own_process=settings.decoders.engine_process)
+                          own_process=settings.decoders.engine_process, registry=registry)
     encoder = build_encoder_service(bundle, settings.encoder, registry, store)
     llm = build_llm_service(bundle, settings.llm, registry)
     decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,

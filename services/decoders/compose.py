@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+
 from services.bundle.loader import Bundle
 from services.contracts.bundle_manifest import Modality
 from services.contracts.settings import Settings
+from services.decoders.metrics import DecoderMetrics
 from services.decoders.pipeline_process import PipelineProcess
 from services.decoders.pipelines import BatchGenerator, DecoderPipelines
 from services.decoders.runner import DecoderRunner
@@ -13,11 +16,12 @@ from services.storage import build_artifact_store
 
 
 def build_runner(settings: Settings, bundle: Bundle, modalities: list[Modality], book: JobBook,
-                 own_process: bool = False) -> DecoderRunner:
+                 own_process: bool = False, registry: CollectorRegistry | None = None) -> DecoderRunner:
     """``own_process``: the pipelines run in a child process (``PipelineProcess``, started here, loading while the
-    caller goes on); a Celery worker is such a process already."""
+    caller goes on); a Celery worker is such a process already. ``registry``: where the pool's metrics go."""
     pipelines: BatchGenerator = PipelineProcess(bundle, modalities, settings.decoders.device) if own_process \
         else DecoderPipelines(bundle, modalities, settings.decoders.device)
     return DecoderRunner(pipelines, build_artifact_store(settings), book, bundle.manifest,
                          time_limit_s=settings.decoders.time_limit_s, lock_ttl_s=settings.decoders.lock_ttl_s,
-                         max_pixels=settings.decoders.max_pixels_per_job)
+                         max_pixels=settings.decoders.max_pixels_per_job,
+                         metrics=DecoderMetrics(registry) if registry is not None else None)

@@ -22,6 +22,7 @@ from services.contracts.errors import NextGPTError
 from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
 from services.jobs.book import JobBook, JobBookUnavailable
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
+from services.decoders.metrics import DecoderMetrics
 from services.decoders.pipelines import BatchGenerator, Generated, ResolvedOptions, resolve
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,14 @@ class LeaseKeeper:
 Outcome = ArtifactInfo | None | Exception  # the artifact; None: cancelled; an exception: how the job failed
 
 
+def _outcome_label(outcome: Outcome) -> str:
+    if outcome is None:
+        return "cancelled"
+    if isinstance(outcome, TransientJobError):
+        return "transient"  # the pool tries it again (or fails it after its retries)
+    return "failed" if isinstance(outcome, Exception) else "completed"
+
+
 @dataclass
 class _Running:
     """A job that passed its checks and holds its lease, ready for the pipeline."""
@@ -133,9 +142,10 @@ PENDING = _Pending()
 class DecoderRunner:
     def __init__(self, pipelines: BatchGenerator, store: ArtifactStore, book: JobBook,
                  manifest: BundleManifest, time_limit_s: float = 900.0, lock_ttl_s: int = 120,
-                 max_pixels: int = 2**21) -> None:
+                 max_pixels: int = 2**21, metrics: DecoderMetrics | None = None) -> None:
         self.pipelines, self.store, self.book, self.manifest = pipelines, store, book, manifest
         self.time_limit_s, self.lock_ttl_s, self.max_pixels = time_limit_s, lock_ttl_s, max_pixels
+        self.metrics = metrics
 
     def run(self, job: DecodeJob) -> ArtifactInfo | None:
         outcome = self.run_batch([job])[0]
@@ -182,6 +192,9 @@ class DecoderRunner:
             for i, item in running.items():
                 assert not isinstance(item.outcome, _Pending)
                 outcomes[i] = item.outcome
+        if self.metrics is not None:
+            for job, outcome in zip(jobs, (outcomes[i] for i in range(len(jobs))), strict=True):
+                self.metrics.jobs.labels(job.modality, _outcome_label(outcome)).inc()
         return [outcomes[i] for i in range(len(jobs))]
 
     def _start(self, job: DecodeJob, leases: contextlib.ExitStack) -> _Running | ArtifactInfo | None:
@@ -261,6 +274,9 @@ class DecoderRunner:
                     item.outcome = kind
             return
         decode_s = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(modality).observe(len(group))
+            self.metrics.call_seconds.labels(modality).observe(decode_s)
         for item, result in zip(group, generated, strict=True):
             if isinstance(item.outcome, _Pending):
                 try:

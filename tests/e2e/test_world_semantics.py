@@ -5,8 +5,8 @@ Through the public API of the embedded stack and of the distributed one (process
 chose itself shows the colour its reply names, "what is in this picture?" about a red circle names a red
 circle, "what happens in this video?" about a blue square names its colour and the way it moves, a clip
 asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
-returns a green clip moving right, and a second drawing asked for in a conversation is the new one, not the
-first again. These pass only when every piece of wiring is right: the encoder's preprocessing and projection,
+returns a green clip moving right, a second drawing asked for in a conversation is the new one, not the
+first again, and eight drawings asked for at once, decoded together, are each their own request's. These pass only when every piece of wiring is right: the encoder's preprocessing and projection,
 the prompt layout (history included), the LLM's hidden states at the bundle's offset, the projectors and their
 signal rows, the decoders' conditioning and guidance. No ``require_modalities``: the model picks the
 modality from the words.
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.bundle.loader import load_bundle
@@ -157,8 +159,31 @@ def check_second_drawing(client: WorldClient) -> None:
     _makes(client, "image", {"colour": "blue", "shape": "square"}, ask, says=("colour", "shape"))
 
 
+# Eight different asks: each colour twice, every shape, never the same pair twice.
+AT_ONCE = [(colour, CLASSES["shape"][(i + k) % len(CLASSES["shape"])])
+           for i, colour in enumerate(CLASSES["colour"]) for k in (0, 1)]
+
+
+def check_many_at_once(client: WorldClient) -> None:
+    """Eight drawings asked for at the same moment: the LLM decodes them in one running batch, and the decoder pool
+    draws those that meet in its queue in shared pipeline calls. Each reply's picture must still be its own
+    request's colour and shape: a batch row handed to another request (a hidden state, a conditioning row, an
+    artifact) would fail most of them, as the asks all differ."""
+    url = str(client.http.base_url)
+
+    def ask(i: int) -> tuple[bool, object]:
+        own = WorldClient(url, KEY)  # a connection of its own, as separate users have
+        colour, shape = AT_ONCE[i]
+        reply = own.chat(f"Draw a {colour} {shape}.", seed=i)
+        got = _measured(own, reply, "image")
+        return got is not None and (got.colour, got.shape) == (colour, shape), (colour, shape, reply["text"], got)
+
+    with ThreadPoolExecutor(len(AT_ONCE)) as pool:
+        _most(list(pool.map(ask, range(len(AT_ONCE)))))
+
+
 CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
-          check_describe_clip, check_film, check_animate, check_second_drawing]
+          check_describe_clip, check_film, check_animate, check_second_drawing, check_many_at_once]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +196,24 @@ def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_embedded_stack_answers_with_meaning(embedded_url: str, check) -> None:  # noqa: ANN001
     check(WorldClient(embedded_url, KEY))
+
+
+def _decoder_calls(url: str) -> tuple[float, float]:
+    """(pipeline calls, those of one job) from the embedded stack's /metrics."""
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in httpx.get(f"{url}/metrics").text.splitlines() if line and not line.startswith("#")}
+    return (samples.get('nextgpt_decoder_batch_size_count{modality="image"}', 0.0),
+            samples.get('nextgpt_decoder_batch_size_bucket{le="1.0",modality="image"}', 0.0))
+
+
+def test_embedded_stack_draws_many_at_once_in_shared_calls(embedded_url: str) -> None:
+    """check_many_at_once, and the pool's metrics show that its pictures really shared pipeline calls (the check
+    would prove little about batching if each ran alone)."""
+    calls, single = _decoder_calls(embedded_url)
+    check_many_at_once(WorldClient(embedded_url, KEY))
+    calls_after, single_after = _decoder_calls(embedded_url)
+    assert calls_after - calls < len(AT_ONCE), "no two pictures shared a pipeline call"
+    assert (calls_after - calls) - (single_after - single) >= 1
 
 
 def test_distributed_stack_answers_with_meaning(redis_info: RedisInfo, s3_info: S3Info, tmp_path: Path) -> None:

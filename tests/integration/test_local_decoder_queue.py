@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from safetensors.torch import save
 
 from services.bundle.loader import load_bundle
@@ -18,6 +19,7 @@ from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, DecodeOptio
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.storage import new_key
 from services.decoders.local_queue import LocalDecoderQueue
+from services.decoders.metrics import DecoderMetrics
 from services.decoders.pipelines import DecoderPipelines
 from services.decoders.runner import DecoderRunner
 from services.jobs.book import MemoryJobBook
@@ -133,8 +135,9 @@ def _pixels(data: bytes) -> "np.ndarray":
 
 async def test_queued_jobs_of_one_shape_run_as_one_batch_each_as_if_alone(
         pipelines: DecoderPipelines, store: LocalArtifactStore) -> None:
-    book = MemoryJobBook()
-    runner = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60)
+    book, registry = MemoryJobBook(), CollectorRegistry()
+    runner = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60,
+                           metrics=DecoderMetrics(registry))
     queue = LocalDecoderQueue(runner, book, max_batch=4)
     try:
         blocker = _job(store, (77, 32), steps=8, seed=1)
@@ -147,6 +150,13 @@ async def test_queued_jobs_of_one_shape_run_as_one_batch_each_as_if_alone(
             assert [e.type for e in events] == ["queued", "started", "progress", "progress", "progress", "completed"]
             assert events[-1].artifact is not None and events[-1].artifact.metadata["batch"] == "4"
         assert (await _events(queue, other.job_id))[-1].artifact.metadata["batch"] == "1"  # type: ignore[union-attr]
+        # /metrics: three pipeline calls (the blocker alone, the four together, the other alone), six jobs done.
+        sample = registry.get_sample_value
+        assert sample("nextgpt_decoder_batch_size_count", {"modality": "image"}) == 3
+        assert sample("nextgpt_decoder_batch_size_sum", {"modality": "image"}) == 6
+        assert sample("nextgpt_decoder_batch_size_bucket", {"modality": "image", "le": "2.0"}) == 2
+        assert sample("nextgpt_decoder_jobs_total", {"modality": "image", "outcome": "completed"}) == 6
+        assert sample("nextgpt_decoder_call_seconds_count", {"modality": "image"}) == 3
         for job in batch:  # the same job alone: the same picture (up to float rounding of the batched kernels)
             alone = job.model_copy(update={"artifact_key": new_key("image", ".png")})
             assert runner.run(alone) is not None
@@ -169,9 +179,9 @@ class _BreaksWithSeed(DecoderPipelines):
 
 async def test_one_bad_job_does_not_fail_its_batch_mates(pipelines: DecoderPipelines,
                                                          store: LocalArtifactStore) -> None:
-    book = MemoryJobBook()
+    book, registry = MemoryJobBook(), CollectorRegistry()
     queue = LocalDecoderQueue(DecoderRunner(_BreaksWithSeed(pipelines), store, book, pipelines.bundle.manifest,
-                                            time_limit_s=60), book, max_batch=8)
+                                            time_limit_s=60, metrics=DecoderMetrics(registry)), book, max_batch=8)
     try:
         blocker = _job(store, (77, 32), steps=6, seed=1)
         bad_shape = _job(store, (3, 3), steps=2, seed=2)
@@ -187,6 +197,10 @@ async def test_one_bad_job_does_not_fail_its_batch_mates(pipelines: DecoderPipel
         for job in good:
             assert (await _events(queue, job.job_id))[-1].type == "completed"
         assert (await _events(queue, cancelled.job_id))[-1].type == "cancelled"
+        outcomes = {outcome: registry.get_sample_value("nextgpt_decoder_jobs_total",
+                                                       {"modality": "image", "outcome": outcome})
+                    for outcome in ("completed", "failed", "cancelled")}
+        assert outcomes == {"completed": 4, "failed": 2, "cancelled": 1}
     finally:
         queue.close()
 
