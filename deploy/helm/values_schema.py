@@ -23,7 +23,7 @@ CHART_MANAGED = {
     "storage.s3_access_key_id", "storage.s3_secret_access_key",
     "redis.url", "encoder.url",
     "llm.url", "llm.backend", "llm.vllm_url", "llm.vllm_pooler_url",
-    "gateway.url_signing_key",
+    "gateway.url_signing_key", "decoders.metrics_port",
 }
 
 
@@ -126,8 +126,9 @@ def values_schema() -> dict[str, Any]:
                                "extraArgs": {"type": "array", "items": STR}}),
             "pooler": component({"gpuMemoryUtilization": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}),
             "decoders": _obj({
-                "common": component(probes=False),
-                "queues": _obj({q: component({"minReplicaCount": INT0, "maxReplicaCount": INT1}, probes=False)
+                "common": component({"metricsPort": INT0}, probes=False),
+                "queues": _obj({q: component({"minReplicaCount": INT0, "maxReplicaCount": INT1, "metricsPort": INT0},
+                                             probes=False)
                                 for q in ("image", "video", "audio")}),
             }),
             "keda": _obj({"enabled": BOOL, "operatorNamespace": STR, "pollingInterval": INT1, "cooldownPeriod": INT0,

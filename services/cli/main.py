@@ -247,7 +247,14 @@ def worker(
     check_devices(settings, ("decoders",))
     resolved = resolve_bundle(settings)
     book = RedisJobBook(sync_redis(settings.redis.url), settings.redis.key_prefix)
-    runner = build_runner(settings, resolved, names, book)  # type: ignore[arg-type]
+    registry = None
+    if settings.decoders.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        # One process (the solo pool below), so one registry holds the worker's every job.
+        start_http_server(settings.decoders.metrics_port, settings.decoders.metrics_host, registry=registry)
+    runner = build_runner(settings, resolved, names, book, registry=registry)  # type: ignore[arg-type]
     celery = make_worker_app(settings, lambda: runner)
     # One pipeline call at a time per process (a GPU runs one diffusion at a time); scale with more workers. The
     # call takes up to max_batch jobs: the worker holds that many messages unacknowledged (the prefetch), so they

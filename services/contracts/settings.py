@@ -115,6 +115,11 @@ class DecoderSettings(BaseModel):
         default=0.05, gt=0, le=5.0,
         description="How long a job on an idle worker waits for batch-mates before it runs (embedded pool and "
                     "Celery workers; a job that already waited that long in the queue runs at once)")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Celery workers: serve Prometheus /metrics on this port (None: none; embedded mode serves the "
+                    "pool's on the server's /metrics)")
+    metrics_host: str = Field(default="0.0.0.0", description="Celery workers: the address metrics_port listens on")
     engine_process: bool = Field(
         default=True, description="Embedded pool: the pipelines run in a child process (one OpenMP team: about "
                                   "1.6x faster on CPU; a decoder crash fails its jobs, not the server)")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import av
+import httpx
 import pytest
 import redis
 import redis.asyncio
@@ -29,7 +30,7 @@ from services.contracts.errors import ServiceUnavailableError
 from services.jobs.book import RedisJobBook, fail_unclaimed
 from services.jobs.reader import AsyncJobReader
 from services.storage.s3 import S3ArtifactStore
-from tests.support.servers import RedisInfo, S3Info
+from tests.support.servers import RedisInfo, S3Info, free_port
 from tests.support.workers import WorkerProcess
 
 
@@ -78,7 +79,11 @@ def store(settings: Settings) -> S3ArtifactStore:
 
 @pytest.fixture(scope="module")
 def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    proc = WorkerProcess("image,video,audio", env, tmp_path_factory.mktemp("logs") / "all.log").wait_ready()
+    port = free_port()
+    metrics = {"NEXTGPT_DECODERS__METRICS_PORT": str(port), "NEXTGPT_DECODERS__METRICS_HOST": "127.0.0.1"}
+    proc = WorkerProcess("image,video,audio", {**env, **metrics},
+                         tmp_path_factory.mktemp("logs") / "all.log").wait_ready()
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     yield proc
     proc.stop()
 
@@ -201,6 +206,15 @@ async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
         batches.append(int(status.artifact.metadata["batch"]))
         assert Image.open(io.BytesIO(store.read(job.artifact_key))).size == (64, 64)
     assert max(batches) >= 2, batches  # pictures of one size and steps shared a pipeline call
+    # The worker's /metrics: every picture's outcome, and calls of more than one job.
+    text = httpx.get(worker.metrics_url).text  # type: ignore[attr-defined]
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['nextgpt_decoder_jobs_total{modality="image",outcome="completed"}'] >= len(good)
+    assert samples['nextgpt_decoder_jobs_total{modality="image",outcome="cancelled"}'] >= 1
+    assert samples['nextgpt_decoder_jobs_total{modality="image",outcome="failed"}'] >= 1
+    calls = samples['nextgpt_decoder_batch_size_count{modality="image"}']
+    assert calls - samples['nextgpt_decoder_batch_size_bucket{le="1.0",modality="image"}'] >= 1
     bad_events = await _collect(queue, bad.job_id)
     assert bad_events[-1].type == "failed" and "conditioning has shape" in (bad_events[-1].error or "")
     assert not store.exists(bad.artifact_key) and not store.exists(doomed.artifact_key)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "nextgpt"
 VALUES_FILES = [None, *sorted((CHART / "ci").glob("*-values.yaml"))]
 K8S_VERSIONS = ["1.29.0", "1.32.0"]
-CRD_KINDS = {"ScaledObject", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor"}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,14 @@ def test_objects_refer_to_each_other_correctly(helm: str, values: Path | None) -
     for name, monitor in by_kind.get("ServiceMonitor", {}).items():
         services = [s for s in by_kind["Service"].values() if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
         assert services and all(p["name"] == "http" for s in services for p in s["spec"]["ports"]), name
+    for name, monitor in by_kind.get("PodMonitor", {}).items():  # decoder workers: their pods' `metrics` port
+        scraped = [p for p in pods.values() if selects(monitor["spec"]["selector"], p["metadata"]["labels"])]
+        assert scraped, f"PodMonitor {name} selects no pod"
+        for pod in scraped:
+            (container,) = pod["spec"]["containers"]
+            port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["NEXTGPT_DECODERS__METRICS_PORT"] == str(port), name
     configmaps = set(by_kind.get("ConfigMap", {}))
     for name, pod in pods.items():
         for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):

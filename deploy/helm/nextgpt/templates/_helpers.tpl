@@ -238,9 +238,14 @@ spec:
           image: {{ .image | default (include "nextgpt.image" (dict "root" $root "c" .c)) }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: {{ toJson .command }}
-          {{- if .port }}
+          {{- if or .port .metricsPort }}
           ports:
+            {{- if .port }}
             - {name: http, containerPort: {{ .port }}}
+            {{- end }}
+            {{- if .metricsPort }}
+            - {name: metrics, containerPort: {{ .metricsPort }}}
+            {{- end }}
           {{- end }}
           {{- if .nextgptEnv }}
           envFrom:
@@ -253,6 +258,10 @@ spec:
             {{- end }}
             - name: HOME
               value: /tmp
+            {{- with .metricsPort }}
+            - name: NEXTGPT_DECODERS__METRICS_PORT
+              value: {{ . | quote }}
+            {{- end }}
             {{- with .c.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
