@@ -66,16 +66,20 @@ class Sequence:
             self.finish("cancelled")
             return None
         assert self.logits is not None
-        decision = self.signals.decide(self.max_tokens - len(self.generated))
+        remaining = self.max_tokens - len(self.generated)
+        decision = self.signals.decide(remaining)
         if decision.forced is not None:
             token = decision.forced
         else:
             logits = self.logits
             if decision.banned:
                 logits = logits.index_fill(0, self._index(decision.banned), float("-inf"))
-            token = sample(logits, self.temperature, self.top_p, self.top_k, self.generator)
-            redirected = self.signals.redirect_stop(token)
-            token = redirected if redirected is not None else token
+            chosen = self.signals.choose(sample(logits, self.temperature, self.top_p, self.top_k, self.generator),
+                                         remaining)
+            if chosen is None:  # a group that would not fit the budget: the reply ends where it would start
+                self.finish("length")
+                return None
+            token = chosen
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         position = len(self.generated)
@@ -88,12 +92,12 @@ class Sequence:
             delta = self.text.push(token)
             if delta:
                 self.emit(TextDelta(delta))
-        if group is not None:
+        if group is not None and group.made:
             self.pending.append(group)
         return token
 
     def _index(self, banned: set[int]) -> torch.Tensor:
-        # The masked sets repeat from step to step (signal tokens, disallowed modalities): build each tensor once.
+        # The masked set repeats from step to step (the signal tokens after a group's first): build it once.
         key = frozenset(banned)
         index = self._banned.get(key)
         if index is None:

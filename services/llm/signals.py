@@ -1,6 +1,12 @@
 """Signal-token groups during decoding: a group, once started, is forced to completion (the reference crashes on
-a partial group); stray non-first signal tokens and disallowed modalities are masked; ``require_modalities``
-turns a stop (or the end of the token budget) into the group the reply still owes."""
+a partial group); stray non-first signal tokens are masked; ``require_modalities`` turns a stop (or the end of the
+token budget) into the group the reply still owes.
+
+A group the reply may not make (its modality not allowed, or ``max_signal_groups`` used up) is not masked: where
+the model starts one, its tokens run but nothing is decoded, so the model goes on as it would after it (masked,
+its next-best token was text that trailed off: "Here is a blue triangle. and a big blue triangle an ..."). A group
+that no longer fits the token budget ends the reply there ("length"), rather than push the model into text it
+never meant to write."""
 
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ class Group:
     start: int  # index of the first signal token in the generated ids
     index: int  # n-th group of the reply
     forced: bool
+    made: bool = True  # False: its tokens ran, but the reply may not make it (nothing is decoded)
 
 
 @dataclass
@@ -53,10 +60,11 @@ class SignalController:
         self.required = [m for m in dict.fromkeys(required) if m in self.groups]
         self.max_groups = max_groups
         self.stop_ids = set(stop_ids)
-        self.emitted: list[Group] = []
+        self.emitted: list[Group] = []  # groups made
         self._queue: list[int] = []
         self._current: Group | None = None
         self._next_forced = False
+        self._next_unmade = False
 
     @property
     def in_group(self) -> bool:
@@ -70,33 +78,37 @@ class SignalController:
     def decide(self, remaining_tokens: int) -> Decision:
         if self._queue:
             return Decision(forced=self._queue[0])
-        banned = set(self.rest)
-        if len(self.emitted) >= self.max_groups:
-            banned |= set(self.first)
-        else:
-            banned |= {i for i, m in self.first.items() if m not in self.allowed}
         pending = self.pending()
         owed = sum(len(self.groups[m]) for m in pending)
         if pending and remaining_tokens <= owed:
             # The budget only just fits what the reply owes: start it now.
             self._next_forced = True
             return Decision(forced=self.groups[pending[0]][0])
-        # A group the model starts on its own must leave room (tokens and groups) for what is still owed.
-        room = self.max_groups - len(self.emitted) - len(pending)
-        for first, modality in self.first.items():
-            if modality in pending:
-                continue
-            if room <= 0 or remaining_tokens - len(self.groups[modality]) < owed:
-                banned.add(first)
-        return Decision(banned=banned)
+        return Decision(banned=set(self.rest))
 
-    def redirect_stop(self, token: int) -> int | None:
-        """A sampled stop while a required modality is still owed becomes that modality's first token."""
+    def choose(self, token: int, remaining_tokens: int) -> int | None:
+        """What a sampled token becomes: itself; a stop, or a group that cannot be made or would crowd out what
+        the reply owes, turned into the owed group's first token; None where the reply ends for lack of budget
+        (a group started there could not finish: the finish reason is "length")."""
         pending = self.pending()
-        if token in self.stop_ids and pending and not self._queue:
-            self._next_forced = True
-            return self.groups[pending[0]][0]
-        return None
+        owed = sum(len(self.groups[m]) for m in pending)
+        if token in self.stop_ids:
+            return self._owed(pending) if pending else token
+        modality = self.first.get(token)
+        if modality is None or modality in pending:
+            return token
+        makeable = modality in self.allowed and len(self.emitted) + len(pending) < self.max_groups
+        fits = remaining_tokens - len(self.groups[modality]) >= owed
+        if pending and not (makeable and fits):
+            return self._owed(pending)
+        if not fits:
+            return None
+        self._next_unmade = not makeable
+        return token
+
+    def _owed(self, pending: list[Modality]) -> int:
+        self._next_forced = True
+        return self.groups[pending[0]][0]
 
     def observe(self, token: int, position: int) -> Group | None:
         """Record a generated token; returns the group it completes, if any."""
@@ -104,12 +116,14 @@ class SignalController:
             self._queue.pop(0)
         elif token in self.first:
             modality = self.first[token]
-            self._current = Group(modality, position, len(self.emitted), forced=self._next_forced)
+            self._current = Group(modality, position, len(self.emitted), forced=self._next_forced,
+                                  made=not self._next_unmade)
             self._queue = self.groups[modality][1:]
-        self._next_forced = False
+        self._next_forced = self._next_unmade = False
         if self._current is not None and not self._queue:
             done, self._current = self._current, None
-            self.emitted.append(done)
+            if done.made:
+                self.emitted.append(done)
             return done
         return None
 

@@ -176,7 +176,7 @@ class VLLMBackend:
             position = len(generated)
             generated.append(token)
             group = signals.observe(token, position)
-            if group is not None:
+            if group is not None and group.made:
                 so_far = list(generated)
                 groups.submit(self._signals, lambda g=group, ids=so_far: self._signal(g, prompt, ids, lora))
 
@@ -189,11 +189,10 @@ class VLLMBackend:
                 append(decision.forced)
                 continue
             owed = sum(len(self.manifest.outputs[m].signal.token_ids) for m in signals.pending())
-            starts = [i for i in signals.first if i not in decision.banned]
             body = {
                 "model": model, "prompt_embeds": _torch_b64(self._sequence(prompt.embeds, generated)),
                 "max_tokens": max(1, max_tokens - len(generated) - owed), "stream": True,
-                "stop_token_ids": stop_ids + starts, "logit_bias": {str(i): _BAN for i in decision.banned},
+                "stop_token_ids": stop_ids + list(signals.first), "logit_bias": {str(i): _BAN for i in decision.banned},
                 "return_token_ids": True, "skip_special_tokens": True, **sampling,
             }
             if params.seed is not None:
@@ -202,21 +201,24 @@ class VLLMBackend:
             new_ids, reason, stop_reason = self._stream(body, emit, cancelled)
             if new_ids and first_token_at is None:
                 first_token_at = time.perf_counter()
+            stopped_at = int(stop_reason) if reason == "stop" and isinstance(stop_reason, int) else None
+            if stopped_at is not None and new_ids and new_ids[-1] == stopped_at:
+                new_ids = new_ids[:-1]  # the stop token or a group's first token: decided below
             for token in new_ids:
                 if token not in stop_ids:
                     append(token)
             if reason == "cancelled":
                 finish = "cancelled"
                 break
-            if reason == "stop" and stop_reason in stop_ids:
-                redirected = signals.redirect_stop(int(stop_reason))
-                if redirected is None:
-                    generated.append(int(stop_reason))
+            if stopped_at in stop_ids or stopped_at in signals.first:
+                chosen = signals.choose(stopped_at, max_tokens - len(generated))
+                if chosen is None:  # a group that would not fit the budget: the reply ends here
+                    break
+                if chosen in stop_ids:
+                    generated.append(chosen)
                     finish = "stop"
                     break
-                append(redirected)
-            elif reason == "stop" and stop_reason in signals.first and (not new_ids or new_ids[-1] != stop_reason):
-                append(int(stop_reason))
+                append(chosen)
             elif reason == "length" and not signals.pending() and not signals.in_group:
                 finish = "length"
                 break

@@ -106,31 +106,58 @@ def test_bad_media_and_lora_are_client_errors(backend: HFBackend) -> None:
         _run(backend, _params(lora="nope"), MEDIA)
 
 
+def _run_group(ctl: SignalController, first: int, at: int) -> Group | None:
+    """Feed a group the controller let start: its first token, then the tokens it forces."""
+    group = ctl.observe(first, at)
+    while group is None:
+        forced = ctl.decide(100).forced
+        assert forced is not None
+        group = ctl.observe(forced, at)
+    return group
+
+
 def test_controller_masks_and_forces(backend: HFBackend) -> None:
     m = backend.manifest
     img, aud = m.outputs["image"].signal.token_ids, m.outputs["audio"].signal.token_ids
-    ctl = SignalController(m, ["image"], [], max_groups=1, stop_ids=list(m.stop.token_ids))
+    stops = list(m.stop.token_ids)
+    ctl = SignalController(m, ["image"], [], max_groups=1, stop_ids=stops)
     decision = ctl.decide(100)
-    assert img[1] in decision.banned and aud[0] in decision.banned and img[0] not in decision.banned
+    assert img[1] in decision.banned and img[0] not in decision.banned and decision.forced is None
+    assert ctl.choose(img[0], 100) == img[0]
     assert ctl.observe(img[0], 5) is None
     for expected in img[1:]:
         assert ctl.decide(100).forced == expected
         group = ctl.observe(expected, 0)
-    assert group == Group("image", 5, 0, forced=False)
-    assert img[0] in ctl.decide(100).banned  # max_groups reached
-    owed = SignalController(m, None, ["audio"], max_groups=2, stop_ids=list(m.stop.token_ids))
-    assert owed.redirect_stop(m.stop.token_ids[0]) == aud[0]
+    assert group == Group("image", 5, 0, forced=False, made=True)
+    # A group the reply may not make is not masked: it runs unmade (nothing decoded), so the model goes on as it
+    # would after it: here max_groups is used up, then audio is not allowed.
+    assert img[0] not in ctl.decide(100).banned and ctl.choose(img[0], 100) == img[0]
+    assert _run_group(ctl, img[0], 9) == Group("image", 9, 1, forced=False, made=False)
+    assert ctl.choose(aud[0], 100) == aud[0]
+    assert not _run_group(ctl, aud[0], 13).made  # type: ignore[union-attr]
+    assert ctl.emitted == [Group("image", 5, 0, forced=False, made=True)]
+    # A group that would not fit the budget ends the reply where it would start.
+    fresh = SignalController(m, None, [], max_groups=4, stop_ids=stops)
+    assert fresh.choose(aud[0], len(aud) - 1) is None and fresh.choose(aud[0], len(aud)) == aud[0]
+    assert fresh.choose(stops[0], 100) == stops[0]
+    owed = SignalController(m, None, ["audio"], max_groups=2, stop_ids=stops)
+    assert owed.choose(stops[0], 100) == aud[0]
     assert owed.decide(len(aud)).forced == aud[0]
 
 
 def test_model_started_group_cannot_starve_a_required_one(backend: HFBackend) -> None:
     m = backend.manifest
     vid, img = m.outputs["video"].signal.token_ids, m.outputs["image"].signal.token_ids
-    ctl = SignalController(m, None, ["image"], max_groups=4, stop_ids=list(m.stop.token_ids))
-    assert vid[0] in ctl.decide(len(vid) + len(img) - 1).banned
-    assert vid[0] not in ctl.decide(len(vid) + len(img) + 1).banned
-    one_left = SignalController(m, None, ["image"], max_groups=1, stop_ids=list(m.stop.token_ids))
-    assert vid[0] in one_left.decide(1000).banned and img[0] not in one_left.decide(1000).banned
+    stops = list(m.stop.token_ids)
+
+    def ctl(max_groups: int = 4, allowed: list[str] | None = None) -> SignalController:
+        return SignalController(m, allowed, ["image"], max_groups=max_groups, stop_ids=stops)  # type: ignore[arg-type]
+
+    # No room for the video and the owed picture: the model's start becomes the picture's.
+    assert ctl().choose(vid[0], len(vid) + len(img) - 1) == img[0]
+    assert ctl().choose(vid[0], len(vid) + len(img)) == vid[0]
+    assert ctl(max_groups=1).choose(vid[0], 1000) == img[0] and ctl(max_groups=1).choose(img[0], 1000) == img[0]
+    assert ctl(allowed=["image"]).choose(vid[0], 1000) == img[0]  # a disallowed start while a group is owed
 
 
 def _in_threads(backend: HFBackend, requests: list[tuple[GenerateParams, np.ndarray | None]],
