@@ -42,7 +42,9 @@ class DecodeOptions(BaseModel):
     width: int | None = Field(default=None, ge=32, le=2048, multiple_of=8)
     frames: int | None = Field(default=None, ge=1, le=128)
     fps: int | None = Field(default=None, ge=1, le=60)
-    seconds: float | None = Field(default=None, gt=0.0, le=60.0)
+    # AudioLDM needs 4 latent frames at least (0.04 s with its 16 kHz vocoder); below that a job would fail in the
+    # decoder after the reply was written, so it is refused up front, with a margin for other vocoders.
+    seconds: float | None = Field(default=None, ge=0.1, le=60.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 

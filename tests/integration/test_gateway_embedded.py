@@ -97,6 +97,8 @@ def test_json_chat_and_a_second_turn(url: str) -> None:
         ({"data": {"request": "{}"}, "files": [("files", ("big.png", b"0" * 3_100_000, "image/png"))]},
          413, "request_too_large"),
         ({"json": {"messages": [{"role": "user"}], "conversation_id": "0" * 32}}, 404, "conversation_not_found"),
+        # A sound shorter than the decoder can make is refused before the reply, not failed after it.
+        ({"json": {"messages": [{"role": "user"}], "decoder": {"seconds": 0.01}}}, 400, "invalid_request"),
         # The required groups must fit the budget (refused before any work, streamed or not).
         ({"json": {"messages": [{"role": "user"}], "max_tokens": 10, "require_modalities": ["video"]}}, 400,
          "max_tokens_too_small"),
