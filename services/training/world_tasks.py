@@ -257,9 +257,30 @@ def another_request_task(rng: random.Random, split: Split, draw: Draw) -> Conver
     return Conversation(turns, [*earlier.inputs, *earlier.outputs, *now.inputs], now.reply, now.outputs)
 
 
-# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up, a second request.
+def about_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """A question about what the assistant made a turn earlier, with no medium of its own ("What is in this
+    picture?", "What colour is it?" after "Draw ..."), answered from what was made (which comes back to the model
+    as an input medium, as served history does). Without it the model drew the picture again: "What is in this
+    picture?" after a drawing got " Here is a big green square." and a new picture (probed through the API)."""
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    attrs = draw(modality)
+    earlier = _create(rng, split, modality, attrs)
+    if rng.random() < 0.5:
+        text, reply = _phrase(rng, DESCRIBE, split, modality, wrapped=True), described(modality, attrs)
+    else:
+        name = rng.choice(ATTRIBUTES[modality])
+        question = rng.choice(QUESTIONS[name]).format(thing="it")
+        question = question[0].upper() + question[1:]
+        text = _maybe_wrap(rng, question) if split == "train" else question
+        reply = ANSWERS[name].format(value=getattr(attrs, name))
+    turns = [*earlier.turns, Turn(role="assistant", text=earlier.reply, media=[0]), Turn(role="user", text=text)]
+    return Conversation(turns, [(modality, attrs)], reply, [])
+
+
+# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up, a second request,
+# a question about what was made.
 INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
-    *SINGLE_REQUESTS, (follow_up_task, 1.2), (another_request_task, 0.6),
+    *SINGLE_REQUESTS, (follow_up_task, 1.2), (another_request_task, 0.6), (about_made_task, 0.5),
 )
 
 

@@ -114,7 +114,7 @@ def _unlike(rng: random.Random, earlier: Attributes) -> Attributes:
 
 def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str], None] = lambda _: None,
                  seed: int = API_EVAL_SEED) -> dict[str, dict[str, float]]:
-    rng, rng_second = random.Random(seed), random.Random(seed + 1)
+    rng, rng_second, rng_about = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     tallies: dict[str, Tally] = defaultdict(Tally)
     for i in range(count):
         for modality in ("image", "video", "audio"):
@@ -169,5 +169,15 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         row = tallies["a second drawing in a conversation"]
         row.add("new colour", got.colour == wanted.colour)
         row.add("new shape", got.shape == wanted.shape)
+        # A question about the picture just made (its own stream too): answered in words, with nothing new made.
+        drawn = render("image", seed + 6, i).attributes
+        reply = client.chat(rng_about.choice(CREATE["eval"]["image"]).format(x=caption("image", drawn)))
+        shown = _first(client.artifacts(reply), "image")
+        reply = client.chat(rng_about.choice(DESCRIBE["eval"]["image"]), conversation_id=reply["conversation_id"])
+        seen = measure("image", shown) if shown is not None else Attributes()
+        row = tallies["asked about the picture it made"]
+        row.add("makes nothing new", not reply["artifacts"])
+        row.add("names its colour", words_say(reply["text"], "colour", seen.colour))
+        row.add("names its shape", words_say(reply["text"], "shape", seen.shape))
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}

@@ -6,7 +6,8 @@ chose itself shows the colour its reply names, "what is in this picture?" about 
 circle, "what happens in this video?" about a blue square names its colour and the way it moves, a clip
 asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
 returns a green clip moving right, a second drawing asked for in a conversation is the new one, not the
-first again, and eight drawings asked for at once, decoded together, are each their own request's. These pass only when every piece of wiring is right: the encoder's preprocessing and projection,
+first again, "what is in this picture?" about the picture just made describes it, and eight drawings asked
+for at once, decoded together, are each their own request's. These pass only when every piece of wiring is right: the encoder's preprocessing and projection,
 the prompt layout (history included), the LLM's hidden states at the bundle's offset, the projectors and their
 signal rows, the decoders' conditioning and guidance. No ``require_modalities``: the model picks the
 modality from the words.
@@ -159,6 +160,21 @@ def check_second_drawing(client: WorldClient) -> None:
     _makes(client, "image", {"colour": "blue", "shape": "square"}, ask, says=("colour", "shape"))
 
 
+def check_about_what_it_made(client: WorldClient) -> None:
+    """A question about the picture the previous turn made, with no upload: answered from that picture (back
+    through the encoder as history), in words, with nothing new made (before stage 3 trained on it, the model drew
+    the picture again)."""
+    results = []
+    for seed in SEEDS:
+        first = client.chat("Draw a green square.", seed=seed)
+        shown = _measured(client, first, "image")
+        reply = client.chat("What is in this picture?", conversation_id=first["conversation_id"], seed=seed)
+        ok = shown is not None and not reply["artifacts"] and words_say(reply["text"], "colour", shown.colour) \
+            and words_say(reply["text"], "shape", shown.shape)
+        results.append((ok, (reply["text"], shown, len(reply["artifacts"]))))
+    _most(results)
+
+
 # Eight different asks: each colour twice, every shape, never the same pair twice.
 AT_ONCE = [(colour, CLASSES["shape"][(i + k) % len(CLASSES["shape"])])
            for i, colour in enumerate(CLASSES["colour"]) for k in (0, 1)]
@@ -183,7 +199,8 @@ def check_many_at_once(client: WorldClient) -> None:
 
 
 CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
-          check_describe_clip, check_film, check_animate, check_second_drawing, check_many_at_once]
+          check_describe_clip, check_film, check_animate, check_second_drawing, check_about_what_it_made,
+          check_many_at_once]
 
 
 @pytest.fixture(scope="module")

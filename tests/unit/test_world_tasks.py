@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from services.training.world_tasks import (
-    BOTH, CREATE, DESCRIBE, OPEN_CREATE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, another_request_task,
-    describe_task, encoder_alignment, training_phrasings, wrappable,
+    BOTH, CREATE, DESCRIBE, OPEN_CREATE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, about_made_task,
+    another_request_task, describe_task, encoder_alignment, training_phrasings, wrappable,
 )
 from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, caption
 from services.world.text import QUESTIONS
@@ -81,3 +81,25 @@ def test_a_second_request_is_answered_on_its_own_with_the_first_exchange_as_hist
         # The reply names what its own signal groups make (the second request's).
         assert all(caption(m, a) in c.reply for m, a in c.outputs)
     assert made_before > 50  # about a third of the first exchanges made something
+
+
+def test_a_question_about_what_was_made_is_answered_from_it() -> None:
+    rng = random.Random(1)
+
+    def draw(modality: str) -> Attributes:
+        return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
+
+    kinds = set()
+    for split in ("train", "eval"):
+        for _ in range(200):
+            c = about_made_task(rng, split, draw)  # type: ignore[arg-type]
+            asked, made, question = c.turns
+            ((modality, attrs),) = c.inputs
+            # The earlier reply made the medium (drawn from the data: it comes back through the encoder); the
+            # question has no medium of its own, and the reply makes nothing.
+            assert (asked.media, made.media, question.media) == ([], [0], []) and c.outputs == []
+            assert made.text == f"Here is {caption(modality, attrs)}." and question.role == "user"
+            described = c.reply == f"{caption(modality, attrs).capitalize()}."
+            kinds.add("described" if described else "answered")
+            assert described or any(c.reply.endswith(f"{getattr(attrs, n)}.") for n in ATTRIBUTES[modality])
+    assert kinds == {"described", "answered"}
