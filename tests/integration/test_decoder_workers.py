@@ -206,11 +206,20 @@ async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
         batches.append(int(status.artifact.metadata["batch"]))
         assert Image.open(io.BytesIO(store.read(job.artifact_key))).size == (64, 64)
     assert max(batches) >= 2, batches  # pictures of one size and steps shared a pipeline call
-    # The worker's /metrics: every picture's outcome, and calls of more than one job.
-    text = httpx.get(worker.metrics_url).text  # type: ignore[attr-defined]
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
-    assert samples['nextgpt_decoder_jobs_total{modality="image",outcome="completed"}'] >= len(good)
+    # The worker's /metrics: every picture's outcome (counted when its batch returns, just after its last event),
+    # and calls of more than one job.
+    def scrape() -> dict[str, float]:
+        text = httpx.get(worker.metrics_url).text  # type: ignore[attr-defined]
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    completed = 'nextgpt_decoder_jobs_total{modality="image",outcome="completed"}'
+    for _ in range(100):
+        samples = scrape()
+        if samples.get(completed, 0) >= len(good) and samples.get(completed.replace("completed", "failed"), 0):
+            break
+        await asyncio.sleep(0.1)
+    assert samples[completed] >= len(good)
     assert samples['nextgpt_decoder_jobs_total{modality="image",outcome="cancelled"}'] >= 1
     assert samples['nextgpt_decoder_jobs_total{modality="image",outcome="failed"}'] >= 1
     calls = samples['nextgpt_decoder_batch_size_count{modality="image"}']

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,13 @@ async def test_a_job_over_the_pixel_budget_fails_before_decoding(pipelines: Deco
         queue.close()
 
 
+def _eventually(check: Callable[[], bool], show: Callable[[], object] = lambda: None, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, show()
+        time.sleep(0.05)
+
+
 def _pixels(data: bytes) -> "np.ndarray":
     import numpy as np
 
@@ -151,7 +159,9 @@ async def test_queued_jobs_of_one_shape_run_as_one_batch_each_as_if_alone(
             assert events[-1].artifact is not None and events[-1].artifact.metadata["batch"] == "4"
         assert (await _events(queue, other.job_id))[-1].artifact.metadata["batch"] == "1"  # type: ignore[union-attr]
         # /metrics: three pipeline calls (the blocker alone, the four together, the other alone), six jobs done.
+        # A job's outcome is counted when its batch returns, just after its last event.
         sample = registry.get_sample_value
+        _eventually(lambda: sample("nextgpt_decoder_jobs_total", {"modality": "image", "outcome": "completed"}) == 6)
         assert sample("nextgpt_decoder_batch_size_count", {"modality": "image"}) == 3
         assert sample("nextgpt_decoder_batch_size_sum", {"modality": "image"}) == 6
         assert sample("nextgpt_decoder_batch_size_bucket", {"modality": "image", "le": "2.0"}) == 2
@@ -197,10 +207,12 @@ async def test_one_bad_job_does_not_fail_its_batch_mates(pipelines: DecoderPipel
         for job in good:
             assert (await _events(queue, job.job_id))[-1].type == "completed"
         assert (await _events(queue, cancelled.job_id))[-1].type == "cancelled"
-        outcomes = {outcome: registry.get_sample_value("nextgpt_decoder_jobs_total",
+        def outcomes() -> dict[str, float | None]:
+            return {outcome: registry.get_sample_value("nextgpt_decoder_jobs_total",
                                                        {"modality": "image", "outcome": outcome})
                     for outcome in ("completed", "failed", "cancelled")}
-        assert outcomes == {"completed": 4, "failed": 2, "cancelled": 1}
+
+        _eventually(lambda: outcomes() == {"completed": 4, "failed": 2, "cancelled": 1}, outcomes)
     finally:
         queue.close()
 
