@@ -192,10 +192,11 @@ class DecoderRunner:
             for i, item in running.items():
                 assert not isinstance(item.outcome, _Pending)
                 outcomes[i] = item.outcome
+        ordered = [outcomes[i] for i in range(len(jobs))]
         if self.metrics is not None:
-            for job, outcome in zip(jobs, (outcomes[i] for i in range(len(jobs))), strict=True):
+            for job, outcome in zip(jobs, ordered, strict=True):
                 self.metrics.jobs.labels(job.modality, _outcome_label(outcome)).inc()
-        return [outcomes[i] for i in range(len(jobs))]
+        return ordered
 
     def _start(self, job: DecodeJob, leases: contextlib.ExitStack) -> _Running | ArtifactInfo | None:
         if self.book.is_cancelled(job.job_id):

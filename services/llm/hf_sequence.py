@@ -96,12 +96,11 @@ class Sequence:
             self.pending.append(group)
         return token
 
-    def _index(self, banned: set[int]) -> torch.Tensor:
+    def _index(self, banned: frozenset[int]) -> torch.Tensor:
         # The masked set repeats from step to step (the signal tokens after a group's first): build it once.
-        key = frozenset(banned)
-        index = self._banned.get(key)
+        index = self._banned.get(banned)
         if index is None:
-            index = self._banned[key] = torch.tensor(sorted(key), dtype=torch.long)
+            index = self._banned[banned] = torch.tensor(sorted(banned), dtype=torch.long)
         return index
 
     def fed(self, logits: torch.Tensor, state: torch.Tensor) -> bool:

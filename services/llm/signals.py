@@ -10,7 +10,7 @@ never meant to write."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.contracts.bundle_manifest import BundleManifest, Modality
 from services.contracts.errors import InvalidRequestError
@@ -47,7 +47,7 @@ class Group:
 @dataclass
 class Decision:
     forced: int | None = None
-    banned: set[int] = field(default_factory=set)
+    banned: frozenset[int] = frozenset()
 
 
 class SignalController:
@@ -55,7 +55,8 @@ class SignalController:
                  max_groups: int, stop_ids: list[int]) -> None:
         self.groups = {m: list(spec.signal.token_ids) for m, spec in manifest.outputs.items()}
         self.first = {ids[0]: m for m, ids in self.groups.items()}
-        self.rest = {i for ids in self.groups.values() for i in ids[1:]}
+        # Masked at every free step (a group is only ever entered by its first token): one set, never copied.
+        self.rest = frozenset(i for ids in self.groups.values() for i in ids[1:])
         self.allowed = set(self.groups) if allowed is None else set(allowed) & set(self.groups)
         self.required = [m for m in dict.fromkeys(required) if m in self.groups]
         self.max_groups = max_groups
@@ -84,7 +85,7 @@ class SignalController:
             # The budget only just fits what the reply owes: start it now.
             self._next_forced = True
             return Decision(forced=self.groups[pending[0]][0])
-        return Decision(banned=set(self.rest))
+        return Decision(banned=self.rest)
 
     def choose(self, token: int, remaining_tokens: int) -> int | None:
         """What a sampled token becomes: itself; a stop, or a group that cannot be made or would crowd out what

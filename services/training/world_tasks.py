@@ -214,12 +214,16 @@ def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     attrs = draw(modality)
     name = rng.choice(ATTRIBUTES[modality])
     thing = {"image": "this picture", "video": "the thing in this clip", "audio": "this tone"}[modality]
+    turn = Turn(role="user", text=_attribute_question(rng, split, name, thing), media=[0])
+    return Conversation([turn], [(modality, attrs)], ANSWERS[name].format(value=getattr(attrs, name)), [])
+
+
+def _attribute_question(rng: random.Random, split: Split, name: str, thing: str) -> str:
+    """A question about one attribute of ``thing``. Wrapped too in training ("Can you tell me the colour of this
+    picture?"): the attribute named, not the wrapper, makes it a question about one attribute."""
     question = rng.choice(QUESTIONS[name]).format(thing=thing)
     question = question[0].upper() + question[1:]
-    # Wrapped too ("Can you tell me the colour of this picture?"): the attribute named, not the wrapper, makes
-    # it a question about one attribute.
-    turn = Turn(role="user", text=_maybe_wrap(rng, question) if split == "train" else question, media=[0])
-    return Conversation([turn], [(modality, attrs)], ANSWERS[name].format(value=getattr(attrs, name)), [])
+    return _maybe_wrap(rng, question) if split == "train" else question
 
 
 Task = Callable[[random.Random, Split, Draw], Conversation]
@@ -269,10 +273,7 @@ def about_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversatio
         text, reply = _phrase(rng, DESCRIBE, split, modality, wrapped=True), described(modality, attrs)
     else:
         name = rng.choice(ATTRIBUTES[modality])
-        question = rng.choice(QUESTIONS[name]).format(thing="it")
-        question = question[0].upper() + question[1:]
-        text = _maybe_wrap(rng, question) if split == "train" else question
-        reply = ANSWERS[name].format(value=getattr(attrs, name))
+        text, reply = _attribute_question(rng, split, name, "it"), ANSWERS[name].format(value=getattr(attrs, name))
     turns = [*earlier.turns, Turn(role="assistant", text=earlier.reply, media=[0]), Turn(role="user", text=text)]
     return Conversation(turns, [(modality, attrs)], reply, [])
 

@@ -30,6 +30,7 @@ from services.world.api_eval import WorldClient, words_say
 from services.world.attributes import CLASSES, Attributes
 from services.world.measures import measure
 from services.world.render import render
+from tests.support.metrics import samples as metric_samples
 from tests.support.servers import RedisInfo, S3Info, UvicornThread
 from tests.support.stack import KEY, distributed_stack
 
@@ -217,8 +218,7 @@ def test_embedded_stack_answers_with_meaning(embedded_url: str, check) -> None: 
 
 def _decoder_calls(url: str) -> tuple[float, float]:
     """(pipeline calls, those of one job) from the embedded stack's /metrics."""
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in httpx.get(f"{url}/metrics").text.splitlines() if line and not line.startswith("#")}
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
     return (samples.get('nextgpt_decoder_batch_size_count{modality="image"}', 0.0),
             samples.get('nextgpt_decoder_batch_size_bucket{le="1.0",modality="image"}', 0.0))
 

@@ -30,6 +30,7 @@ from services.contracts.errors import ServiceUnavailableError
 from services.jobs.book import RedisJobBook, fail_unclaimed
 from services.jobs.reader import AsyncJobReader
 from services.storage.s3 import S3ArtifactStore
+from tests.support.metrics import samples as metric_samples
 from tests.support.servers import RedisInfo, S3Info, free_port
 from tests.support.workers import WorkerProcess
 
@@ -209,9 +210,7 @@ async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
     # The worker's /metrics: every picture's outcome (counted when its batch returns, just after its last event),
     # and calls of more than one job.
     def scrape() -> dict[str, float]:
-        text = httpx.get(worker.metrics_url).text  # type: ignore[attr-defined]
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line and not line.startswith("#")}
+        return metric_samples(httpx.get(worker.metrics_url).text)  # type: ignore[attr-defined]
 
     completed = 'nextgpt_decoder_jobs_total{modality="image",outcome="completed"}'
     for _ in range(100):

@@ -19,6 +19,7 @@ from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
 from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
+from tests.support.metrics import samples as metric_samples
 from tests.support.servers import UvicornThread
 
 KEY = "test-key-1"
@@ -198,8 +199,7 @@ def test_media_inline_as_base64_when_asked(url: str) -> None:
 def test_gateway_metrics_count_requests_by_route_and_media_by_outcome(url: str) -> None:
     httpx.get(f"{url}/v1/jobs/{'0' * 32}", headers=_auth())
     text = httpx.get(f"{url}/metrics").text
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = metric_samples(text)
     assert samples['nextgpt_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"}'] >= 1
     assert samples['nextgpt_gateway_requests_total{method="POST",route="/v1/chat",status="200"}'] >= 3
     assert samples["nextgpt_gateway_ttft_seconds_count"] >= 3
