@@ -80,15 +80,18 @@ def _point(concurrency: int, waves: list[tuple[list[dict[str, float]], float]]) 
 
 
 @contextlib.contextmanager
-def _server(bundle: Path, max_batch: int, engine_process: bool, waiting: int, threads: int) -> Iterator[str]:
+def _server(bundle: Path, max_batch: int, engine_process: bool, waiting: int, threads: int,
+            device: str) -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NEXTGPT_CACHE_DIR": cache, "NEXTGPT_API_KEYS": KEY, "NEXTGPT_LOG_LEVEL": "warning",
                "NEXTGPT_LLM__MAX_BATCH": str(max_batch), "NEXTGPT_LLM__MAX_WAITING": str(waiting),
-               "NEXTGPT_LLM__ENGINE_PROCESS": str(engine_process).lower(), "OMP_NUM_THREADS": str(threads)}
+               "NEXTGPT_LLM__ENGINE_PROCESS": str(engine_process).lower(), "OMP_NUM_THREADS": str(threads),
+               "NEXTGPT_LLM__DEVICE": device}
         log = Path(cache) / "serve.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([str(Path(sys.executable).parent / "nextgpt"), "serve", "--bundle", str(bundle),
+            # ``-m``, not the console script: a machine with the repository on PYTHONPATH and no install has none.
+            proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--bundle", str(bundle),
                                      "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
             try:
                 url = f"http://127.0.0.1:{port}"
@@ -111,13 +114,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per point (the points take turns)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="the server's torch threads: the load generator needs a core of this machine too")
+    parser.add_argument("--device", default="cpu", help="where the LLM decodes (NEXTGPT_LLM__DEVICE)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/chat_batching.json"))
     args = parser.parse_args()
     bundle = bench_bundle()
     rows: list[dict[str, Any]] = []
     configs = [(args.concurrency, True), (args.concurrency, False), (1, True)]
     for max_batch, engine_process in configs:
-        with _server(bundle, max_batch, engine_process, 4 * args.concurrency, args.torch_threads) as url:
+        with _server(bundle, max_batch, engine_process, 4 * args.concurrency, args.torch_threads,
+                     args.device) as url:
             # Concurrency 1 and the top concurrency take turns, round by round, in alternating order: measured one
             # after the other, the machine's drift between the two (concurrency 1's median moved from 5.3 to 8.4
             # ms between runs of one day) went straight into their ratio.
@@ -131,7 +136,7 @@ def main() -> None:
                 rows.append({"max_batch": max_batch, "engine": _engine(engine_process), **_point(concurrency, done)})
     print(f"/v1/chat streamed, embedded stack, tiny bundle, {args.tokens} tokens max, greedy, text only, "
           f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), server torch threads "
-          f"{args.torch_threads}, closed-loop clients, {args.rounds} rounds per point taking turns")
+          f"{args.torch_threads}, LLM on {args.device}, closed-loop clients, {args.rounds} rounds per point taking turns")
     print(f"{'max_batch':>9} {'engine':>10} {'conc':>5} {'reqs':>5} {'agg tok/s':>10} {'TTFT p50 ms':>12} "
           f"{'TTFT max ms':>12} {'tokens':>7}")
     for r in rows:
@@ -147,7 +152,8 @@ def main() -> None:
         print(f"{name}: c{args.concurrency}/c1 aggregate tok/s x{ratios[name]['tok_s_ratio']}, "
               f"median TTFT x{ratios[name]['ttft_p50_ratio']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "ratios": ratios, "tokens": args.tokens}, indent=2))
+    args.out.write_text(json.dumps({"rows": rows, "ratios": ratios, "tokens": args.tokens, "device": args.device,
+                                    "cores": os.cpu_count()}, indent=2))
 
 
 if __name__ == "__main__":

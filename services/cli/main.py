@@ -439,13 +439,21 @@ def eval_world(
                                                    envvar="NEXTGPT_EVAL_API_KEY")] = None,
     count: Annotated[int, typer.Option(help="Items per task")] = 12,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
+    modality: Annotated[Optional[list[str]], typer.Option(
+        help="Run only the rows whose inputs and outputs are all among these (repeatable; default: image, video, "
+             "audio); each row keeps the items it has in a full run")] = None,
 ) -> None:
     """Semantic evaluation on fresh world samples and held-out phrasings: describe, generate, image -> video,
     two media in one reply, a follow-up turn, a second drawing in a conversation. Prints a table of accuracies."""
-    from services.world.api_eval import WorldClient, evaluate_api
+    from services.world.api_eval import MODALITIES, WorldClient, evaluate_api
     from services.world.evaluate import format_table
 
-    table = evaluate_api(WorldClient(url, api_key), count=count, progress=lambda s: typer.echo(s, err=True))
+    chosen = modality or list(MODALITIES)
+    unknown = sorted(set(chosen) - set(MODALITIES))
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; choose from {list(MODALITIES)}", param_hint="--modality")
+    table = evaluate_api(WorldClient(url, api_key, modalities=chosen), count=count, modalities=chosen,
+                         progress=lambda s: typer.echo(s, err=True))
     typer.echo(format_table(table))
     if json_out:
         json_out.write_text(json.dumps(table, indent=2) + "\n")

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
+def _host(logits: torch.Tensor) -> torch.Tensor:
+    """The last position's logits of every row, as float32 on the CPU, in one transfer per pass: each reply
+    samples there with its own CPU generator, so a seed draws the same tokens whatever device the model is on
+    (and the masks and generators never meet a CUDA tensor)."""
+    return logits[:, -1].float().cpu()
+
+
 class LastStates:
     """Captures the final norm's output (the last layer's post-norm states) of each forward pass."""
 
@@ -110,10 +117,17 @@ class BatchEngine:
                     break
                 room = self.max_batch - len(self._running)
                 joiners = [self._joining.popleft() for _ in range(min(room, len(self._joining)))]
-            with torch.inference_mode(), self.model_lock:
-                self._admit(joiners)
-                if self._running:
-                    self._step()
+            try:
+                with torch.inference_mode(), self.model_lock:
+                    self._admit(joiners)
+                    if self._running:
+                        self._step()
+            except Exception as exc:  # a bug here must fail the replies it touched, not stop the engine for all
+                log.exception("the LLM engine's step failed; failing its %d replies", len(self._running))
+                for sequence in [*self._running, *joiners]:
+                    if not sequence.finished.is_set():
+                        sequence.fail(exc)
+                self._running, self._cache, self._mask = [], None, None
         for sequence in [*self._running, *self._joining]:
             sequence.fail(RuntimeError("the LLM engine was closed"))
 
@@ -137,8 +151,9 @@ class BatchEngine:
             for sequence in joiners:
                 sequence.fail(exc)
             return
+        logits = _host(out.logits)
         for i, sequence in enumerate(joiners):
-            sequence.prefilled(out.logits[i, -1], states[i, -1])
+            sequence.prefilled(logits[i], states[i, -1])
         self._merge(out.past_key_values, mask)
         self._running += joiners
 
@@ -146,7 +161,12 @@ class BatchEngine:
         keep: list[int] = []
         tokens: list[int] = []
         for i, sequence in enumerate(self._running):
-            token = sequence.choose()
+            try:
+                token = sequence.choose()
+            except Exception as exc:  # this reply's own failure (its sampling, its text): the others go on
+                log.exception("choosing the next token failed for one reply")
+                sequence.fail(exc)
+                continue
             if token is not None:
                 keep.append(i)
                 tokens.append(token)
@@ -168,8 +188,19 @@ class BatchEngine:
             self._running, self._cache, self._mask = [], None, None
             return
         self._cache = out.past_key_values
-        done = [s.fed(out.logits[i, -1], states[i, -1]) for i, s in enumerate(self._running)]
-        self._select([i for i, d in enumerate(done) if not d])
+        logits = _host(out.logits)
+        self._select([i for i, s in enumerate(self._running) if not self._fed(s, logits[i], states[i, -1])])
+
+    @staticmethod
+    def _fed(sequence: Sequence, logits: torch.Tensor, state: torch.Tensor) -> bool:
+        """Hands a reply its step's rows; True when it is done (finished, or failed on its own: projecting a
+        signal group, say, without failing the batch)."""
+        try:
+            return sequence.fed(logits, state)
+        except Exception as exc:
+            log.exception("a reply failed after its decode step")
+            sequence.fail(exc)
+            return True
 
     # -- the batch's cache ---------------------------------------------------------------------------------------
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:

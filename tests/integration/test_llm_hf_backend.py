@@ -231,6 +231,39 @@ def test_a_cancelled_reply_leaves_the_batch_and_the_others_go_on(backend: HFBack
     assert backend.engine.running == 0
 
 
+def test_a_reply_that_fails_on_its_own_leaves_the_batch_and_the_others_go_on(backend: HFBackend) -> None:
+    """A failure inside one reply's step (here its consumer refuses its first text) fails that reply only: the
+    engine thread lives on, its batch-mates finish as they would alone, and the next request is served. (A bug of
+    that kind on CUDA once stopped the engine thread, and every request after it waited forever.)"""
+
+    class Gone(Exception):
+        pass
+
+    def refusing(event: LLMEvent) -> None:
+        if isinstance(event, TextDelta):
+            raise Gone("the reader went away")
+
+    others = [(_params(max_tokens=40, temperature=0.0), MEDIA)] * 3
+    expected = _run(backend, *others[0])[-1]
+    failed: list[BaseException] = []
+
+    def bad() -> None:
+        try:
+            backend.generate(_params(max_tokens=400, temperature=0.0), MEDIA, refusing, threading.Event())
+        except Gone as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=bad)
+    thread.start()
+    results = _in_threads(backend, others)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and len(failed) == 1
+    assert all(isinstance(r[-1], Done) and r[-1].token_ids == expected.token_ids for r in results)  # type: ignore[union-attr]
+    again = _run(backend, *others[0])[-1]
+    assert isinstance(again, Done) and again.token_ids == expected.token_ids  # type: ignore[union-attr]
+    assert backend.engine.running == 0
+
+
 def test_streamed_text_is_the_decoded_reply(backend: HFBackend) -> None:
     """Text goes out incrementally (a few tokens decoded per step), and adds up to the whole reply decoded once."""
     events = _run(backend, _params(max_tokens=60, temperature=1.2, top_p=1.0), MEDIA)

@@ -1,0 +1,59 @@
+"""`nextgpt eval world --modality`: a partial run asks exactly the full run's questions of the rows it keeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.world.api_eval import evaluate_api
+
+
+class Recorder:
+    """Stands in for the HTTP client: records each request and answers with empty words and nothing made."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str | None]] = []
+
+    def chat(self, text: str, media: tuple[str, np.ndarray] | None = None, conversation_id: str | None = None,
+             seed: int = 0) -> dict[str, Any]:
+        self.asked.append((text, media[0] if media else None))
+        return {"text": "", "artifacts": [], "conversation_id": "c"}
+
+    def artifacts(self, reply: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+        return []
+
+
+def _run(modalities: tuple[str, ...], count: int = 3) -> tuple[list[tuple[str, str | None]], set[str]]:
+    client = Recorder()
+    table = evaluate_api(client, count=count, modalities=modalities)  # type: ignore[arg-type]
+    return client.asked, set(table)
+
+
+def _is_subsequence(part: list[Any], whole: list[Any]) -> bool:
+    rest = iter(whole)
+    return all(any(item == other for other in rest) for item in part)
+
+
+@pytest.mark.parametrize(("modalities", "per_item", "rows"), [
+    # without video: its describe, generate and image -> video rows (3 requests per item) go
+    (("image", "audio"), 11, {"describe image", "generate image", "describe audio", "generate audio",
+                              "two media in one reply", "follow-up changes one attribute",
+                              "a second drawing in a conversation", "asked about the picture it made"}),
+    (("audio",), 2, {"describe audio", "generate audio"}),
+])
+def test_a_partial_run_keeps_each_rows_items(modalities: tuple[str, ...], per_item: int, rows: set[str]) -> None:
+    full, all_rows = _run(("image", "video", "audio"))
+    assert len(full) == 3 * 14 and "image -> video" in all_rows
+    part, part_rows = _run(modalities)
+    assert part_rows == rows
+    assert len(part) == 3 * per_item
+    assert all(media in (None, *modalities) for _, media in part)
+    # The same texts in the same order: the rows left out still drew their samples and phrasings.
+    assert _is_subsequence(part, full)
+
+
+def test_an_unknown_modality_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown modalities"):
+        evaluate_api(Recorder(), count=1, modalities=("image", "smell"))  # type: ignore[arg-type]
