@@ -93,6 +93,7 @@ class ChatService:
         if names:
             result = await self.encoder.encode([MediaInput(name=n, data=uploads[n]) for n in names])
             vectors = dict(zip(names, result.embeddings))
+        kept = len(conversation.turns)
         for message in request.messages:
             conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files]))
         turns, media = _flatten(conversation.turns)
@@ -100,7 +101,7 @@ class ChatService:
             params = GenerateParams(
                 turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                 seed=request.seed, lora=request.lora, allowed_modalities=request.allowed_modalities,
-                require_modalities=request.require_modalities,
+                require_modalities=request.require_modalities, history_turns=kept,
             )
         except ValidationError as exc:  # a combination the request schema alone cannot rule out
             raise InvalidRequestError(f"messages: {exc.errors()[0]['msg']}", code="invalid_request",

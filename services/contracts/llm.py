@@ -36,11 +36,17 @@ class GenerateParams(BaseModel):
     allowed_modalities: list[Modality] | None = Field(default=None, description="None: every output modality")
     require_modalities: list[Modality] = Field(default_factory=list)
     max_signal_groups: int = Field(default=4, ge=0, le=16)
+    history_turns: int = Field(
+        default=0, ge=0, description="How many leading turns are the conversation the server keeps (not the "
+                                     "caller's own messages): where the prompt and the reply's budget would not fit "
+                                     "the model's context, its oldest exchanges are left out of the prompt")
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerateParams:
         if self.turns[-1].role != "user":
             raise ValueError("the last turn must be the user's")
+        if self.history_turns >= len(self.turns):
+            raise ValueError("history_turns must leave the request's own turns")
         if self.allowed_modalities is not None and set(self.require_modalities) - set(self.allowed_modalities):
             raise ValueError("require_modalities must be a subset of allowed_modalities")
         if len(set(self.require_modalities)) > self.max_signal_groups:

@@ -84,6 +84,28 @@ def test_json_chat_and_a_second_turn(url: str) -> None:
     assert other.status_code == 404  # another caller cannot read it
 
 
+def test_a_long_conversation_goes_on_without_its_oldest_exchanges(url: str) -> None:
+    """The gateway keeps the conversation; once it and the reply's budget outgrow the model's context, its oldest
+    exchanges leave the prompt (before: every later turn was refused, prompt_too_long on 'turns' it never sent)."""
+    conversation, prompts = None, []
+    for i in range(10):
+        body: dict[str, object] = {"messages": [{"role": "user", "content": f"turn {i} " + "word " * 300}],
+                                   "max_tokens": 8, "allowed_modalities": []}
+        if conversation:
+            body["conversation_id"] = conversation
+        response = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json=body)
+        assert response.status_code == 200, (i, response.text)
+        conversation = response.json()["conversation_id"]
+        prompts.append(response.json()["usage"]["prompt_tokens"])
+    # The whole conversation would be ~10 x the first turn's prompt; each prompt fits with the reply's budget.
+    assert max(prompts) <= 2048 - 8 < 2048 < len(prompts) * prompts[0], prompts
+    # A caller's own history gets no such help: too long for the context with its budget is a clear 400.
+    mine = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 200} for i in range(3)]
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={"messages": mine, "max_tokens": 400})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"
+    assert "context of 2048 tokens" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
