@@ -56,8 +56,9 @@ class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
                  conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
                  metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**21,
-                 manifest: BundleManifest | None = None) -> None:
+                 manifest: BundleManifest | None = None, max_media: int = 16) -> None:
         self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
+        self.max_media = max_media  # the LLM service's bound on media items per request (llm.max_media)
         self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
         self.max_decode_pixels = max_decode_pixels
         self.manifest = manifest
@@ -96,12 +97,15 @@ class ChatService:
         kept = len(conversation.turns)
         for message in request.messages:
             conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files]))
-        turns, media = _flatten(conversation.turns)
+        # Pictures and sounds of a kept conversation add up over its turns; past the LLM's bound on media per
+        # request its oldest exchanges are left out (the prompt builder does the same for the context's tokens).
+        start = _media_window(conversation.turns, kept, self.max_media)
+        turns, media = _flatten(conversation.turns[start:])
         try:
             params = GenerateParams(
                 turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                 seed=request.seed, lora=request.lora, allowed_modalities=request.allowed_modalities,
-                require_modalities=request.require_modalities, history_turns=kept,
+                require_modalities=request.require_modalities, history_turns=kept - start,
             )
         except ValidationError as exc:  # a combination the request schema alone cannot rule out
             raise InvalidRequestError(f"messages: {exc.errors()[0]['msg']}", code="invalid_request",
@@ -298,6 +302,15 @@ class ChatService:
         conversation.turns.append(StoredTurn("assistant", "".join(state.text), artifact_keys=list(state.keys),
                                              pending_jobs=pending))
         await self.conversations.save(conversation)
+
+
+def _media_window(turns: list[StoredTurn], kept: int, max_media: int) -> int:
+    """Where the turns sent to the LLM start: the earliest user turn of the kept conversation (its first ``kept``
+    turns) from which the media items number at most ``max_media``; the request's own first turn if none (its own
+    media beyond the bound are the LLM service's to refuse)."""
+    starts = [i for i in range(kept) if turns[i].role == "user"] + [kept]
+    after = [sum(len(t.vectors) for t in turns[i:]) for i in starts]
+    return next((i for i, n in zip(starts, after, strict=True) if n <= max_media), kept)
 
 
 def _flatten(stored: list[StoredTurn]) -> tuple[list[Turn], np.ndarray | None]:

@@ -201,7 +201,8 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)
     chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store, conversations,
-                       g.inline_max_bytes, metrics, settings.decoders.max_pixels_per_job, bundle.manifest)
+                       g.inline_max_bytes, metrics, settings.decoders.max_pixels_per_job, bundle.manifest,
+                       settings.llm.max_media)
     keys, signer = _keys_and_signer(settings)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
@@ -265,7 +266,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         advisory_checks={"decoder_workers": decoders.check_workers},
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
-                                        settings.decoders.max_pixels_per_job, bundle.manifest),
+                                        settings.decoders.max_pixels_per_job, bundle.manifest,
+                                        settings.llm.max_media),
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
         on_shutdown=[retention.stop, http.aclose, llm.aclose, async_redis.aclose],

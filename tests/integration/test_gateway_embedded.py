@@ -106,6 +106,22 @@ def test_a_long_conversation_goes_on_without_its_oldest_exchanges(url: str) -> N
     assert "context of 2048 tokens" in response.json()["error"]["message"]
 
 
+def test_a_conversation_goes_on_past_the_llms_bound_on_media(url: str) -> None:
+    """Every picture made joins the conversation as an input medium; past the LLM's 16 media per request the
+    oldest exchanges leave the prompt (before: the 17th picture's turn and every one after got 413
+    too_many_media)."""
+    conversation = None
+    for i in range(18):
+        body: dict[str, object] = {"messages": [{"role": "user", "content": f"draw {i}"}], "max_tokens": 12,
+                                   "require_modalities": ["image"], "decoder": {"steps": 1, "height": 32, "width": 32}}
+        if conversation:
+            body["conversation_id"] = conversation
+        response = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json=body)
+        assert response.status_code == 200, (i, response.text)
+        assert [a["state"] for a in response.json()["artifacts"]] == ["completed"], (i, response.json())
+        conversation = response.json()["conversation_id"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
