@@ -30,6 +30,7 @@ from services.world.render import render
 
 API_EVAL_SEED = 2_000_003  # not a training seed, not the stand-ins' evaluation seed
 MODALITIES = ("image", "video", "audio")
+LONG_DRAWINGS = 6  # drawings in the long-conversation row; the last three are judged
 MIME = {"image": ("world.png", "image/png"), "video": ("world.mp4", "video/mp4"), "audio": ("world.wav", "audio/wav")}
 
 
@@ -129,6 +130,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         return set(needed) <= set(modalities)
 
     rng, rng_second, rng_about = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
+    rng_long = random.Random(seed + 3)
     tallies: dict[str, Tally] = defaultdict(Tally)
     for i in range(count):
         for modality in ("image", "video", "audio"):
@@ -203,5 +205,19 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         row.add("makes nothing new", not reply["artifacts"])
         row.add("names its colour", words_say(reply["text"], "colour", seen.colour))
         row.add("names its shape", words_say(reply["text"], "shape", seen.shape))
+        # A long conversation of drawings (its own stream too), each unlike the one before: the late ones must still
+        # show their own request, not an earlier picture.
+        wanted = render("image", seed + 7, i).attributes
+        reply = client.chat(rng_long.choice(CREATE["eval"]["image"]).format(x=caption("image", wanted)))
+        for turn in range(2, LONG_DRAWINGS + 1):
+            wanted = _unlike(rng_long, wanted)
+            reply = client.chat(rng_long.choice(CREATE["eval"]["image"]).format(x=caption("image", wanted)),
+                                conversation_id=reply["conversation_id"])
+            if turn > LONG_DRAWINGS - 3:
+                image = _first(client.artifacts(reply), "image")
+                got = measure("image", image) if image is not None else Attributes()
+                row = tallies[f"drawings {LONG_DRAWINGS - 2}-{LONG_DRAWINGS} of a conversation"]
+                row.add("colour", got.colour == wanted.colour)
+                row.add("shape", got.shape == wanted.shape)
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}

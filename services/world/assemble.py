@@ -79,7 +79,11 @@ def _assemble(work: Path, root: Path, seed: int) -> BundleManifest:
         description="Stand-ins of NExT-GPT's frozen parts pretrained on the synthetic world; projections untrained.",
         # States at the signal positions themselves, as training computes them.
         hidden_state_offset=0,
-        llm=LLMSpec(hidden_size=hidden, vocab_size=len(tokenizer), max_model_len=2048),
+        # The context the world model is trained toward: pretraining reads 64-token texts, stage 3 conversations of
+        # up to ~300 tokens (six exchanges and a request). Served with 2048, a long chat kept every turn and the
+        # model, far past any position it learnt, fell apart (drawings at turns 10-29 as asked: 21 of 40 at 2048,
+        # 31 of 40 at 512; the gateway leaves the oldest exchanges out to fit).
+        llm=LLMSpec(hidden_size=hidden, vocab_size=len(tokenizer), max_model_len=512),
         encoder=EncoderSpec(config=WORLD_IMAGEBIND, weights="encoder/imagebind.safetensors",
                             input_projection="encoder/input_projection.safetensors"),
         prompt=PromptSpec(media_start=MEDIA_START, media_start_id=tokenizer.convert_tokens_to_ids(MEDIA_START),

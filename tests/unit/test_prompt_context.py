@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,11 @@ WORLD = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
 
 @pytest.fixture(scope="module")
 def world() -> tuple[Bundle, object]:
+    """The world bundle's tokenizer and prompt layout, with a context of 2048 (the world bundle's own is 512)."""
     bundle = load_bundle(WORLD)
-    return bundle, AutoTokenizer.from_pretrained(str(bundle.path(bundle.manifest.llm.path)))
+    manifest = bundle.manifest
+    wider = manifest.model_copy(update={"llm": manifest.llm.model_copy(update={"max_model_len": 2048})})
+    return replace(bundle, manifest=wider), AutoTokenizer.from_pretrained(str(bundle.path(manifest.llm.path)))
 
 
 def _build(world: tuple[Bundle, object], params: GenerateParams, limit: int | None = None) -> torch.Tensor:

@@ -56,7 +56,7 @@ def test_stage_three_wraps_about_half_its_requests_stage_one_and_eval_none() -> 
     assert {encoder_alignment(rng, "train", _draw).turns[0].text for _ in range(200)} <= set(plain)
 
 
-def test_a_second_request_is_answered_on_its_own_with_the_first_exchange_as_history() -> None:
+def test_a_new_request_is_answered_on_its_own_with_earlier_exchanges_as_history() -> None:
     rng = random.Random(0)
     drawn: list[tuple[str, Attributes]] = []
 
@@ -66,20 +66,25 @@ def test_a_second_request_is_answered_on_its_own_with_the_first_exchange_as_hist
         return attrs
 
     made_before = 0
+    exchanges: set[int] = set()
     for _ in range(300):
         drawn.clear()
         c = another_request_task(rng, "train", draw)
-        user, reply, *now = c.turns
-        assert (user.role, reply.role) == ("user", "assistant") and [t.role for t in now] == ["user"]
+        *earlier, now = c.turns
+        # Whole exchanges (a request, its reply) before the one new request.
+        assert [t.role for t in earlier] == ["user", "assistant"] * (len(earlier) // 2) and now.role == "user"
+        exchanges.add(len(earlier) // 2)
         # Every medium a turn refers to exists, in the order the turns show them, each used once.
         assert [i for t in c.turns for i in t.media] == list(range(len(c.inputs)))
-        # What the first reply made comes back as an input medium of a drawn (existing) sample.
-        for i in reply.media:
-            assert c.inputs[i] in drawn
-            assert reply.text == f"Here is {caption(*c.inputs[i])}."
-            made_before += 1
-        # The reply names what its own signal groups make (the second request's).
+        # What an earlier reply made comes back as an input medium of a drawn (existing) sample.
+        for reply in earlier[1::2]:
+            for i in reply.media:
+                assert c.inputs[i] in drawn
+                assert reply.text == f"Here is {caption(*c.inputs[i])}."
+                made_before += 1
+        # The reply names what its own signal groups make (the new request's).
         assert all(caption(m, a) in c.reply for m, a in c.outputs)
+    assert exchanges == {1, 2, 3, 4, 5, 6}
     assert made_before > 50  # about a third of the first exchanges made something
 
 
