@@ -37,7 +37,7 @@ from services.contracts.decoders import (
     new_job_id,
 )
 from services.contracts.encoder import EncoderClient, MediaInput
-from services.contracts.errors import InvalidRequestError, NotFoundError
+from services.contracts.errors import InvalidRequestError, NextGPTError, NotFoundError
 from services.contracts.llm import Done, GenerateParams, LLMClient, SignalEvent, TextDelta, Turn
 from services.contracts.storage import ArtifactStore, new_key
 
@@ -174,6 +174,8 @@ class ChatService:
                 async for event in stream:
                     await out.put(("llm", event))
             except Exception as exc:
+                if isinstance(exc, NextGPTError) and exc.param == "turns":
+                    exc.param = "messages"  # the LLM service's name for what this API calls messages
                 await out.put(("llm_error", exc))
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]

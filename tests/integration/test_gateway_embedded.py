@@ -104,6 +104,10 @@ def test_a_long_conversation_goes_on_without_its_oldest_exchanges(url: str) -> N
     response = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={"messages": mine, "max_tokens": 400})
     assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"
     assert "context of 2048 tokens" in response.json()["error"]["message"]
+    # Named as this API names it (the LLM service calls the conversation 'turns').
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120,
+                          json={"messages": [{"role": "user", "content": "word " * 1000}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
 
 
 def test_a_conversation_goes_on_past_the_llms_bound_on_media(url: str) -> None:
