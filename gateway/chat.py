@@ -25,7 +25,7 @@ from gateway.turn_events import (
 )
 from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.bundle_manifest import BundleManifest
-from services.llm.prompt import check_prompt_chars
+from services.llm.prompt import check_prompt_chars, prompt_starts
 from services.llm.signals import check_signal_budget
 from services.contracts.decoders import (
     decode_pixels, describe_size,
@@ -310,7 +310,7 @@ def _media_window(turns: list[StoredTurn], kept: int, max_media: int) -> int:
     """Where the turns sent to the LLM start: the earliest user turn of the kept conversation (its first ``kept``
     turns) from which the media items number at most ``max_media``; the request's own first turn if none (its own
     media beyond the bound are the LLM service's to refuse)."""
-    starts = [i for i in range(kept) if turns[i].role == "user"] + [kept]
+    starts = prompt_starts([t.role for t in turns], kept)
     after = [sum(len(t.vectors) for t in turns[i:]) for i in starts]
     return next((i for i, n in zip(starts, after, strict=True) if n <= max_media), kept)
 

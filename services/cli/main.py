@@ -445,13 +445,14 @@ def eval_world(
 ) -> None:
     """Semantic evaluation on fresh world samples and held-out phrasings: describe, generate, image -> video,
     two media in one reply, a follow-up turn, a second drawing in a conversation. Prints a table of accuracies."""
-    from services.world.api_eval import MODALITIES, WorldClient, evaluate_api
+    from services.world.api_eval import MODALITIES, WorldClient, check_modalities, evaluate_api
     from services.world.evaluate import format_table
 
     chosen = modality or list(MODALITIES)
-    unknown = sorted(set(chosen) - set(MODALITIES))
-    if unknown:
-        raise typer.BadParameter(f"unknown {unknown}; choose from {list(MODALITIES)}", param_hint="--modality")
+    try:
+        check_modalities(chosen)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--modality") from exc
     table = evaluate_api(WorldClient(url, api_key, modalities=chosen), count=count, modalities=chosen,
                          progress=lambda s: typer.echo(s, err=True))
     typer.echo(format_table(table))

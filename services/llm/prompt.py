@@ -28,6 +28,12 @@ def check_prompt_chars(texts: list[str], max_tokens: int) -> None:
             f"than {max_tokens * MAX_CHARS_PER_TOKEN}", code="prompt_too_long", param="messages")
 
 
+def prompt_starts(roles: list[str], kept: int) -> list[int]:
+    """Where a prompt may start when a kept conversation (its first ``kept`` turns) must lose its oldest
+    exchanges: at one of its user turns, or at the request's own first turn, last; never inside an exchange."""
+    return [i for i in range(kept) if roles[i] == "user"] + [kept]
+
+
 @dataclass(frozen=True)
 class TextPiece:
     text: str

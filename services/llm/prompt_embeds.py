@@ -11,7 +11,7 @@ import torch
 from services.contracts.bundle_manifest import BundleManifest
 from services.contracts.errors import InvalidRequestError
 from services.contracts.llm import GenerateParams
-from services.llm.prompt import MAX_CHARS_PER_TOKEN, check_prompt_chars, prompt_ids, prompt_pieces
+from services.llm.prompt import MAX_CHARS_PER_TOKEN, check_prompt_chars, prompt_ids, prompt_pieces, prompt_starts
 
 Embed = Callable[[list[int]], torch.Tensor]  # token ids -> (n, hidden)
 
@@ -55,8 +55,7 @@ def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], li
 
     # Where the prompt may start: a user turn of the kept conversation, or the request's own first turn. A kept
     # conversation longer in characters than any prompt could hold is cut to that first (no tokenizing it all).
-    cuts = [i for i, t in enumerate(params.turns[:params.history_turns]) if t.role == "user"] + \
-        [params.history_turns]
+    cuts = prompt_starts([t.role for t in params.turns], params.history_turns)
     chars = [sum(len(t.text) for t in params.turns[i:]) for i in cuts]
     cuts = [i for i, n in zip(cuts, chars, strict=True) if n <= max_tokens * MAX_CHARS_PER_TOKEN] or cuts[-1:]
     # The prompt's length only shrinks as its start moves later: the earliest start that fits, by bisection.

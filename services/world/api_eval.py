@@ -117,14 +117,18 @@ def _unlike(rng: random.Random, earlier: Attributes) -> Attributes:
                       shape=rng.choice([s for s in CLASSES["shape"] if s != earlier.shape]))
 
 
+def check_modalities(modalities: Collection[str]) -> None:
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {list(MODALITIES)}")
+
+
 def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str], None] = lambda _: None,
                  seed: int = API_EVAL_SEED, modalities: Collection[str] = MODALITIES) -> dict[str, dict[str, float]]:
     """``modalities``: the rows to run are those whose inputs and outputs are all among these (a bundle or a
     machine without video, say). Every row draws its samples and phrasings whether it runs or not, so a row's
     items are the same in a partial run as in a full one."""
-    unknown = set(modalities) - set(MODALITIES)
-    if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {list(MODALITIES)}")
+    check_modalities(modalities)
 
     def runs(*needed: str) -> bool:
         return set(needed) <= set(modalities)
