@@ -1,11 +1,17 @@
 """Conversation history for multi-turn chat: turns with their media vectors. Embedded mode keeps it in memory
 (LRU bounded); distributed mode in Redis with a TTL, so any gateway replica can continue a conversation.
-Generated media are kept by artifact key and encoded again on later turns, as the reference does."""
+Generated media are kept by artifact key and encoded again on later turns, as the reference does.
+
+Two turns of one conversation may run at once (a client that does not wait for the first's text). Each is answered
+from the conversation as it was loaded; saving never loses the other's exchange: a save finding that someone saved
+since its load writes the stored turns followed by its own new ones (its updates to the loaded turns, media encoded
+on the way, are a cache: the next turn redoes them)."""
 
 from __future__ import annotations
 
 import abc
 import base64
+import dataclasses
 import json
 import threading
 import time
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import redis
 
 
 @dataclass
@@ -33,6 +40,8 @@ class Conversation:
     id: str
     owner: str | None
     turns: list[StoredTurn] = field(default_factory=list)
+    revision: int = 0  # saves so far: a save compares it with the stored one to see whether another turn saved
+    loaded: int = 0  # turns it had when loaded: the ones after are this turn's own
 
     @classmethod
     def new(cls, owner: str | None) -> Conversation:
@@ -51,8 +60,29 @@ class ConversationStore(abc.ABC):
     @abc.abstractmethod
     async def save(self, conversation: Conversation) -> None: ...
 
-    def _bounded(self, conversation: Conversation) -> Conversation:
-        return Conversation(conversation.id, conversation.owner, list(conversation.turns[-self.max_turns:]))
+    def _merged(self, stored: Conversation | None, ours: Conversation) -> Conversation:
+        """What a save writes: ``ours`` when nobody saved since it was loaded, else the stored turns followed by
+        its own new ones; bounded to the last ``max_turns``, one revision on."""
+        if stored is None or stored.revision == ours.revision:
+            turns, revision = ours.turns, ours.revision
+        else:
+            turns, revision = stored.turns + ours.turns[ours.loaded:], max(stored.revision, ours.revision)
+        kept = turns[-self.max_turns:]
+        return Conversation(ours.id, ours.owner, kept, revision + 1, len(kept))
+
+    @staticmethod
+    def _saved(conversation: Conversation, written: Conversation) -> None:
+        """The caller's object follows what was written: a later save of it is a save after this one."""
+        conversation.turns, conversation.revision, conversation.loaded = written.turns, written.revision, \
+            written.loaded
+
+
+def _copy(conversation: Conversation) -> Conversation:
+    """A loaded conversation its turn may change (encoding earlier media into it) without touching the stored one
+    or another turn's copy."""
+    turns = [dataclasses.replace(t, vectors=list(t.vectors), artifact_keys=list(t.artifact_keys),
+                                 pending_jobs=list(t.pending_jobs)) for t in conversation.turns]
+    return Conversation(conversation.id, conversation.owner, turns, conversation.revision, len(turns))
 
 
 class MemoryConversationStore(ConversationStore):
@@ -62,29 +92,38 @@ class MemoryConversationStore(ConversationStore):
         self._items: OrderedDict[str, tuple[float, Conversation]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _live(self, conversation_id: str) -> Conversation | None:
+        """The stored conversation, unless expired (then forgotten); under the lock."""
+        entry = self._items.get(conversation_id)
+        if entry is None:
+            return None
+        saved_at, found = entry
+        if self.ttl_s is not None and time.monotonic() - saved_at > self.ttl_s:
+            del self._items[conversation_id]
+            return None
+        return found
+
     async def load(self, conversation_id: str, owner: str | None) -> Conversation | None:
         with self._lock:
-            entry = self._items.get(conversation_id)
-            if entry is None or entry[1].owner != owner:
-                return None
-            saved_at, found = entry
-            if self.ttl_s is not None and time.monotonic() - saved_at > self.ttl_s:
-                del self._items[conversation_id]
+            found = self._live(conversation_id)
+            if found is None or found.owner != owner:
                 return None
             self._items.move_to_end(conversation_id)
-            return Conversation(found.id, found.owner, list(found.turns))
+            return _copy(found)
 
     async def save(self, conversation: Conversation) -> None:
         with self._lock:
-            self._items[conversation.id] = (time.monotonic(), self._bounded(conversation))
+            written = self._merged(self._live(conversation.id), conversation)
+            self._items[conversation.id] = (time.monotonic(), _copy(written))
             self._items.move_to_end(conversation.id)
             while len(self._items) > self.max_conversations:
                 self._items.popitem(last=False)
+        self._saved(conversation, written)
 
 
 class RedisConversationStore(ConversationStore):
-    """One JSON value per conversation under the key prefix, expiring ``ttl_s`` after its last turn. Two turns
-    of one conversation running at once: the later save wins (a client should wait for ``done``)."""
+    """One JSON value per conversation under the key prefix, expiring ``ttl_s`` after its last turn. A save is
+    a read-merge-write under WATCH: two replicas saving turns of one conversation at once both keep theirs."""
 
     def __init__(self, redis: Any, key_prefix: str, ttl_s: int, max_turns: int = 64) -> None:
         super().__init__(max_turns)
@@ -101,8 +140,20 @@ class RedisConversationStore(ConversationStore):
         return conversation if conversation.owner == owner else None
 
     async def save(self, conversation: Conversation) -> None:
-        await self.redis.set(self._key(conversation.id), encode_conversation(self._bounded(conversation)),
-                             ex=self.ttl_s)
+        key = self._key(conversation.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    written = self._merged(decode_conversation(raw) if raw is not None else None, conversation)
+                    pipe.multi()
+                    pipe.set(key, encode_conversation(written), ex=self.ttl_s)
+                    await pipe.execute()
+                    break
+                except redis.WatchError:  # another turn saved between our read and write: merge with it
+                    continue
+        self._saved(conversation, written)
 
 
 def encode_conversation(conversation: Conversation) -> bytes:
@@ -113,7 +164,7 @@ def encode_conversation(conversation: Conversation) -> bytes:
         return {"shape": list(stacked.shape), "data": base64.b64encode(stacked.tobytes()).decode()}
 
     return json.dumps({
-        "id": conversation.id, "owner": conversation.owner,
+        "id": conversation.id, "owner": conversation.owner, "revision": conversation.revision,
         "turns": [{"role": t.role, "text": t.text, "vectors": vectors(t), "artifact_keys": t.artifact_keys,
                    "pending_jobs": t.pending_jobs} for t in conversation.turns],
     }).encode()
@@ -129,4 +180,4 @@ def decode_conversation(raw: bytes) -> Conversation:
             vectors = list(array.astype(np.float32))
         turns.append(StoredTurn(t["role"], t["text"], vectors, list(t["artifact_keys"]),
                                 list(t.get("pending_jobs", []))))
-    return Conversation(body["id"], body["owner"], turns)
+    return Conversation(body["id"], body["owner"], turns, body.get("revision", 0), len(turns))

@@ -126,14 +126,14 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                 files.append(_add(uploads, data, "." + str(audio.get("format", "wav")).lower()[:4], max_files))
             else:
                 raise InvalidRequestError(f"{where}: unsupported content part {kind!r}", param=where)
-        if role == "system":
+        if role in ("system", "developer"):  # "developer": OpenAI's newer name for system instructions
             system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
         elif role in ("user", "assistant"):
             try:
                 messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
             except ValidationError as exc:
                 err = exc.errors()[0]
-                where = f"messages[{i}]." + ".".join(str(p) for p in err["loc"])
+                where = ".".join([f"messages[{i}]", *(str(p) for p in err["loc"])])
                 raise InvalidRequestError(f"{where}: {err['msg']}", param=where) from exc
         else:
             raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", param=f"messages[{i}].role")

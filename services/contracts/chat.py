@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.contracts.bundle_manifest import Modality
 from services.contracts.decoders import DecodeOptions
@@ -16,6 +16,13 @@ class ChatMessage(BaseModel):
     role: Literal["user", "assistant"]
     content: str = Field(default="", max_length=100_000)
     files: list[str] = Field(default_factory=list, max_length=16, description="Names of uploaded `files` parts")
+
+    @model_validator(mode="after")
+    def _user_says_something(self) -> ChatMessage:
+        # An empty request is no question: the model would answer it with whatever its weights fall into.
+        if self.role == "user" and not self.content.strip() and not self.files:
+            raise ValueError("a user message needs text or files")
+        return self
 
 
 class ChatRequest(BaseModel):

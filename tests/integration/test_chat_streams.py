@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import redis.asyncio
 
+from gateway.chat import ChatService
 from gateway.conversations import (
     Conversation,
     ConversationStore,
@@ -20,6 +21,11 @@ from gateway.conversations import (
 )
 from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub, StreamState
 from gateway.turn_events import MessageDelta, TextComplete, TurnDone, TurnEvent
+from services.contracts.chat import ChatRequest
+from services.contracts.decoders import DecoderQueue
+from services.contracts.encoder import EncoderClient
+from services.contracts.llm import Done, GenerateParams, LLMClient, LLMEvent, TextDelta
+from services.contracts.storage import ArtifactStore
 from services.contracts.errors import GoneError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from services.jobs.redis_clients import async_redis
 from tests.support.servers import RedisInfo, redis_transactions
@@ -205,6 +211,103 @@ async def test_conversations_round_trip_bounded_and_private(store: ConversationS
     await store.save(loaded)
     bounded = await store.load(conversation.id, "alice")
     assert bounded is not None and [t.text for t in bounded.turns] == ["u1", "u2", "u3", "u4"]
+
+
+async def test_turns_of_one_conversation_saved_at_once_are_all_kept(store: ConversationStore) -> None:
+    """Two turns loaded before either saved: each keeps its exchange, in the order they saved; what one turn does
+    to its loaded copy (media encoded into an earlier turn) touches neither the other's copy nor the store."""
+    conversation = Conversation.new("alice")
+    conversation.turns = [StoredTurn("user", "u0"), StoredTurn("assistant", "a0", [], ["image/k.png"])]
+    await store.save(conversation)
+    first, second = await store.load(conversation.id, "alice"), await store.load(conversation.id, "alice")
+    assert first is not None and second is not None
+    first.turns[1].vectors.append(np.ones(4, dtype=np.float32))
+    first.turns[1].artifact_keys.clear()
+    assert second.turns[1].artifact_keys == ["image/k.png"] and not second.turns[1].vectors
+    second.turns += [StoredTurn("user", "u2"), StoredTurn("assistant", "a2")]
+    await store.save(second)
+    first.turns += [StoredTurn("user", "u1"), StoredTurn("assistant", "a1")]
+    await store.save(first)
+    kept = await store.load(conversation.id, "alice")
+    assert kept is not None and [t.text for t in kept.turns] == ["u2", "a2", "u1", "a1"]  # bounded to 4
+    # A save with nobody in between writes the turn's own copy whole: its changes to loaded turns stay.
+    kept.turns[0].vectors.append(np.full(4, 2.0, dtype=np.float32))
+    kept.turns += [StoredTurn("user", "u3")]
+    await store.save(kept)
+    again = await store.load(conversation.id, "alice")
+    assert again is not None and [t.text for t in again.turns] == ["a2", "u1", "a1", "u3"]
+    # Saved twice by its own turn (a caller saving again after more work): the second is not a merge with itself.
+    again.turns += [StoredTurn("assistant", "a3")]
+    await store.save(again)
+    again.turns += [StoredTurn("user", "u4")]
+    await store.save(again)
+    last = await store.load(conversation.id, "alice")
+    assert last is not None and [t.text for t in last.turns] == ["a1", "u3", "a3", "u4"]
+
+
+async def test_many_turns_saving_at_once_lose_none(redis_info: RedisInfo) -> None:
+    """Eight turns of one conversation saved concurrently (on Redis: eight connections racing under WATCH)."""
+    client = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}conv-race-{uuid.uuid4().hex[:6]}:"
+    for store in (MemoryConversationStore(max_turns=64), RedisConversationStore(client, prefix, 60, max_turns=64)):
+        conversation = Conversation.new(None)
+        await store.save(conversation)
+        loaded = [await store.load(conversation.id, None) for _ in range(8)]
+        for n, copy in enumerate(loaded):
+            assert copy is not None
+            copy.turns += [StoredTurn("user", f"u{n}"), StoredTurn("assistant", f"a{n}")]
+        await asyncio.gather(*(store.save(copy) for copy in loaded if copy is not None))
+        kept = await store.load(conversation.id, None)
+        assert kept is not None and len(kept.turns) == 16
+        texts = [t.text for t in kept.turns]
+        assert sorted(texts[0::2]) == [f"u{n}" for n in range(8)]
+        assert [t.replace("u", "a") for t in texts[0::2]] == texts[1::2]  # each exchange whole, in one piece
+    await client.aclose()
+
+
+class _RecordingLLM(LLMClient):
+    """Answers each turn after a pause (so turns overlap) and records the conversation each was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    async def generate(self, params: GenerateParams, media: np.ndarray | None) -> AsyncIterator[LLMEvent]:
+        self.seen.append([t.text for t in params.turns])
+        await asyncio.sleep(0.2)
+        yield TextDelta(f"re {params.turns[-1].text}")
+        yield Done(finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+
+    async def check_ready(self) -> None:
+        return None
+
+
+async def test_a_client_that_does_not_wait_loses_no_turn(redis_info: RedisInfo) -> None:
+    """Through the chat service: three follow-ups sent at once to one conversation, then a fourth; the fourth
+    sees all three exchanges (before, the last to finish overwrote the others)."""
+    client = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}conv-chat-{uuid.uuid4().hex[:6]}:"
+    for conversations in (MemoryConversationStore(), RedisConversationStore(client, prefix, 60)):
+        llm = _RecordingLLM()
+        chat = ChatService(cast(EncoderClient, None), llm, cast(DecoderQueue, None), cast(ArtifactStore, None),
+                           conversations)
+
+        async def turn(text: str, conversation_id: str | None) -> str:
+            request = ChatRequest.model_validate(
+                {"messages": [{"role": "user", "content": text}], "conversation_id": conversation_id})
+            conversation, params, media = await chat.prepare(request, {}, None)
+            events = [e async for e in chat.run(request, conversation, params, media, str, None)]
+            done = events[-1]
+            assert isinstance(done, TurnDone)
+            return done.conversation_id
+
+        cid = await turn("first", None)
+        await asyncio.gather(*(turn(text, cid) for text in ("one", "two", "three")))
+        await turn("last", cid)
+        assert llm.seen[-1][:2] == ["first", "re first"] and llm.seen[-1][-1] == "last"
+        middle = llm.seen[-1][2:-1]
+        assert sorted(middle[0::2]) == ["one", "three", "two"]
+        assert [f"re {t}" for t in middle[0::2]] == middle[1::2]
+    await client.aclose()
 
 
 async def test_redis_history_expires(redis_info: RedisInfo) -> None:

@@ -131,21 +131,21 @@ def test_a_conversation_goes_on_past_the_llms_bound_on_media(url: str) -> None:
     [
         ({"json": {"messages": [{"role": "user", "content": "x", "files": ["nope.png"]}]}}, 400, "missing_file"),
         ({"json": {"messages": []}}, 400, "invalid_request"),
-        ({"json": {"messages": [{"role": "user"}], "temperature": -1}}, 400, "invalid_request"),
+        ({"json": {"messages": [{"role": "user", "content": "x"}], "temperature": -1}}, 400, "invalid_request"),
         ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 400, "unsupported_content_type"),
-        ({"data": {"request": json.dumps({"messages": [{"role": "user"}]})},
+        ({"data": {"request": json.dumps({"messages": [{"role": "user", "content": "x"}]})},
           "files": [("files", ("x.png", media.png(), "image/png"))]}, 400, "unused_file"),
         ({"data": {"request": json.dumps({"messages": [{"role": "user", "files": ["x.png"]}]})},
           "files": [("files", ("x.png", b"not an image at all", "image/png"))]}, 415, "unsupported_media"),
         ({"data": {"request": "{}"}, "files": [("files", ("big.png", b"0" * 3_100_000, "image/png"))]},
          413, "request_too_large"),
-        ({"json": {"messages": [{"role": "user"}], "conversation_id": "0" * 32}}, 404, "conversation_not_found"),
+        ({"json": {"messages": [{"role": "user", "content": "x"}], "conversation_id": "0" * 32}}, 404, "conversation_not_found"),
         # A sound shorter than the decoder can make is refused before the reply, not failed after it.
-        ({"json": {"messages": [{"role": "user"}], "decoder": {"seconds": 0.01}}}, 400, "invalid_request"),
+        ({"json": {"messages": [{"role": "user", "content": "x"}], "decoder": {"seconds": 0.01}}}, 400, "invalid_request"),
         # The required groups must fit the budget (refused before any work, streamed or not).
-        ({"json": {"messages": [{"role": "user"}], "max_tokens": 10, "require_modalities": ["video"]}}, 400,
+        ({"json": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10, "require_modalities": ["video"]}}, 400,
          "max_tokens_too_small"),
-        ({"json": {"messages": [{"role": "user"}], "max_tokens": 24, "stream": True,
+        ({"json": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 24, "stream": True,
                    "require_modalities": ["image", "video", "audio"]}}, 400, "max_tokens_too_small"),
     ],
 )
@@ -255,6 +255,15 @@ def test_a_conversation_must_end_with_the_user(url: str) -> None:
     response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_a_user_message_with_nothing_in_it_is_refused(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
+        "messages": [{"role": "user", "content": "draw"}, {"role": "assistant", "content": "done"},
+                     {"role": "user", "content": " \n"}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages.2" and "text or files" in error["message"]
 
 
 @pytest.mark.parametrize("decoder", [

@@ -54,6 +54,29 @@ def test_text_and_image_in_image_and_audio_out(client: openai.OpenAI) -> None:
     assert isinstance(again.choices[0].message.content, str)
 
 
+def test_developer_instructions_are_system_instructions(client: openai.OpenAI) -> None:
+    """OpenAI's newer clients send instructions as "developer": folded into the first turn as "system" is."""
+    def prompt_tokens(*first: dict[str, str]) -> int:
+        completion = client.chat.completions.create(
+            model="nextgpt", max_tokens=1, messages=[*first, {"role": "user", "content": "hello"}])  # type: ignore
+        assert completion.usage is not None
+        return completion.usage.prompt_tokens
+
+    alone = prompt_tokens()
+    system = prompt_tokens({"role": "system", "content": "answer in one short sentence"})
+    assert system > alone
+    assert prompt_tokens({"role": "developer", "content": "answer in one short sentence"}) == system
+
+
+@pytest.mark.parametrize("content", ["", "   ", []])
+def test_an_empty_user_message_is_refused(client: openai.OpenAI, content: object) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="nextgpt", max_tokens=4,
+                                       messages=[{"role": "user", "content": content}])  # type: ignore
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "messages[0]" and "text or files" in error["message"]
+
+
 def test_streamed_media_arrive_beside_the_text(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="nextgpt", max_tokens=20, stream=True, modalities=["text", "image"],  # type: ignore[list-item]
