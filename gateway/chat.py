@@ -108,8 +108,8 @@ class ChatService:
                 require_modalities=request.require_modalities, history_turns=kept - start,
             )
         except ValidationError as exc:  # a combination the request schema alone cannot rule out
-            raise InvalidRequestError(f"messages: {exc.errors()[0]['msg']}", code="invalid_request",
-                                      param="messages") from exc
+            reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise InvalidRequestError(f"messages: {reason}", code="invalid_request", param="messages") from exc
         return conversation, params, media
 
     def _check_decode_budget(self, request: ChatRequest) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.contracts.chat import ChatMessage, ChatRequest
-from services.contracts.errors import InvalidRequestError
+from services.contracts.errors import InvalidRequestError, invalid_fields
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+);base64,(?P<data>.+)$", re.DOTALL)
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp", "audio/wav": ".wav",
@@ -82,9 +82,7 @@ def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None],
     try:
         return _translate(body, model_names, max_bytes, max_files)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "messages"
-        raise InvalidRequestError(f"{where}: {err['msg']}", param=where) from exc
+        raise invalid_fields(exc, default="messages") from exc
 
 
 def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
@@ -132,9 +130,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             try:
                 messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join([f"messages[{i}]", *(str(p) for p in err["loc"])])
-                raise InvalidRequestError(f"{where}: {err['msg']}", param=where) from exc
+                raise invalid_fields(exc, where=f"messages[{i}]") from exc
         else:
             raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", param=f"messages[{i}].role")
     if system and messages:

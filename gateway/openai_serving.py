@@ -24,7 +24,7 @@ from gateway.collect import collect
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
 from gateway.turn_events import ArtifactCompleted, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
-from services.contracts.errors import InvalidRequestError, NextGPTError
+from services.contracts.errors import NextGPTError, invalid_fields
 from services.contracts.storage import ArtifactStore
 from services.contracts.settings import GatewaySettings
 
@@ -43,9 +43,7 @@ class OpenAIServingChat:
         try:
             body = OpenAIChatRequest.model_validate_json(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or "request"
-            raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
+            raise invalid_fields(exc) from exc
         chat_request, uploads = to_chat_request(body, self.model_names, self.settings.max_upload_bytes,
                                                 self.settings.max_files)
         conversation, params, media = await self.chat.prepare(chat_request, uploads, owner)

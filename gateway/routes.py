@@ -22,7 +22,7 @@ from gateway.sse import HEARTBEAT, batches, sse_event
 from gateway.state import GatewayState
 from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
-from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError
+from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError, invalid_fields
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -71,9 +71,7 @@ async def _read_chat_request(request: Request, st: GatewayState) -> tuple[ChatRe
     try:
         return ChatRequest.model_validate_json(raw), uploads
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or "request"
-        raise InvalidRequestError(f"{param}: {first['msg']}", code="invalid_request", param=param) from exc
+        raise invalid_fields(exc) from exc
 
 
 _FORWARDED_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")

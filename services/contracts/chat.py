@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from services.contracts.bundle_manifest import Modality
 from services.contracts.decoders import DecodeOptions
@@ -43,6 +43,14 @@ class ChatRequest(BaseModel):
     wait_s: float = Field(default=120.0, ge=0, le=600, description="Non-streaming: how long to wait for media")
     inline_media: bool = Field(
         default=False, description="Also return each artifact's bytes as base64 (`data`), up to the server's bound")
+
+    @field_validator("require_modalities")
+    @classmethod
+    def _required_are_allowed(cls, required: list[Modality], info: ValidationInfo) -> list[Modality]:
+        allowed = info.data.get("allowed_modalities")
+        if allowed is not None and set(required) - set(allowed):
+            raise ValueError(f"{sorted(set(required) - set(allowed))} required but not in allowed_modalities")
+        return required
 
     @field_validator("messages")
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 
 class ErrorInfo(BaseModel):
@@ -40,6 +40,17 @@ class NextGPTError(Exception):
 class InvalidRequestError(NextGPTError):
     status_code = 400
     error_type = "invalid_request_error"
+
+
+def invalid_fields(exc: ValidationError, where: str = "", default: str = "request") -> InvalidRequestError:
+    """A request's first validation error as our 400, named by the path of its field (``where`` before it: the
+    request's place in a larger one), else ``default``; pydantic's "Value error, " in front of our own reasons
+    left out."""
+    first = exc.errors()[0]
+    param = ".".join([where, *(str(p) for p in first["loc"])] if where else [str(p) for p in first["loc"]])
+    param = param or default
+    reason = str(first["msg"]).removeprefix("Value error, ")
+    return InvalidRequestError(f"{param}: {reason}", code="invalid_request", param=param)
 
 
 class AuthenticationError(NextGPTError):

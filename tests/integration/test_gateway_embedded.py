@@ -266,6 +266,16 @@ def test_a_user_message_with_nothing_in_it_is_refused(url: str) -> None:
     assert error["param"] == "messages.2" and "text or files" in error["message"]
 
 
+def test_a_required_modality_left_out_of_the_allowed_ones_names_the_field(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
+        "messages": [{"role": "user", "content": "draw"}], "allowed_modalities": ["audio"],
+        "require_modalities": ["image", "audio"]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "require_modalities"
+    assert error["message"] == "require_modalities: ['image'] required but not in allowed_modalities"
+
+
 @pytest.mark.parametrize("decoder", [
     {"height": 2048, "width": 2048, "frames": 128},
     # The width left to the bundle's default (the probe that got the process OOM-killed: 23 GB resident).
