@@ -7,10 +7,13 @@ from typing import Literal
 InputModality = Literal["image", "audio", "video"]
 
 _IMAGE = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
-_AUDIO = (b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+_AUDIO = (b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2",
+          b"\xff\xf1", b"\xff\xf9")  # the last two: raw AAC (ADTS), as phones and encoders write it
 
 
 def sniff(data: bytes) -> InputModality | None:
+    """The modality the bytes' signature says; a container (MP4, WebM/Matroska, AVI) is "video" here: what it
+    holds decides (``container_modality``), an ``.m4a`` is an MP4 with sound alone."""
     head = data[:16]
     if head.startswith(_IMAGE) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "image"
@@ -18,6 +21,11 @@ def sniff(data: bytes) -> InputModality | None:
         return "audio"
     if head.startswith(_AUDIO):
         return "audio"
-    if head[4:8] == b"ftyp" or head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
+    if is_container(data):
         return "video"
     return None
+
+
+def is_container(data: bytes) -> bool:
+    head = data[:16]
+    return head[4:8] == b"ftyp" or head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")

@@ -21,10 +21,11 @@ from services.contracts.errors import (
 )
 from services.contracts.storage import ArtifactStore
 from services.encoder.batcher import BatchingConfig, DynamicBatcher
-from services.encoder.media import sniff
+from services.encoder.media import is_container, sniff
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import EncoderModel
 from services.encoder.preprocess.audio import preprocess_audio
+from services.encoder.preprocess.container_audio import container_modality
 from services.encoder.preprocess.image import preprocess_image
 from services.encoder.preprocess.video import preprocess_video
 
@@ -137,6 +138,8 @@ class EncoderService:
         if found is None:
             raise UnsupportedMediaError(f"{item.name}: not an image, audio or video file we can read",
                                         code="unsupported_media", param=item.name)
+        if is_container(data):
+            found = await to_thread.run_sync(container_modality, data, item.name, limiter=self._decode_limiter)
         if item.modality is not None and item.modality != found:
             raise UnsupportedMediaError(f"{item.name}: declared {item.modality} but the content is {found}",
                                         code="modality_mismatch", param=item.name)

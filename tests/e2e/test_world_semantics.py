@@ -3,7 +3,8 @@
 Through the public API of the embedded stack and of the distributed one (processes, Redis, S3, a Celery worker):
 "draw a blue triangle" returns a blue triangle, a high beeping tone is high and beeping, a picture the model
 chose itself shows the colour its reply names, "what is in this picture?" about a red circle names a red
-circle, "what happens in this video?" about a blue square names its colour and the way it moves, a clip
+circle, "what happens in this video?" about a blue square names its colour and the way it moves, "what do you
+hear?" about a tone sent as a phone's .m4a names its pitch and rhythm, a clip
 asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
 returns a green clip moving right, a second drawing asked for in a conversation is the new one, not the
 first again, "what is in this picture?" about the picture just made describes it, and eight drawings asked
@@ -15,6 +16,7 @@ modality from the words.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +29,10 @@ from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from services.world.api_eval import WorldClient, words_say
-from services.world.attributes import CLASSES, Attributes
+from services.world.attributes import AUDIO_RATE, CLASSES, Attributes
 from services.world.measures import measure
 from services.world.render import render
+from tests.support import media
 from tests.support.metrics import samples as metric_samples
 from tests.support.servers import RedisInfo, S3Info, UvicornThread
 from tests.support.stack import KEY, distributed_stack
@@ -132,6 +135,26 @@ def check_describe_clip(client: WorldClient) -> None:
                says=("colour", "motion"))
 
 
+def check_describe_recording(client: WorldClient) -> None:
+    """A tone sent as a phone records it (AAC in an .m4a, a container libsndfile cannot read): FFmpeg's decoding,
+    the resampling and fbank, the audio tokens and the projection; the words must be the tone's pitch and rhythm.
+    The seeds go round the four tones (one answer whatever the sound is right twice of eight)."""
+    pitches, rhythms = CLASSES["pitch"], CLASSES["rhythm"]
+    results = []
+    for seed in SEEDS:
+        attrs = Attributes(pitch=pitches[seed % 2], rhythm=rhythms[seed // 2 % 2])
+        wave = render("audio", 4545, seed, attrs).data.astype("float32")
+        request = {"messages": [{"role": "user", "content": "What do you hear?", "files": ["memo.m4a"]}],
+                   "max_tokens": 48, "seed": seed}
+        response = client.http.post("/v1/chat", data={"request": json.dumps(request)}, files=[
+            ("files", ("memo.m4a", media.encoded_audio(wave, AUDIO_RATE, "m4a"), "audio/mp4"))])
+        response.raise_for_status()
+        text = response.json()["text"]
+        results.append((words_say(text, "pitch", attrs.pitch) and words_say(text, "rhythm", attrs.rhythm),
+                        (attrs, text)))
+    _most(results)
+
+
 def check_film(client: WorldClient) -> None:
     """The clip path: the video signal group's states, its projector and the clip decoder's conditioning carry
     the colour and the direction asked for."""
@@ -200,8 +223,8 @@ def check_many_at_once(client: WorldClient) -> None:
 
 
 CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
-          check_describe_clip, check_film, check_animate, check_second_drawing, check_about_what_it_made,
-          check_many_at_once]
+          check_describe_clip, check_describe_recording, check_film, check_animate, check_second_drawing,
+          check_about_what_it_made, check_many_at_once]
 
 
 @pytest.fixture(scope="module")

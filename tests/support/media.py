@@ -51,3 +51,28 @@ def mp4(frames: int = 40, fps: int = 8, width: int = 96, height: int = 64, patte
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def tone(seconds: float = 2.0, rate: int = 16000, hz: float = 880.0, amplitude: float = 0.5) -> np.ndarray:
+    return (amplitude * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def encoded_audio(wave: np.ndarray, rate: int, fmt: str) -> bytes:
+    """Mono sound the way phones and browsers send it: 'm4a' (AAC in MP4), 'webm' (Opus in WebM, at 48 kHz as
+    Opus requires: ``rate`` must be 48000), 'adts' (raw AAC)."""
+    codec, container_format = {"m4a": ("aac", "ipod"), "webm": ("libopus", "webm"), "adts": ("aac", "adts")}[fmt]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate, layout="mono")
+        size = stream.codec_context.frame_size or 1024
+        samples = np.concatenate([wave, np.zeros(-len(wave) % size, np.float32)])[None]
+        plane = "fltp" if codec == "aac" else "flt"
+        for start in range(0, samples.shape[1], size):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + size]), format=plane,
+                                               layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

@@ -13,6 +13,7 @@ from transformers.audio_utils import mel_filter_bank, spectrogram, window_functi
 from services.contracts.errors import PayloadTooLargeError
 from services.encoder.preprocess import MediaError
 from services.encoder.preprocess.clips import clip_windows
+from services.encoder.preprocess.container_audio import decode_container_audio
 from services.encoder.preprocess.resample import resample
 
 SAMPLE_RATE = 16_000
@@ -60,16 +61,17 @@ MIN_RATE, MAX_RATE = 1_000, 384_000
 
 
 def decode_audio(data: bytes, name: str, max_seconds: float) -> tuple[torch.Tensor, int]:
-    """(channels, samples) float32 in [-1, 1] and the sample rate."""
+    """(channels, samples) float32 in [-1, 1] and the sample rate. libsndfile reads WAV, FLAC, Ogg and MP3;
+    anything else (M4A/AAC, WebM/Opus) is decoded by FFmpeg."""
     try:
         info = soundfile.info(io.BytesIO(data))
-    except Exception as exc:
-        raise MediaError(f"{name}: not a readable audio file ({exc})", code="invalid_audio", param=name) from exc
+    except Exception:
+        wave, rate = decode_container_audio(data, name, max_seconds)
+        _check_rate(rate, name)
+        return _finite(wave, name), rate
     if info.frames <= 0 or info.samplerate <= 0:
         raise MediaError(f"{name}: audio has no samples", code="invalid_audio", param=name)
-    if not MIN_RATE <= info.samplerate <= MAX_RATE:
-        raise MediaError(f"{name}: a sample rate of {info.samplerate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz",
-                         code="unsupported_sample_rate", param=name)
+    _check_rate(info.samplerate, name)
     if info.frames / info.samplerate > max_seconds:
         raise PayloadTooLargeError(
             f"{name}: {info.frames / info.samplerate:.1f} s of audio exceeds the limit of {max_seconds:.0f} s",
@@ -81,9 +83,19 @@ def decode_audio(data: bytes, name: str, max_seconds: float) -> tuple[torch.Tens
         raise MediaError(f"{name}: corrupt or truncated audio ({exc})", code="invalid_audio", param=name) from exc
     if samples.shape[0] == 0:
         raise MediaError(f"{name}: audio has no samples", code="invalid_audio", param=name)
-    if not np.isfinite(samples).all():
+    return _finite(torch.from_numpy(np.ascontiguousarray(samples.T)), name), int(rate)
+
+
+def _check_rate(rate: int, name: str) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise MediaError(f"{name}: a sample rate of {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz",
+                         code="unsupported_sample_rate", param=name)
+
+
+def _finite(wave: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.isfinite(wave).all():
         raise MediaError(f"{name}: audio contains NaN or infinite samples", code="invalid_audio", param=name)
-    return torch.from_numpy(np.ascontiguousarray(samples.T)), int(rate)
+    return wave
 
 
 def preprocess_audio(data: bytes, name: str, max_seconds: float) -> torch.Tensor:
