@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from gateway.chat import ChatService
 from gateway.collect import collect
+from gateway.first_event import FirstEvent
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
 from gateway.turn_events import ArtifactCompleted, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
@@ -49,7 +50,9 @@ class OpenAIServingChat:
         conversation, params, media = await self.chat.prepare(chat_request, uploads, owner)
         cid, created = completion_id(), int(time.time())
         if body.stream:
-            events = self.chat.run(chat_request, conversation, params, media, url_for, owner)
+            turn = FirstEvent(self.chat.run(chat_request, conversation, params, media, url_for, owner))
+            await turn.check()  # an error before the first token is this response's status
+            events = turn.events()
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(events, cid, created, body.model, include_usage),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})

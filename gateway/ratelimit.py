@@ -28,7 +28,8 @@ class RateLimiter:
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
-                raise RateLimitError(f"rate limit exceeded; retry in {wait:.1f} s", code="rate_limited")
+                raise RateLimitError(f"rate limit exceeded; retry in {wait:.1f} s", code="rate_limited",
+                                     retry_after_s=wait)
             self._buckets[key] = (tokens - 1.0, now)
             while len(self._buckets) > self.max_callers:
                 self._buckets.popitem(last=False)

@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from gateway.collect import collect
+from gateway.first_event import FirstEvent
 from gateway.sse import HEARTBEAT, batches, sse_event
 from gateway.state import GatewayState
 from gateway.streams import LogEntry
@@ -132,8 +133,9 @@ async def chat(request: Request) -> Response:
     url_for = _artifact_urls(request, st)
 
     if chat_request.stream:
-        events = st.chat.run(chat_request, conversation, params, media, url_for, owner)
-        stream_id = await st.streams.start(events, owner)
+        turn = FirstEvent(st.chat.run(chat_request, conversation, params, media, url_for, owner))
+        stream_id = await st.streams.start(turn.events(), owner)
+        await turn.check()  # an error before the first token is this response's status (its stream ends unread)
         return _sse_response(await st.streams.attach(stream_id, owner), stream_id, st)
     events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
     return JSONResponse((await collect(events, chat_request.wait_s, conversation.id)).model_dump())

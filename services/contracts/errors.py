@@ -24,12 +24,16 @@ class NextGPTError(Exception):
 
     status_code: int = 500
     error_type: str = "internal_error"
+    retry_after_s: float | None = None  # sent as Retry-After: when asking again may succeed
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.error_type
         self.param = param
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(
@@ -93,6 +97,7 @@ class RateLimitError(NextGPTError):
 class ServiceUnavailableError(NextGPTError):
     status_code = 503
     error_type = "service_unavailable"
+    retry_after_s = 1.0  # overloaded, loading, a dependency down: a moment later is the earliest worth a try
 
 
 class BundleError(NextGPTError):

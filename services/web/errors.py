@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +43,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             # 503 is an expected state (loading, overloaded, a dependency down); other 5xx are faults.
             log.log(logging.INFO if exc.status_code == 503 else logging.ERROR, "request failed: %s", exc.message)
-        return JSONResponse(status_code=exc.status_code, content=exc.to_response().model_dump())
+        # Whole seconds (RFC 9110), at least one: clients (the OpenAI SDK among them) wait that long, then retry.
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
+        return JSONResponse(status_code=exc.status_code, content=exc.to_response().model_dump(), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

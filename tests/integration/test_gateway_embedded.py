@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -384,3 +385,46 @@ def test_a_huge_conversation_is_refused_before_it_is_tokenised(tiny_bundle_dir: 
     # Before: 14 GB resident and no answer within 60 s (everything tokenised and embedded first).
     print(f"refused in {elapsed:.2f} s, peak RSS +{grown / 2**20:.0f} MiB")
     assert elapsed < 10 and grown < 1.5 * 2**30, (elapsed, grown / 2**20)
+
+
+def test_a_streamed_turn_refused_before_its_first_token_gets_the_status(url: str) -> None:
+    """Refusals the LLM finds (here: the prompt and max_tokens over the context) are the response's status, as
+    for a non-streamed turn: before, the stream was answered 200 and carried an error event."""
+    body = {"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 1000, "stream": True}
+    response = httpx.post(f"{url}/v1/chat", headers=_auth(), json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"
+    openai_body = {"model": "nextgpt-tiny", "messages": body["messages"], "max_tokens": 1000, "stream": True}
+    response = httpx.post(f"{url}/v1/chat/completions", headers=_auth(), json=openai_body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"
+
+
+def test_a_full_server_answers_503_with_retry_after_streamed_or_not(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    """Two generations at most (one decoding, one waiting): of eight streamed turns sent at once, those beyond are
+    503 with Retry-After (before: 200 streams carrying an 'overloaded' error event, which neither a client's retry
+    nor a load balancer can see); the others stream to the end. A caller over its rate limit gets 429 with the
+    wait."""
+    settings = Settings(cache_dir=tmp_path, api_keys=KEY, llm={"max_batch": 1, "max_waiting": 1},
+                        gateway={"rate_limit_per_minute": 30})
+    body = {"messages": [{"role": "user", "content": "say a lot"}], "max_tokens": 300, "stream": True}
+
+    async def turn(client: httpx.AsyncClient) -> tuple[int, str | None, str]:
+        async with client.stream("POST", "/v1/chat", json=body, headers=_auth()) as response:
+            text = (await response.aread()).decode()
+            return response.status_code, response.headers.get("retry-after"), text
+
+    async def at_once(base: str) -> list[tuple[int, str | None, str]]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            return await asyncio.gather(*(turn(client) for _ in range(8)))
+
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        results = asyncio.run(at_once(server.url))
+        refused = [r for r in results if r[0] == 503]
+        served = [r for r in results if r[0] == 200]
+        assert refused and served and len(refused) + len(served) == 8, [r[:2] for r in results]
+        assert all(retry == "1" and '"overloaded"' in text for _, retry, text in refused)
+        assert all("event: done" in text and "event: error" not in text for _, _, text in served)
+        # The bucket holds 30: 8 spent above, 22 more pass, then 429 saying how long to wait (2 s a token).
+        statuses = [httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}) for _ in range(23)]
+        assert [s.status_code for s in statuses[:22]] == [200] * 22
+        assert statuses[22].status_code == 429 and int(statuses[22].headers["retry-after"]) in (1, 2)

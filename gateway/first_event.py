@@ -1,0 +1,35 @@
+"""A streamed turn answers with a status only once: errors found before the reply's first token (the LLM's bounds
+on the prompt, an unknown adapter, a full queue) must be that status (4xx, 503), not an ``error`` event inside a
+stream already answered 200, or clients and load balancers cannot tell a bad request or a retry from a reply."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from gateway.turn_events import TurnEvent
+
+
+class FirstEvent:
+    """Fetches the turn's first event at once (in its own task, so the stream's set-up overlaps it) and hands
+    out all events, the first included, to whoever streams them."""
+
+    def __init__(self, events: AsyncIterator[TurnEvent]) -> None:
+        self._events = events
+        self._first: asyncio.Future[TurnEvent] = asyncio.ensure_future(anext(events))
+
+    async def check(self) -> None:
+        """Wait for the first event; raise what came instead of it."""
+        await asyncio.wait([self._first])
+        error = self._first.exception()
+        if error is not None:
+            raise error
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        try:
+            yield await self._first
+            async for event in self._events:
+                yield event
+        finally:
+            self._first.cancel()
+            await self._events.aclose()  # type: ignore[attr-defined]
