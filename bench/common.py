@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from services.clients.llm_http import HttpLLMClient
-from services.contracts.llm import Done, GenerateParams
+from services.contracts.llm import Accepted, Done, GenerateParams
 
 
 async def time_generation(client: HttpLLMClient, params: GenerateParams,
                           media: np.ndarray | None) -> tuple[float, int, float]:
-    """(seconds to the first event, completion tokens, seconds in all)."""
+    """(seconds to the first token, completion tokens, seconds in all)."""
     started, first, count = time.perf_counter(), None, 0
     async for event in client.generate(params, media):
-        if first is None:
+        if first is None and not isinstance(event, Accepted):  # taken, not yet answered
             first = time.perf_counter() - started
         if isinstance(event, Done):
             count = event.completion_tokens

@@ -30,8 +30,9 @@ PROMPT = "tell me a story"
 
 
 async def _direct(http: httpx.AsyncClient, url: str, tokens: int, seed: int) -> float:
-    """Seconds to the first event of the LLM service's NDJSON stream, read the way ``_gateway`` reads the gateway's
-    SSE (one client library, lines only, no event parsing): the ratio compares the two servers, not two clients."""
+    """Seconds to the first token of the LLM service's NDJSON stream (its first line, ``accepted``, comes before
+    the prefill), read the way ``_gateway`` reads the gateway's SSE (one client library, lines, parsed only until
+    the first token): the ratio compares the two servers, not two clients."""
     params = GenerateParams(turns=[Turn(role="user", text=PROMPT)], max_tokens=tokens, seed=seed, temperature=0.0)
     body = GenerateRequest(params=params).model_dump_json()
     started, first = time.perf_counter(), None
@@ -40,9 +41,11 @@ async def _direct(http: httpx.AsyncClient, url: str, tokens: int, seed: int) -> 
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line and first is None:
-                first = time.perf_counter() - started
-                if json.loads(line)["type"] == "error":
+                kind = json.loads(line)["type"]
+                if kind == "error":
                     raise RuntimeError(line)
+                if kind != "accepted":
+                    first = time.perf_counter() - started
     assert first is not None
     return first
 

@@ -20,8 +20,8 @@ from safetensors.numpy import save
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from gateway.metrics import GatewayMetrics
 from gateway.turn_events import (
-    ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, SignalChosen, TextComplete,
-    TurnDone, TurnEvent,
+    ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, ReplyAccepted, SignalChosen,
+    TextComplete, TurnDone, TurnEvent,
 )
 from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.bundle_manifest import BundleManifest
@@ -38,7 +38,7 @@ from services.contracts.decoders import (
 )
 from services.contracts.encoder import EncoderClient, MediaInput
 from services.contracts.errors import InvalidRequestError, NextGPTError, NotFoundError
-from services.contracts.llm import Done, GenerateParams, LLMClient, SignalEvent, TextDelta, Turn
+from services.contracts.llm import Accepted, Done, GenerateParams, LLMClient, SignalEvent, TextDelta, Turn
 from services.contracts.storage import ArtifactStore, new_key
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,9 @@ class ChatService:
         try:
             while llm_running or followers:
                 kind, item = await out.get()
-                if kind == "llm":
+                if kind == "llm" and isinstance(item, Accepted):
+                    yield ReplyAccepted(item.prompt_tokens)
+                elif kind == "llm":
                     if first_token_ms is None:
                         first_token_ms = round((time.perf_counter() - started) * 1000, 2)
                         if self.metrics is not None:

@@ -1,6 +1,8 @@
-"""A streamed turn answers with a status only once: errors found before the reply's first token (the LLM's bounds
+"""A streamed turn answers with a status only once: errors the LLM finds before it takes the request (its bounds
 on the prompt, an unknown adapter, a full queue) must be that status (4xx, 503), not an ``error`` event inside a
-stream already answered 200, or clients and load balancers cannot tell a bad request or a retry from a reply."""
+stream already answered 200, or clients and load balancers cannot tell a bad request or a retry from a reply.
+The turn's first event is ``ReplyAccepted`` (the LLM's ``Accepted``, sent before the prefill), so the answer's
+start still overlaps the reply's first token."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from gateway.turn_events import TurnEvent
 
 class FirstEvent:
     """Fetches the turn's first event at once (in its own task, so the stream's set-up overlaps it) and hands
-    out all events, the first included, to whoever streams them."""
+    out all events, the first included, to whoever streams them. (An LLM that sends no ``Accepted`` makes the
+    first token the first event: the answer then waits for it.)"""
 
     def __init__(self, events: AsyncIterator[TurnEvent]) -> None:
         self._events = events

@@ -135,8 +135,13 @@ async def chat(request: Request) -> Response:
     if chat_request.stream:
         turn = FirstEvent(st.chat.run(chat_request, conversation, params, media, url_for, owner))
         stream_id = await st.streams.start(turn.events(), owner)
-        await turn.check()  # an error before the first token is this response's status (its stream ends unread)
-        return _sse_response(await st.streams.attach(stream_id, owner), stream_id, st)
+        entries = await st.streams.attach(stream_id, owner)  # while the reply's first token is on its way
+        try:
+            await turn.check()  # refused before the LLM takes it: this status (its stream ends unread)
+        except BaseException:
+            await entries.aclose()  # type: ignore[attr-defined]
+            raise
+        return _sse_response(entries, stream_id, st)
     events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
     return JSONResponse((await collect(events, chat_request.wait_s, conversation.id)).model_dump())
 

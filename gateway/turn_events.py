@@ -1,6 +1,6 @@
 """What ``ChatService.run`` emits for one turn: typed events. Those a client sees carry their SSE name and payload
-(DESIGN.md's event list); ``TextComplete`` is internal (the non-streaming collectors start their media wait there)
-and never reaches the wire."""
+(DESIGN.md's event list); ``ReplyAccepted`` (a streamed answer may start) and ``TextComplete`` (the non-streaming
+collectors start their media wait there) are internal and never reach the wire."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ class ArtifactFailed:
 
 
 @dataclass(frozen=True)
+class ReplyAccepted:
+    """The LLM took the request (its checks passed): a streamed answer may start. Internal, like TextComplete."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class TextComplete:
     """The text is complete and the turn saved; media may still be decoding."""
 
@@ -78,14 +85,14 @@ class TurnDone:
 
 
 TurnEvent = (MessageDelta | SignalChosen | ArtifactQueued | ArtifactProgress | ArtifactCompleted | ArtifactFailed
-             | TextComplete | TurnDone)
+             | ReplyAccepted | TextComplete | TurnDone)
 
 
 def wire(event: TurnEvent) -> tuple[str, dict[str, Any]] | None:
     """The SSE name and payload of an event a client sees; None for internal ones."""
     if isinstance(event, MessageDelta):  # one per token: dataclasses.asdict's deep copy is most of its cost
         return event.name, {"text": event.text}
-    if isinstance(event, TextComplete):
+    if isinstance(event, (TextComplete, ReplyAccepted)):
         return None
     if isinstance(event, ArtifactCompleted):
         return event.name, event.data()

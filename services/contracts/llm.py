@@ -55,6 +55,16 @@ class GenerateParams(BaseModel):
 
 
 @dataclass
+class Accepted:
+    """The request passed the service's checks (its prompt fits the context, its adapter exists) and waits for
+    or takes its place in the batch: the first event of every reply. A caller may answer its own client with a
+    success status from here; what fails later arrives as an error inside the stream."""
+
+    prompt_tokens: int
+    type: Literal["accepted"] = "accepted"
+
+
+@dataclass
 class TextDelta:
     text: str
     type: Literal["delta"] = "delta"
@@ -79,7 +89,7 @@ class Done:
     type: Literal["done"] = "done"
 
 
-LLMEvent = TextDelta | SignalEvent | Done
+LLMEvent = Accepted | TextDelta | SignalEvent | Done
 
 
 class LLMClient(ABC):
@@ -110,6 +120,8 @@ def _tensor_b64(text: str) -> np.ndarray:
 
 def event_to_json(event: LLMEvent) -> dict[str, object]:
     """One NDJSON line of the LLM service's stream; tensors travel as base64 safetensors."""
+    if isinstance(event, Accepted):
+        return {"type": "accepted", "prompt_tokens": event.prompt_tokens}
     if isinstance(event, TextDelta):
         return {"type": "delta", "text": event.text}
     if isinstance(event, SignalEvent):
@@ -121,6 +133,8 @@ def event_to_json(event: LLMEvent) -> dict[str, object]:
 
 def event_from_json(data: dict[str, object]) -> LLMEvent:
     kind = data.get("type")
+    if kind == "accepted":
+        return Accepted(prompt_tokens=int(data["prompt_tokens"]))  # type: ignore[call-overload]
     if kind == "delta":
         return TextDelta(text=str(data["text"]))
     if kind == "signal":

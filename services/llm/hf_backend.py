@@ -11,7 +11,7 @@ import torch
 
 from services.bundle.loader import Bundle
 from services.contracts.errors import InvalidRequestError
-from services.contracts.llm import GenerateParams
+from services.contracts.llm import Accepted, GenerateParams
 from services.llm.hf_batch import BatchEngine
 from services.llm.hf_sequence import Emit, Sequence
 from services.llm.projectors import Projectors
@@ -71,6 +71,7 @@ class HFBackend:
         sequence = Sequence(self.manifest, self.tokenizer, self.projectors, params,
                             self.prompt_embeddings(params, media), emit, cancelled)
         self._check_adapter(sequence.lora)
+        emit(Accepted(sequence.prompt_tokens))
         self.engine.submit(sequence)
         sequence.finished.wait()
         if sequence.error is not None:

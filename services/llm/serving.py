@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from services.contracts.errors import InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
-from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
+from services.contracts.llm import Accepted, Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
 from services.contracts.settings import LLMSettings
 from services.contracts.bundle_manifest import BundleManifest
 from services.llm.channel import EventChannel
@@ -84,7 +84,7 @@ class LLMService:
             async for item in channel.items():
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, (TextDelta, SignalEvent, Done))
+                assert isinstance(item, (Accepted, TextDelta, SignalEvent, Done))
                 if isinstance(item, SignalEvent):
                     self.metrics.signals.labels(item.modality, str(item.forced).lower()).inc()
                 if isinstance(item, Done):
@@ -108,14 +108,14 @@ class LLMService:
 
 
 class _Running:
-    """Queue-depth and running gauges of one generation: waiting until its first event, running until done."""
+    """Queue-depth and running gauges of one generation: waiting until its first token, running until done."""
 
     def __init__(self, emit: object, metrics: LLMMetrics) -> None:
         self.emit, self.metrics, self.started = emit, metrics, False
         metrics.waiting.inc()
 
     def __call__(self, event: LLMEvent) -> None:
-        if not self.started:
+        if not self.started and not isinstance(event, Accepted):
             self.started = True
             self.metrics.waiting.dec()
             self.metrics.running.inc()

@@ -28,7 +28,7 @@ from safetensors.torch import save as save_tensors
 from services.bundle.loader import Bundle
 from services.clients.errors import error_from_response
 from services.contracts.errors import InvalidRequestError, ServiceUnavailableError
-from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
+from services.contracts.llm import Accepted, Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
 from services.llm.embedding_table import load_embedding_table
 from services.llm.projectors import Projectors
 from services.llm.prompt_embeds import build_prompt_embeddings
@@ -158,6 +158,7 @@ class VLLMBackend:
         signals = SignalController(self.manifest, params.allowed_modalities, params.require_modalities,
                                    params.max_signal_groups, stop_ids)
         prompt = _Prompt(self.prompt_embeddings(params, media))
+        emit(Accepted(int(prompt.embeds.shape[0])))
         sampling = {
             "temperature": gen.temperature if params.temperature is None else params.temperature,
             "top_p": gen.top_p if params.top_p is None else params.top_p,

@@ -117,6 +117,12 @@ def _unlike(rng: random.Random, earlier: Attributes) -> Attributes:
                       shape=rng.choice([s for s in CLASSES["shape"] if s != earlier.shape]))
 
 
+def _reading(modality: str, made: np.ndarray | None) -> Attributes:
+    """What the measures read in an artifact; nothing (every attribute None, wrong against any ask) when none
+    was made."""
+    return measure(modality, made) if made is not None else Attributes()  # type: ignore[arg-type]
+
+
 def check_modalities(modalities: Collection[str]) -> None:
     unknown = set(modalities) - set(MODALITIES)
     if unknown:
@@ -150,7 +156,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
             if runs(modality):
                 made = _first(client.artifacts(client.chat(create)), modality)
                 tallies[f"generate {modality}"].add("chose the modality", made is not None)
-                got = measure(modality, made) if made is not None else Attributes()  # type: ignore[arg-type]
+                got = _reading(modality, made)
                 for name in ATTRIBUTES[modality]:  # type: ignore[index]
                     if name != "size":
                         tallies[f"generate {modality}"].add(name, getattr(got, name) == getattr(asked, name))
@@ -159,7 +165,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         animate = rng.choice(TO_VIDEO["eval"]).format(m=motion)
         if runs("image", "video"):
             clip = _first(client.artifacts(client.chat(animate, ("image", still.data))), "video")
-            got = measure("video", clip) if clip is not None else Attributes()
+            got = _reading("video", clip)
             row = tallies["image -> video"]
             row.add("chose video", clip is not None)
             row.add("keeps colour", got.colour == still.attributes.colour)
@@ -183,7 +189,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
             continue
         reply = client.chat(draw_first)
         image = _first(client.artifacts(client.chat(recolour, conversation_id=reply["conversation_id"])), "image")
-        got = measure("image", image) if image is not None else Attributes()
+        got = _reading("image", image)
         row = tallies["follow-up changes one attribute"]
         row.add("new colour", got.colour == colour)
         row.add("keeps shape", got.shape == first.shape)
@@ -195,7 +201,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         reply = client.chat(rng_second.choice(CREATE["eval"]["image"]).format(x=caption("image", wanted)),
                             conversation_id=reply["conversation_id"])
         image = _first(client.artifacts(reply), "image")
-        got = measure("image", image) if image is not None else Attributes()
+        got = _reading("image", image)
         row = tallies["a second drawing in a conversation"]
         row.add("new colour", got.colour == wanted.colour)
         row.add("new shape", got.shape == wanted.shape)
@@ -204,7 +210,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         reply = client.chat(rng_about.choice(CREATE["eval"]["image"]).format(x=caption("image", drawn)))
         shown = _first(client.artifacts(reply), "image")
         reply = client.chat(rng_about.choice(DESCRIBE["eval"]["image"]), conversation_id=reply["conversation_id"])
-        seen = measure("image", shown) if shown is not None else Attributes()
+        seen = _reading("image", shown)
         row = tallies["asked about the picture it made"]
         row.add("makes nothing new", not reply["artifacts"])
         row.add("names its colour", words_say(reply["text"], "colour", seen.colour))
@@ -219,7 +225,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
                                 conversation_id=reply["conversation_id"])
             if turn > LONG_DRAWINGS - 3:
                 image = _first(client.artifacts(reply), "image")
-                got = measure("image", image) if image is not None else Attributes()
+                got = _reading("image", image)
                 row = tallies[f"drawings {LONG_DRAWINGS - 2}-{LONG_DRAWINGS} of a conversation"]
                 row.add("colour", got.colour == wanted.colour)
                 row.add("shape", got.shape == wanted.shape)

@@ -17,7 +17,7 @@ from services.bundle.loader import load_bundle
 from services.clients.llm_http import HttpLLMClient
 from services.contracts.errors import InvalidRequestError, ServiceUnavailableError
 from services.contracts.llm import (
-    Done, GenerateParams, GenerateRequest, SignalEvent, TextDelta, Turn, event_to_json, media_to_b64,
+    Accepted, Done, GenerateParams, GenerateRequest, SignalEvent, TextDelta, Turn, event_to_json, media_to_b64,
 )
 from services.contracts.settings import LLMSettings
 from services.llm.app import build_llm_app
@@ -47,6 +47,9 @@ async def test_stream_over_http(url: str) -> None:
     await client.check_ready()
     events = [e async for e in client.generate(_params(max_tokens=60, require_modalities=["image", "audio"]), MEDIA)]
     assert isinstance(events[-1], Done) and events[-1].finish_reason in ("stop", "length")
+    # Taken before the prefill (the caller may answer its own client from here), with the prompt it measured.
+    assert isinstance(events[0], Accepted) and events[0].prompt_tokens == events[-1].prompt_tokens
+    assert not any(isinstance(e, Accepted) for e in events[1:])
     signals = {e.modality: e.conditioning.shape for e in events if isinstance(e, SignalEvent)}
     assert signals == {"image": (77, 32), "audio": (24,)}
     assert any(isinstance(e, TextDelta) for e in events)
@@ -83,8 +86,9 @@ def test_client_disconnect_cancels_generation(url: str) -> None:
     started = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/generate", content=body.model_dump_json(),
                       headers={"content-type": "application/json"}) as response:
-        first = json.loads(next(response.iter_lines()))
-        assert first["type"] in ("delta", "signal")
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["type"] == "accepted"
+        assert json.loads(next(lines))["type"] in ("delta", "signal")
     # The connection is closed after one event: the generation must stop and free the model.
     wait_until(lambda: _metric(url, "nextgpt_llm_running") == 0, 10, "generation stopped")
     wait_until(lambda: _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}') >= 1, 10, "counted")
@@ -100,6 +104,7 @@ async def test_leaving_the_client_stream_early_stops_the_generation(url: str) ->
     client = HttpLLMClient(url)
     before = _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}')
     stream = client.generate(_params(max_tokens=2000), MEDIA)
+    assert isinstance(await anext(stream), Accepted)
     assert isinstance(await anext(stream), (TextDelta, SignalEvent))
     await stream.aclose()  # type: ignore[attr-defined]
     await asyncio.sleep(0.1)  # the socket closes on the event loop's next turns (wait_until below blocks it)

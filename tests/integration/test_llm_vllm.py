@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.bundle.loader import Bundle, load_bundle
-from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta, Turn
+from services.contracts.llm import Accepted, Done, GenerateParams, LLMEvent, SignalEvent, TextDelta, Turn
 from services.contracts.settings import LLMSettings
 from services.llm.hf_backend import HFBackend
 from services.llm.metrics import LLMMetrics
@@ -91,8 +91,8 @@ async def test_service_streams_and_cancels_on_vllm(bundle: Bundle, vllm: VLLMInf
     params = GenerateParams(turns=[Turn(role="user", text="talk for a long time", media=[0])], max_tokens=1500,
                             temperature=0.0)
     stream = service.generate(params, MEDIA)
-    first = await anext(stream)
-    assert isinstance(first, TextDelta)
+    assert isinstance(await anext(stream), Accepted)  # taken: its prompt fits, before vLLM sees it
+    assert isinstance(await anext(stream), TextDelta)
     await stream.aclose()  # the consumer leaves: the request to vLLM is dropped, the slot freed
     quick = [e async for e in service.generate(params.model_copy(update={"max_tokens": 3}), MEDIA)]
     assert isinstance(quick[-1], Done) and quick[-1].completion_tokens == 3
