@@ -221,8 +221,9 @@ async def artifact(key: str, request: Request, expires: int | None = None, sig: 
     start, end, status = 0, meta.size, 200
     header = request.headers.get("range")
     headers = {"accept-ranges": "bytes", "cache-control": "private, max-age=3600"}
-    # A range in a unit other than bytes is ignored, as RFC 9110 14.2 says: the whole artifact is the answer.
-    if header and header.strip().lower().startswith("bytes="):
+    # A range in a unit other than bytes is ignored, as RFC 9110 14.2 allows: the whole artifact is the answer; so
+    # are several ranges at once (one multipart answer is not worth it; 416 would say none of them exist).
+    if header and header.strip().lower().startswith("bytes=") and "," not in header:
         match = _RANGE.match(header.strip().lower())
         if not match or (not match.group(1) and not match.group(2)):
             return Response(status_code=416, headers={"content-range": f"bytes */{meta.size}"})
