@@ -12,6 +12,7 @@ import torch
 from services.contracts.errors import PayloadTooLargeError
 from services.encoder.media import InputModality
 from services.encoder.preprocess import MediaError
+from services.encoder.preprocess.decoding import decoded
 
 
 def container_modality(data: bytes, name: str) -> InputModality:
@@ -52,20 +53,13 @@ def decode_container_audio(data: bytes, name: str, max_seconds: float) -> tuple[
         planar = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
         pieces: list[np.ndarray] = []
         total = 0
-        try:
-            for frame in container.decode(stream):
-                for out in planar.resample(frame):
-                    pieces.append(out.to_ndarray())
-                    total += pieces[-1].shape[1]
-                if total > limit:
-                    raise PayloadTooLargeError(f"{name}: audio is longer than the limit of {max_seconds:.0f} s",
-                                               code="audio_too_long", param=name)
-        except PayloadTooLargeError:
-            raise
-        except Exception as exc:
-            if not pieces:
-                raise MediaError(f"{name}: corrupt audio ({exc})", code="invalid_audio", param=name) from exc
-            # A truncated tail still leaves the sound before it.
+        for frame in decoded(container, stream, name, "audio", "invalid_audio"):
+            for out in planar.resample(frame):
+                pieces.append(out.to_ndarray())
+                total += pieces[-1].shape[1]
+            if total > limit:
+                raise PayloadTooLargeError(f"{name}: audio is longer than the limit of {max_seconds:.0f} s",
+                                           code="audio_too_long", param=name)
     if not total:
         raise MediaError(f"{name}: audio has no samples", code="invalid_audio", param=name)
     return torch.from_numpy(np.ascontiguousarray(np.concatenate(pieces, axis=1), dtype=np.float32)), int(rate)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from services.contracts.errors import PayloadTooLargeError
 from services.encoder.preprocess import MediaError
 from services.encoder.preprocess.clips import clip_windows
+from services.encoder.preprocess.decoding import decoded as decoded_frames
 from services.encoder.preprocess.image import CLIP_MEAN, CLIP_STD, SIZE
 
 if TYPE_CHECKING:
@@ -84,21 +85,14 @@ def decode_frames(data: bytes, name: str, max_seconds: float, max_pixels: int,
     decoded: list[float] = []
     with _open(data, name) as container:
         stream, _ = _checked_stream(container, name, max_seconds, max_pixels)
-        try:
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    continue
-                if frame.time > max_seconds:
-                    raise _too_long(name, max_seconds)
-                decoded.append(float(frame.time))
-                if decoded[-1] in wanted:
-                    kept[decoded[-1]] = frame.to_ndarray(format="rgb24")
-        except PayloadTooLargeError:
-            raise
-        except Exception as exc:
-            if not decoded:
-                raise MediaError(f"{name}: corrupt video ({exc})", code="invalid_video", param=name) from exc
-            # A truncated tail still leaves usable frames, as a demuxer reading to the end would.
+        for frame in decoded_frames(container, stream, name, "video", "invalid_video"):
+            if frame.time is None:
+                continue
+            if frame.time > max_seconds:
+                raise _too_long(name, max_seconds)
+            decoded.append(float(frame.time))
+            if decoded[-1] in wanted:
+                kept[decoded[-1]] = frame.to_ndarray(format="rgb24")
     if not decoded:
         raise MediaError(f"{name}: video has no frames", code="invalid_video", param=name)
     return kept, sorted(decoded)
