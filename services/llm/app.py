@@ -29,8 +29,9 @@ def build_llm_app(load_service: Callable[[], LLMService], registry: CollectorReg
     @app.post("/v1/generate", responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                                          503: {"model": ErrorResponse}})
     async def generate(body: GenerateRequest, request: Request) -> StreamingResponse:
-        """Stream the reply as NDJSON events: ``delta``, ``signal`` (conditioning as base64 safetensors),
-        ``done``; an ``error`` line if it fails after the stream started. Closing the connection cancels."""
+        """Stream the reply as NDJSON events: ``accepted`` (the checks passed; the status is sent with it),
+        ``delta``, ``signal`` (conditioning as base64 safetensors), ``done``; an ``error`` line if it fails after
+        the stream started. Closing the connection cancels."""
         service = host.service(request)
         try:
             media = media_from_b64(body.media) if body.media else None
@@ -38,7 +39,8 @@ def build_llm_app(load_service: Callable[[], LLMService], registry: CollectorReg
             raise InvalidRequestError(f"media is not base64 safetensors: {exc}", code="invalid_media",
                                       param="media") from exc
         events = service.generate(body.params, media)
-        # Errors found before the first event (bounds, prompt too long, unknown LoRA) are plain 4xx answers.
+        # Errors found before the first event, ``accepted`` (bounds, prompt too long, unknown LoRA, a full queue), are
+        # plain 4xx / 503 answers.
         first = await anext(events)
         return StreamingResponse(_lines(first, events), media_type=NDJSON)
 
