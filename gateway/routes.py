@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException
 
 from gateway.collect import collect
 from gateway.first_event import FirstEvent
-from gateway.sse import HEARTBEAT, batches, sse_event
+from gateway.sse import HEARTBEAT, HeadersWithFirstChunk, batches, sse_event
 from gateway.state import GatewayState
 from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
@@ -168,9 +168,9 @@ async def resume_stream(stream_id: str, request: Request,
 
 
 def _sse_response(entries: AsyncIterator[LogEntry], stream_id: str, st: GatewayState) -> StreamingResponse:
-    return StreamingResponse(_sse(entries, st.settings.heartbeat_s), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no",
-                                      "x-stream-id": stream_id})
+    return HeadersWithFirstChunk(_sse(entries, st.settings.heartbeat_s), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no",
+                                 "x-stream-id": stream_id})
 
 
 async def _sse(entries: AsyncIterator[LogEntry], heartbeat_s: float) -> AsyncIterator[bytes]:
