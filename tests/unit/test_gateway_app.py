@@ -133,3 +133,4 @@ def test_readiness_answers_within_its_bound_when_a_dependency_hangs() -> None:
     assert response.status_code == 503 and took < PROBE_TIMEOUT_S + 1.5
     message = response.json()["error"]["message"]
     assert "redis: no answer within 2 s" in message and "encoder: no answer" in message and "ok" not in message
+
