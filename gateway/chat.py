@@ -104,7 +104,7 @@ class ChatService:
         try:
             params = GenerateParams(
                 turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                seed=request.seed, lora=request.lora, allowed_modalities=request.allowed_modalities,
+                seed=request.seed, lora=request.lora, stop=request.stop, allowed_modalities=request.allowed_modalities,
                 require_modalities=request.require_modalities, history_turns=kept - start,
             )
         except ValidationError as exc:  # a combination the request schema alone cannot rule out

@@ -27,9 +27,9 @@ _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "imag
 # OpenAI options this server does not honour, with the value that means "not used": anything else is refused with
 # a 400 naming the option rather than silently ignored (a client asking for stop strings or tools must know).
 UNSUPPORTED: dict[str, Any] = {
-    "stop": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-    "parallel_tool_calls": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
-    "logprobs": False, "top_logprobs": None, "response_format": None, "audio": None, "prediction": None,
+    "tools": None, "tool_choice": "none", "functions": None, "function_call": "none", "presence_penalty": 0,
+    "frequency_penalty": 0, "logit_bias": None, "logprobs": False, "top_logprobs": 0,
+    "response_format": {"type": "text"}, "audio": None, "prediction": None,
 }
 
 
@@ -58,6 +58,7 @@ class OpenAIChatRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1, le=1)
+    stop: str | list[str] | None = None  # bounds checked with the translated request's (param "stop")
     modalities: list[Literal["text", "image", "video", "audio"]] | None = None
     stream_options: dict[str, Any] | None = None
 
@@ -139,6 +140,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
     required = [m for m in (body.modalities or []) if m != "text"]
     return ChatRequest(messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
                        temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                       stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
                        lora=model_names[body.model], require_modalities=required), uploads  # type: ignore[arg-type]
 
 

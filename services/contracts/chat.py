@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from services.contracts.bundle_manifest import Modality
 from services.contracts.decoders import DecodeOptions
+from services.contracts.llm import StopString
 
 
 class ChatMessage(BaseModel):
@@ -37,6 +38,10 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     lora: str | None = None
+    stop: list[StopString] = Field(
+        default_factory=list, max_length=4,
+        description="Up to 4 strings: the reply's text ends before the first of them (not sent); media the reply "
+                    "has signalled by then are still made, and require_modalities still holds")
     allowed_modalities: list[Modality] | None = None
     require_modalities: list[Modality] = Field(default_factory=list)
     decoder: DecodeOptions = Field(default_factory=DecodeOptions, description="Options for every generated item")

@@ -6,12 +6,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from services.contracts.bundle_manifest import Modality
+
+
+# OpenAI's bounds: up to 4 stop strings; each is held back while it may be starting, so each is short.
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class Turn(BaseModel):
@@ -36,6 +40,8 @@ class GenerateParams(BaseModel):
     allowed_modalities: list[Modality] | None = Field(default=None, description="None: every output modality")
     require_modalities: list[Modality] = Field(default_factory=list)
     max_signal_groups: int = Field(default=4, ge=0, le=16)
+    stop: list[StopString] = Field(
+        default_factory=list, max_length=4, description="The reply's text ends before the first of these (not sent)")
     history_turns: int = Field(
         default=0, ge=0, description="How many leading turns are the conversation the server keeps (not the "
                                      "caller's own messages): where the prompt and the reply's budget would not fit "

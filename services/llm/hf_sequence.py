@@ -19,6 +19,7 @@ from services.llm.detokenize import Decoder, TextStream
 from services.llm.projectors import Projectors
 from services.llm.sampling import sample
 from services.llm.signals import Group, SignalController
+from services.llm.stop_strings import StopStrings
 
 Emit = Callable[[LLMEvent], None]
 Finish = Literal["stop", "length", "cancelled"]
@@ -39,6 +40,10 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
         self.stop_ids = set(manifest.stop.token_ids)
+        self.stop_token = manifest.stop.token_ids[0]
+        # After a stop string the text is over: each sampled token counts as the stop token, which the signal
+        # controller turns into a group the reply still owes (require_modalities) or the end.
+        self.stop_strings = StopStrings(params.stop)
         self.signals = SignalController(manifest, params.allowed_modalities, params.require_modalities,
                                         params.max_signal_groups, list(manifest.stop.token_ids))
         self.text = TextStream(tokenizer)
@@ -74,8 +79,8 @@ class Sequence:
             logits = self.logits
             if decision.banned:
                 logits = logits.index_fill(0, self._index(decision.banned), float("-inf"))
-            chosen = self.signals.choose(sample(logits, self.temperature, self.top_p, self.top_k, self.generator),
-                                         remaining)
+            sampled = sample(logits, self.temperature, self.top_p, self.top_k, self.generator)
+            chosen = self.signals.choose(self.stop_token if self.stop_strings.matched else sampled, remaining)
             if chosen is None:  # a group that would not fit the budget: the reply ends where it would start
                 self.finish("length")
                 return None
@@ -88,13 +93,22 @@ class Sequence:
         if token in self.stop_ids and not self.signals.is_signal(token):
             self.finish("stop")
             return None
-        if not self.signals.is_signal(token):
-            delta = self.text.push(token)
-            if delta:
-                self.emit(TextDelta(delta))
         if group is not None and group.made:
             self.pending.append(group)
+        if not self.signals.is_signal(token) and self._text(token) and not self.signals.pending():
+            self.finish("stop")
+            return None
         return token
+
+    def _text(self, token: int) -> bool:
+        """Sends the token's text (less what a stop string may be starting); True when a stop string ended it."""
+        delta = self.text.push(token)
+        if not delta:
+            return False
+        out = self.stop_strings.push(delta)
+        if out.text:
+            self.emit(TextDelta(out.text))
+        return out.matched
 
     def _index(self, banned: frozenset[int]) -> torch.Tensor:
         # The masked set repeats from step to step (the signal tokens after a group's first): build it once.
@@ -116,6 +130,9 @@ class Sequence:
         return False
 
     def finish(self, reason: Finish) -> None:
+        held = self.stop_strings.flush()  # held back as a possible stop string's start: it was text after all
+        if held:
+            self.emit(TextDelta(held))
         # A group whose last token was fed has all its states (offset <= 0): nothing is ever left half-done.
         for group in self.pending:
             self.emit(self._signal(group))

@@ -33,6 +33,7 @@ from services.llm.embedding_table import load_embedding_table
 from services.llm.projectors import Projectors
 from services.llm.prompt_embeds import build_prompt_embeddings
 from services.llm.signals import Group, SignalController
+from services.llm.stop_strings import StopStrings
 
 Emit = Callable[[LLMEvent], None]
 _BAN = -100.0
@@ -181,6 +182,19 @@ class VLLMBackend:
                 so_far = list(generated)
                 groups.submit(self._signals, lambda g=group, ids=so_far: self._signal(g, prompt, ids, lora))
 
+        def settle(token: int) -> str | None:
+            """What a stop or a group's first token becomes (``signals.choose``); the finish reason where the
+            reply ends there."""
+            chosen = signals.choose(token, max_tokens - len(generated))
+            if chosen is None:  # a group that would not fit the budget: the reply ends here
+                return "length"
+            if chosen in stop_ids:
+                generated.append(chosen)
+                return "stop"
+            append(chosen)
+            return None
+
+        stops = StopStrings(params.stop)
         while len(generated) < max_tokens:
             if cancelled.is_set():
                 finish = "cancelled"
@@ -188,6 +202,12 @@ class VLLMBackend:
             decision = signals.decide(max_tokens - len(generated))
             if decision.forced is not None:
                 append(decision.forced)
+                continue
+            if stops.matched:  # the text is over: what the reply still owes, then the stop
+                ended = settle(stop_ids[0])
+                if ended:
+                    finish = ended
+                    break
                 continue
             owed = sum(len(self.manifest.outputs[m].signal.token_ids) for m in signals.pending())
             body = {
@@ -199,7 +219,7 @@ class VLLMBackend:
             if params.seed is not None:
                 body["seed"] = params.seed + request_index  # each continuation its own, reproducible, draw
             request_index += 1
-            new_ids, reason, stop_reason = self._stream(body, emit, cancelled)
+            new_ids, reason, stop_reason = self._stream(body, emit, cancelled, stops)
             if new_ids and first_token_at is None:
                 first_token_at = time.perf_counter()
             stopped_at = int(stop_reason) if reason == "stop" and isinstance(stop_reason, int) else None
@@ -211,18 +231,21 @@ class VLLMBackend:
             if reason == "cancelled":
                 finish = "cancelled"
                 break
+            if stops.matched:
+                continue
             if stopped_at in stop_ids or stopped_at in signals.first:
-                chosen = signals.choose(stopped_at, max_tokens - len(generated))
-                if chosen is None:  # a group that would not fit the budget: the reply ends here
+                ended = settle(stopped_at)
+                if ended:
+                    finish = ended
                     break
-                if chosen in stop_ids:
-                    generated.append(chosen)
-                    finish = "stop"
-                    break
-                append(chosen)
             elif reason == "length" and not signals.pending() and not signals.in_group:
                 finish = "length"
                 break
+        if stops.matched and finish == "length":  # the stop string came with the budget's last token
+            finish = "stop"
+        held = stops.flush()  # held back as a possible stop string's start: it was text after all
+        if held:
+            emit(TextDelta(held))
         groups.wait()  # a failed group fails the reply
         now = time.perf_counter()
         emit(Done(finish_reason=finish, prompt_tokens=int(prompt.embeds.shape[0]), completion_tokens=len(generated),  # type: ignore[arg-type]
@@ -232,8 +255,10 @@ class VLLMBackend:
     def _sequence(self, prompt: torch.Tensor, generated: list[int]) -> torch.Tensor:
         return torch.cat([prompt, self.table[generated]]) if generated else prompt
 
-    def _stream(self, body: dict[str, object], emit: Emit, cancelled: threading.Event
+    def _stream(self, body: dict[str, object], emit: Emit, cancelled: threading.Event, stops: StopStrings
                 ) -> tuple[list[int], str, object]:
+        """One vLLM request's tokens, finish reason and stop reason; it is left (vLLM aborts it) on a cancel or
+        where its text completes a stop string."""
         ids: list[int] = []
         reason, stop_reason = "length", None
         try:
@@ -253,7 +278,11 @@ class VLLMBackend:
                     choice = payload["choices"][0]
                     ids.extend(choice.get("token_ids") or [])
                     if choice.get("text"):
-                        emit(TextDelta(choice["text"]))
+                        out = stops.push(choice["text"])
+                        if out.text:
+                            emit(TextDelta(out.text))
+                        if out.matched:
+                            return ids, "stop_string", None
                     if choice.get("finish_reason"):
                         reason, stop_reason = choice["finish_reason"], choice.get("stop_reason")
         except httpx.HTTPError as exc:

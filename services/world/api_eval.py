@@ -79,10 +79,11 @@ class WorldClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def chat(self, text: str, media: tuple[WorldModality, np.ndarray] | None = None,
-             conversation_id: str | None = None, seed: int = 0) -> dict[str, Any]:
+             conversation_id: str | None = None, seed: int = 0, **options: Any) -> dict[str, Any]:
+        """``options``: more of the request's fields (``stop``, ``require_modalities``...)."""
         message: dict[str, Any] = {"role": "user", "content": text}
         request: dict[str, Any] = {"messages": [message], "max_tokens": 48, "inline_media": True, "wait_s": 300,
-                                   "seed": seed}
+                                   "seed": seed, **options}
         if conversation_id:
             request["conversation_id"] = conversation_id
         if media is None:

@@ -92,6 +92,16 @@ def check_draw(client: WorldClient) -> None:
            lambda seed: client.chat("Draw a blue triangle.", seed=seed), says=("colour", "shape"))
 
 
+def check_draw_with_stop(client: WorldClient) -> None:
+    """A stop string ends the words where the model would have begun its picture; the picture the request
+    requires is still made, from signal tokens the reply is made to owe right after the cut words."""
+    def ask(seed: int) -> dict:
+        reply = client.chat("Draw a blue triangle.", seed=seed, stop=["."], require_modalities=["image"])
+        assert "." not in reply["text"] and reply["finish_reason"] == "stop", reply["text"]
+        return reply
+    _makes(client, "image", {"colour": "blue", "shape": "triangle"}, ask, says=("colour", "shape"))
+
+
 def check_draw_square(client: WorldClient) -> None:
     """Squares are the shape the picture UNet learnt last (the world eval's shape errors were mostly squares drawn
     round); wired wrong, the picture's shape falls to chance."""
@@ -222,7 +232,7 @@ def check_many_at_once(client: WorldClient) -> None:
         _most(list(pool.map(ask, range(len(AT_ONCE)))))
 
 
-CHECKS = [check_draw, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
+CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check_picture_shows_what_the_reply_says, check_describe,
           check_describe_clip, check_describe_recording, check_film, check_animate, check_second_drawing,
           check_about_what_it_made, check_many_at_once]
 

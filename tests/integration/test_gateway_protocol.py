@@ -87,7 +87,7 @@ def test_openai_requests_that_do_not_translate_are_400s(url: str, messages: list
     assert reply.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize(("option", "value"), [("stop", ["###"]), ("tools", [{"type": "function"}]),
+@pytest.mark.parametrize(("option", "value"), [("tool_choice", "auto"), ("tools", [{"type": "function"}]),
                                                ("presence_penalty", 0.5), ("logprobs", True), ("n", 2)])
 def test_openai_options_not_honoured_are_refused_by_name(url: str, option: str, value: object) -> None:
     body = {"model": "nextgpt-tiny", "messages": [{"role": "user", "content": "hi"}], option: value}

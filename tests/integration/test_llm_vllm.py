@@ -69,6 +69,23 @@ def test_greedy_equals_transformers(backends: tuple[HFBackend, VLLMBackend], lor
     assert text == "".join(e.text for e in ours if isinstance(e, TextDelta))
 
 
+def test_stop_strings_end_the_text_as_on_transformers(backends: tuple[HFBackend, VLLMBackend]) -> None:
+    """A stop string cut from the middle of the reply (so it spans tokens): both backends end the text before it,
+    with "stop", and still make the required picture."""
+    hf, vl = backends
+    base = dict(turns=[Turn(role="user", text="one picture and a sound", media=[0, 1])], max_tokens=48,
+                temperature=0.0, lora="nextgpt", require_modalities=["image"])
+    full = "".join(e.text for e in _run(hf, GenerateParams(**base)) if isinstance(e, TextDelta))  # type: ignore[arg-type]
+    stop = full[len(full) // 2:len(full) // 2 + 5]
+    assert len(full) > 20 and len(stop) == 5
+    params = GenerateParams(**base, stop=[stop])  # type: ignore[arg-type]
+    for events in (_run(hf, params), _run(vl, params)):
+        done = events[-1]
+        assert isinstance(done, Done) and done.finish_reason == "stop"
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == full[:full.index(stop)]
+        assert [e.modality for e in events if isinstance(e, SignalEvent)] == ["image"]
+
+
 def test_sampled_generation_keeps_groups_whole(backends: tuple[HFBackend, VLLMBackend]) -> None:
     _, vl = backends
     for seed in range(3):

@@ -53,3 +53,19 @@ def test_a_budget_that_ends_at_the_picture_ends_the_reply_there(backend: HFBacke
         assert (cut, signals, cut_done.finish_reason, cut_done.completion_tokens) == (words, [], "length", start)
     whole, signals, _ = _reply(backend, max_tokens=start + len(image))
     assert [s.modality for s in signals] == ["image"] and text.startswith(whole)
+
+
+def test_a_stop_string_ends_the_words_and_keeps_a_required_picture(backend: HFBackend) -> None:
+    text, _, done = _reply(backend)
+    assert text.startswith(" Here is a big blue triangle.")
+    # "." ends the words before the model's own group: no picture, unless one is required.
+    cut, signals, cut_done = _reply(backend, stop=["."])
+    assert (cut, signals, cut_done.finish_reason) == (text[:text.index(".")], [], "stop")
+    assert cut_done.completion_tokens < done.completion_tokens
+    cut, signals, cut_done = _reply(backend, stop=["."], require_modalities=["image"])
+    assert cut == text[:text.index(".")] and [s.modality for s in signals] == ["image"]
+    assert cut_done.finish_reason == "stop" and signals[0].forced
+    # A stop string over several tokens, and one that never comes.
+    assert _reply(backend, stop=["ue tri", "zzz"])[0] == text[:text.index("ue tri")]
+    never, signals, _ = _reply(backend, stop=["zzz"])
+    assert never == text and [s.modality for s in signals] == ["image"]

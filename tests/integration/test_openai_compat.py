@@ -111,3 +111,29 @@ def test_errors_in_the_openai_shape(client: openai.OpenAI) -> None:
     bad = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_stop_ends_the_text_streamed_or_not(client: openai.OpenAI) -> None:
+    ask = dict(model="nextgpt", messages=[{"role": "user", "content": "tell me a story"}], max_tokens=30,
+               temperature=0.0, seed=3, modalities=["text"])
+    full = client.chat.completions.create(**ask).choices[0].message.content or ""  # type: ignore[call-overload]
+    stop = full[len(full) // 2:len(full) // 2 + 4]
+    assert len(full) > 12 and len(stop) == 4
+    reply = client.chat.completions.create(**ask, stop=stop).choices[0]  # type: ignore[call-overload]
+    assert (reply.message.content, reply.finish_reason) == (full[:full.index(stop)], "stop")
+    chunks = list(client.chat.completions.create(**ask, stop=["\x00never", stop], stream=True))  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full[:full.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_options_at_their_unused_values_are_accepted_and_others_refused(client: openai.OpenAI) -> None:
+    ask = dict(model="nextgpt", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    reply = client.chat.completions.create(**ask, tool_choice="none", response_format={"type": "text"},  # type: ignore[call-overload]
+                                           parallel_tool_calls=False, top_logprobs=0, logprobs=False)
+    assert reply.usage is not None and reply.usage.completion_tokens <= 3
+    for extra, param in ((dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(stop=[""]), "stop.0"),
+                         (dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(tool_choice="auto"), "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**ask, **extra)  # type: ignore[call-overload]
+        assert info.value.param == param, extra
