@@ -211,11 +211,10 @@ class ChatService:
                         yield MessageDelta(item.text)
                     elif isinstance(item, SignalEvent):
                         yield SignalChosen(item.modality, item.index, item.forced)
-                        job = await self._dispatch(item, request, owner)
-                        state.artifacts[job.job_id] = ArtifactOut(job_id=job.job_id, modality=job.modality,
-                                                                  state="queued")
-                        followers[job.job_id] = asyncio.create_task(follow(job.job_id))
-                        yield ArtifactQueued(job.job_id, job.modality, item.index)
+                        queued = await self._queue(item, request, owner, state)
+                        if isinstance(queued, ArtifactQueued):
+                            followers[queued.job_id] = asyncio.create_task(follow(queued.job_id))
+                        yield queued
                     elif isinstance(item, Done):
                         state.done = item
                 elif kind == "llm_error":
@@ -257,9 +256,27 @@ class ChatService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await llm_task
 
-    async def _dispatch(self, signal: SignalEvent, request: ChatRequest, owner: str | None) -> DecodeJob:
-        blob = save({CONDITIONING_TENSOR: np.ascontiguousarray(signal.conditioning, dtype=np.float32)[None]})
+    async def _queue(self, signal: SignalEvent, request: ChatRequest, owner: str | None,
+                     state: _Turn) -> ArtifactQueued | ArtifactFailed:
+        """The signal's decode job, queued; where it cannot be (the decoder queue is full, the store or the broker
+        is down), that item alone fails: the words and the turn's other media go on."""
         job_id = new_job_id()
+        try:
+            await self._dispatch(job_id, signal, request, owner)
+        except Exception as exc:
+            if not isinstance(exc, NextGPTError):
+                log.exception("could not queue the %s job %s", signal.modality, job_id)
+            error = f"{exc.code}: {exc.message}" if isinstance(exc, NextGPTError) else \
+                f"could not queue the job ({type(exc).__name__})"
+            state.artifacts[job_id] = ArtifactOut(job_id=job_id, modality=signal.modality, state="failed", error=error)
+            if self.metrics is not None:
+                self.metrics.artifacts.labels(signal.modality, "failed").inc()
+            return ArtifactFailed(job_id, signal.modality, error)
+        state.artifacts[job_id] = ArtifactOut(job_id=job_id, modality=signal.modality, state="queued")
+        return ArtifactQueued(job_id, signal.modality, signal.index)
+
+    async def _dispatch(self, job_id: str, signal: SignalEvent, request: ChatRequest, owner: str | None) -> None:
+        blob = save({CONDITIONING_TENSOR: np.ascontiguousarray(signal.conditioning, dtype=np.float32)[None]})
         cond = await asyncio.to_thread(self.store.put, new_key("conditioning", ".safetensors", uid=job_id), blob,
                                        "application/vnd.nextgpt.safetensors")
         suffix, _ = ARTIFACT_FORMATS[signal.modality]
@@ -270,8 +287,12 @@ class ChatService:
             options = options.model_copy(update={"seed": (request.seed * 1009 + signal.index) % 2**63})
         job = DecodeJob(job_id=job_id, modality=signal.modality, conditioning_key=cond.key,
                         artifact_key=new_key(signal.modality, suffix, uid=job_id), options=options, owner=owner)
-        await self.decoders.submit(job)
-        return job
+        try:
+            await self.decoders.submit(job)
+        except Exception:
+            with contextlib.suppress(Exception):  # no job will read it (retention would sweep it later)
+                await asyncio.to_thread(self.store.delete, cond.key)
+            raise
 
     @staticmethod
     def _job_event(event: JobEvent, state: _Turn, url_for: Callable[[str], str]) -> TurnEvent | None:

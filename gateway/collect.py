@@ -40,8 +40,9 @@ async def collect(events: AsyncIterator[TurnEvent], wait_s: float, conversation_
                 artifacts[event.job_id] = ArtifactOut(job_id=event.job_id, modality=event.modality, state="queued")
             elif isinstance(event, ArtifactCompleted):
                 artifacts[event.artifact.job_id] = event.artifact
-            elif isinstance(event, ArtifactFailed):
-                artifacts[event.job_id].state, artifacts[event.job_id].error = "failed", event.error
+            elif isinstance(event, ArtifactFailed):  # queued before, or refused by a full queue at once
+                artifacts[event.job_id] = ArtifactOut(job_id=event.job_id, modality=event.modality, state="failed",
+                                                      error=event.error)
     finally:
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]

@@ -435,3 +435,29 @@ def test_a_caller_over_its_rate_gets_429_saying_how_long_to_wait(tiny_bundle_dir
         refused = httpx.post(f"{server.url}/v1/chat", headers=_auth(), json={**body, "stream": True}, timeout=60)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
     assert 55 <= int(refused.headers["retry-after"]) <= 60
+
+
+def test_an_item_the_full_decoder_queue_refuses_fails_alone(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    """One decode job at most in the pool, and a turn that must make three: the first (a slow decode) is made, the
+    two the queue cannot take fail on their own, saying why; the words, the turn and the conversation go on
+    (before: the whole turn ended in a 503 'overloaded', its text and its first picture thrown away)."""
+    settings = Settings(cache_dir=tmp_path, api_keys=KEY, decoders={"max_queued": 1})
+    body = {"messages": [{"role": "user", "content": "make all three"}], "max_tokens": 60, "seed": 4,
+            "require_modalities": ["image", "video", "audio"], "decoder": {"steps": 40}}
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        reply = httpx.post(f"{server.url}/v1/chat", json=body, headers=_auth(), timeout=300)
+        assert reply.status_code == 200, reply.text
+        states = sorted((a["state"], (a["error"] or "").split(":")[0]) for a in reply.json()["artifacts"])
+        assert states == [("completed", ""), ("failed", "overloaded"), ("failed", "overloaded")], states
+        follow = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=300, json={
+            "messages": [{"role": "user", "content": "again"}], "max_tokens": 4, "allowed_modalities": [],
+            "conversation_id": reply.json()["conversation_id"]})
+        assert follow.status_code == 200 and follow.json()["usage"]["prompt_tokens"] > \
+            reply.json()["usage"]["prompt_tokens"]
+        with httpx.stream("POST", f"{server.url}/v1/chat", json={**body, "stream": True}, headers=_auth(),
+                          timeout=300) as response:
+            events = read_events(response)
+        names = [n for n, _ in events]
+        assert names[-1] == "done" and "error" not in names
+        assert sorted(d["error"].split(":")[0] for n, d in events if n == "artifact.failed") == ["overloaded"] * 2
+        assert names.count("artifact.queued") == 1 and names.count("artifact.completed") == 1
