@@ -22,7 +22,7 @@ from gateway.first_event import FirstEvent
 from gateway.sse import HEARTBEAT, HeadersWithFirstChunk, batches, sse_event
 from gateway.state import GatewayState
 from gateway.streams import LogEntry
-from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Usage
+from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, StreamCancelled, Usage
 from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError, invalid_fields
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,19 @@ async def resume_stream(stream_id: str, request: Request,
                                       param="Last-Event-ID")
         after = int(last) if last else 0
     return _sse_response(await st.streams.attach(stream_id, owner, after), stream_id, st)
+
+
+@router.post("/v1/chat/streams/{stream_id}/cancel", responses=_ERRORS)
+async def cancel_stream(stream_id: str, request: Request) -> StreamCancelled:
+    """Stop a streaming chat turn now, on whichever replica runs it: its generation and its decode jobs. Its
+    readers get an ``error`` event with code ``stream_cancelled`` and the stream ends; a turn whose text had not
+    ended is not kept in the conversation. (Without this, a stream is cancelled once no client has read it for
+    ``RESUME_GRACE_S``.)"""
+    st = state_of(request)
+    owner = st.keys.owner(request.headers.get("authorization"))
+    if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
+        raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
+    return StreamCancelled(stream_id=stream_id, cancelled=await st.streams.cancel(stream_id, owner))
 
 
 def _sse_response(entries: AsyncIterator[LogEntry], stream_id: str, st: GatewayState) -> StreamingResponse:

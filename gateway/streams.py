@@ -66,6 +66,14 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def attached(self, stream_id: str) -> bool: ...
 
+    @abc.abstractmethod
+    async def request_cancel(self, stream_id: str) -> None:
+        """A client asked to cancel the stream (its producer may run on another replica)."""
+
+    @abc.abstractmethod
+    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
+        """Asked by the producer: whether a cancel was requested, waiting up to ``wait_s`` for one made here."""
+
 
 @dataclass
 class _MemoryStream:
@@ -75,6 +83,7 @@ class _MemoryStream:
     ended_at: float | None = None
     seen_until: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MemoryEventLog(EventLog):
@@ -127,11 +136,14 @@ class MemoryEventLog(EventLog):
             changed = s.changed
             # Ids are consecutive, so the entries after ``after`` start at a computable index.
             start = max(0, after - (s.entries[0][0] - 1)) if s.entries else 0
-            for entry in s.entries[start:]:
+            batch = s.entries[start:]
+            for entry in batch:
                 if entry[1] == END:
                     return
                 after = entry[0]
                 yield entry
+            if batch:  # more may have come (the end included) while the reader held an entry: look again
+                continue
             if s.ended_at is not None:  # ended before ``after``: nothing more will come
                 return
             await changed.wait()
@@ -144,6 +156,19 @@ class MemoryEventLog(EventLog):
     async def attached(self, stream_id: str) -> bool:
         s = self._streams.get(stream_id)
         return s is not None and s.seen_until > time.monotonic()
+
+    async def request_cancel(self, stream_id: str) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.cancel.set()
+
+    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
+        s = self._streams.get(stream_id)
+        if s is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(s.cancel.wait(), wait_s)
+        return s.cancel.is_set()
 
 
 class RedisEventLog(EventLog):
@@ -254,6 +279,18 @@ class RedisEventLog(EventLog):
         # Asked by the producer, which runs here: a reader here is seen in memory, one elsewhere in Redis.
         return await self.local.attached(stream_id) or bool(await self.r.exists(self._key(stream_id, ":reader")))
 
+    async def request_cancel(self, stream_id: str) -> None:
+        if self.local.has(stream_id):  # produced here: the producer sees it at once
+            await self.local.request_cancel(stream_id)
+        else:
+            await self.r.set(self._key(stream_id, ":cancel"), "1", ex=self.ttl_s)
+
+    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
+        # Asked by the producer, which runs here: a cancel made here wakes it at once, one made on another replica
+        # is seen in Redis after the wait.
+        return await self.local.cancel_requested(stream_id, wait_s) or \
+            bool(await self.r.exists(self._key(stream_id, ":cancel")))
+
 
 class _StreamWriter:
     """A stream's events on their way to Redis: at most one write in flight; what arrives meanwhile is written
@@ -295,6 +332,12 @@ class _StreamWriter:
             if self.task is None or self.task.done():
                 self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
             await asyncio.shield(self.task)
+
+
+_CANCELLED = {"error": {"type": "cancelled", "code": "stream_cancelled", "param": None,
+                        "message": "the stream was cancelled at the client's request"}}
+_ABANDONED = {"error": {"type": "client_gone", "code": "stream_abandoned", "param": None,
+                        "message": "no client read this stream; it was cancelled"}}
 
 
 class StreamHub:
@@ -348,9 +391,13 @@ class StreamHub:
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
 
-        async def watch() -> None:
-            while await self.log.attached(stream_id):
-                await asyncio.sleep(self.touch_every_s)
+        async def watch() -> str:
+            """Why the turn must stop: a client asked to cancel it, or no client reads it any more."""
+            while True:
+                if await self.log.cancel_requested(stream_id, self.touch_every_s):
+                    return "cancelled"
+                if not await self.log.attached(stream_id):
+                    return "abandoned"
 
         pumping = asyncio.create_task(pump())
         watching = asyncio.create_task(watch())
@@ -359,14 +406,18 @@ class StreamHub:
         try:
             await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
             if not pumping.done():
-                # Nobody read the stream for grace_s: the client is gone. Closing the turn cancels the generation
-                # and its decode jobs.
-                log.info("chat stream %s has no reader for %.1f s: cancelling it", stream_id, self.grace_s)
+                # Cancelled, or nobody read the stream for grace_s (the client is gone). Closing the turn cancels
+                # the generation and its decode jobs; a turn cut before its text ended is not kept in the
+                # conversation.
+                reason = watching.result() if watching.exception() is None else "abandoned"
+                if reason == "cancelled":
+                    log.info("chat stream %s cancelled at the client's request", stream_id)
+                else:
+                    log.info("chat stream %s has no reader for %.1f s: cancelling it", stream_id, self.grace_s)
                 pumping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pumping
-                await emit("error", {"error": {"type": "client_gone", "code": "stream_abandoned", "param": None,
-                                               "message": "no client read this stream; it was cancelled"}})
+                await emit("error", _CANCELLED if reason == "cancelled" else _ABANDONED)
         except Exception:
             log.exception("chat stream %s: producer failed", stream_id)
         finally:
@@ -376,10 +427,22 @@ class StreamHub:
             with contextlib.suppress(Exception):
                 await self.log.append(stream_id, next_id + 1, END, {})
 
-    async def attach(self, stream_id: str, owner: str | None, after: int = 0) -> AsyncIterator[LogEntry]:
+    async def _own(self, stream_id: str, owner: str | None) -> StreamState:
         state = await self.log.state(stream_id)
         if not state.exists or state.owner != owner:
             raise NotFoundError(f"stream {stream_id} not found (or expired)", code="stream_not_found")
+        return state
+
+    async def cancel(self, stream_id: str, owner: str | None) -> bool:
+        """Stops the stream's turn (generation and decode jobs), on whichever replica runs it; False when it
+        had already ended."""
+        if (await self._own(stream_id, owner)).end_id is not None:
+            return False
+        await self.log.request_cancel(stream_id)
+        return True
+
+    async def attach(self, stream_id: str, owner: str | None, after: int = 0) -> AsyncIterator[LogEntry]:
+        state = await self._own(stream_id, owner)
         end, first = state.end_id, state.first_id
         if end is not None and after >= end:
             raise InvalidRequestError(f"stream {stream_id} ended at event {end - 1}; there is no event {after}",

@@ -88,3 +88,10 @@ class ChatResponse(BaseModel):
     usage: Usage
     finish_reason: str
     timings: dict[str, float] = Field(default_factory=dict)
+
+
+class StreamCancelled(BaseModel):
+    """``POST /v1/chat/streams/{stream_id}/cancel``."""
+
+    stream_id: str
+    cancelled: bool = Field(description="False: the stream had already ended")

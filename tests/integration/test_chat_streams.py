@@ -60,6 +60,12 @@ class _Replicas(EventLog):
     async def attached(self, stream_id: str) -> bool:
         return await self.producer.attached(stream_id)
 
+    async def request_cancel(self, stream_id: str) -> None:
+        await self.reader.request_cancel(stream_id)
+
+    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
+        return await self.producer.cancel_requested(stream_id, wait_s)
+
 
 @pytest.fixture(params=["memory", "redis", "redis, another replica"])
 async def make_log(request: pytest.FixtureRequest, redis_info: RedisInfo) -> AsyncIterator[Factory]:
@@ -144,6 +150,39 @@ async def test_nobody_reading_for_the_grace_period_cancels_the_turn(make_log: Fa
     assert turn.emitted < 1000
     tail = await asyncio.wait_for(_drain(await hub.attach(stream_id, None, after=turn.emitted)), 10)
     assert tail[-1][1] == "error" and tail[-1][2]["error"]["code"] == "stream_abandoned"
+    await hub.close()
+
+
+async def test_a_reader_slow_to_take_each_event_still_gets_every_one_to_the_end(make_log: Factory) -> None:
+    """A reader holding an event (its client slow to take a big one) while the turn ends: the events after it,
+    done included, still come (the memory log's reader used to stop at the end of what it had seen, dropping
+    them: a client then saw its stream end without done)."""
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    turn = Turn(5)
+    stream_id = await hub.start(turn.events(), owner=None)
+    entries = await hub.attach(stream_id, None)
+    first = await anext(entries)
+    await asyncio.wait_for(turn.closed.wait(), 5)
+    await asyncio.sleep(0.3)  # the end is logged meanwhile
+    rest = await asyncio.wait_for(_drain(entries), 10)
+    assert [e[0] for e in [first, *rest]] == list(range(1, 7)) and rest[-1][1] == "done"
+    await hub.close()
+
+
+async def test_a_cancel_stops_the_turn_at_once_on_whichever_replica_runs_it(make_log: Factory) -> None:
+    hub = StreamHub(make_log(1000), grace_s=30, touch_every_s=0.2)
+    turn = Turn(1000, every_s=0.01)
+    stream_id = await hub.start(turn.events(), owner="alice")
+    entries = await hub.attach(stream_id, "alice")
+    first = [await anext(entries) for _ in range(3)]
+    with pytest.raises(NotFoundError):
+        await hub.cancel(stream_id, "bob")  # another key's stream is not there for it
+    assert not turn.closed.is_set() and await hub.cancel(stream_id, "alice")
+    await asyncio.wait_for(turn.closed.wait(), 2)  # well before the 30 s grace: the reader is still attached
+    rest = await asyncio.wait_for(_drain(entries), 10)
+    assert turn.emitted < 1000 and [e[0] for e in first + rest] == list(range(1, len(first + rest) + 1))
+    assert rest[-1][1] == "error" and rest[-1][2]["error"]["code"] == "stream_cancelled"
+    assert not await hub.cancel(stream_id, "alice")  # already ended: nothing to do
     await hub.close()
 
 

@@ -461,3 +461,32 @@ def test_an_item_the_full_decoder_queue_refuses_fails_alone(tiny_bundle_dir: Pat
         assert names[-1] == "done" and "error" not in names
         assert sorted(d["error"].split(":")[0] for n, d in events if n == "artifact.failed") == ["overloaded"] * 2
         assert names.count("artifact.queued") == 1 and names.count("artifact.completed") == 1
+
+
+def test_a_stream_cancelled_by_its_client_stops_its_generation_at_once(url: str) -> None:
+    """POST .../cancel while the reply is being written (its reader attached, so the resume grace would keep it
+    going): the generation stops, the stream ends with stream_cancelled; another key cannot cancel it."""
+    def stopped() -> float:
+        return metric_samples(httpx.get(f"{url}/metrics").text).get(
+            'nextgpt_llm_requests_total{outcome="disconnected"}', 0.0)
+
+    before = stopped()
+    body = {"messages": [{"role": "user", "content": "say a lot"}], "stream": True, "max_tokens": 400, "seed": 2,
+            "allowed_modalities": []}
+    events: list[tuple[str, dict]] = []
+    with httpx.stream("POST", f"{url}/v1/chat", json=body, headers=_auth(), timeout=120) as response:
+        stream_id, name, lines = response.headers["x-stream-id"], "", response.iter_lines()
+        for line in lines:
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                if name == "message.delta" and len(events) == 3:
+                    other = httpx.post(f"{url}/v1/chat/streams/{stream_id}/cancel", headers=_auth("other-key"))
+                    assert other.status_code == 404
+                    cancel = httpx.post(f"{url}/v1/chat/streams/{stream_id}/cancel", headers=_auth())
+                    assert cancel.status_code == 200 and cancel.json() == {"stream_id": stream_id, "cancelled": True}
+    assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "stream_cancelled"
+    assert "done" not in [n for n, _ in events] and stopped() == before + 1
+    again = httpx.post(f"{url}/v1/chat/streams/{stream_id}/cancel", headers=_auth())
+    assert again.status_code == 200 and again.json()["cancelled"] is False

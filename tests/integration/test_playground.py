@@ -91,3 +91,25 @@ def test_a_wrong_key_is_shown_as_an_error(url: str, browser: webdriver.Chrome) -
     browser.find_element(By.ID, "send").click()
     error = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, ".error"))
     assert error.text.startswith("invalid_api_key")
+
+
+def test_stop_cancels_the_reply_being_written(url: str, browser: webdriver.Chrome) -> None:
+    browser.get(f"{url}/")
+    key = browser.find_element(By.ID, "key")
+    key.clear()  # the browser may restore what an earlier test typed
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "message").send_keys("say a lot")
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("400")
+    stop = browser.find_element(By.ID, "stop")
+    assert not stop.is_enabled()
+    browser.find_element(By.ID, "send").click()
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn")[-1].find_element(By.CSS_SELECTOR, ".text").text)
+    wait.until(lambda d: stop.is_enabled())
+    stop.click()
+    error = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".error"))
+    assert error.text.startswith("stream_cancelled")
+    assert not browser.find_elements(By.CSS_SELECTOR, ".turn[data-done=true]")
+    wait.until(lambda d: not stop.is_enabled() and d.find_element(By.ID, "send").is_enabled())
