@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import GatewayState, ModelCard, build_app
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
-from gateway.security import ApiKeys, UrlSigner
+from gateway.security import ApiKeys, UrlSigner, read_key_file
 from services.bundle.loader import Bundle, load_bundle
 from services.contracts.errors import ConfigurationError, ServiceUnavailableError
 from services.contracts.settings import Settings
@@ -126,26 +126,23 @@ def model_cards(bundle: Bundle) -> list[ModelCard]:
 def api_keys(settings: Settings) -> list[str] | None:
     """The keys of NEXTGPT_API_KEYS and NEXTGPT_API_KEYS_FILE together; None when neither names one (auth off).
     A configured file that cannot be read stops start-up: silently running without auth would be worse."""
-    raw = settings.api_keys.get_secret_value() if settings.api_keys else ""
-    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    keys = _env_keys(settings)
     if settings.api_keys_file is not None:
-        try:
-            lines = settings.api_keys_file.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigurationError(f"NEXTGPT_API_KEYS_FILE: cannot read {settings.api_keys_file}: {exc.strerror}",
-                                     code="invalid_settings") from exc
-        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not keys:
-            raise ConfigurationError(f"NEXTGPT_API_KEYS_FILE: {settings.api_keys_file} holds no key",
-                                     code="invalid_settings")
+        keys += read_key_file(settings.api_keys_file)
     return keys or None
 
 
+def _env_keys(settings: Settings) -> list[str]:
+    raw = settings.api_keys.get_secret_value() if settings.api_keys else ""
+    return [k.strip() for k in raw.split(",") if k.strip()]
+
+
 def _keys_and_signer(settings: Settings) -> tuple[ApiKeys, UrlSigner]:
-    keys = api_keys(settings)
     g = settings.gateway
     signing = g.url_signing_key.get_secret_value().encode() if g.url_signing_key else None
-    return ApiKeys(keys), UrlSigner(signing, g.artifact_url_ttl_s)
+    # The file is read here (a bad one stops start-up) and again whenever it changes.
+    keys = ApiKeys(_env_keys(settings), settings.api_keys_file)
+    return keys, UrlSigner(signing, g.artifact_url_ttl_s)
 
 
 @dataclass
