@@ -55,7 +55,10 @@ def build_app(state: GatewayState) -> FastAPI:
     if state.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", "last-event-id", "x-request-id"],
-                           expose_headers=["x-request-id"])
+                           # What a browser client on another origin must read: the stream's id (to resume or
+                           # cancel it), the conversation's (to go on after a stream that ended without done),
+                           # and how long to wait after a 429/503.
+                           expose_headers=["x-request-id", "x-stream-id", "x-conversation-id", "retry-after"])
     app.add_middleware(RequestIdMiddleware)
     if state.metrics is not None:
         app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)

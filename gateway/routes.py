@@ -141,7 +141,7 @@ async def chat(request: Request) -> Response:
         except BaseException:
             await entries.aclose()  # type: ignore[attr-defined]
             raise
-        return _sse_response(entries, stream_id, st)
+        return _sse_response(entries, stream_id, st, conversation.id)
     events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
     return JSONResponse((await collect(events, chat_request.wait_s, conversation.id)).model_dump())
 
@@ -180,10 +180,15 @@ async def cancel_stream(stream_id: str, request: Request) -> StreamCancelled:
     return StreamCancelled(stream_id=stream_id, cancelled=await st.streams.cancel(stream_id, owner))
 
 
-def _sse_response(entries: AsyncIterator[LogEntry], stream_id: str, st: GatewayState) -> StreamingResponse:
+def _sse_response(entries: AsyncIterator[LogEntry], stream_id: str, st: GatewayState,
+                  conversation_id: str | None = None) -> StreamingResponse:
+    """``conversation_id``: sent as ``x-conversation-id`` (a stream that ends without ``done``, cancelled or
+    failed after its text was kept, still tells the client which conversation to go on with)."""
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "x-stream-id": stream_id}
+    if conversation_id is not None:
+        headers["x-conversation-id"] = conversation_id
     return HeadersWithFirstChunk(_sse(entries, st.settings.heartbeat_s), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no",
-                                 "x-stream-id": stream_id})
+                                 headers=headers)
 
 
 async def _sse(entries: AsyncIterator[LogEntry], heartbeat_s: float) -> AsyncIterator[bytes]:

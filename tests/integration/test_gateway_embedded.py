@@ -48,9 +48,10 @@ def test_streaming_chat_with_uploads_and_all_modalities(url: str) -> None:
     with httpx.stream("POST", f"{url}/v1/chat", data={"request": json.dumps(request)}, files=files,
                       headers=_auth(), timeout=300) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        conversation_id = response.headers["x-conversation-id"]  # known before the stream's end
         events = read_events(response)
     names = [n for n, _ in events]
-    assert names[-1] == "done" and "message.delta" in names
+    assert names[-1] == "done" and "message.delta" in names and events[-1][1]["conversation_id"] == conversation_id
     assert sorted(d["modality"] for n, d in events if n == "signal") == ["audio", "image", "video"]
     assert names.index("artifact.queued") < names.index("done")
     completed = [d for n, d in events if n == "artifact.completed"]

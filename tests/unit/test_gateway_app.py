@@ -49,6 +49,10 @@ def test_cors_preflight_when_configured() -> None:
     response = TestClient(build_app(state)).options("/v1/models", headers={
         "origin": "https://app.test", "access-control-request-method": "GET"})
     assert response.headers["access-control-allow-origin"] == "https://app.test"
+    # A browser on that origin may read the headers it needs to resume or cancel a stream, and Retry-After.
+    exposed = TestClient(build_app(state)).get("/v1/models", headers={"origin": "https://app.test"}).headers
+    assert {"x-stream-id", "x-conversation-id", "retry-after"} <= \
+        {h.strip() for h in exposed["access-control-expose-headers"].split(",")}
     plain = TestClient(build_app(GatewayState(models=[], readiness_checks={}))).get(
         "/v1/models", headers={"origin": "https://evil.test"})
     assert "access-control-allow-origin" not in plain.headers
