@@ -149,6 +149,9 @@ class LLMSettings(BaseModel):
         default=True, description="Transformers backend: decode in a child process, off the server's interpreter lock")
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
+    engine_stall_s: float = Field(
+        default=300.0, gt=0, description="Engine process silent this long with generations under way: killed as "
+                                         "hung (its replies fail with 503 and the server stops for a restart)")
 
     @model_validator(mode="after")
     def _vllm_urls(self) -> LLMSettings:

@@ -36,7 +36,7 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
     elif settings.engine_process:
         backend = EngineProcess(EngineSpec(bundle.root, settings.device, settings.dtype, settings.max_prompt_tokens,
                                            settings.max_batch, settings.max_batch + settings.max_waiting),
-                                on_exit=_stop_server)
+                                on_exit=_stop_server, stall_s=settings.engine_stall_s)
     else:
         backend = HFBackend(bundle, settings.device, getattr(torch, settings.dtype), settings.max_prompt_tokens,
                             settings.max_batch)

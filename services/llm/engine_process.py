@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,8 +78,11 @@ class EngineProcess:
     """A ``Backend`` whose generations run in a child process (see the module doc)."""
 
     def __init__(self, spec: EngineSpec, start_timeout_s: float = 600.0,
-                 on_exit: Callable[[str], None] | None = None) -> None:
-        """``on_exit(reason)`` runs (on the reader thread) when the child dies while it should be serving."""
+                 on_exit: Callable[[str], None] | None = None, stall_s: float = 300.0) -> None:
+        """``on_exit(reason)`` runs (on the reader thread) when the child dies while it should be serving.
+        ``stall_s``: a child that sends nothing that long while generations are under way is taken as hung (a
+        step takes milliseconds to seconds; each sends events) and killed, which fails them like a crash: a hung
+        engine would otherwise hold every slot while the server still looked ready."""
         context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(target=_child_main, args=(child_conn, spec), name="llm-engine", daemon=True)
@@ -91,6 +95,8 @@ class EngineProcess:
         self._dead: str | None = None
         self._closing = False
         self._on_exit = on_exit
+        self._stall_s, self._hung = stall_s, False
+        self._heard = time.monotonic()  # the child's last message, or the start of a wait for one
         if not self._conn.poll(start_timeout_s):
             self._process.kill()
             raise RuntimeError(f"the LLM engine process did not start within {start_timeout_s:.0f} s")
@@ -119,6 +125,8 @@ class EngineProcess:
         rid = next(self._ids)
         pending = _Pending(emit, threading.Event())
         with self._pending_lock:
+            if not self._pending:  # the engine was idle: its silence until now says nothing
+                self._heard = time.monotonic()
             self._pending[rid] = pending
         try:
             self._send(("generate", rid, params, media))
@@ -135,9 +143,22 @@ class EngineProcess:
         if pending.error is not None:
             raise pending.error
 
+    def _stalled(self) -> bool:
+        with self._pending_lock:
+            waiting = bool(self._pending)
+        return waiting and time.monotonic() - self._heard > self._stall_s
+
     def _read(self) -> None:
         try:
             while True:
+                if not self._conn.poll(min(1.0, self._stall_s / 4)):
+                    if self._stalled() and self._process.is_alive():
+                        log.error("the LLM engine process sent nothing for %.0f s with generations under way: "
+                                  "killing it as hung", self._stall_s)
+                        self._hung = True
+                        self._process.kill()  # the pipe closes: handled below as a crash
+                    continue
+                self._heard = time.monotonic()
                 for kind, rid, payload in self._conn.recv():
                     with self._pending_lock:
                         pending = self._pending.get(rid)
@@ -151,7 +172,7 @@ class EngineProcess:
         except (EOFError, OSError):
             pass
         self._process.join(5)
-        self._dead = f"exit code {self._process.exitcode}"
+        self._dead = f"hung for {self._stall_s:.0f} s, killed" if self._hung else f"exit code {self._process.exitcode}"
         with self._pending_lock:
             pending_now = list(self._pending.values())
         for pending in pending_now:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,5 +106,37 @@ def test_a_dead_engine_fails_its_replies_and_reports_itself(tiny_bundle_dir: Pat
             engine.check_alive()
         with pytest.raises(ServiceUnavailableError):
             _run(engine, _params(max_tokens=4))
+    finally:
+        engine.close()
+
+
+def test_a_hung_engine_is_killed_and_fails_its_replies(tiny_bundle_dir: Path) -> None:
+    """The child frozen mid-reply (SIGSTOP: a deadlock, a wedged device): after ``stall_s`` of silence with a
+    reply under way it is killed, the reply fails with 503 and the server is told (it stops, for its supervisor
+    to restart it), rather than every slot waiting forever behind a server that still looks ready."""
+    exits: list[str] = []
+    engine = EngineProcess(_spec(tiny_bundle_dir), on_exit=exits.append, stall_s=2.0)
+    try:
+        time.sleep(3)  # idle longer than stall_s: silence with nothing under way is not a stall
+        assert engine.alive and _run(engine, _params(max_tokens=4))
+        outcome: list[BaseException] = []
+        started = threading.Event()
+
+        def long_reply() -> None:
+            try:
+                _run(engine, _params(max_tokens=2000), on_event=lambda e: started.set())
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                outcome.append(exc)
+
+        thread = threading.Thread(target=long_reply)
+        thread.start()
+        assert started.wait(60)
+        frozen = time.monotonic()
+        os.kill(engine._process.pid, signal.SIGSTOP)  # noqa: SLF001 - the fault injected
+        thread.join(30)
+        assert 2.0 <= time.monotonic() - frozen < 10
+        assert len(outcome) == 1 and isinstance(outcome[0], ServiceUnavailableError)
+        assert outcome[0].code == "llm_engine_exited" and "hung" in outcome[0].message
+        assert exits and "hung" in exits[0] and not engine.alive
     finally:
         engine.close()
