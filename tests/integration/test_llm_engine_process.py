@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,26 +81,39 @@ def test_cancel_reaches_the_engine(engine: EngineProcess) -> None:
     assert isinstance(done, Done) and done.finish_reason == "cancelled" and done.completion_tokens < 100
 
 
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _long_reply(engine: EngineProcess) -> tuple[threading.Thread, list[BaseException]]:
+    """A long reply on its own thread, returned once its first event came; ``outcome`` gets what it raised."""
+    outcome: list[BaseException] = []
+    started = threading.Event()
+
+    def run() -> None:
+        try:
+            _run(engine, _params(max_tokens=2000), on_event=lambda e: started.set())
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)
+    return thread, outcome
+
+
 def test_a_dead_engine_fails_its_replies_and_reports_itself(tiny_bundle_dir: Path) -> None:
     exits: list[str] = []
     engine = EngineProcess(_spec(tiny_bundle_dir), on_exit=exits.append)
     try:
-        outcome: list[BaseException] = []
-        started = threading.Event()
-
-        def long_reply() -> None:
-            try:
-                _run(engine, _params(max_tokens=2000), on_event=lambda e: started.set())
-            except BaseException as exc:  # noqa: BLE001 - the test looks at it
-                outcome.append(exc)
-
-        thread = threading.Thread(target=long_reply)
-        thread.start()
-        assert started.wait(60)
+        thread, outcome = _long_reply(engine)
         os.kill(engine._process.pid, signal.SIGKILL)  # noqa: SLF001 - the fault injected
         thread.join(30)
         assert len(outcome) == 1 and isinstance(outcome[0], ServiceUnavailableError)
         assert outcome[0].code == "llm_engine_exited"
+        _wait_for(lambda: bool(exits))  # told on the reader thread just after the replies are failed
         assert len(exits) == 1 and not engine.alive
         with pytest.raises(ServiceUnavailableError):
             engine.check_alive()
@@ -119,24 +132,14 @@ def test_a_hung_engine_is_killed_and_fails_its_replies(tiny_bundle_dir: Path) ->
     try:
         time.sleep(3)  # idle longer than stall_s: silence with nothing under way is not a stall
         assert engine.alive and _run(engine, _params(max_tokens=4))
-        outcome: list[BaseException] = []
-        started = threading.Event()
-
-        def long_reply() -> None:
-            try:
-                _run(engine, _params(max_tokens=2000), on_event=lambda e: started.set())
-            except BaseException as exc:  # noqa: BLE001 - the test looks at it
-                outcome.append(exc)
-
-        thread = threading.Thread(target=long_reply)
-        thread.start()
-        assert started.wait(60)
+        thread, outcome = _long_reply(engine)
         frozen = time.monotonic()
         os.kill(engine._process.pid, signal.SIGSTOP)  # noqa: SLF001 - the fault injected
         thread.join(30)
         assert 2.0 <= time.monotonic() - frozen < 10
         assert len(outcome) == 1 and isinstance(outcome[0], ServiceUnavailableError)
         assert outcome[0].code == "llm_engine_exited" and "hung" in outcome[0].message
-        assert exits and "hung" in exits[0] and not engine.alive
+        _wait_for(lambda: bool(exits))
+        assert "hung" in exits[0] and not engine.alive
     finally:
         engine.close()
