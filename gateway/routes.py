@@ -146,6 +146,12 @@ async def chat(request: Request) -> Response:
     return JSONResponse((await collect(events, chat_request.wait_s, conversation.id)).model_dump())
 
 
+def _check_stream_id(stream_id: str) -> None:
+    """Only ids this server makes reach the log: anything else is a stream that is not there."""
+    if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
+        raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
+
+
 @router.get("/v1/chat/streams/{stream_id}", response_class=StreamingResponse,
             responses=_ERRORS | {200: {"content": _SSE, "description": "Server-sent events"},
                                  410: {"model": ErrorResponse}})
@@ -155,8 +161,7 @@ async def resume_stream(stream_id: str, request: Request,
     The stream id is the ``x-stream-id`` header of the original response. 410 when those events are gone."""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
-    if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
-        raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
+    _check_stream_id(stream_id)
     last = request.headers.get("last-event-id", "").strip()
     if after is None:
         # ASCII digits only ("²".isdigit() is True, int("²") is not), and a bounded value.
@@ -175,8 +180,7 @@ async def cancel_stream(stream_id: str, request: Request) -> StreamCancelled:
     ``RESUME_GRACE_S``.)"""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
-    if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
-        raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
+    _check_stream_id(stream_id)
     return StreamCancelled(stream_id=stream_id, cancelled=await st.streams.cancel(stream_id, owner))
 
 
