@@ -18,7 +18,7 @@ from gateway.metrics import HttpMetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
-from services.contracts.errors import ErrorResponse, NextGPTError
+from services.contracts.errors import ErrorResponse, NextGPTError, NotFoundError
 from gateway.openai_serving import OpenAIServingChat
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import error_json, install_error_handlers
@@ -96,6 +96,15 @@ def build_app(state: GatewayState) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
         return ModelList(data=request.app.state.gateway.models)
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def model(model_id: str, request: Request) -> ModelCard:
+        """One entry of ``/v1/models`` (OpenAI's ``models.retrieve``, which clients use to check a model name)."""
+        for card in request.app.state.gateway.models:
+            if card.id == model_id:
+                return card
+        raise NotFoundError(f"unknown model {model_id!r}; see GET /v1/models", code="model_not_found",
+                            param="model")
 
     return app
 

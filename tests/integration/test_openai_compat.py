@@ -32,6 +32,16 @@ def test_models_lists_bundle_and_lora(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["nextgpt-tiny", "nextgpt"]
 
 
+def test_a_model_is_retrieved_by_name(client: openai.OpenAI) -> None:
+    """``models.retrieve``: what clients call to check a configured model name before they use it."""
+    model = client.models.retrieve("nextgpt")
+    assert (model.id, model.object, model.model_extra["root"]) == ("nextgpt", "model", "nextgpt-tiny")
+    assert client.models.retrieve("nextgpt-tiny").id == "nextgpt-tiny"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
 def test_text_and_image_in_image_and_audio_out(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model="nextgpt", max_tokens=30, seed=3, modalities=["text", "image", "audio"],  # type: ignore[list-item]
