@@ -4,6 +4,8 @@ generators and the property-based tests see the real request shapes."""
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from typing import Any
 
 from fastapi import FastAPI
@@ -27,7 +29,10 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        with warnings.catch_warnings():  # FastAPI warns of the GET/HEAD routes' shared ids, mended below
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _unique_operation_ids(doc.get("paths", {}))
         components = doc.setdefault("components", {}).setdefault("schemas", {})
         paths = doc.get("paths", {})
         if "/v1/chat" in paths:
@@ -49,3 +54,14 @@ def install_openapi(app: FastAPI) -> None:
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _unique_operation_ids(paths: dict[str, Any]) -> None:
+    """A route serving GET and HEAD gets one operation id for both from FastAPI (it names it after one of the
+    methods): the document is then invalid, and client generators drop or clash on the operations. Each method of
+    such a route is named after itself."""
+    operations = [(method, op) for item in paths.values() for method, op in item.items() if "operationId" in op]
+    counts = Counter(op["operationId"] for _, op in operations)
+    for method, op in operations:
+        if counts[op["operationId"]] > 1:
+            op["operationId"] = f"{op['operationId'].rsplit('_', 1)[0]}_{method}"

@@ -33,6 +33,15 @@ def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield server.url
 
 
+def test_every_operation_has_its_own_id(url: str) -> None:
+    """Client generators key operations by id: GET and HEAD of one route must not share theirs."""
+    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    ids = [op["operationId"] for item in paths.values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert {paths["/readyz"]["get"]["operationId"], paths["/readyz"]["head"]["operationId"]} == \
+        {"readyz_readyz_get", "readyz_readyz_head"}
+
+
 @pytest.mark.parametrize("path", ["/v1/chat", "/v1/chat/completions", "/v1/chat/streams/{stream_id}",
                                   "/v1/artifacts/{key}", "/v1/jobs/{job_id}", "/v1/models", "/healthz", "/readyz"])
 def test_no_server_error_and_no_schema_violation(url: str, path: str) -> None:
