@@ -160,9 +160,10 @@ class ChatService:
 
     async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,
                   media: np.ndarray | None, url_for: Callable[[str], str], owner: str | None,
-                  detach_jobs: bool = False) -> AsyncIterator[TurnEvent]:
-        """Events of the turn; closing it early cancels the generation and (unless ``detach_jobs``: a
-        non-streaming caller that stops waiting) the decode jobs."""
+                  keep_jobs: Callable[[], bool] = lambda: False) -> AsyncIterator[TurnEvent]:
+        """Events of the turn; closing it early cancels the generation and, unless ``keep_jobs()`` says so when
+        it closes (a non-streaming caller that stops waiting, its client still there to poll the jobs), the decode
+        jobs."""
         started = time.perf_counter()
         out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         state = _Turn()
@@ -248,9 +249,10 @@ class ChatService:
                          "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)})
         finally:
             llm_task.cancel()
+            keep = keep_jobs()
             for job_id, task in followers.items():
                 task.cancel()
-                if not detach_jobs:
+                if not keep:
                     with contextlib.suppress(Exception):
                         await self.decoders.cancel(job_id)
             with contextlib.suppress(asyncio.CancelledError, Exception):

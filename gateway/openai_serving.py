@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from gateway.chat import ChatService
 from gateway.collect import collect
+from gateway.disconnect import ClientWatch
 from gateway.first_event import FirstEvent
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
 from gateway.turn_events import ArtifactCompleted, MessageDelta, TurnDone, TurnEvent
@@ -40,7 +41,9 @@ class OpenAIServingChat:
         """``model_names``: served model id -> LoRA adapter (None: the base model)."""
         self.chat, self.store, self.settings, self.model_names = chat, store, settings, model_names
 
-    async def create(self, raw: bytes, owner: str | None, url_for: Callable[[str], str]) -> Response:
+    async def create(self, raw: bytes, owner: str | None, url_for: Callable[[str], str],
+                     client: ClientWatch) -> Response:
+        """``client``: the request's, watched while a non-streamed answer is under way."""
         try:
             body = OpenAIChatRequest.model_validate_json(raw)
         except ValidationError as exc:
@@ -56,8 +59,8 @@ class OpenAIServingChat:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(events, cid, created, body.model, include_usage),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        events = self.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
-        result = await collect(events, chat_request.wait_s, conversation.id)
+        events = self.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present)
+        result = await client.guard(collect(events, chat_request.wait_s, conversation.id))
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
         for artifact in result.artifacts:
             await self._attach(message, artifact)

@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from gateway.collect import collect
+from gateway.disconnect import ClientWatch
 from gateway.first_event import FirstEvent
 from gateway.sse import HEARTBEAT, HeadersWithFirstChunk, batches, sse_event
 from gateway.state import GatewayState
@@ -142,8 +143,9 @@ async def chat(request: Request) -> Response:
             await entries.aclose()  # type: ignore[attr-defined]
             raise
         return _sse_response(entries, stream_id, st, conversation.id)
-    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, detach_jobs=True)
-    return JSONResponse((await collect(events, chat_request.wait_s, conversation.id)).model_dump())
+    client = ClientWatch(request.receive)
+    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present)
+    return JSONResponse((await client.guard(collect(events, chat_request.wait_s, conversation.id))).model_dump())
 
 
 def _check_stream_id(stream_id: str) -> None:
@@ -299,4 +301,5 @@ async def chat_completions(request: Request) -> Response:
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
     st.limiter.check(owner)
-    return await st.openai.create(await request.body(), owner, _artifact_urls(request, st))
+    raw = await request.body()
+    return await st.openai.create(raw, owner, _artifact_urls(request, st), ClientWatch(request.receive))

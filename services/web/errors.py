@@ -34,8 +34,8 @@ CLIENT_CLOSED_REQUEST = 499
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _: ClientDisconnect) -> Response:
-        # A client going away mid-upload is normal traffic, not a fault of ours.
-        log.info("client closed the connection while sending %s %s", request.method, request.url.path)
+        # A client going away mid-upload, or before a long answer, is normal traffic, not a fault of ours.
+        log.info("client closed the connection before its answer: %s %s", request.method, request.url.path)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(NextGPTError)

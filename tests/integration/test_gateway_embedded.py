@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from services.contracts.settings import Settings
 from tests.support import media
 from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
 from tests.support.metrics import samples as metric_samples
-from tests.support.servers import UvicornThread
+from tests.support.servers import UvicornThread, wait_until
 
 KEY = "test-key-1"
 
@@ -491,3 +492,32 @@ def test_a_stream_cancelled_by_its_client_stops_its_generation_at_once(url: str)
     assert "done" not in [n for n, _ in events] and stopped() == before + 1
     again = httpx.post(f"{url}/v1/chat/streams/{stream_id}/cancel", headers=_auth())
     assert again.status_code == 200 and again.json()["cancelled"] is False
+
+
+def _metric(url: str, name: str) -> float:
+    return metric_samples(httpx.get(f"{url}/metrics").text).get(name, 0.0)
+
+
+def test_a_client_gone_before_its_json_answer_stops_the_turn(url: str) -> None:
+    """A non-streamed turn whose client goes away (a timeout; the OpenAI SDK then retries) stops: its generation,
+    and its decode jobs, whose ids no one received. Before, both ran to their end for nobody, on both endpoints."""
+    stopped = 'nextgpt_llm_requests_total{outcome="disconnected"}'
+    cancelled = 'nextgpt_decoder_jobs_total{modality="video",outcome="cancelled"}'
+    talk = {"messages": [{"role": "user", "content": "say a lot"}], "max_tokens": 400, "seed": 2,
+            "allowed_modalities": []}
+    for path, body in (("/v1/chat", talk), ("/v1/chat/completions", {**talk, "model": "nextgpt"})):
+        before = _metric(url, stopped)
+        raw = json.dumps(body).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:  # closed while the reply is being written
+            sock.sendall(f"POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {KEY}\r\n"
+                         f"content-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n".encode() + raw)
+            wait_until(lambda: _metric(url, "nextgpt_llm_running") >= 1, 30, "the generation under way")
+        wait_until(lambda: _metric(url, stopped) == before + 1, 10, f"{path}: the generation stopped")
+
+    before = _metric(url, cancelled)
+    with pytest.raises(httpx.ReadTimeout):  # the words are done; a slow clip is being drawn
+        httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=httpx.Timeout(60, read=2.0), json={
+            "messages": [{"role": "user", "content": "a long video"}], "max_tokens": 40,
+            "require_modalities": ["video"], "decoder": {"steps": 200}, "wait_s": 120})
+    wait_until(lambda: _metric(url, cancelled) == before + 1, 30, "the clip's job cancelled")
