@@ -54,10 +54,16 @@ class LocalDecoderQueue(DecoderQueue):
 
     async def submit(self, job: DecodeJob) -> None:
         with self._lock:
-            if len(self._active) >= self.max_queued:
-                raise ServiceUnavailableError(f"{len(self._active)} decode jobs are waiting; retry later",
-                                              code="overloaded")
-            self._active.add(job.job_id)
+            full = len(self._active) >= self.max_queued
+            if not full:
+                self._active.add(job.job_id)
+        if full:
+            error = ServiceUnavailableError(f"{self.max_queued} decode jobs are waiting; retry later", code="overloaded")
+            # On the books as failed (outside the lock: the book's listeners take it), so that the id the turn
+            # reports for this item answers GET /v1/jobs/{id} with why, as any other failed job's does.
+            self.book.publish(JobEvent(job_id=job.job_id, type="failed", owner=job.owner,
+                                       error=f"{error.code}: {error.message}"), job.modality)
+            raise error
         self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
         with self._wake:
             self._waiting.append((time.monotonic(), job))

@@ -451,6 +451,10 @@ def test_an_item_the_full_decoder_queue_refuses_fails_alone(tiny_bundle_dir: Pat
         assert reply.status_code == 200, reply.text
         states = sorted((a["state"], (a["error"] or "").split(":")[0]) for a in reply.json()["artifacts"])
         assert states == [("completed", ""), ("failed", "overloaded"), ("failed", "overloaded")], states
+        for artifact in reply.json()["artifacts"]:  # each item's job id says what became of it, refused ones too
+            job = httpx.get(f"{server.url}/v1/jobs/{artifact['job_id']}", headers=_auth())
+            assert job.status_code == 200 and (job.json()["state"], job.json()["error"]) == \
+                (artifact["state"], artifact["error"]), job.text
         follow = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=300, json={
             "messages": [{"role": "user", "content": "again"}], "max_tokens": 4, "allowed_modalities": [],
             "conversation_id": reply.json()["conversation_id"]})
