@@ -54,7 +54,15 @@ def invalid_fields(exc: ValidationError, where: str = "", default: str = "reques
     param = ".".join([where, *(str(p) for p in first["loc"])] if where else [str(p) for p in first["loc"]])
     param = param or default
     reason = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "json_invalid" and ("surrogate" in reason or "end of hex escape" in reason):
+        reason += _LONE_SURROGATE
     return InvalidRequestError(f"{param}: {reason}", code="invalid_request", param=param)
+
+
+# The JSON parser's words for a \uD800-\uDFFF escape without its pair ("unexpected end of hex escape") name no
+# cause; the usual one is a client that cut its text in the middle of an emoji (JavaScript strings are UTF-16).
+_LONE_SURROGATE = (" (a \\u escape between \\uD800 and \\uDFFF must be one of a surrogate pair; a string cut in the "
+                   "middle of an emoji leaves one alone)")
 
 
 class AuthenticationError(NextGPTError):

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from gateway.app import PROBE_TIMEOUT_S, GatewayState, ModelCard, build_app
-from services.contracts.errors import ServiceUnavailableError
+from services.contracts.chat import ChatRequest
+from services.contracts.errors import InvalidRequestError, ServiceUnavailableError, invalid_fields
 
 
 def _fail() -> None:
@@ -138,3 +141,17 @@ def test_readiness_answers_within_its_bound_when_a_dependency_hangs() -> None:
     message = response.json()["error"]["message"]
     assert "redis: no answer within 2 s" in message and "encoder: no answer" in message and "ok" not in message
 
+
+def test_a_lone_surrogate_escape_is_a_400_that_says_what_is_wrong() -> None:
+    """Text cut in the middle of an emoji (JavaScript slices UTF-16) leaves half a surrogate pair in the JSON."""
+    def refusal(escapes: str) -> InvalidRequestError:
+        raw = '{"messages": [{"role": "user", "content": "hi ' + escapes + '"}], "max_tokens": 0}'
+        with pytest.raises(ValidationError) as caught:
+            ChatRequest.model_validate_json(raw)
+        return invalid_fields(caught.value)
+
+    for alone in ("\\ud83d", "\\ude00", "\\ud83d x"):
+        error = refusal(alone)
+        assert error.status_code == 400 and "surrogate pair" in error.message, error.message
+    whole = refusal("\\ud83d\\ude00")  # a whole pair parses: what is refused is max_tokens
+    assert whole.param == "max_tokens" and "surrogate" not in whole.message
