@@ -6,6 +6,12 @@ beside it, where an OpenAI client that does not know them simply ignores them: p
 ``videos`` (lists of ``image_url`` / ``video_url`` parts, the convention OpenRouter's image output uses; ``delta``
 carries them when streaming), sounds in OpenAI's own ``audio`` (base64 WAV). A client that sends such a reply back
 as history is accepted: media parts of assistant messages are the server's own output and are skipped.
+
+OpenAI's shape has no place for a medium that was not made: such an item would just be missing, and a client could
+not tell a full decoder queue (worth a retry) from a model that drew nothing. Beside the media, ``media_errors``
+lists the failed ones (``modality``, ``job_id``, ``error``; ``delta.media_errors`` when streaming) and, when a
+non-streamed answer's wait ran out first, ``media_pending`` those still being made (``modality``, ``job_id``: poll
+``GET /v1/jobs/{job_id}``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from gateway.collect import collect
 from gateway.disconnect import ClientWatch
 from gateway.first_event import FirstEvent
 from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
-from gateway.turn_events import ArtifactCompleted, MessageDelta, TurnDone, TurnEvent
+from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
 from services.contracts.errors import NextGPTError, invalid_fields
 from services.contracts.storage import ArtifactStore
@@ -74,8 +80,14 @@ class OpenAIServingChat:
         })
 
     async def _attach(self, message: dict[str, Any], artifact: ArtifactOut) -> None:
-        """A completed artifact into a message or delta: ``audio``, or one more entry of ``images``/``videos``."""
+        """An artifact into a message or delta: completed, ``audio`` or one more entry of ``images``/``videos``;
+        failed, an entry of ``media_errors``; still being made, of ``media_pending``."""
+        if artifact.state in ("queued", "running"):
+            message.setdefault("media_pending", []).append({"modality": artifact.modality, "job_id": artifact.job_id})
+            return
         if artifact.state != "completed" or not artifact.url:
+            message.setdefault("media_errors", []).append({"modality": artifact.modality, "job_id": artifact.job_id,
+                                                           "error": artifact.error or artifact.state})
             return
         if artifact.modality == "audio":
             message["audio"] = await self._audio(artifact.job_id, artifact.url)
@@ -99,11 +111,11 @@ class OpenAIServingChat:
             async for event in events:
                 if isinstance(event, MessageDelta):
                     yield chunk({"content": event.text})
-                elif isinstance(event, ArtifactCompleted):
+                elif isinstance(event, ArtifactCompleted | ArtifactFailed):
                     delta: dict[str, Any] = {}
-                    await self._attach(delta, event.artifact)
-                    if delta:
-                        yield chunk(delta)
+                    await self._attach(delta, event.artifact if isinstance(event, ArtifactCompleted) else ArtifactOut(
+                        job_id=event.job_id, modality=event.modality, state="failed", error=event.error))
+                    yield chunk(delta)
                 elif isinstance(event, TurnDone):
                     yield chunk({}, _finish(event.finish_reason))
                     if include_usage:

@@ -147,3 +147,24 @@ def test_options_at_their_unused_values_are_accepted_and_others_refused(client: 
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(**ask, **extra)  # type: ignore[call-overload]
         assert info.value.param == param, extra
+
+
+def test_media_that_fail_are_said_so_streamed_or_not(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    """One decode job at most in the pool and a reply that must make three: the two the queue refuses are listed in
+    ``media_errors`` with why (OpenAI's shape has no place for them: before, they were just missing)."""
+    settings = Settings(cache_dir=tmp_path, api_keys="sk-test", decoders={"max_queued": 1})
+    ask = {"model": "nextgpt", "max_tokens": 60, "seed": 4, "modalities": ["text", "image", "audio", "video"],
+           "messages": [{"role": "user", "content": "make all three"}]}
+    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=300)
+        message = client.chat.completions.create(**ask).choices[0].message  # type: ignore[call-overload]
+        failed = message.model_extra["media_errors"]
+        made = len(message.model_extra.get("images", [])) + len(message.model_extra.get("videos", [])) + \
+            (message.audio is not None)
+        assert made == 1 and len(failed) == 2, message
+        assert all(f["error"].startswith("overloaded:") and len(f["job_id"]) == 32 for f in failed), failed
+        assert {f["modality"] for f in failed} | {m for m in ("image", "video") if message.model_extra.get(f"{m}s")} \
+            | ({"audio"} if message.audio else set()) == {"image", "audio", "video"}
+        streamed = [c.choices[0].delta.model_extra.get("media_errors") for c in
+                    client.chat.completions.create(**ask, stream=True) if c.choices]  # type: ignore[call-overload]
+        assert [f["error"].split(":")[0] for chunk in streamed if chunk for f in chunk] == ["overloaded"] * 2
