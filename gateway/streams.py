@@ -80,16 +80,35 @@ class _MemoryStream:
     owner: str | None
     entries: list[LogEntry] = field(default_factory=list)
     dropped: int = 0  # entries trimmed from the front
+    bytes: int = 0  # what its entries weigh (``_weight``)
     ended_at: float | None = None
     seen_until: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _weight(name: str, data: Any) -> int:
+    """About what an entry holds in memory: its strings' lengths (a delta's text; an inline artifact's base64, the
+    one big thing an entry can carry) and a fixed share for the rest."""
+    if isinstance(data, str):
+        return len(data)
+    if isinstance(data, dict):
+        return 64 + len(name) + sum(_weight("", v) for v in data.values())
+    if isinstance(data, list):
+        return 16 + sum(_weight("", v) for v in data)
+    return 16
+
+
 class MemoryEventLog(EventLog):
-    def __init__(self, max_events: int, ttl_s: float, max_streams: int = 10_000) -> None:
-        self.max_events, self.ttl_s, self.max_streams = max_events, ttl_s, max_streams
+    def __init__(self, max_events: int, ttl_s: float, max_streams: int = 10_000,
+                 max_bytes: int = 256 * 2**20) -> None:
+        """Ended streams stay replayable for ``ttl_s``, while there are at most ``max_streams`` of them and their
+        entries weigh at most ``max_bytes`` together (the oldest ended go first): a stream with media inline holds
+        their base64, up to ``inline_max_bytes`` each, and thousands of them would outgrow the machine's memory
+        well within ``ttl_s``. Running streams are never dropped (their number is bounded by the LLM's slots)."""
+        self.max_events, self.ttl_s, self.max_streams, self.max_bytes = max_events, ttl_s, max_streams, max_bytes
         self._streams: dict[str, _MemoryStream] = {}
+        self.bytes = 0  # all streams' entries
         # Ended streams in the order they ended (so by end time): the sweep looks only at the oldest. It runs on
         # every create and attach, and a busy replica keeps thousands of recently ended streams, so a scan of all
         # of them was most of what starting a stream cost.
@@ -97,9 +116,12 @@ class MemoryEventLog(EventLog):
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        while self._ended and (now - self._ended[0][0] > self.ttl_s or len(self._streams) > self.max_streams):
+        while self._ended and (now - self._ended[0][0] > self.ttl_s or len(self._streams) > self.max_streams
+                               or self.bytes > self.max_bytes):
             _, stream_id = self._ended.popleft()
-            self._streams.pop(stream_id, None)
+            gone = self._streams.pop(stream_id, None)
+            if gone is not None:
+                self.bytes -= gone.bytes
 
     async def create(self, stream_id: str, owner: str | None, reader_ttl_s: float) -> None:
         self._sweep()
@@ -119,12 +141,17 @@ class MemoryEventLog(EventLog):
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None:
         s = self._streams[stream_id]
         s.entries.append((event_id, name, data))
+        weight = _weight(name, data)
         if len(s.entries) > self.max_events:
-            s.entries.pop(0)
+            _, old_name, old_data = s.entries.pop(0)
             s.dropped += 1
+            weight -= _weight(old_name, old_data)
+        s.bytes += weight
+        self.bytes += weight
         if name == END and s.ended_at is None:
             s.ended_at = time.monotonic()
             self._ended.append((s.ended_at, stream_id))
+            self._sweep()  # a big stream that just ended may put the log over max_bytes: older ones make room
         s.changed.set()
         s.changed = asyncio.Event()
 
@@ -186,10 +213,10 @@ class RedisEventLog(EventLog):
     reader on another replica holds one connection in a blocking read, and sees events up to ``linger_s`` late."""
 
     def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
-                 local_ttl_s: float = 30.0, linger_s: float = 0.02) -> None:
+                 local_ttl_s: float = 30.0, linger_s: float = 0.02, local_max_bytes: int = 256 * 2**20) -> None:
         self.r, self.prefix, self.max_events = redis, key_prefix, max_events
         self.ttl_s, self.block_ms, self.linger_s = ttl_s, block_ms, linger_s
-        self.local = MemoryEventLog(max_events, local_ttl_s)
+        self.local = MemoryEventLog(max_events, local_ttl_s, max_bytes=local_max_bytes)
         self._writers: dict[str, _StreamWriter] = {}
 
     def _key(self, stream_id: str, part: str = "") -> str:

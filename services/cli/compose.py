@@ -210,7 +210,8 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
         on_startup=[encoder.start, retention.start, *hooks.on_startup],
         on_shutdown=[retention.stop, encoder.stop, llm.close, decoders.close, *hooks.on_shutdown],
         registry=registry,
-        streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s), g.resume_grace_s,
+        streams=StreamHub(MemoryEventLog(g.replay_max_events, g.replay_ttl_s, max_bytes=g.replay_max_bytes),
+                          g.resume_grace_s,
                           active=metrics.streams),
         metrics=metrics,
     )
@@ -269,7 +270,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
         on_shutdown=[retention.stop, http.aclose, llm.aclose, async_redis.aclose],
         streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s,
-                                        linger_s=g.replay_write_linger_s), g.resume_grace_s,
+                                        linger_s=g.replay_write_linger_s, local_max_bytes=g.replay_max_bytes),
+                          g.resume_grace_s,
                           active=metrics.streams),
         registry=registry, metrics=metrics,
     )

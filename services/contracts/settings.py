@@ -194,6 +194,10 @@ class GatewaySettings(BaseModel):
         default=10.0, ge=0, le=600, description="A stream with no reader this long is cancelled (reconnect window)")
     replay_ttl_s: int = Field(default=300, ge=10, le=24 * 3600, description="A finished stream stays replayable")
     replay_max_events: int = Field(default=20_000, ge=100, le=1_000_000, description="Events kept per stream")
+    replay_max_bytes: int = Field(
+        default=256 * 2**20, ge=2**20,
+        description="What this replica's ended streams may hold in memory together (media inline weigh most); past "
+                    "it, the oldest ended go before replay_ttl_s")
     replay_write_linger_s: float = Field(
         default=0.02, ge=0, le=5.0,
         description="After a stream's first event, events gather this long per Redis write (resumes see them as late)")

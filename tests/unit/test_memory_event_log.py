@@ -44,3 +44,23 @@ async def test_ended_streams_expire_after_ttl(monkeypatch: pytest.MonkeyPatch) -
     now[0] += 100
     assert not (await log.state("young")).exists and (await log.state("running")).exists
 
+
+
+async def test_over_max_bytes_the_oldest_ended_go_first_and_running_ones_stay() -> None:
+    """Streams with media inline hold their base64: a byte budget, not only a count, bounds the ended ones kept."""
+    log = MemoryEventLog(max_events=10, ttl_s=60, max_streams=100, max_bytes=2_500_000)
+    await log.create("running", None, 1.0)
+    await log.append("running", 1, "artifact.completed", {"artifact": {"data": "x" * 1_000_000}})
+    for name in ("a", "b"):
+        await log.create(name, None, 1.0)
+        await log.append(name, 1, "artifact.completed", {"artifact": {"job_id": name, "data": "x" * 600_000}})
+        await log.append(name, 2, END, {})
+    assert [s for s in ("running", "a", "b") if log.has(s)] == ["running", "a", "b"]
+    await log.create("c", None, 1.0)
+    await log.append("c", 1, "artifact.completed", {"artifact": {"data": "x" * 600_000}})
+    await log.append("c", 2, END, {})  # 2.8 MB: the oldest ended stream goes
+    assert [s for s in ("running", "a", "b", "c") if log.has(s)] == ["running", "b", "c"]
+    assert 2_200_000 < log.bytes <= 2_500_000
+    for name in ("d", "e", "f"):  # small ones ended later do not push out more than needed
+        await _ended(log, name)
+    assert [s for s in ("running", "b", "c", "d", "e", "f") if log.has(s)] == ["running", "b", "c", "d", "e", "f"]
