@@ -47,7 +47,10 @@ class StopOnLoadFailure:
     def serve(self, app: Any, host: str, port: int, log_level: str) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        from services.web.keep_alive import SERVER_IDLE_S
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_keep_alive=SERVER_IDLE_S))
         self.server.run()
         if self.reason is not None:
             raise ServiceUnavailableError(f"{self.name} failed to load its model: {self.reason}",
@@ -227,6 +230,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     from gateway.streams import RedisEventLog, StreamHub
     from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app, redis_clients
     from services.clients.encoder_http import HttpEncoderClient
+    from services.web.keep_alive import CLIENT_IDLE_S
     from services.clients.llm_http import HttpLLMClient
     from services.contracts.errors import ServiceUnavailableError
     from services.jobs.book import RedisJobBook
@@ -237,7 +241,8 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
                                  code="invalid_settings")
     store = build_artifact_store(settings)
     retention = build_retention(settings, store)
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
+                                                 keepalive_expiry=CLIENT_IDLE_S))
     encoder = HttpEncoderClient(settings.encoder.url, http, settings.encoder.timeout_s)
     llm = HttpLLMClient(settings.llm.url, settings.llm.timeout_s)
     sync_redis, async_redis = redis_clients(settings)

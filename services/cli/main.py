@@ -12,6 +12,7 @@ import typer
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.contracts.errors import NextGPTError
 from services.contracts.settings import Settings, load_settings
+from services.web.keep_alive import SERVER_IDLE_S
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve NExT-GPT-style any-to-any models.")
 bundle_app = typer.Typer(no_args_is_help=True, help="Build, convert and inspect model bundles.")
@@ -116,7 +117,7 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
-                http=_bounded_http(settings))
+                http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
 
 
 def _bounded_http(settings: Settings) -> type:
@@ -222,7 +223,7 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
-                http=_bounded_http(settings))
+                http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
 
 
 @app.command("worker")

@@ -15,6 +15,7 @@ import numpy as np
 from services.clients.errors import check_ready_status, error_from_body, error_from_status, unavailable
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.llm import GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64
+from services.web.keep_alive import CLIENT_IDLE_S
 
 # One NDJSON line is one event; a signal event carries its conditioning (a few hundred KB at real size). Anything
 # far larger is a broken upstream, not an event to hold in memory.
@@ -35,7 +36,8 @@ class HttpLLMClient(LLMClient):
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=self.max_connections),
+                timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=CLIENT_IDLE_S),
                 auto_decompress=False)
         return self._session
 

@@ -131,7 +131,9 @@ class VLLMBackend:
     def http(self) -> httpx.Client:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = httpx.Client(timeout=self._timeout)
+            # vLLM's server closes idle connections after VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default), which is
+            # also httpx's pool expiry: a connection reused at that moment is reset (services/web/keep_alive.py).
+            client = self._local.client = httpx.Client(timeout=self._timeout, limits=httpx.Limits(keepalive_expiry=2.0))
             with self._clients_lock:
                 self._clients.append(client)
         return client

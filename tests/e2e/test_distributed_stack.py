@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +163,41 @@ def test_a_dropped_stream_resumes_on_another_replica_and_the_conversation_follow
     second = httpx.post(f"{url2}/v1/chat", headers=_auth(), timeout=120, json={
         "conversation_id": conversation, "messages": [{"role": "user", "content": "shorter"}], "max_tokens": 5})
     assert second.status_code == 200 and second.json()["conversation_id"] == conversation
+
+
+def test_every_service_keeps_an_idle_connection_longer_than_its_clients_pool_it(stack: dict[str, object]) -> None:
+    """A connection idle for 6 s (past the 5 s after which uvicorn closed it, while the gateway's pools kept theirs
+    5 s and 15 s, so a request could be sent on a connection being closed: a reset, and a 503 for the user) still
+    serves its next request, on the gateway, the encoder and the LLM service."""
+    services: dict[str, ServiceProcess] = stack["services"]  # type: ignore[assignment]
+    targets = {name: services[name].ready_url.removeprefix("http://").split("/")[0]
+               for name in ("gateway", "encoder", "llm")}
+
+    def get(sock: socket.socket, host: str) -> bytes:
+        """The response's head, its body read whole (the next response starts clean); b"" when closed."""
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", data, re.I).group(1)):  # type: ignore[union-attr]
+            chunk = sock.recv(4096)
+            if not chunk:
+                return b""  # closed by the server
+            data += chunk
+        return data.partition(b"\r\n\r\n")[0]
+
+    sockets = {}
+    try:
+        for name, host in targets.items():
+            address, port = host.split(":")
+            sockets[name] = socket.create_connection((address, int(port)), timeout=10)
+            assert get(sockets[name], host).startswith(b"HTTP/1.1 200"), name
+        time.sleep(6)
+        for name, host in targets.items():
+            try:
+                again = get(sockets[name], host)
+            except (ConnectionResetError, BrokenPipeError):
+                again = b""
+            assert again.startswith(b"HTTP/1.1 200"), f"{name} closed an idle connection within 6 s"
+    finally:
+        for sock in sockets.values():
+            sock.close()
