@@ -41,8 +41,7 @@ async def collect(events: AsyncIterator[TurnEvent], wait_s: float, conversation_
             elif isinstance(event, ArtifactCompleted):
                 artifacts[event.artifact.job_id] = event.artifact
             elif isinstance(event, ArtifactFailed):  # queued before, or refused by a full queue at once
-                artifacts[event.job_id] = ArtifactOut(job_id=event.job_id, modality=event.modality, state="failed",
-                                                      error=event.error)
+                artifacts[event.job_id] = event.as_artifact()
     finally:
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]

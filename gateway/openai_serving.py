@@ -113,8 +113,8 @@ class OpenAIServingChat:
                     yield chunk({"content": event.text})
                 elif isinstance(event, ArtifactCompleted | ArtifactFailed):
                     delta: dict[str, Any] = {}
-                    await self._attach(delta, event.artifact if isinstance(event, ArtifactCompleted) else ArtifactOut(
-                        job_id=event.job_id, modality=event.modality, state="failed", error=event.error))
+                    artifact = event.artifact if isinstance(event, ArtifactCompleted) else event.as_artifact()
+                    await self._attach(delta, artifact)
                     yield chunk(delta)
                 elif isinstance(event, TurnDone):
                     yield chunk({}, _finish(event.finish_reason))

@@ -56,6 +56,10 @@ class ArtifactFailed:
     modality: str
     error: str
 
+    def as_artifact(self) -> ArtifactOut:
+        """The failed item as the answers list it."""
+        return ArtifactOut(job_id=self.job_id, modality=self.modality, state="failed", error=self.error)
+
 
 @dataclass(frozen=True)
 class ReplyAccepted:

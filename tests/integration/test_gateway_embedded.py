@@ -21,7 +21,7 @@ from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
 from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
-from tests.support.metrics import samples as metric_samples
+from tests.support.metrics import metric, samples as metric_samples
 from tests.support.servers import UvicornThread, wait_until
 
 KEY = "test-key-1"
@@ -473,8 +473,7 @@ def test_a_stream_cancelled_by_its_client_stops_its_generation_at_once(url: str)
     """POST .../cancel while the reply is being written (its reader attached, so the resume grace would keep it
     going): the generation stops, the stream ends with stream_cancelled; another key cannot cancel it."""
     def stopped() -> float:
-        return metric_samples(httpx.get(f"{url}/metrics").text).get(
-            'nextgpt_llm_requests_total{outcome="disconnected"}', 0.0)
+        return metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}')
 
     before = stopped()
     body = {"messages": [{"role": "user", "content": "say a lot"}], "stream": True, "max_tokens": 400, "seed": 2,
@@ -498,10 +497,6 @@ def test_a_stream_cancelled_by_its_client_stops_its_generation_at_once(url: str)
     assert again.status_code == 200 and again.json()["cancelled"] is False
 
 
-def _metric(url: str, name: str) -> float:
-    return metric_samples(httpx.get(f"{url}/metrics").text).get(name, 0.0)
-
-
 def test_a_client_gone_before_its_json_answer_stops_the_turn(url: str) -> None:
     """A non-streamed turn whose client goes away (a timeout; the OpenAI SDK then retries) stops: its generation,
     and its decode jobs, whose ids no one received. Before, both ran to their end for nobody, on both endpoints."""
@@ -510,18 +505,18 @@ def test_a_client_gone_before_its_json_answer_stops_the_turn(url: str) -> None:
     talk = {"messages": [{"role": "user", "content": "say a lot"}], "max_tokens": 400, "seed": 2,
             "allowed_modalities": []}
     for path, body in (("/v1/chat", talk), ("/v1/chat/completions", {**talk, "model": "nextgpt"})):
-        before = _metric(url, stopped)
+        before = metric(url, stopped)
         raw = json.dumps(body).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:  # closed while the reply is being written
             sock.sendall(f"POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {KEY}\r\n"
                          f"content-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n".encode() + raw)
-            wait_until(lambda: _metric(url, "nextgpt_llm_running") >= 1, 30, "the generation under way")
-        wait_until(lambda: _metric(url, stopped) == before + 1, 10, f"{path}: the generation stopped")
+            wait_until(lambda: metric(url, "nextgpt_llm_running") >= 1, 30, "the generation under way")
+        wait_until(lambda: metric(url, stopped) == before + 1, 10, f"{path}: the generation stopped")
 
-    before = _metric(url, cancelled)
+    before = metric(url, cancelled)
     with pytest.raises(httpx.ReadTimeout):  # the words are done; a slow clip is being drawn
         httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=httpx.Timeout(60, read=2.0), json={
             "messages": [{"role": "user", "content": "a long video"}], "max_tokens": 40,
             "require_modalities": ["video"], "decoder": {"steps": 200}, "wait_s": 120})
-    wait_until(lambda: _metric(url, cancelled) == before + 1, 30, "the clip's job cancelled")
+    wait_until(lambda: metric(url, cancelled) == before + 1, 30, "the clip's job cancelled")

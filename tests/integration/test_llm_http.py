@@ -22,6 +22,7 @@ from services.contracts.llm import (
 from services.contracts.settings import LLMSettings
 from services.llm.app import build_llm_app
 from services.llm.compose import build_llm_service
+from tests.support.metrics import metric
 from tests.support.servers import UvicornThread, free_port, wait_until
 
 MEDIA = np.random.default_rng(1).standard_normal((2, 128)).astype(np.float32)
@@ -74,13 +75,6 @@ async def test_request_errors_are_4xx_before_streaming(url: str) -> None:
     assert too_many.status_code == 413
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_client_disconnect_cancels_generation(url: str) -> None:
     body = GenerateRequest(params=_params(max_tokens=2000), media=media_to_b64(MEDIA))
     started = time.perf_counter()
@@ -90,8 +84,8 @@ def test_client_disconnect_cancels_generation(url: str) -> None:
         assert json.loads(next(lines))["type"] == "accepted"
         assert json.loads(next(lines))["type"] in ("delta", "signal")
     # The connection is closed after one event: the generation must stop and free the model.
-    wait_until(lambda: _metric(url, "nextgpt_llm_running") == 0, 10, "generation stopped")
-    wait_until(lambda: _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}') >= 1, 10, "counted")
+    wait_until(lambda: metric(url, "nextgpt_llm_running") == 0, 10, "generation stopped")
+    wait_until(lambda: metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}') >= 1, 10, "counted")
     assert time.perf_counter() - started < 6  # 2000 tokens would take far longer on this machine
     quick = httpx.post(f"{url}/v1/generate", content=GenerateRequest(params=_params(max_tokens=3),
                        media=media_to_b64(MEDIA)).model_dump_json(), headers={"content-type": "application/json"})
@@ -102,14 +96,14 @@ async def test_leaving_the_client_stream_early_stops_the_generation(url: str) ->
     """The gateway closes its iterator when its client goes: the connection must close (not go back to the pool
     half read), so that the service stops generating."""
     client = HttpLLMClient(url)
-    before = _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}')
+    before = metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}')
     stream = client.generate(_params(max_tokens=2000), MEDIA)
     assert isinstance(await anext(stream), Accepted)
     assert isinstance(await anext(stream), (TextDelta, SignalEvent))
     await stream.aclose()  # type: ignore[attr-defined]
     await asyncio.sleep(0.1)  # the socket closes on the event loop's next turns (wait_until below blocks it)
-    wait_until(lambda: _metric(url, "nextgpt_llm_running") == 0, 10, "generation stopped")
-    wait_until(lambda: _metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}') > before, 10, "counted")
+    wait_until(lambda: metric(url, "nextgpt_llm_running") == 0, 10, "generation stopped")
+    wait_until(lambda: metric(url, 'nextgpt_llm_requests_total{outcome="disconnected"}') > before, 10, "counted")
     # The client is still usable afterwards, on a fresh connection.
     events = [e async for e in client.generate(_params(max_tokens=3), MEDIA)]
     assert isinstance(events[-1], Done)
