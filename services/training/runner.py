@@ -15,14 +15,13 @@ from services.contracts.bundle_manifest import InputProjectionSpec
 from services.training.examples import Encoded
 from services.training.model import NextGPTTrainable
 from services.training.release_data import BundleEncoders, release_examples
+from services.training.sizes import HELD_OUT, POOL
 from services.training.stages import STAGES, LoraOptions, encoded_pool, export_bundle, run_stage
 from services.training.world_source import WorldExamples, decoder_targets, embed_world
 from services.world.dataset import generate_split, read_world
 from services.world.evaluate import EVAL_SEED
 
 log = logging.getLogger(__name__)
-POOL = 20_000
-HELD_OUT = 256
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,7 @@ class StageRun:
     force: bool = False
     progress: bool = True
     pool_size: int = POOL
+    held_out: int = HELD_OUT  # 0: no held-out check
     media_root: Path | None = None  # release-format data: the folder its media file names are under
     # Stage 1 only: train a fresh input projection of this design instead of the bundle's.
     input_projection: InputProjectionSpec | None = None
@@ -73,7 +73,8 @@ def train_stage(run: StageRun) -> dict[str, object]:
         train_source = WorldExamples(splits, embed_world(bundle, splits, cache=cache, token_level=token_level), targets)
         eval_source = WorldExamples(fresh, embed_world(bundle, fresh, cache=cache, token_level=token_level), targets)
         pool = encoded_pool(model, train_source.examples(spec.conversations, run.pool_size, run.seed))
-        held_out = encoded_pool(model, eval_source.examples(spec.conversations, HELD_OUT, EVAL_SEED, split="eval"))
+        held_out = encoded_pool(model, eval_source.examples(spec.conversations, run.held_out, EVAL_SEED,
+                                                            split="eval")) if run.held_out else []
         train_table, eval_table = train_source.table, eval_source.table
     else:
         if run.media_root is None:
@@ -81,8 +82,8 @@ def train_stage(run: StageRun) -> dict[str, object]:
         encoders = BundleEncoders(bundle, token_level)
         pool = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, run.pool_size,
                                                     run.seed))
-        held_out = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, HELD_OUT,
-                                                        EVAL_SEED, split="eval"))
+        held_out = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, run.held_out,
+                                                        EVAL_SEED, split="eval")) if run.held_out else []
         train_table = eval_table = encoders.table
         if not pool:
             raise ValueError(f"{run.data}: no training examples")

@@ -32,27 +32,31 @@ def _run(processes: int, workdir: Path, deepspeed: Path | None = None, stop_afte
     subprocess.run(cmd, check=True, env=env, timeout=240, cwd=REPO)
 
 
-def test_two_processes_give_the_one_process_loss_curve(tmp_path: Path) -> None:
-    _run(1, tmp_path / "one")
+@pytest.fixture(scope="module")
+def one_process_curve(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    workdir = tmp_path_factory.mktemp("one")
+    _run(1, workdir)
+    return _curve(workdir)
+
+
+def test_two_processes_give_the_one_process_loss_curve(tmp_path: Path, one_process_curve: list[float]) -> None:
     _run(2, tmp_path / "two")
-    one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    one, two = one_process_curve, _curve(tmp_path / "two")
     assert len(one) == len(two) == 20
     assert one[-1] < one[0] * 0.8  # it learns
     assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
 
 
 @needs_deepspeed
-def test_zero2_over_two_processes_gives_the_one_process_curve_and_resumes(tmp_path: Path) -> None:
-    _run(1, tmp_path / "one")
+def test_zero2_over_two_processes_gives_the_one_process_curve_and_resumes(tmp_path: Path,
+                                                                         one_process_curve: list[float]) -> None:
+    # Sharded, killed after 12 steps (last checkpoint: 10) and started again: it follows one process's curve, and
+    # goes on from step 10 onto it.
+    _run(2, tmp_path / "zero2", ZERO2, stop_after=12)
     _run(2, tmp_path / "zero2", ZERO2)
-    one, sharded = _curve(tmp_path / "one"), _curve(tmp_path / "zero2")
-    assert len(sharded) == 20
-    assert sharded == pytest.approx(one, rel=1e-4, abs=1e-6)
+    one, sharded = one_process_curve, _curve(tmp_path / "zero2")
+    assert len(sharded) == 12 + 10
+    assert sharded[:12] == pytest.approx(one[:12], rel=1e-4, abs=1e-6)
+    assert sharded[12:] == pytest.approx(one[10:], rel=1e-4, abs=1e-6)
     shards = list((tmp_path / "zero2" / "deepspeed").glob("step20/*optim_states.pt"))
     assert len(shards) == 2  # each process wrote its own part of the optimizer state
-    # The same run killed after 12 steps (last checkpoint: 10) and started again: it goes on from step 10.
-    _run(2, tmp_path / "resumed", ZERO2, stop_after=12)
-    _run(2, tmp_path / "resumed", ZERO2)
-    resumed = _curve(tmp_path / "resumed")
-    assert resumed[:12] == pytest.approx(one[:12], rel=1e-4, abs=1e-6)
-    assert resumed[12:] == pytest.approx(one[10:], rel=1e-4, abs=1e-6)

@@ -60,7 +60,7 @@ def _losses(work: Path) -> list[float]:
 def _train(stage: str, bundle: Path, world: Path, tmp: Path, steps: int) -> tuple[Path, dict[str, object]]:
     out = tmp / stage
     report = train_stage(StageRun(stage=stage, bundle=bundle, data=world, out=out, work=tmp / f"{stage}.work",
-                                  steps=steps, progress=False, pool_size=256))
+                                  steps=steps, progress=False, pool_size=256, held_out=64))
     return out, report
 
 
@@ -164,7 +164,7 @@ def test_a_group_input_projection_trains_and_is_served_like_any_other(tiny_bundl
     frozen = _frozen_files(tiny_bundle_dir)
     out = tmp_path / "group"
     report = train_stage(StageRun(stage="align-encoder", bundle=tiny_bundle_dir, data=world, out=out,
-                                  work=tmp_path / "group.work", steps=30, progress=False, pool_size=256,
+                                  work=tmp_path / "group.work", steps=30, progress=False, pool_size=256, held_out=64,
                                   input_projection=spec))
     assert _falls(_losses(tmp_path / "group.work"))
     assert report["held_out_after"]["nll"] < report["held_out_before"]["nll"]  # type: ignore[index]
@@ -211,7 +211,8 @@ def _launch(processes: int, bundle: Path, world: Path, out: Path, *extra: str) -
     done = subprocess.run([str(DEEPSPEED_PYTHON), "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                            f"--master_port={free_port()}", "-m", "services.cli.main", "train", "instruct",
                            "--bundle", str(bundle),
-                           "--data", str(world), "--out", str(out), "--steps", "12", *extra],
+                           "--data", str(world), "--out", str(out), "--steps", "12", "--pool", "256",
+                           "--held-out", "16", *extra],
                           env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
