@@ -36,6 +36,15 @@ def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield server.url
 
 
+def _engines_here(settings: Settings) -> Settings:
+    """``settings`` with the LLM engine and the decoder pipelines in this process: for a test of the gateway's own
+    behaviour under settings of its own. Their own processes (the default, which the module's server runs) take
+    about 8 s more to start and stop, each spawned child importing the model libraries again."""
+    return settings.model_copy(update={
+        "llm": settings.llm.model_copy(update={"engine_process": False}),
+        "decoders": settings.decoders.model_copy(update={"engine_process": False})})
+
+
 def _auth(key: str = KEY) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
@@ -355,7 +364,8 @@ def test_downloads_can_redirect_to_the_object_store(tiny_bundle_dir: Path, tmp_p
     storage = {"backend": "s3", "s3_endpoint_url": s3_info.endpoint_url, "s3_bucket": f"r-{uuid.uuid4().hex[:12]}",
                "s3_access_key_id": s3_info.access_key, "s3_secret_access_key": s3_info.secret_key,
                "s3_create_bucket": True, "redirect_downloads": True, "presign_ttl_s": 600}
-    app = embedded_app(Settings(cache_dir=tmp_path, api_keys=KEY, storage=storage), load_bundle(tiny_bundle_dir))
+    app = embedded_app(_engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, storage=storage)),
+                       load_bundle(tiny_bundle_dir))
     with UvicornThread(app) as server:
         body = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
             "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12, "require_modalities": ["image"],
@@ -375,7 +385,8 @@ def test_a_huge_conversation_is_refused_before_it_is_tokenised(tiny_bundle_dir: 
     import resource
     import time
 
-    app = embedded_app(Settings(cache_dir=tmp_path, api_keys=KEY), load_bundle(tiny_bundle_dir))  # 64 MB bodies
+    app = embedded_app(_engines_here(Settings(cache_dir=tmp_path, api_keys=KEY)), load_bundle(tiny_bundle_dir))
+    # (the default 64 MB bodies)
 
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 10_000} for i in range(255)]
     messages.append({"role": "user", "content": "x" * 50_000})  # 25.6 MB of text, inside the per-field limits
@@ -406,7 +417,7 @@ def test_a_full_server_answers_503_with_retry_after_streamed_or_not(tiny_bundle_
     """Two generations at most (one decoding, one waiting): of eight streamed turns sent at once, those beyond are
     503 with Retry-After (before: 200 streams carrying an 'overloaded' error event, which neither a client's retry
     nor a load balancer can see); the others stream to the end."""
-    settings = Settings(cache_dir=tmp_path, api_keys=KEY, llm={"max_batch": 1, "max_waiting": 1})
+    settings = _engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, llm={"max_batch": 1, "max_waiting": 1}))
     body = {"messages": [{"role": "user", "content": "say a lot"}], "max_tokens": 300, "stream": True}
 
     async def turn(client: httpx.AsyncClient) -> tuple[int, str | None, str]:
@@ -430,7 +441,7 @@ def test_a_full_server_answers_503_with_retry_after_streamed_or_not(tiny_bundle_
 def test_a_caller_over_its_rate_gets_429_saying_how_long_to_wait(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     """One request a minute: the second, at once, is refused with the bucket's wait (a whole minute less the moment
     since the first) as Retry-After, which clients such as the OpenAI SDK honour."""
-    settings = Settings(cache_dir=tmp_path, api_keys=KEY, gateway={"rate_limit_per_minute": 1})
+    settings = _engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, gateway={"rate_limit_per_minute": 1}))
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         assert httpx.post(f"{server.url}/v1/chat", headers=_auth(), json=body, timeout=60).status_code == 200
