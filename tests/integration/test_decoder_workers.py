@@ -234,7 +234,7 @@ async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], 
                                                            tmp_path: Path, worker: WorkerProcess) -> None:
     worker.stop()  # this test owns the queue: only its own workers consume
     first = WorkerProcess("video", env, tmp_path / "first.log").wait_ready()
-    job = _job(store, tiny_bundle_dir, "video", steps=40)
+    job = _job(store, tiny_bundle_dir, "video", steps=16)
     await queue.submit(job)
     async for event in queue.events(job.job_id):
         if event.type == "progress" and (event.step or 0) >= 2:
