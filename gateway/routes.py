@@ -25,6 +25,7 @@ from gateway.state import GatewayState
 from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, StreamCancelled, Usage
 from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError, invalid_fields
+from services.contracts.ids import is_hex_id
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -150,7 +151,7 @@ async def chat(request: Request) -> Response:
 
 def _check_stream_id(stream_id: str) -> None:
     """Only ids this server makes reach the log: anything else is a stream that is not there."""
-    if not re.fullmatch(r"[0-9a-f]{32}", stream_id):
+    if not is_hex_id(stream_id):
         raise NotFoundError(f"stream {stream_id!r} not found", code="stream_not_found")
 
 
@@ -280,7 +281,7 @@ async def job(job_id: str, request: Request) -> dict[str, Any]:
     """A decode job's state (and its artifact's signed URL once completed); only to the caller that started it."""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
-    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+    if not is_hex_id(job_id):  # only ids this server makes reach the job book
         raise NotFoundError(f"job {job_id!r} not found", code="job_not_found")
     status = await st.decoders.status(job_id)
     # Someone else's job looks exactly like a missing one.

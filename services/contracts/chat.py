@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from services.contracts.bundle_manifest import Modality
 from services.contracts.decoders import DecodeOptions
+from services.contracts.ids import HEX_ID_PATTERN
 from services.contracts.llm import StopString
 
 
@@ -31,7 +32,7 @@ class ChatRequest(BaseModel):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     stream: bool = False
-    conversation_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    conversation_id: str | None = Field(default=None, pattern=HEX_ID_PATTERN)
     # strict: JSON true is not a number of tokens (lax validation would take it as 1)
     max_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=5.0)

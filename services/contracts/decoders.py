@@ -3,7 +3,6 @@ workers report progress, completion and failure as events and a queryable status
 
 from __future__ import annotations
 
-import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -13,12 +12,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.contracts.bundle_manifest import Modality
+from services.contracts.ids import is_hex_id
 from services.contracts.storage import check_key
 
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 CONDITIONING_TENSOR = "conditioning"
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 ARTIFACT_FORMATS: dict[str, tuple[str, str]] = {  # modality -> (suffix, mime)
     "image": (".png", "image/png"),
@@ -62,7 +61,7 @@ class DecodeJob(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _hex(cls, value: str) -> str:
-        if not _JOB_ID.match(value):
+        if not is_hex_id(value):
             raise ValueError("job_id must be 32 lowercase hex characters")
         return value
 
