@@ -34,6 +34,7 @@ from services.llm.projectors import Projectors
 from services.llm.prompt_embeds import build_prompt_embeddings
 from services.llm.signals import Group, SignalController
 from services.llm.stop_strings import StopStrings
+from services.web.keep_alive import VLLM_CLIENT_IDLE_S
 
 Emit = Callable[[LLMEvent], None]
 _BAN = -100.0
@@ -131,9 +132,9 @@ class VLLMBackend:
     def http(self) -> httpx.Client:
         client = getattr(self._local, "client", None)
         if client is None:
-            # vLLM's server closes idle connections after VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default), which is
-            # also httpx's pool expiry: a connection reused at that moment is reset (services/web/keep_alive.py).
-            client = self._local.client = httpx.Client(timeout=self._timeout, limits=httpx.Limits(keepalive_expiry=2.0))
+            # Let go of idle connections before vLLM's server closes them (services/web/keep_alive.py).
+            client = self._local.client = httpx.Client(
+                timeout=self._timeout, limits=httpx.Limits(keepalive_expiry=VLLM_CLIENT_IDLE_S))
             with self._clients_lock:
                 self._clients.append(client)
         return client

@@ -12,3 +12,6 @@ from __future__ import annotations
 
 SERVER_IDLE_S = 75  # every server of ours: gateway, encoder, LLM service
 CLIENT_IDLE_S = 30.0  # the gateway's clients of the encoder and LLM services: well under SERVER_IDLE_S
+# The LLM service's client of vLLM, whose server closes idle connections after VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s
+# by default): a server we do not run, so its clients let go well before its default.
+VLLM_CLIENT_IDLE_S = 2.0
