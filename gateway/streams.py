@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Gauge
 
@@ -38,6 +38,9 @@ class StreamState:
     owner: str | None = None
     first_id: int | None = None  # the oldest entry still kept (None: none yet)
     end_id: int | None = None  # one past the last event once the stream has ended, else None
+
+
+StopReason = Literal["cancelled", "abandoned"]
 
 
 class EventLog(abc.ABC):
@@ -64,15 +67,14 @@ class EventLog(abc.ABC):
         """A reader is attached (for ``ttl_s`` more seconds)."""
 
     @abc.abstractmethod
-    async def attached(self, stream_id: str) -> bool: ...
-
-    @abc.abstractmethod
     async def request_cancel(self, stream_id: str) -> None:
         """A client asked to cancel the stream (its producer may run on another replica)."""
 
     @abc.abstractmethod
-    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
-        """Asked by the producer: whether a cancel was requested, waiting up to ``wait_s`` for one made here."""
+    async def stop_reason(self, stream_id: str, wait_s: float) -> StopReason | None:
+        """Asked by the producer, again and again while its turn runs: why the turn must stop ("cancelled": a
+        client asked; "abandoned": no reader has touched the stream for a while), or None; waits up to ``wait_s``
+        for a cancel made here."""
 
 
 @dataclass
@@ -180,7 +182,7 @@ class MemoryEventLog(EventLog):
         if s is not None:
             s.seen_until = max(s.seen_until, time.monotonic() + ttl_s)
 
-    async def attached(self, stream_id: str) -> bool:
+    def attached(self, stream_id: str) -> bool:
         s = self._streams.get(stream_id)
         return s is not None and s.seen_until > time.monotonic()
 
@@ -190,12 +192,18 @@ class MemoryEventLog(EventLog):
             s.cancel.set()
 
     async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
+        """Whether a cancel was requested, waiting up to ``wait_s`` for one."""
         s = self._streams.get(stream_id)
         if s is None:
             return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(s.cancel.wait(), wait_s)
         return s.cancel.is_set()
+
+    async def stop_reason(self, stream_id: str, wait_s: float) -> StopReason | None:
+        if await self.cancel_requested(stream_id, wait_s):
+            return "cancelled"
+        return None if self.attached(stream_id) else "abandoned"
 
 
 class RedisEventLog(EventLog):
@@ -302,9 +310,6 @@ class RedisEventLog(EventLog):
         else:
             await self.r.set(self._key(stream_id, ":reader"), "1", px=max(1, int(ttl_s * 1000)))
 
-    async def attached(self, stream_id: str) -> bool:
-        # Asked by the producer, which runs here: a reader here is seen in memory, one elsewhere in Redis.
-        return await self.local.attached(stream_id) or bool(await self.r.exists(self._key(stream_id, ":reader")))
 
     async def request_cancel(self, stream_id: str) -> None:
         if self.local.has(stream_id):  # produced here: the producer sees it at once
@@ -312,11 +317,17 @@ class RedisEventLog(EventLog):
         else:
             await self.r.set(self._key(stream_id, ":cancel"), "1", ex=self.ttl_s)
 
-    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
+    async def stop_reason(self, stream_id: str, wait_s: float) -> StopReason | None:
         # Asked by the producer, which runs here: a cancel made here wakes it at once, one made on another replica
-        # is seen in Redis after the wait.
-        return await self.local.cancel_requested(stream_id, wait_s) or \
-            bool(await self.r.exists(self._key(stream_id, ":cancel")))
+        # is seen in Redis after the wait; a reader here is seen in memory, one elsewhere in Redis. One command a
+        # round either way (it was two while the reader was elsewhere).
+        if await self.local.cancel_requested(stream_id, wait_s):
+            return "cancelled"
+        cancel_key = self._key(stream_id, ":cancel")
+        if self.local.attached(stream_id):
+            return "cancelled" if await self.r.exists(cancel_key) else None
+        cancelled, reader = await self.r.mget(cancel_key, self._key(stream_id, ":reader"))
+        return "cancelled" if cancelled is not None else None if reader is not None else "abandoned"
 
 
 class _StreamWriter:
@@ -418,13 +429,12 @@ class StreamHub:
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
 
-        async def watch() -> str:
+        async def watch() -> StopReason:
             """Why the turn must stop: a client asked to cancel it, or no client reads it any more."""
             while True:
-                if await self.log.cancel_requested(stream_id, self.touch_every_s):
-                    return "cancelled"
-                if not await self.log.attached(stream_id):
-                    return "abandoned"
+                reason = await self.log.stop_reason(stream_id, self.touch_every_s)
+                if reason is not None:
+                    return reason
 
         pumping = asyncio.create_task(pump())
         watching = asyncio.create_task(watch())

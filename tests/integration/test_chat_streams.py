@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -19,7 +20,7 @@ from gateway.conversations import (
     RedisConversationStore,
     StoredTurn,
 )
-from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StreamHub, StreamState
+from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StopReason, StreamHub, StreamState
 from gateway.turn_events import MessageDelta, TextComplete, TurnDone, TurnEvent
 from services.contracts.chat import ChatRequest
 from services.contracts.decoders import DecoderQueue
@@ -57,14 +58,11 @@ class _Replicas(EventLog):
     async def touch(self, stream_id: str, ttl_s: float) -> None:
         await self.reader.touch(stream_id, ttl_s)
 
-    async def attached(self, stream_id: str) -> bool:
-        return await self.producer.attached(stream_id)
-
     async def request_cancel(self, stream_id: str) -> None:
         await self.reader.request_cancel(stream_id)
 
-    async def cancel_requested(self, stream_id: str, wait_s: float) -> bool:
-        return await self.producer.cancel_requested(stream_id, wait_s)
+    async def stop_reason(self, stream_id: str, wait_s: float) -> StopReason | None:
+        return await self.producer.stop_reason(stream_id, wait_s)
 
 
 @pytest.fixture(params=["memory", "redis", "redis, another replica"])
@@ -490,6 +488,39 @@ async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_wri
     assert [int(i.split(b"-")[0]) for i, _ in stored] == list(range(1, 303))  # 301 events and the end marker
     assert [e[0] for e in local] == list(range(1, 302))
     assert writes < 150, writes
+    await hub.close()
+    await elsewhere.close()
+    async for key in client.scan_iter(f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
+    await watcher.aclose()
+
+
+async def _calls(watcher: redis.asyncio.Redis, *commands: str) -> int:
+    stats = await watcher.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
+
+
+async def test_the_producer_asks_redis_once_a_round_wherever_its_reader_is(redis_info: RedisInfo) -> None:
+    """While its turn runs, the producer asks every ``touch_every_s`` whether it was cancelled and whether anyone
+    still reads it: one command a round, also when the reader is on another replica (it was two)."""
+    client = async_redis(redis_info.url)
+    watcher = redis.asyncio.Redis.from_url(redis_info.url)
+    prefix = f"{redis_info.key_prefix}rounds-{uuid.uuid4().hex[:6]}:"
+    # A new stream counts as read here for grace_s + 2 touch_every_s (0.7 s): after that, only Redis knows.
+    hub = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, block_ms=5000), grace_s=0.5, touch_every_s=0.1)
+    elsewhere = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, block_ms=5000), grace_s=0.5,
+                          touch_every_s=10)  # its one touch keeps the stream read for 20.5 s
+    slow = Turn(1, every_s=3.4)  # under way through the 2 s counted
+    stream_id = await hub.start(slow.events(), owner=None)
+    remote = asyncio.ensure_future(_drain(await elsewhere.attach(stream_id, None)))
+    await asyncio.sleep(1.0)
+    before, started = await _calls(watcher, "exists", "mget", "get"), time.monotonic()
+    await asyncio.sleep(2.0)
+    asked = await _calls(watcher, "exists", "mget", "get") - before
+    rounds = (time.monotonic() - started) / 0.1
+    assert asked <= rounds + 3, (asked, rounds)  # two a round would be about 40
+    assert [e[0] for e in await asyncio.wait_for(remote, 10)] == [1, 2]  # and the remote reader kept it alive
     await hub.close()
     await elsewhere.close()
     async for key in client.scan_iter(f"{prefix}*"):
