@@ -181,14 +181,14 @@ async def test_cancel_stops_a_running_job(worker: WorkerProcess, queue: CeleryDe
 async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
         worker: WorkerProcess, queue: CeleryDecoderQueue, store: S3ArtifactStore, tiny_bundle_dir: Path) -> None:
     # A long clip holds the worker while the pictures queue up behind it; then it takes them as batches.
-    blocker = _job(store, tiny_bundle_dir, "video", steps=40)
+    blocker = _job(store, tiny_bundle_dir, "video", steps=20)
     await queue.submit(blocker)
     async for event in queue.events(blocker.job_id):
         if event.type == "started":
             break
-    good = [_job(store, tiny_bundle_dir, "image", steps=60) for _ in range(6)]
-    bad = _job(store, tiny_bundle_dir, "image", shape=(77, 999), steps=60)
-    doomed = _job(store, tiny_bundle_dir, "image", steps=60)
+    good = [_job(store, tiny_bundle_dir, "image", steps=30) for _ in range(6)]
+    bad = _job(store, tiny_bundle_dir, "image", shape=(77, 999), steps=30)
+    doomed = _job(store, tiny_bundle_dir, "image", steps=30)
     for job in [*good[:3], bad, doomed, *good[3:]]:
         await queue.submit(job)
     async for event in queue.events(doomed.job_id):
@@ -201,7 +201,7 @@ async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
     for job in good:
         events = await _collect(queue, job.job_id)
         assert events[-1].type == "completed", events[-1]
-        assert [e.step for e in events if e.type == "progress"] == list(range(1, 61))
+        assert [e.step for e in events if e.type == "progress"] == list(range(1, 31))
         status = await queue.status(job.job_id)
         assert status is not None and status.artifact is not None
         batches.append(int(status.artifact.metadata["batch"]))
