@@ -250,13 +250,14 @@ CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check
           check_describe, check_describe_clip, check_describe_recording, check_film, check_animate, check_second_drawing,
           check_about_what_it_made, check_many_at_once]
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
-# repeat: each modality out through the Celery worker and S3 (draw, tone, film), an upload through the encoder
-# service (describe), a stop string through the LLM service's stream, history through Redis and S3 with its
-# picture back through the encoder service (second drawing, about what it made), and a batch of asks through
-# all of them. The rest (square, a picture of its choice, clip and recording uploads, animate) exercise the
-# model and the preprocessing, which are the same code in both stacks; the embedded run covers them (animate's
-# clips alone cost the distributed run 50 s on a 2-core machine).
-DISTRIBUTED_CHECKS = [check_draw, check_draw_with_stop, check_tone, check_describe, check_film, check_second_drawing,
+# repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service
+# (describe), a stop string through the LLM service's stream, history through Redis and S3 with its picture back
+# through the encoder service (second drawing, about what it made), and a batch of asks through all of them. The
+# rest (square, a picture of its choice, clip and recording uploads, film, animate) exercise the model, the
+# preprocessing and the decoder runner, which are the same code in both stacks; the embedded run covers them.
+# Clips through the worker and S3 are checked on the tiny bundle (test_distributed_stack): their conditioning
+# travels as the pictures' and sounds' does, and 8 clips cost the distributed run 40-50 s on a 2-core machine.
+DISTRIBUTED_CHECKS = [check_draw, check_draw_with_stop, check_tone, check_describe, check_second_drawing,
                       check_about_what_it_made, check_many_at_once]
 
 
