@@ -338,7 +338,7 @@ def test_a_turn_whose_media_outlast_the_wait_is_saved_and_its_media_join_later(
 
         first = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
             "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12,
-            "require_modalities": ["image"], "decoder": {"steps": 200}, "wait_s": 0}).json()
+            "require_modalities": ["image"], "decoder": {"steps": 80}, "wait_s": 0}).json()
         assert first["finish_reason"] == "media_pending" and first["usage"]["completion_tokens"] > 0
         job_id = first["artifacts"][0]["job_id"]
         reply = stored()[1]
