@@ -44,7 +44,7 @@ def new_key(kind: str, suffix: str = "", uid: str | None = None) -> str:
 
 
 def check_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise InvalidRequestError(f"invalid artifact key {key!r}", code="invalid_artifact_key", param="key")
     return key
 
@@ -53,7 +53,7 @@ def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     """Metadata travels as HTTP headers on S3: lower-case ASCII names and values, bounded in size."""
     metadata = dict(metadata or {})
     for name, value in metadata.items():
-        if not _META_KEY_RE.match(name) or not isinstance(value, str) or not value.isascii():
+        if not _META_KEY_RE.fullmatch(name) or not isinstance(value, str) or not value.isascii():
             raise InvalidRequestError(f"invalid artifact metadata entry {name!r}", code="invalid_metadata")
     if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA_BYTES:
         raise InvalidRequestError("artifact metadata is too large", code="invalid_metadata")

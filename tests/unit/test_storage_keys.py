@@ -25,3 +25,15 @@ def test_kind_is_checked(kind: str) -> None:
 def test_uid_must_be_hex() -> None:
     with pytest.raises(InvalidRequestError):
         new_key("image", uid="../../x")
+
+
+def test_a_final_newline_is_no_part_of_a_key_or_a_metadata_name() -> None:
+    # re's "$" also matches before a final newline: with match(), both passed.
+    from services.contracts.storage import check_metadata
+
+    key = new_key("image", ".png")
+    with pytest.raises(InvalidRequestError):
+        check_key(key + "\n")
+    assert check_metadata({"batch": "2"}) == {"batch": "2"}
+    with pytest.raises(InvalidRequestError):
+        check_metadata({"batch\n": "2"})
