@@ -310,7 +310,6 @@ class RedisEventLog(EventLog):
         else:
             await self.r.set(self._key(stream_id, ":reader"), "1", px=max(1, int(ttl_s * 1000)))
 
-
     async def request_cancel(self, stream_id: str) -> None:
         if self.local.has(stream_id):  # produced here: the producer sees it at once
             await self.local.request_cancel(stream_id)

@@ -355,16 +355,16 @@ app.add_typer(train_app, name="train")
 
 def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path], steps: Optional[int], seed: int,
            force: bool, media_root: Optional[Path], deepspeed: Optional[Path], pool: int, held_out: int,
-           lora: Optional[tuple[str, int, int]] = None, input_projection: Optional[InputProjectionSpec] = None) -> None:
+           lora: Optional[tuple[str, int, int]] = None,  # name, rank, alpha (instruct's options)
+           input_projection: Optional[InputProjectionSpec] = None) -> None:
     from services.cli.logs import configure_logging
     from services.training.runner import StageRun, train_stage
     from services.training.stages import LoraOptions
 
     configure_logging("info")
-    name, rank, alpha = lora or ("nextgpt", 32, 32)
     report = train_stage(StageRun(
         stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"), steps=steps,
-        seed=seed, lora=LoraOptions(name=name, rank=rank, alpha=alpha), force=force, pool_size=pool,
+        seed=seed, lora=LoraOptions(*lora) if lora else LoraOptions(), force=force, pool_size=pool,
         held_out=held_out, media_root=media_root, input_projection=input_projection, deepspeed=deepspeed,
     ))
     typer.echo(json.dumps(report, indent=2))
