@@ -56,7 +56,8 @@ class OpenAIChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0)
+    # OpenAI takes any int64 (some clients send -1); our seeds are 0..2**63-1, so a seed is taken modulo 2**63
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None  # bounds checked with the translated request's (param "stop")
     modalities: list[Literal["text", "image", "video", "audio"]] | None = None
@@ -139,7 +140,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         messages[0] = first.model_copy(update={"content": " ".join([*system, first.content]).strip()})
     required = [m for m in (body.modalities or []) if m != "text"]
     return ChatRequest(messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
-                       temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                       temperature=body.temperature, top_p=body.top_p,
+                       seed=None if body.seed is None else body.seed % 2**63,
                        stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
                        lora=model_names[body.model], require_modalities=required), uploads  # type: ignore[arg-type]
 

@@ -220,7 +220,8 @@ class VLLMBackend:
                 "return_token_ids": True, "skip_special_tokens": True, **sampling,
             }
             if params.seed is not None:
-                body["seed"] = params.seed + request_index  # each continuation its own, reproducible, draw
+                # Each continuation its own, reproducible, draw; wrapped, since vLLM takes seeds up to int64's max
+                body["seed"] = (params.seed + request_index) % 2**63
             request_index += 1
             new_ids, reason, stop_reason = self._stream(body, emit, cancelled, stops)
             if new_ids and first_token_at is None:

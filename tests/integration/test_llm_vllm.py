@@ -88,7 +88,7 @@ def test_stop_strings_end_the_text_as_on_transformers(backends: tuple[HFBackend,
 
 def test_sampled_generation_keeps_groups_whole(backends: tuple[HFBackend, VLLMBackend]) -> None:
     _, vl = backends
-    for seed in range(3):
+    for seed in (0, 1, 2**63 - 1):  # the largest seed too: each continuation's seed stays within vLLM's bound
         params = GenerateParams(turns=[Turn(role="user", text="surprise me", media=[0])], max_tokens=80,
                                 temperature=1.0, top_p=1.0, seed=seed, require_modalities=["image"])
         done = _run(vl, params)[-1]

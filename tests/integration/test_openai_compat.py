@@ -136,6 +136,21 @@ def test_stop_ends_the_text_streamed_or_not(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
 
 
+def test_any_int64_seed_is_a_seed(client: openai.OpenAI) -> None:
+    """OpenAI takes any int64 as a seed and some clients send -1: a negative seed draws as reproducibly as another."""
+    def reply(seed: int) -> str:
+        completion = client.chat.completions.create(
+            model="nextgpt", messages=[{"role": "user", "content": "surprise me"}], max_tokens=16, temperature=1.0,
+            top_p=1.0, seed=seed, modalities=["text"])  # type: ignore[list-item]  # (the bundle's top_p is 0.01)
+        return completion.choices[0].message.content or ""
+
+    assert reply(-1) == reply(-1) != reply(-2)
+    assert reply(-2**63) == reply(0)  # taken modulo 2**63
+    with pytest.raises(openai.BadRequestError) as info:
+        reply(2**63)
+    assert info.value.param == "seed"
+
+
 def test_options_at_their_unused_values_are_accepted_and_others_refused(client: openai.OpenAI) -> None:
     ask = dict(model="nextgpt", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     reply = client.chat.completions.create(**ask, tool_choice="none", response_format={"type": "text"},  # type: ignore[call-overload]
