@@ -20,8 +20,6 @@ from services.contracts.chat import ChatMessage, ChatRequest
 from services.contracts.errors import InvalidRequestError, invalid_fields
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+);base64,(?P<data>.+)$", re.DOTALL)
-_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp", "audio/wav": ".wav",
-           "audio/x-wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac", "video/mp4": ".mp4"}
 
 
 # OpenAI options this server does not honour, with the value that means "not used": anything else is refused with
@@ -64,7 +62,7 @@ class OpenAIChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
-def _decode(url: str, where: str, max_bytes: int) -> tuple[bytes, str]:
+def _decode(url: str, where: str, max_bytes: int) -> bytes:
     match = _DATA_URL.match(url)
     if not match:
         raise InvalidRequestError(f"{where}: only base64 data URLs are accepted", code="unsupported_url", param=where)
@@ -74,7 +72,7 @@ def _decode(url: str, where: str, max_bytes: int) -> tuple[bytes, str]:
         raise InvalidRequestError(f"{where}: invalid base64", code="invalid_base64", param=where) from exc
     if len(data) > max_bytes:
         raise InvalidRequestError(f"{where}: {len(data)} bytes exceed {max_bytes}", code="file_too_large", param=where)
-    return data, match["mime"]
+    return data
 
 
 def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
@@ -107,13 +105,15 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             if role == "assistant" and kind in ("image_url", "video_url", "input_audio"):
                 continue  # the server's own earlier output sent back as history: its text is what counts
             if kind == "text":
-                texts.append(str(part.get("text", "")))
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise InvalidRequestError(f"{where}.text must be a string", param=f"{where}.text")
+                texts.append(text)
             elif kind in ("image_url", "video_url"):
                 ref = part.get(kind)
                 # {"url": "data:..."} as OpenAI documents it; a bare string is taken as the URL itself.
                 url = ref if isinstance(ref, str) else ref.get("url", "") if isinstance(ref, dict) else ""
-                data, mime = _decode(str(url), where, max_bytes)
-                files.append(_add(uploads, data, _SUFFIX.get(mime, ".bin"), max_files))
+                files.append(_add(uploads, _decode(str(url), where, max_bytes), where, max_files))
             elif kind == "input_audio":
                 audio = part.get("input_audio")
                 if not isinstance(audio, dict):
@@ -123,7 +123,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                     data = base64.b64decode(str(audio.get("data", "")), validate=True)
                 except (binascii.Error, ValueError) as exc:
                     raise InvalidRequestError(f"{where}: invalid base64", code="invalid_base64", param=where) from exc
-                files.append(_add(uploads, data, "." + str(audio.get("format", "wav")).lower()[:4], max_files))
+                files.append(_add(uploads, data, where, max_files))
             else:
                 raise InvalidRequestError(f"{where}: unsupported content part {kind!r}", param=where)
         if role in ("system", "developer"):  # "developer": OpenAI's newer name for system instructions
@@ -146,12 +146,14 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                        lora=model_names[body.model], require_modalities=required), uploads  # type: ignore[arg-type]
 
 
-def _add(uploads: dict[str, bytes], data: bytes, suffix: str, max_files: int) -> str:
+def _add(uploads: dict[str, bytes], data: bytes, where: str, max_files: int) -> str:
+    """The part's place in the request names its upload, so that what the encoder finds wrong with it (not a
+    picture, too long a sound) names the part the client sent. What a file is comes from its bytes (the format a
+    client declares is not needed)."""
     if len(uploads) >= max_files:
         raise InvalidRequestError(f"more than {max_files} media parts", code="too_many_files", param="messages")
-    name = f"part-{len(uploads)}{suffix}"
-    uploads[name] = data
-    return name
+    uploads[where] = data
+    return where
 
 
 def completion_id() -> str:

@@ -118,6 +118,17 @@ def test_errors_in_the_openai_shape(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="only base64 data URLs"):
         client.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}])
+    # What is wrong with a part names the part the client sent
+    with pytest.raises(openai.APIStatusError) as status:
+        client.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hi").decode()}}]}])
+    assert (status.value.status_code, status.value.body["param"]) == (415, "messages[0].content[1]")  # type: ignore[index]
+    assert status.value.body["message"].startswith("messages[0].content[1]: not an image")  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": [
+            {"type": "text", "text": None}]}])  # type: ignore[list-item]
+    assert info.value.param == "messages[0].content[0].text"  # not the text "None"
     bad = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": "hi"}])
