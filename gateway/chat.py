@@ -17,13 +17,14 @@ import numpy as np
 from pydantic import ValidationError
 from safetensors.numpy import save
 
+from gateway.artifact_refs import ArtifactRefs
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from gateway.metrics import GatewayMetrics
 from gateway.turn_events import (
     ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, ReplyAccepted, SignalChosen,
     TextComplete, TurnDone, TurnEvent,
 )
-from services.contracts.chat import ArtifactOut, ChatRequest
+from services.contracts.chat import ArtifactOut, ChatMessage, ChatRequest
 from services.contracts.bundle_manifest import BundleManifest
 from services.llm.prompt import check_prompt_chars, prompt_starts
 from services.llm.signals import check_signal_budget
@@ -56,8 +57,9 @@ class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
                  conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
                  metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**21,
-                 manifest: BundleManifest | None = None, max_media: int = 16) -> None:
-        self.encoder, self.llm, self.decoders, self.store = encoder, llm, decoders, store
+                 manifest: BundleManifest | None = None, max_media: int = 16, refs: ArtifactRefs | None = None) -> None:
+        """``refs``: reads this server's artifact URLs in messages' ``artifacts`` (None: none are taken)."""
+        self.encoder, self.llm, self.decoders, self.store, self.refs = encoder, llm, decoders, store, refs
         self.max_media = max_media  # the LLM service's bound on media items per request (llm.max_media)
         self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
         self.max_decode_pixels = max_decode_pixels
@@ -88,6 +90,9 @@ class ChatService:
                                       param="files")
         if any(m.files for m in request.messages if m.role == "assistant"):
             raise InvalidRequestError("only user messages may carry files", code="invalid_files", param="messages")
+        made = [await self._artifact_keys(i, m) for i, m in enumerate(request.messages)]
+        asked = len(referenced) + sum(len(k) for k, m in zip(made, request.messages, strict=True) if m.role == "user")
+        made = _newest_fit(made, request.messages, self.max_media - asked)
         await self._encode_history(conversation)
         names = list(dict.fromkeys(referenced))
         vectors: dict[str, np.ndarray] = {}
@@ -95,8 +100,10 @@ class ChatService:
             result = await self.encoder.encode([MediaInput(name=n, data=uploads[n]) for n in names])
             vectors = dict(zip(names, result.embeddings))
         kept = len(conversation.turns)
-        for message in request.messages:
-            conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files]))
+        for message, keys in zip(request.messages, made, strict=True):
+            conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files],
+                                                 artifact_keys=keys))
+        await self._encode_generated(conversation.turns[kept:])  # a message's uploads first, then its artifacts
         # Pictures and sounds of a kept conversation add up over its turns; past the LLM's bound on media per
         # request its oldest exchanges are left out (the prompt builder does the same for the context's tokens).
         start = _media_window(conversation.turns, kept, self.max_media)
@@ -150,13 +157,40 @@ class ChatService:
                 elif status is not None and status.state not in ("failed", "cancelled"):
                     still.append(job_id)
             turn.pending_jobs = still
-            if turn.artifact_keys:
-                # Media past their retention are gone from the store: the turn keeps its words without them.
-                kept = [k for k in turn.artifact_keys if await asyncio.to_thread(self.store.exists, k)]
-                if kept:
-                    result = await self.encoder.encode([MediaInput(name=k, key=k) for k in kept])
-                    turn.vectors.extend(result.embeddings)
-                turn.artifact_keys = []
+        await self._encode_generated(conversation.turns)
+
+    async def _encode_generated(self, turns: list[StoredTurn]) -> None:
+        """The turns' generated media (artifact keys) through the encoder in one call; each turn's vectors follow
+        its own. Media past their retention are gone from the store: a turn keeps its words without them."""
+        kept = {id(turn): [k for k in turn.artifact_keys if await asyncio.to_thread(self.store.exists, k)]
+                for turn in turns if turn.artifact_keys}
+        keys = [k for found in kept.values() for k in found]
+        embeddings = (await self.encoder.encode([MediaInput(name=k, key=k) for k in dict.fromkeys(keys)])
+                      ).embeddings if keys else []
+        by_key = dict(zip(dict.fromkeys(keys), embeddings))
+        for turn in turns:
+            turn.vectors.extend(by_key[k] for k in kept.get(id(turn), []))
+            turn.artifact_keys = []
+
+    async def _artifact_keys(self, index: int, message: ChatMessage) -> list[str]:
+        """The artifact keys of a message's ``artifacts`` (see ``ChatMessage``): a user's must be URLs this server
+        signed, of media still stored; an assistant's history keeps those that are."""
+        keys: list[str] = []
+        for j, url in enumerate(message.artifacts):
+            key = self.refs.key(url) if self.refs is not None else None
+            where = f"messages[{index}].artifacts[{j}]"
+            if message.role == "assistant":
+                if key is None:  # history from elsewhere, or signed before the signing key changed
+                    log.info("left out %s: not an artifact URL this server signed", where)
+                    continue
+            elif key is None:
+                raise InvalidRequestError(f"{where}: not an artifact URL this server gave out",
+                                          code="invalid_artifact_url", param=where)
+            elif not await asyncio.to_thread(self.store.exists, key):
+                raise NotFoundError(f"{where}: the artifact is gone (past its retention)", code="artifact_not_found",
+                                    param=where)
+            keys.append(key)
+        return keys
 
     async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,
                   media: np.ndarray | None, url_for: Callable[[str], str], owner: str | None,
@@ -338,6 +372,19 @@ def _media_window(turns: list[StoredTurn], kept: int, max_media: int) -> int:
     starts = prompt_starts([t.role for t in turns], kept)
     after = [sum(len(t.vectors) for t in turns[i:]) for i in starts]
     return next((i for i, n in zip(starts, after, strict=True) if n <= max_media), kept)
+
+
+def _newest_fit(made: list[list[str]], messages: list[ChatMessage], room: int) -> list[list[str]]:
+    """Assistant messages' media past ``room`` (what the LLM takes per request beside the user's own media) are
+    left out, oldest first: a stateless client's long history keeps its newest pictures, where taking them all
+    would put the request over the LLM's bound and refuse it."""
+    out = [list(keys) for keys in made]
+    for keys, message in zip(reversed(out), reversed(messages), strict=True):
+        if message.role == "assistant":
+            keep = max(0, min(len(keys), room))
+            del keys[:len(keys) - keep]
+            room -= keep
+    return out
 
 
 def _flatten(stored: list[StoredTurn]) -> tuple[list[Turn], np.ndarray | None]:

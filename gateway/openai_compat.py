@@ -1,7 +1,8 @@
 """``POST /v1/chat/completions``: the OpenAI Chat Completions shape over the same ChatService.
 
 Inputs: text, images as ``image_url`` data URLs, audio as ``input_audio`` (base64). Remote URLs are refused
-(the gateway never fetches URLs a client names). Outputs (``openai_serving``): text as a string; generated media
+(the gateway never fetches URLs a client names), except this server's own artifact URLs: media it made, which an
+answer sent back as history carries (``ArtifactRefs``). Outputs (``openai_serving``): text as a string; generated media
 beside it. ``modalities`` (e.g. ``["text", "image"]``) becomes ``require_modalities``.
 """
 
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.artifact_refs import ArtifactRefs, names_artifact
 from services.contracts.chat import ChatMessage, ChatRequest
 from services.contracts.errors import InvalidRequestError, invalid_fields
 
@@ -76,17 +78,17 @@ def _decode(url: str, where: str, max_bytes: int) -> bytes:
 
 
 def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
-                    max_files: int) -> tuple[ChatRequest, dict[str, bytes]]:
+                    max_files: int, refs: ArtifactRefs | None = None) -> tuple[ChatRequest, dict[str, bytes]]:
     """``model_names``: served model id -> LoRA name (None: the base model). Whatever the translated request
     breaks (a content too long, no user message, the assistant's message last) is a 400 naming the field."""
     try:
-        return _translate(body, model_names, max_bytes, max_files)
+        return _translate(body, model_names, max_bytes, max_files, refs)
     except ValidationError as exc:
         raise invalid_fields(exc, default="messages") from exc
 
 
 def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
-               max_files: int) -> tuple[ChatRequest, dict[str, bytes]]:
+               max_files: int, refs: ArtifactRefs | None) -> tuple[ChatRequest, dict[str, bytes]]:
     if body.model not in model_names:
         raise InvalidRequestError(f"unknown model {body.model!r}; see GET /v1/models", code="model_not_found",
                                   param="model")
@@ -95,15 +97,15 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
     system: list[str] = []
     for i, message in enumerate(body.messages):
         role, content = message.get("role"), message.get("content")
-        texts, files = [], []
+        texts, files, artifacts = [], [], []
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
         if not isinstance(parts, list):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list", param=f"messages[{i}]")
+        if role == "assistant":  # the pictures and clips of our own answer, as it gave them (its extension)
+            parts = [*parts, *_list(message.get("images")), *_list(message.get("videos"))]
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
-            if role == "assistant" and kind in ("image_url", "video_url", "input_audio"):
-                continue  # the server's own earlier output sent back as history: its text is what counts
             if kind == "text":
                 text = part.get("text")
                 if not isinstance(text, str):
@@ -112,8 +114,17 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             elif kind in ("image_url", "video_url"):
                 ref = part.get(kind)
                 # {"url": "data:..."} as OpenAI documents it; a bare string is taken as the URL itself.
-                url = ref if isinstance(ref, str) else ref.get("url", "") if isinstance(ref, dict) else ""
-                files.append(_add(uploads, _decode(str(url), where, max_bytes), where, max_files))
+                url = str(ref if isinstance(ref, str) else ref.get("url", "") if isinstance(ref, dict) else "")
+                if names_artifact(url):  # media this server made: the model sees them again (ChatService)
+                    if role != "assistant" and (refs is None or refs.key(url) is None):
+                        raise InvalidRequestError(f"{where}: not an artifact URL this server gave out",
+                                                  code="invalid_artifact_url", param=where)
+                    artifacts.append(url)
+                elif role != "assistant":
+                    files.append(_add(uploads, _decode(url, where, max_bytes), where, max_files))
+                # (an assistant's other media: history from elsewhere, whose words are what counts)
+            elif role == "assistant" and kind == "input_audio":
+                continue
             elif kind == "input_audio":
                 audio = part.get("input_audio")
                 if not isinstance(audio, dict):
@@ -130,7 +141,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
         elif role in ("user", "assistant"):
             try:
-                messages.append(ChatMessage(role=role, content=" ".join(texts), files=files))
+                messages.append(ChatMessage(role=role, content=" ".join(texts), files=files, artifacts=artifacts))
             except ValidationError as exc:
                 raise invalid_fields(exc, where=f"messages[{i}]") from exc
         else:
@@ -144,6 +155,10 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                        seed=None if body.seed is None else body.seed % 2**63,
                        stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
                        lora=model_names[body.model], require_modalities=required), uploads  # type: ignore[arg-type]
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _add(uploads: dict[str, bytes], data: bytes, where: str, max_files: int) -> str:

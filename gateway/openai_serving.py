@@ -55,7 +55,7 @@ class OpenAIServingChat:
         except ValidationError as exc:
             raise invalid_fields(exc) from exc
         chat_request, uploads = to_chat_request(body, self.model_names, self.settings.max_upload_bytes,
-                                                self.settings.max_files)
+                                                self.settings.max_files, self.chat.refs)
         conversation, params, media = await self.chat.prepare(chat_request, uploads, owner)
         cid, created = completion_id(), int(time.time())
         if body.stream:

@@ -106,11 +106,15 @@ class UrlSigner:
         expires = int((now or time.time()) + self.ttl_s)
         return f"{path}?expires={expires}&sig={self._sig(path, expires)}"
 
+    def issued(self, path: str, expires: int, sig: str) -> bool:
+        """Whether this signer signed ``path`` with ``expires`` (expired or not)."""
+        # compare_digest refuses non-ASCII str (a TypeError, i.e. a 500): compare bytes.
+        return hmac.compare_digest(self._sig(path, expires).encode(), sig.encode("utf-8", "surrogateescape"))
+
     def verify(self, path: str, expires: int | None, sig: str | None, now: float | None = None) -> None:
         if expires is None or sig is None:
             raise PermissionDeniedError("artifact URL is not signed", code="unsigned_url")
-        # compare_digest refuses non-ASCII str (a TypeError, i.e. a 500): compare bytes.
-        if not hmac.compare_digest(self._sig(path, expires).encode(), sig.encode("utf-8", "surrogateescape")):
+        if not self.issued(path, expires, sig):
             raise PermissionDeniedError("artifact URL signature is invalid", code="bad_signature")
         if expires < (now or time.time()):
             raise PermissionDeniedError("artifact URL has expired", code="url_expired")

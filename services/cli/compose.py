@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from gateway.app import GatewayState, ModelCard, build_app
+from gateway.artifact_refs import ArtifactRefs
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner, read_key_file
@@ -200,10 +201,10 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     g = settings.gateway
     conversations = MemoryConversationStore(g.max_conversations, g.max_conversation_turns, g.conversation_ttl_s)
     metrics = GatewayMetrics(registry)
+    keys, signer = _keys_and_signer(settings)
     chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store, conversations,
                        g.inline_max_bytes, metrics, settings.decoders.max_pixels_per_job, bundle.manifest,
-                       settings.llm.max_media)
-    keys, signer = _keys_and_signer(settings)
+                       settings.llm.max_media, ArtifactRefs(signer))
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
         advisory_checks=hooks.checks,
@@ -270,7 +271,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
                                         settings.decoders.max_pixels_per_job, bundle.manifest,
-                                        settings.llm.max_media),
+                                        settings.llm.max_media, ArtifactRefs(signer)),
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
         on_shutdown=[retention.stop, http.aclose, llm.aclose, async_redis.aclose],

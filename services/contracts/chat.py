@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -11,6 +11,8 @@ from services.contracts.decoders import DecodeOptions
 from services.contracts.ids import HEX_ID_PATTERN
 from services.contracts.llm import StopString
 
+ArtifactUrl = Annotated[str, Field(min_length=1, max_length=2048)]
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -18,11 +20,17 @@ class ChatMessage(BaseModel):
     role: Literal["user", "assistant"]
     content: str = Field(default="", max_length=100_000)
     files: list[str] = Field(default_factory=list, max_length=16, description="Names of uploaded `files` parts")
+    artifacts: list[ArtifactUrl] = Field(
+        default_factory=list, max_length=16,
+        description="Media this server made, as the artifact URLs an answer gave (expired ones too): a stateless "
+                    "client's history shows the model what it made (an assistant message's URLs that this server "
+                    "did not sign, or whose media are gone, are left out), and a user message can ask about one "
+                    "(there such a URL is a 400, or a 404 when its media are gone)")
 
     @model_validator(mode="after")
     def _user_says_something(self) -> ChatMessage:
         # An empty request is no question: the model would answer it with whatever its weights fall into.
-        if self.role == "user" and not self.content.strip() and not self.files:
+        if self.role == "user" and not self.content.strip() and not self.files and not self.artifacts:
             raise ValueError("a user message needs text or files")
         return self
 

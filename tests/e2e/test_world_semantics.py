@@ -7,7 +7,8 @@ circle, "what happens in this video?" about a blue square names its colour and t
 hear?" about a tone sent as a phone's .m4a names its pitch and rhythm, a clip
 asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
 returns a green clip moving right, a second drawing asked for in a conversation is the new one, not the
-first again, "what is in this picture?" about the picture just made describes it, and eight drawings asked
+first again, "what is in this picture?" about the picture just made describes it (in a kept conversation, and
+from a stateless client's history through the OpenAI endpoint), and eight drawings asked
 for at once, decoded together, are each their own request's. These pass only when every piece of wiring is right:
 the encoder's preprocessing and projection, the prompt layout (history included), the LLM's hidden states at the
 bundle's offset, the projectors and their signal rows, the decoders' conditioning and guidance. No
@@ -30,7 +31,7 @@ import pytest
 from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
-from services.world.api_eval import WorldClient, words_say
+from services.world.api_eval import WorldClient, decode_artifact, words_say
 from services.world.attributes import AUDIO_RATE, CLASSES, Attributes
 from services.world.measures import measure
 from services.world.render import render
@@ -227,6 +228,31 @@ def check_about_what_it_made(client: WorldClient) -> None:
     _each_seed(client, one)
 
 
+def check_about_what_it_made_stateless(client: WorldClient) -> None:
+    """Through the OpenAI endpoint, which keeps no conversation: the client sends an answer back as history, its
+    picture as the artifact URL that answer gave (``message.images``), and the picture goes back through the
+    encoder as a kept conversation's does. The history's words say nothing of the picture ("Draw a picture.",
+    "Here is a picture."), so only the picture can tell the model its colour and shape (each seed's differ)."""
+    def one(own: WorldClient, seed: int) -> tuple[bool, object]:
+        colour, shape = AT_ONCE[seed]
+        ask = {"model": "nextgpt", "seed": seed, "max_tokens": 48}
+        first = own.http.post("/v1/chat/completions", json={
+            **ask, "messages": [{"role": "user", "content": f"Draw a {colour} {shape}."}]}).json()
+        made = first["choices"][0]["message"]
+        images = made.get("images", [])
+        shown = measure("image", decode_artifact("image", own.http.get(images[0]["image_url"]["url"]).content)) \
+            if images else None
+        history = [{"role": "user", "content": "Draw a picture."}, {**made, "content": "Here is a picture."},
+                   {"role": "user", "content": "What is in this picture?"}]
+        reply = own.http.post("/v1/chat/completions", json={**ask, "messages": history}).json()
+        said = reply["choices"][0]["message"]
+        ok = shown is not None and not said.get("images") and words_say(said["content"], "colour", shown.colour) \
+            and words_say(said["content"], "shape", shown.shape)
+        return ok, (said["content"], shown, len(said.get("images", [])))
+
+    _each_seed(client, one)
+
+
 # Eight different asks: each colour twice, every shape, never the same pair twice.
 AT_ONCE = [(colour, CLASSES["shape"][(i + k) % len(CLASSES["shape"])])
            for i, colour in enumerate(CLASSES["colour"]) for k in (0, 1)]
@@ -248,7 +274,7 @@ def check_many_at_once(client: WorldClient) -> None:
 
 CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check_picture_shows_what_the_reply_says,
           check_describe, check_describe_clip, check_describe_recording, check_film, check_animate, check_second_drawing,
-          check_about_what_it_made, check_many_at_once]
+          check_about_what_it_made, check_about_what_it_made_stateless, check_many_at_once]
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
 # repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service
 # (describe), a stop string through the LLM service's stream, history through Redis and S3 with its picture back

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,13 @@ from tests.support.servers import UvicornThread
 
 
 @pytest.fixture(scope="module")
-def client(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys="sk-test")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle_dir: Path, cache_dir: Path) -> Iterator[openai.OpenAI]:
+    settings = Settings(cache_dir=cache_dir, api_keys="sk-test")
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
 
@@ -62,6 +68,52 @@ def test_text_and_image_in_image_and_audio_out(client: openai.OpenAI) -> None:
                {"role": "user", "content": "again"}]
     again = client.chat.completions.create(model="nextgpt", max_tokens=4, messages=history)  # type: ignore[arg-type]
     assert isinstance(again.choices[0].message.content, str)
+
+
+def test_media_it_made_come_back_from_a_stateless_history(client: openai.OpenAI, cache_dir: Path) -> None:
+    """A reply's pictures, sent back as history by their artifact URLs (``message.images`` or content parts), go
+    through the encoder into the prompt: the model sees what it made (the world bundle's semantics test checks it
+    answers from them). URLs this server did not sign are left out of an answer's history and refused in a
+    user's message."""
+    made = client.chat.completions.create(model="nextgpt", max_tokens=30, seed=3, modalities=["text", "image"],  # type: ignore[list-item]
+                                          messages=[{"role": "user", "content": "draw"}]).choices[0].message
+    url = made.model_extra["images"][0]["image_url"]["url"]
+    forged = re.sub(r"sig=(.)", lambda m: "sig=" + ("0" if m[1] != "0" else "1"), url)
+    question = {"role": "user", "content": "what is it?"}
+
+    def prompt_tokens(*messages: dict[str, object]) -> int:
+        completion = client.chat.completions.create(model="nextgpt", max_tokens=1, messages=[*messages])  # type: ignore[misc]
+        assert completion.usage is not None
+        return completion.usage.prompt_tokens
+
+    def answer(*media: str) -> dict[str, object]:
+        return {"role": "assistant", "content": "here", "images": [{"type": "image_url", "image_url": {"url": u}}
+                                                                   for u in media]}
+
+    ask = {"role": "user", "content": "draw"}
+    alone = prompt_tokens(ask, answer(), question)
+    with_picture = prompt_tokens(ask, answer(url), question)
+    as_part = prompt_tokens(ask, {"role": "assistant", "content": [
+        {"type": "text", "text": "here"}, {"type": "image_url", "image_url": {"url": url}}]}, question)
+    assert with_picture == as_part > alone
+    assert prompt_tokens(ask, answer(forged), question) == alone
+    assert prompt_tokens(ask, answer(url, url), question) > with_picture
+
+    def about(picture: str) -> dict[str, object]:
+        return {"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                            {"type": "image_url", "image_url": {"url": picture}}]}
+
+    assert prompt_tokens(about(url)) > prompt_tokens(question)
+    with pytest.raises(openai.BadRequestError) as info:
+        prompt_tokens(about(forged))
+    assert (info.value.code, info.value.param) == ("invalid_artifact_url", "messages[0].content[1]")
+    # Past its retention the picture is gone: an answer's history goes on without it, a user's question is a 404.
+    for stored in cache_dir.rglob(url.split("?")[0].rsplit("/", 1)[-1]):
+        stored.unlink()
+    assert prompt_tokens(ask, answer(url), question) == alone
+    with pytest.raises(openai.NotFoundError) as gone:
+        prompt_tokens(about(url))
+    assert gone.value.code == "artifact_not_found"
 
 
 def test_developer_instructions_are_system_instructions(client: openai.OpenAI) -> None:
