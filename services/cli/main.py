@@ -106,7 +106,8 @@ def bundle_pack(
 
 @app.command("serve")
 def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
-    """Embedded mode: the whole stack in one process (today: the parts that exist, see README)."""
+    """Embedded mode: the whole stack as one server (the world bundle unless --bundle; the LLM's running batch and
+    the decoder pipelines in child processes of it)."""
     import uvicorn
 
     from services.cli.compose import check_devices, check_port, embedded_app, resolve_bundle
