@@ -78,17 +78,19 @@ def _decode(url: str, where: str, max_bytes: int) -> bytes:
 
 
 def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
-                    max_files: int, refs: ArtifactRefs | None = None) -> tuple[ChatRequest, dict[str, bytes]]:
+                    max_files: int, refs: ArtifactRefs | None = None,
+                    sounds: dict[str, str] | None = None) -> tuple[ChatRequest, dict[str, bytes]]:
     """``model_names``: served model id -> LoRA name (None: the base model). Whatever the translated request
     breaks (a content too long, no user message, the assistant's message last) is a 400 naming the field."""
     try:
-        return _translate(body, model_names, max_bytes, max_files, refs)
+        return _translate(body, model_names, max_bytes, max_files, refs, sounds or {})
     except ValidationError as exc:
         raise invalid_fields(exc, default="messages") from exc
 
 
 def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
-               max_files: int, refs: ArtifactRefs | None) -> tuple[ChatRequest, dict[str, bytes]]:
+               max_files: int, refs: ArtifactRefs | None, sounds: dict[str, str]
+               ) -> tuple[ChatRequest, dict[str, bytes]]:
     if body.model not in model_names:
         raise InvalidRequestError(f"unknown model {body.model!r}; see GET /v1/models", code="model_not_found",
                                   param="model")
@@ -103,6 +105,9 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list", param=f"messages[{i}]")
         if role == "assistant":  # the pictures and clips of our own answer, as it gave them (its extension)
             parts = [*parts, *_list(message.get("images")), *_list(message.get("videos"))]
+            audio = message.get("audio")
+            if isinstance(audio, dict) and audio.get("id") in sounds:  # its sound, by id (``sounds``: their URLs)
+                artifacts.append(sounds[audio["id"]])
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None

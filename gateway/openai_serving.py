@@ -33,6 +33,7 @@ from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_i
 from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
 from services.contracts.errors import NextGPTError, invalid_fields
+from services.contracts.ids import is_hex_id
 from services.contracts.storage import ArtifactStore
 from services.contracts.settings import GatewaySettings
 
@@ -55,7 +56,8 @@ class OpenAIServingChat:
         except ValidationError as exc:
             raise invalid_fields(exc) from exc
         chat_request, uploads = to_chat_request(body, self.model_names, self.settings.max_upload_bytes,
-                                                self.settings.max_files, self.chat.refs)
+                                                self.settings.max_files, self.chat.refs,
+                                                await self._made_sounds(body, owner, url_for))
         conversation, params, media = await self.chat.prepare(chat_request, uploads, owner)
         cid, created = completion_id(), int(time.time())
         if body.stream:
@@ -78,6 +80,20 @@ class OpenAIServingChat:
                       "total_tokens": usage.prompt_tokens + usage.completion_tokens},
             "conversation_id": result.conversation_id,
         })
+
+    async def _made_sounds(self, body: OpenAIChatRequest, owner: str | None,
+                           url_for: Callable[[str], str]) -> dict[str, str]:
+        """Sounds of earlier answers, sent back by their ``audio.id`` (OpenAI's multi-turn audio; the id is the
+        decode job's): job id -> the artifact's URL, which the translation takes as a picture's. Only the caller's
+        own jobs, the newest up to the bound on media per request (another's id is as unknown as a made-up one)."""
+        ids = [audio["id"] for m in body.messages if m.get("role") == "assistant"
+               and isinstance(audio := m.get("audio"), dict) and is_hex_id(audio.get("id"))]
+        found: dict[str, str] = {}
+        for job_id in list(dict.fromkeys(reversed(ids)))[:self.chat.max_media]:
+            status = await self.chat.decoders.status(job_id)
+            if status is not None and status.owner == owner and status.artifact is not None:
+                found[job_id] = url_for(status.artifact.key)
+        return found
 
     async def _attach(self, message: dict[str, Any], artifact: ArtifactOut) -> None:
         """An artifact into a message or delta: completed, ``audio`` or one more entry of ``images``/``videos``;

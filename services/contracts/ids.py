@@ -9,6 +9,6 @@ HEX_ID_PATTERN = r"^[0-9a-f]{32}$"  # for pydantic fields (whose ``$`` is the en
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def is_hex_id(value: str) -> bool:
+def is_hex_id(value: object) -> bool:
     # fullmatch: ``re``'s ``$`` also matches before a final newline, so an id with "\n" appended would pass.
-    return _HEX_ID.fullmatch(value) is not None
+    return isinstance(value, str) and _HEX_ID.fullmatch(value) is not None

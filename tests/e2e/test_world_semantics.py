@@ -19,6 +19,7 @@ shared calls.
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -253,6 +254,26 @@ def check_about_what_it_made_stateless(client: WorldClient) -> None:
     _each_seed(client, one)
 
 
+def check_about_what_it_played_stateless(client: WorldClient) -> None:
+    """The same for a sound, sent back by its ``audio.id`` as OpenAI's multi-turn audio does: the pitch of the tone
+    it played (a wrong wiring leaves the pitch to chance)."""
+    def one(own: WorldClient, seed: int) -> tuple[bool, object]:
+        pitch, rhythm = ("high", "low")[seed % 2], ("beeping", "steady")[seed // 2 % 2]
+        ask = {"model": "nextgpt", "seed": seed, "max_tokens": 48}
+        first = own.http.post("/v1/chat/completions", json={
+            **ask, "messages": [{"role": "user", "content": f"Play a {pitch} {rhythm} tone."}]}).json()
+        audio = first["choices"][0]["message"].get("audio")
+        heard = measure("audio", decode_artifact("audio", base64.b64decode(audio["data"]))) if audio else None
+        history = [{"role": "user", "content": "Play a sound."},
+                   {"role": "assistant", "content": "Here is a sound.", "audio": {"id": audio["id"] if audio else ""}},
+                   {"role": "user", "content": "What do you hear?"}]
+        said = own.http.post("/v1/chat/completions", json={**ask, "messages": history}).json()["choices"][0]["message"]
+        ok = heard is not None and not said.get("audio") and words_say(said["content"], "pitch", heard.pitch)
+        return ok, (said["content"], heard)
+
+    _each_seed(client, one)
+
+
 # Eight different asks: each colour twice, every shape, never the same pair twice.
 AT_ONCE = [(colour, CLASSES["shape"][(i + k) % len(CLASSES["shape"])])
            for i, colour in enumerate(CLASSES["colour"]) for k in (0, 1)]
@@ -274,7 +295,8 @@ def check_many_at_once(client: WorldClient) -> None:
 
 CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check_picture_shows_what_the_reply_says,
           check_describe, check_describe_clip, check_describe_recording, check_film, check_animate, check_second_drawing,
-          check_about_what_it_made, check_about_what_it_made_stateless, check_many_at_once]
+          check_about_what_it_made, check_about_what_it_made_stateless, check_about_what_it_played_stateless,
+          check_many_at_once]
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
 # repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service
 # (describe), a stop string through the LLM service's stream, history through Redis and S3 with its picture back

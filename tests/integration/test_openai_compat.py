@@ -25,7 +25,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(tiny_bundle_dir: Path, cache_dir: Path) -> Iterator[openai.OpenAI]:
-    settings = Settings(cache_dir=cache_dir, api_keys="sk-test")
+    settings = Settings(cache_dir=cache_dir, api_keys="sk-test,sk-other")
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
 
@@ -102,6 +102,18 @@ def test_media_it_made_come_back_from_a_stateless_history(client: openai.OpenAI,
     def about(picture: str) -> dict[str, object]:
         return {"role": "user", "content": [{"type": "text", "text": "what is it?"},
                                             {"type": "image_url", "image_url": {"url": picture}}]}
+
+    # A sound, by its audio.id as OpenAI's multi-turn audio sends it back: the caller's own job's only
+    sound = client.chat.completions.create(model="nextgpt", max_tokens=30, seed=3, modalities=["text", "audio"],  # type: ignore[list-item]
+                                           messages=[ask]).choices[0].message.audio
+    assert sound is not None
+    heard = prompt_tokens(ask, {"role": "assistant", "content": "here", "audio": {"id": sound.id}}, question)
+    assert heard > alone
+    assert prompt_tokens(ask, {"role": "assistant", "content": "here", "audio": {"id": "0" * 32}}, question) == alone
+    other = openai.OpenAI(base_url=str(client.base_url), api_key="sk-other", max_retries=0)
+    assert other.chat.completions.create(model="nextgpt", max_tokens=1, messages=[  # type: ignore[list-item]
+        ask, {"role": "assistant", "content": "here", "audio": {"id": sound.id}}, question]).usage.prompt_tokens \
+        == alone  # type: ignore[union-attr]
 
     assert prompt_tokens(about(url)) > prompt_tokens(question)
     with pytest.raises(openai.BadRequestError) as info:
