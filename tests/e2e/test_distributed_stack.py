@@ -69,6 +69,21 @@ def test_upload_stream_and_download_every_modality(stack: dict[str, object]) -> 
     second = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
         "conversation_id": conversation, "messages": [{"role": "user", "content": "and now?"}], "max_tokens": 5})
     assert second.status_code == 200, second.text
+    # A stateless client's history through the OpenAI endpoint, on the other replica: the picture by its URL
+    # (signed by the first), the sound by its job id (the job book in Redis), both back through the encoder
+    # service by key.
+    def prompt_tokens(answer: dict[str, object]) -> int:
+        reply = httpx.post(f"{stack['url2']}/v1/chat/completions", headers=_auth(), timeout=120, json={
+            "model": "nextgpt", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "one of each"}, answer, {"role": "user", "content": "and?"}]})
+        assert reply.status_code == 200, reply.text
+        return int(reply.json()["usage"]["prompt_tokens"])
+
+    words = {"role": "assistant", "content": "here"}
+    alone = prompt_tokens(words)
+    assert prompt_tokens({**words, "images": [{"type": "image_url", "image_url": {"url": completed["image"]["url"]}}]}) \
+        > alone
+    assert prompt_tokens({**words, "audio": {"id": completed["audio"]["job_id"]}}) > alone
 
 
 def test_encoder_down_is_a_clear_503_and_recovers(stack: dict[str, object]) -> None:
