@@ -260,7 +260,10 @@ class ChatService:
                         # The turn is saved as soon as its text is complete: a follow-up may start at once.
                         await self._remember(conversation, state)
                         yield TextComplete(state.done.finish_reason, state.done.prompt_tokens,
-                                           state.done.completion_tokens)
+                                           state.done.completion_tokens, {
+                                               "ttft_ms": first_token_ms or 0.0,
+                                               "text_ms": round((time.perf_counter() - started) * 1000, 2),
+                                               "llm_ttft_ms": state.done.timings.get("ttft_ms", 0.0)})
                 elif kind == "job":
                     translated = self._job_event(item, state, url_for)
                     if self.metrics is not None and item.type in ("completed", "failed", "cancelled"):

@@ -18,6 +18,7 @@ async def collect(events: AsyncIterator[TurnEvent], wait_s: float, conversation_
     artifacts: dict[str, ArtifactOut] = {}
     deadline: float | None = None
     usage = Usage(prompt_tokens=0, completion_tokens=0)
+    timings: dict[str, float] = {}
     try:
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -34,6 +35,7 @@ async def collect(events: AsyncIterator[TurnEvent], wait_s: float, conversation_
             if isinstance(event, TextComplete):
                 deadline = time.monotonic() + wait_s  # the turn is saved: its media get wait_s more
                 usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+                timings = event.timings
             elif isinstance(event, MessageDelta):
                 text.append(event.text)
             elif isinstance(event, ArtifactQueued):
@@ -48,4 +50,4 @@ async def collect(events: AsyncIterator[TurnEvent], wait_s: float, conversation_
     # The media outlasted the wait: the client polls GET /v1/jobs/{job_id} for them. The conversation already
     # holds the turn; its media join it when they complete.
     return ChatResponse(conversation_id=conversation_id, text="".join(text), artifacts=list(artifacts.values()),
-                        usage=usage, finish_reason="media_pending")
+                        usage=usage, finish_reason="media_pending", timings=timings)

@@ -75,6 +75,7 @@ class TextComplete:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # the first token's and the text's (as TurnDone's)
 
 
 @dataclass(frozen=True)

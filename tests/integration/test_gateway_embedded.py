@@ -340,6 +340,8 @@ def test_a_turn_whose_media_outlast_the_wait_is_saved_and_its_media_join_later(
             "messages": [{"role": "user", "content": "a picture"}], "max_tokens": 12,
             "require_modalities": ["image"], "decoder": {"steps": 80}, "wait_s": 0}).json()
         assert first["finish_reason"] == "media_pending" and first["usage"]["completion_tokens"] > 0
+        timings = first["timings"]  # the text's, as a complete answer has them
+        assert 0 < timings["llm_ttft_ms"] and 0 < timings["ttft_ms"] <= timings["text_ms"]
         job_id = first["artifacts"][0]["job_id"]
         reply = stored()[1]
         assert reply.role == "assistant" and reply.text == first["text"] and reply.pending_jobs == [job_id]
