@@ -38,7 +38,7 @@ from services.contracts.decoders import (
     new_job_id,
 )
 from services.contracts.encoder import EncoderClient, MediaInput
-from services.contracts.errors import InvalidRequestError, NextGPTError, NotFoundError
+from services.contracts.errors import InvalidRequestError, NextGPTError, NotFoundError, PayloadTooLargeError
 from services.contracts.llm import Accepted, Done, GenerateParams, LLMClient, SignalEvent, TextDelta, Turn
 from services.contracts.storage import ArtifactStore, new_key
 
@@ -90,8 +90,13 @@ class ChatService:
                                       param="files")
         if any(m.files for m in request.messages if m.role == "assistant"):
             raise InvalidRequestError("only user messages may carry files", code="invalid_files", param="messages")
+        # The request's own media (uploads, and what users' messages point at) are never cut: past the LLM's bound
+        # they are refused here, before any lookup or encoding.
+        asked = len(referenced) + sum(len(m.artifacts) for m in request.messages if m.role == "user")
+        if asked > self.max_media:
+            raise PayloadTooLargeError(f"{asked} media items exceed the limit of {self.max_media}",
+                                       code="too_many_media", param="messages")
         made = [await self._artifact_keys(i, m) for i, m in enumerate(request.messages)]
-        asked = len(referenced) + sum(len(k) for k, m in zip(made, request.messages, strict=True) if m.role == "user")
         made = _newest_fit(made, request.messages, self.max_media - asked)
         await self._encode_history(conversation)
         names = list(dict.fromkeys(referenced))

@@ -116,6 +116,10 @@ def test_media_it_made_come_back_from_a_stateless_history(client: openai.OpenAI,
         == alone  # type: ignore[union-attr]
 
     assert prompt_tokens(about(url)) > prompt_tokens(question)
+    with pytest.raises(openai.APIStatusError) as many:  # a user's own media past the LLM's bound: refused at once
+        pictures = [{"type": "image_url", "image_url": {"url": url}}]
+        prompt_tokens({"role": "user", "content": pictures * 9}, answer(), {"role": "user", "content": pictures * 8})
+    assert (many.value.status_code, many.value.code, many.value.param) == (413, "too_many_media", "messages")
     with pytest.raises(openai.BadRequestError) as info:
         prompt_tokens(about(forged))
     assert (info.value.code, info.value.param) == ("invalid_artifact_url", "messages[0].content[1]")
