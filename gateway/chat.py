@@ -57,9 +57,12 @@ class ChatService:
     def __init__(self, encoder: EncoderClient, llm: LLMClient, decoders: DecoderQueue, store: ArtifactStore,
                  conversations: ConversationStore, inline_max_bytes: int = 16 * 1024 * 1024,
                  metrics: GatewayMetrics | None = None, max_decode_pixels: int = 2**21,
-                 manifest: BundleManifest | None = None, max_media: int = 16, refs: ArtifactRefs | None = None) -> None:
-        """``refs``: reads this server's artifact URLs in messages' ``artifacts`` (None: none are taken)."""
+                 manifest: BundleManifest | None = None, max_media: int = 16, refs: ArtifactRefs | None = None,
+                 encode_batch: int = 8) -> None:
+        """``refs``: reads this server's artifact URLs in messages' ``artifacts`` (None: none are taken).
+        ``encode_batch``: the encoder's bound on items per call (``encoder.max_files``)."""
         self.encoder, self.llm, self.decoders, self.store, self.refs = encoder, llm, decoders, store, refs
+        self.encode_batch = encode_batch
         self.max_media = max_media  # the LLM service's bound on media items per request (llm.max_media)
         self.conversations, self.inline_max_bytes, self.metrics = conversations, inline_max_bytes, metrics
         self.max_decode_pixels = max_decode_pixels
@@ -102,8 +105,8 @@ class ChatService:
         names = list(dict.fromkeys(referenced))
         vectors: dict[str, np.ndarray] = {}
         if names:
-            result = await self.encoder.encode([MediaInput(name=n, data=uploads[n]) for n in names])
-            vectors = dict(zip(names, result.embeddings))
+            vectors = dict(zip(names, await self._encode([MediaInput(name=n, data=uploads[n]) for n in names]),
+                               strict=True))
         kept = len(conversation.turns)
         for message, keys in zip(request.messages, made, strict=True):
             conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files],
@@ -169,13 +172,18 @@ class ChatService:
         its own. Media past their retention are gone from the store: a turn keeps its words without them."""
         kept = {id(turn): [k for k in turn.artifact_keys if await asyncio.to_thread(self.store.exists, k)]
                 for turn in turns if turn.artifact_keys}
-        keys = [k for found in kept.values() for k in found]
-        embeddings = (await self.encoder.encode([MediaInput(name=k, key=k) for k in dict.fromkeys(keys)])
-                      ).embeddings if keys else []
-        by_key = dict(zip(dict.fromkeys(keys), embeddings))
+        keys = list(dict.fromkeys(k for found in kept.values() for k in found))
+        by_key = dict(zip(keys, await self._encode([MediaInput(name=k, key=k) for k in keys]), strict=True))
         for turn in turns:
             turn.vectors.extend(by_key[k] for k in kept.get(id(turn), []))
             turn.artifact_keys = []
+
+    async def _encode(self, items: list[MediaInput]) -> list[np.ndarray]:
+        """Embeddings of ``items``, in calls within the encoder's bound on items per call."""
+        out: list[np.ndarray] = []
+        for at in range(0, len(items), self.encode_batch):
+            out.extend((await self.encoder.encode(items[at:at + self.encode_batch])).embeddings)
+        return out
 
     async def _artifact_keys(self, index: int, message: ChatMessage) -> list[str]:
         """The artifact keys of a message's ``artifacts`` (see ``ChatMessage``): a user's must be URLs this server

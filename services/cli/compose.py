@@ -204,7 +204,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     keys, signer = _keys_and_signer(settings)
     chat = ChatService(InProcessEncoderClient(encoder), InProcessLLMClient(llm), decoders, store, conversations,
                        g.inline_max_bytes, metrics, settings.decoders.max_pixels_per_job, bundle.manifest,
-                       settings.llm.max_media, ArtifactRefs(signer))
+                       settings.llm.max_media, ArtifactRefs(signer), settings.encoder.max_files)
     state = GatewayState(
         models=model_cards(bundle), readiness_checks={"artifact_store": store.check_health},
         advisory_checks=hooks.checks,
@@ -271,7 +271,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         redirect_downloads_ttl_s=settings.storage.presign_ttl_s if settings.storage.redirect_downloads else None,
         settings=g, chat=ChatService(encoder, llm, decoders, store, conversations, g.inline_max_bytes, metrics,
                                         settings.decoders.max_pixels_per_job, bundle.manifest,
-                                        settings.llm.max_media, ArtifactRefs(signer)),
+                                        settings.llm.max_media, ArtifactRefs(signer), settings.encoder.max_files),
         store=store, decoders=decoders, keys=keys, signer=signer,
         limiter=RateLimiter(g.rate_limit_per_minute), on_startup=[retention.start],
         on_shutdown=[retention.stop, http.aclose, llm.aclose, async_redis.aclose],

@@ -81,8 +81,8 @@ def test_upload_stream_and_download_every_modality(stack: dict[str, object]) -> 
 
     words = {"role": "assistant", "content": "here"}
     alone = prompt_tokens(words)
-    assert prompt_tokens({**words, "images": [{"type": "image_url", "image_url": {"url": completed["image"]["url"]}}]}) \
-        > alone
+    picture = {"type": "image_url", "image_url": {"url": completed["image"]["url"]}}
+    assert prompt_tokens({**words, "images": [picture]}) > alone
     assert prompt_tokens({**words, "audio": {"id": completed["audio"]["job_id"]}}) > alone
 
 

@@ -25,7 +25,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(tiny_bundle_dir: Path, cache_dir: Path) -> Iterator[openai.OpenAI]:
-    settings = Settings(cache_dir=cache_dir, api_keys="sk-test,sk-other")
+    # The encoder takes 2 items a call: history with more media must go to it in several
+    settings = Settings(cache_dir=cache_dir, api_keys="sk-test,sk-other", encoder={"max_files": 2})
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
 
@@ -97,7 +98,12 @@ def test_media_it_made_come_back_from_a_stateless_history(client: openai.OpenAI,
         {"type": "text", "text": "here"}, {"type": "image_url", "image_url": {"url": url}}]}, question)
     assert with_picture == as_part > alone
     assert prompt_tokens(ask, answer(forged), question) == alone
-    assert prompt_tokens(ask, answer(url, url), question) > with_picture
+    assert prompt_tokens(ask, answer(url, url), question) > with_picture  # named twice, shown twice (as a file is)
+    more = [client.chat.completions.create(
+        model="nextgpt", max_tokens=30, seed=seed, modalities=["text", "image"],  # type: ignore[list-item]
+        messages=[ask]).choices[0].message.model_extra["images"][0]["image_url"]["url"] for seed in (4, 5)]
+    assert prompt_tokens(ask, answer(url, *more), question) > prompt_tokens(ask, answer(url, more[0]), question) \
+        > with_picture  # three pictures: two calls of the encoder
 
     def about(picture: str) -> dict[str, object]:
         return {"role": "user", "content": [{"type": "text", "text": "what is it?"},
