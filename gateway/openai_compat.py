@@ -29,8 +29,17 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+);base64,(?P<data>.+)$"
 UNSUPPORTED: dict[str, Any] = {
     "tools": None, "tool_choice": "none", "functions": None, "function_call": "none", "presence_penalty": 0,
     "frequency_penalty": 0, "logit_bias": None, "logprobs": False, "top_logprobs": 0,
-    "response_format": {"type": "text"}, "audio": None, "prediction": None,
+    "response_format": {"type": "text"}, "prediction": None,
 }
+
+
+class AudioOutput(BaseModel):
+    """OpenAI's ``audio`` option, which its clients send with ``modalities`` holding audio: the sound comes as WAV
+    (the only format made); ``voice`` means nothing to a model whose sounds are its own, and is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    format: Literal["wav"] = "wav"
+    voice: str | dict[str, Any] | None = None
 
 
 class OpenAIChatRequest(BaseModel):
@@ -61,6 +70,7 @@ class OpenAIChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None  # bounds checked with the translated request's (param "stop")
     modalities: list[Literal["text", "image", "video", "audio"]] | None = None
+    audio: AudioOutput | None = None
     stream_options: dict[str, Any] | None = None
 
 

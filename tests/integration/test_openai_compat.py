@@ -241,7 +241,12 @@ def test_options_at_their_unused_values_are_accepted_and_others_refused(client: 
     reply = client.chat.completions.create(**ask, tool_choice="none", response_format={"type": "text"},  # type: ignore[call-overload]
                                            parallel_tool_calls=False, top_logprobs=0, logprobs=False)
     assert reply.usage is not None and reply.usage.completion_tokens <= 3
+    # OpenAI's clients send audio={"voice", "format"} with modalities holding audio (its API requires it)
+    heard = client.chat.completions.create(**{**ask, "max_tokens": 20}, modalities=["text", "audio"],  # type: ignore[call-overload]
+                                           audio={"voice": "alloy", "format": "wav"})
+    assert heard.choices[0].message.audio is not None
     for extra, param in ((dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(stop=[""]), "stop.0"),
+                         (dict(audio={"voice": "alloy", "format": "mp3"}), "audio.format"),
                          (dict(response_format={"type": "json_object"}), "response_format"),
                          (dict(tool_choice="auto"), "tool_choice")):
         with pytest.raises(openai.BadRequestError) as info:
