@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from prometheus_client import Gauge
 
-from gateway.turn_events import TurnEvent, wire
+from gateway.turn_events import ArtifactCompleted, TurnEvent, wire
 from services.contracts.errors import GoneError, InvalidRequestError, NextGPTError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,14 @@ class RedisEventLog(EventLog):
     reader on another replica holds one connection in a blocking read, and sees events up to ``linger_s`` late."""
 
     def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
-                 local_ttl_s: float = 30.0, linger_s: float = 0.02, local_max_bytes: int = 256 * 2**20) -> None:
+                 local_ttl_s: float = 30.0, linger_s: float = 0.02, local_max_bytes: int = 256 * 2**20,
+                 inline_max_bytes: int = 2**20) -> None:
+        """``inline_max_bytes``: the largest inline artifact (its base64) an event keeps in Redis; a larger one
+        is kept there with its URL only (readers here get it whole). Inline media would otherwise hold Redis memory
+        that its other users (the job book, conversations) need, streams times media times up to the gateway's
+        inline bound, for ``ttl_s``."""
         self.r, self.prefix, self.max_events = redis, key_prefix, max_events
+        self.inline_max_bytes = inline_max_bytes
         self.ttl_s, self.block_ms, self.linger_s = ttl_s, block_ms, linger_s
         self.local = MemoryEventLog(max_events, local_ttl_s, max_bytes=local_max_bytes)
         self._writers: dict[str, _StreamWriter] = {}
@@ -274,11 +280,19 @@ class RedisEventLog(EventLog):
         key = self._key(stream_id)
         async with self.r.pipeline(transaction=True) as pipe:
             for event_id, name, data in entries:
-                pipe.xadd(key, {"name": name, "data": json.dumps(data, separators=(",", ":"))},
+                pipe.xadd(key, {"name": name, "data": json.dumps(self._kept(name, data), separators=(",", ":"))},
                           id=f"{event_id}-0", maxlen=self.max_events, approximate=False)
             pipe.expire(key, self.ttl_s)
             pipe.expire(self._key(stream_id, ":owner"), self.ttl_s)
             await pipe.execute()
+
+    def _kept(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        """What Redis keeps of an event: an artifact's inline bytes only up to ``inline_max_bytes``."""
+        inline = data.get("data") if name == ArtifactCompleted.name else None
+        if not isinstance(inline, str) or len(inline) <= self.inline_max_bytes:
+            return data
+        return {**data, "data": None, "error": f"inline bytes not kept for resumes ({len(inline)} > "
+                                               f"{self.inline_max_bytes}, REPLAY_INLINE_MAX_BYTES): fetch its url"}
 
     async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
         if self.local.has(stream_id):

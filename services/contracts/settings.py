@@ -198,6 +198,10 @@ class GatewaySettings(BaseModel):
         default=256 * 2**20, ge=2**20,
         description="What this replica's ended streams may hold in memory together (media inline weigh most); past "
                     "it, the oldest ended go before replay_ttl_s")
+    replay_inline_max_bytes: int = Field(
+        default=2**20, ge=0,
+        description="Distributed mode: the largest inline artifact (base64 characters) a stream keeps in Redis for "
+                    "resumes on other replicas; a larger one is kept there with its URL only")
     replay_write_linger_s: float = Field(
         default=0.02, ge=0, le=5.0,
         description="After a stream's first event, events gather this long per Redis write (resumes see them as late)")

@@ -21,8 +21,8 @@ from gateway.conversations import (
     StoredTurn,
 )
 from gateway.streams import EventLog, MemoryEventLog, RedisEventLog, StopReason, StreamHub, StreamState
-from gateway.turn_events import MessageDelta, TextComplete, TurnDone, TurnEvent
-from services.contracts.chat import ChatRequest
+from gateway.turn_events import ArtifactCompleted, MessageDelta, TextComplete, TurnDone, TurnEvent
+from services.contracts.chat import ArtifactOut, ChatRequest
 from services.contracts.decoders import DecoderQueue
 from services.contracts.encoder import EncoderClient
 from services.contracts.llm import Done, GenerateParams, LLMClient, LLMEvent, TextDelta
@@ -494,6 +494,33 @@ async def test_readers_on_the_producing_replica_hold_no_redis_connection_and_wri
         await client.delete(key)
     await client.aclose()
     await watcher.aclose()
+
+
+async def test_inline_media_past_the_bound_stay_out_of_redis(redis_info: RedisInfo) -> None:
+    """A reader here gets an artifact's inline bytes whole; Redis, which resumes on other replicas read, keeps
+    only those within ``inline_max_bytes`` (a larger artifact keeps its URL, and says why it has no data)."""
+    client = async_redis(redis_info.url)
+    prefix = f"{redis_info.key_prefix}inline-{uuid.uuid4().hex[:6]}:"
+    here = StreamHub(RedisEventLog(client, prefix, 100, ttl_s=60, inline_max_bytes=1000), grace_s=5)
+    elsewhere = StreamHub(RedisEventLog(client, prefix, 100, ttl_s=60, inline_max_bytes=1000), grace_s=5)
+
+    async def media() -> AsyncIterator[TurnEvent]:
+        for job, size in (("a" * 32, 1000), ("b" * 32, 1001)):
+            yield ArtifactCompleted(ArtifactOut(job_id=job, modality="image", state="completed", url=f"/{job}",
+                                                data="x" * size))
+        yield TurnDone(conversation_id="c", finish_reason="stop", text="", usage={})
+
+    stream_id = await here.start(media(), owner=None)
+    local = await asyncio.wait_for(_drain(await here.attach(stream_id, None)), 20)
+    remote = await asyncio.wait_for(_drain(await elsewhere.attach(stream_id, None)), 20)  # read from Redis
+    assert [len(e[2]["data"]) for e in local[:2]] == [1000, 1001]
+    assert [e[2]["data"] for e in remote[:2]] == ["x" * 1000, None]
+    assert remote[1][2]["url"] == "/" + "b" * 32 and "1001 > 1000" in remote[1][2]["error"]
+    await here.close()
+    await elsewhere.close()
+    async for key in client.scan_iter(f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
 
 
 async def _calls(watcher: redis.asyncio.Redis, *commands: str) -> int:
