@@ -3,7 +3,8 @@
 Inputs: text, images as ``image_url`` data URLs, audio as ``input_audio`` (base64). Remote URLs are refused
 (the gateway never fetches URLs a client names), except this server's own artifact URLs: media it made, which an
 answer sent back as history carries (``ArtifactRefs``). Outputs (``openai_serving``): text as a string; generated media
-beside it. ``modalities`` (e.g. ``["text", "image"]``) becomes ``require_modalities``.
+beside it. ``modalities`` (e.g. ``["text", "image"]``) becomes ``require_modalities`` and, as it names the
+answer's output types, ``allowed_modalities`` (``["text"]``: no media).
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                        temperature=body.temperature, top_p=body.top_p,
                        seed=None if body.seed is None else body.seed % 2**63,
                        stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
-                       lora=model_names[body.model], require_modalities=required), uploads  # type: ignore[arg-type]
+                       lora=model_names[body.model], require_modalities=required,  # type: ignore[arg-type]
+                       # OpenAI's modalities are the answer's output types: those, and no others
+                       allowed_modalities=None if body.modalities is None else required), uploads  # type: ignore[arg-type]
 
 
 def _list(value: Any) -> list[Any]:

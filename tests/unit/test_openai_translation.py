@@ -1,0 +1,37 @@
+"""OpenAI Chat Completions requests into the gateway's own (``gateway.openai_compat``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.openai_compat import OpenAIChatRequest, to_chat_request
+from services.contracts.errors import InvalidRequestError
+
+MODELS = {"nextgpt": None}
+
+
+def _translated(**body: object) -> object:
+    request = OpenAIChatRequest.model_validate({"model": "nextgpt", "messages": [{"role": "user", "content": "hi"}],
+                                                **body})
+    return to_chat_request(request, MODELS, max_bytes=1024, max_files=4)[0]
+
+
+def test_modalities_are_the_answers_output_types() -> None:
+    """``modalities`` names what the answer is made of: the media named are required, and no others are made
+    (["text"]: none); without it the model picks."""
+    assert (_translated().allowed_modalities, _translated().require_modalities) == (None, [])  # type: ignore[attr-defined]
+    text = _translated(modalities=["text"])
+    assert (text.allowed_modalities, text.require_modalities) == ([], [])  # type: ignore[attr-defined]
+    both = _translated(modalities=["text", "image"])
+    assert (both.allowed_modalities, both.require_modalities) == (["image"], ["image"])  # type: ignore[attr-defined]
+
+
+def test_seeds_are_any_int64_taken_modulo_2_63() -> None:
+    assert _translated(seed=-1).seed == 2**63 - 1  # type: ignore[attr-defined]
+    assert _translated(seed=5).seed == 5  # type: ignore[attr-defined]
+
+
+def test_a_text_part_holds_a_string() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        _translated(messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}])
+    assert info.value.param == "messages[0].content[0].text"
