@@ -7,6 +7,7 @@ the model's words about a picture reveal less than the picture itself, which the
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from gateway.security import UrlSigner
@@ -14,6 +15,7 @@ from services.contracts.errors import InvalidRequestError
 from services.contracts.storage import check_key
 
 ARTIFACT_ROUTE = "/v1/artifacts/"
+_EXPIRES = re.compile(r"[0-9]{1,18}")
 
 
 def names_artifact(url: str) -> bool:
@@ -34,8 +36,8 @@ class ArtifactRefs:
         key = unquote(parts.path[parts.path.index(ARTIFACT_ROUTE) + len(ARTIFACT_ROUTE):])
         query = parse_qs(parts.query)
         expires, sig = query.get("expires", [""])[-1], query.get("sig", [""])[-1]
-        if not expires.isdigit() or len(expires) > 18 or not self.signer.issued(f"{ARTIFACT_ROUTE}{key}",
-                                                                               int(expires), sig):
+        # ASCII digits only (str.isdigit takes "²", which int() refuses), at most 18 of them, as the route takes
+        if not _EXPIRES.fullmatch(expires) or not self.signer.issued(f"{ARTIFACT_ROUTE}{key}", int(expires), sig):
             return None
         try:
             return check_key(key)

@@ -168,7 +168,7 @@ class ChatService:
         await self._encode_generated(conversation.turns)
 
     async def _encode_generated(self, turns: list[StoredTurn]) -> None:
-        """The turns' generated media (artifact keys) through the encoder in one call; each turn's vectors follow
+        """The turns' generated media (artifact keys) through the encoder together; each turn's vectors follow
         its own. Media past their retention are gone from the store: a turn keeps its words without them."""
         kept = {id(turn): [k for k in turn.artifact_keys if await asyncio.to_thread(self.store.exists, k)]
                 for turn in turns if turn.artifact_keys}

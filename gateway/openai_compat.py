@@ -115,7 +115,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         if not isinstance(parts, list):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list", param=f"messages[{i}]")
         if role == "assistant":  # the pictures and clips of our own answer, as it gave them (its extension)
-            parts = [*parts, *_list(message.get("images")), *_list(message.get("videos"))]
+            parts = [*parts, *(p for p in [*_list(message.get("images")), *_list(message.get("videos"))]
+                               if isinstance(p, dict) and p.get("type") in ("image_url", "video_url"))]
             audio = message.get("audio")
             if isinstance(audio, dict) and audio.get("id") in sounds:  # its sound, by id (``sounds``: their URLs)
                 artifacts.append(sounds[audio["id"]])
@@ -165,14 +166,15 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
     if system and messages:
         first = messages[0]
         messages[0] = first.model_copy(update={"content": " ".join([*system, first.content]).strip()})
-    required = [m for m in (body.modalities or []) if m != "text"]
-    return ChatRequest(messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
-                       temperature=body.temperature, top_p=body.top_p,
-                       seed=None if body.seed is None else body.seed % 2**63,
-                       stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
-                       lora=model_names[body.model], require_modalities=required,  # type: ignore[arg-type]
-                       # OpenAI's modalities are the answer's output types: those, and no others
-                       allowed_modalities=None if body.modalities is None else required), uploads  # type: ignore[arg-type]
+    required: list[Any] = [m for m in (body.modalities or []) if m != "text"]
+    request = ChatRequest(
+        messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, seed=None if body.seed is None else body.seed % 2**63,
+        stop=[body.stop] if isinstance(body.stop, str) else body.stop or [], lora=model_names[body.model],
+        # OpenAI's modalities are the answer's output types: those, and no others
+        require_modalities=required, allowed_modalities=None if body.modalities is None else required,
+    )
+    return request, uploads
 
 
 def _list(value: Any) -> list[Any]:

@@ -21,6 +21,7 @@ def test_a_url_this_server_signed_gives_its_key_expired_or_not() -> None:
     assert ArtifactRefs(UrlSigner(b"j" * 32, ttl_s=60)).key(fresh) is None  # another signing key
     assert refs.key(fresh.split("?")[0]) is None  # unsigned
     assert refs.key(fresh.replace("expires=", "expires=1" * 30)) is None  # no number a signature could hold
+    assert refs.key(fresh.replace("expires=", "expires=\u00b2")) is None  # a digit to str.isdigit, not to int()
     other = "http://127.0.0.1:8000" + signer.sign("/v1/artifacts/not-a-key")  # signed, but no artifact key
     assert refs.key(other) is None
     assert not names_artifact("data:image/png;base64,AAAA") and not names_artifact("ftp://x/v1/artifacts/" + KEY)
