@@ -359,15 +359,19 @@ def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path]
            lora: Optional[tuple[str, int, int]] = None,  # name, rank, alpha (instruct's options)
            input_projection: Optional[InputProjectionSpec] = None) -> None:
     from services.cli.logs import configure_logging
+    from services.training.release_data import DataFormatError
     from services.training.runner import StageRun, train_stage
     from services.training.stages import LoraOptions
 
     configure_logging("info")
-    report = train_stage(StageRun(
-        stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"), steps=steps,
-        seed=seed, lora=LoraOptions(*lora) if lora else LoraOptions(), force=force, pool_size=pool,
-        held_out=held_out, media_root=media_root, input_projection=input_projection, deepspeed=deepspeed,
-    ))
+    try:
+        report = train_stage(StageRun(
+            stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"),
+            steps=steps, seed=seed, lora=LoraOptions(*lora) if lora else LoraOptions(), force=force, pool_size=pool,
+            held_out=held_out, media_root=media_root, input_projection=input_projection, deepspeed=deepspeed,
+        ))
+    except DataFormatError as exc:  # what is wrong with the data, said as such (not a traceback)
+        raise typer.BadParameter(str(exc), param_hint="--data") from exc
     typer.echo(json.dumps(report, indent=2))
 
 

@@ -53,7 +53,7 @@ class Instruction:
 def _load_list(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # (a picture given as the data, say)
         raise DataFormatError(f"{path}: not readable JSON ({exc})") from exc
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a JSON list of records")

@@ -14,7 +14,7 @@ from services.bundle.loader import load_bundle
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.training.examples import Encoded
 from services.training.model import NextGPTTrainable
-from services.training.release_data import BundleEncoders, release_examples
+from services.training.release_data import BundleEncoders, DataFormatError, release_examples
 from services.training.sizes import HELD_OUT, POOL
 from services.training.stages import STAGES, LoraOptions, encoded_pool, export_bundle, run_stage
 from services.training.world_source import WorldExamples, decoder_targets, embed_world
@@ -55,8 +55,24 @@ def held_out_losses(model: NextGPTTrainable, pool: list[Encoded], table: torch.T
     return {k: round(v / len(pool), 5) for k, v in totals.items()}
 
 
+def _check_data(run: StageRun) -> bool:
+    """Whether ``run.data`` is a world folder (else a release-format file, which needs ``media_root``); what is
+    neither is refused before the bundle loads."""
+    if (run.data / "world.json").is_file():
+        return True
+    if run.data.is_dir():
+        raise DataFormatError(f"{run.data}: not a world folder (no world.json: make one with `nextgpt world data`), "
+                              f"nor a release-format JSON file")
+    if not run.data.is_file():
+        raise DataFormatError(f"{run.data} does not exist")
+    if run.media_root is None:
+        raise DataFormatError("release-format data needs --media-root (the folder its file names are under)")
+    return False
+
+
 def train_stage(run: StageRun) -> dict[str, object]:
     spec = STAGES[run.stage]
+    world = _check_data(run)
     if run.steps:
         spec = replace(spec, loop=replace(spec.loop, steps=run.steps))
     spec = replace(spec, loop=replace(spec.loop, seed=run.seed, deepspeed=run.deepspeed))
@@ -65,7 +81,7 @@ def train_stage(run: StageRun) -> dict[str, object]:
         raise ValueError(f"{run.stage} does not train the input projection: choose its design in align-encoder")
     model = NextGPTTrainable(bundle, run.input_projection)
     token_level = model.manifest.encoder.projection.kind == "group"
-    if (run.data / "world.json").is_file():
+    if world:
         splits = read_world(run.data)
         fresh = {m: generate_split(m, EVAL_SEED, len(s) // 4 or 1) for m, s in splits.items()}
         targets = decoder_targets(bundle)
@@ -77,8 +93,7 @@ def train_stage(run: StageRun) -> dict[str, object]:
                                                             split="eval")) if run.held_out else []
         train_table, eval_table = train_source.table, eval_source.table
     else:
-        if run.media_root is None:
-            raise ValueError("release-format data needs --media-root (the folder its file names are under)")
+        assert run.media_root is not None
         encoders = BundleEncoders(bundle, token_level)
         pool = encoded_pool(model, release_examples(run.data, run.media_root, run.stage, encoders, run.pool_size,
                                                     run.seed))

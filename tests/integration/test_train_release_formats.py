@@ -65,3 +65,23 @@ def test_stages_train_on_release_files(tiny_bundle_dir: Path, release: Path, tmp
                                   media_root=release / "media"))
     assert report["held_out_after"] and report["held_out_after"] != report["held_out_before"]
     assert (tmp_path / "out" / "bundle.json").is_file()
+
+
+def test_data_that_is_not_training_data_is_a_clear_cli_error(tiny_bundle_dir: Path, release: Path,
+                                                            tmp_path: Path) -> None:
+    """`nextgpt train` with data it cannot use says what is wrong with it (exit 2, no traceback), before loading
+    the bundle where it can tell."""
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    picture = release / "media" / "image_0.png"
+    cases = [(tmp_path, "not a world folder"), (tmp_path / "nope.json", "does not exist"),
+             (release / "cc3m.json", "needs --media-root"), (picture, "not readable JSON")]
+    for data, said in cases:
+        extra = ["--media-root", str(release / "media")] if data == picture else []
+        result = CliRunner().invoke(app, ["train", "align-encoder", "--bundle", str(tiny_bundle_dir), "--data",
+                                          str(data), "--out", str(tmp_path / "out"), *extra])
+        assert result.exit_code == 2, (data, result.output)
+        text = " ".join(result.output.replace("│", " ").split())  # the message as words, out of its box
+        assert said in text and "Traceback" not in text, result.output
