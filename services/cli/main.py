@@ -468,8 +468,17 @@ def eval_world(
         check_modalities(chosen)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--modality") from exc
-    table = evaluate_api(WorldClient(url, api_key, modalities=chosen), count=count, modalities=chosen,
-                         progress=lambda s: typer.echo(s, err=True))
+    import httpx
+
+    try:
+        table = evaluate_api(WorldClient(url, api_key, modalities=chosen), count=count, modalities=chosen,
+                             progress=lambda s: typer.echo(s, err=True))
+    except httpx.HTTPStatusError as exc:  # a refused key, a stack not ready: what it answered, not a traceback
+        typer.echo(f"error: {url} answered {exc.response.status_code}: {exc.response.text[:300]}", err=True)
+        raise typer.Exit(2) from exc
+    except httpx.TransportError as exc:
+        typer.echo(f"error: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(format_table(table))
     if json_out:
         json_out.write_text(json.dumps(table, indent=2) + "\n")

@@ -39,6 +39,23 @@ def test_inspect_of_a_broken_bundle_fails_clearly(tmp_path: Path) -> None:
     assert "bundle.json" in result.stderr and "schema_version" in result.stderr
 
 
+def test_eval_against_a_stack_it_cannot_use_says_why() -> None:
+    """`nextgpt eval world` against nothing, or against a server that refuses it: one line, exit 2."""
+    app = FastAPI()
+
+    @app.get("/v1/{rest:path}")
+    @app.post("/v1/{rest:path}")
+    def refuse(rest: str) -> JSONResponse:
+        return JSONResponse({"error": {"code": "invalid_api_key"}}, status_code=401)
+
+    nothing = _run("eval", "world", "--url", f"http://127.0.0.1:{free_port()}", "--count", "1")
+    assert nothing.returncode == 2 and "cannot reach" in nothing.stderr and "Traceback" not in nothing.stderr
+    with UvicornThread(app) as server:
+        refused = _run("eval", "world", "--url", server.url, "--count", "1", "--modality", "image")
+    assert refused.returncode == 2 and "answered 401" in refused.stderr and "invalid_api_key" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_bad_setting_stops_start_naming_the_variable(tiny_bundle_dir: Path) -> None:
     result = _run("serve", "--bundle", str(tiny_bundle_dir), env={"NEXTGPT_STORAGE__BACKEND": "s4"})
     assert result.returncode == 2
