@@ -123,6 +123,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
+            if role in ("system", "developer") and kind != "text":  # folded into the first turn's words
+                raise InvalidRequestError(f"{where}: {role} messages take text only", param=where)
             if kind == "text":
                 text = part.get("text")
                 if not isinstance(text, str):

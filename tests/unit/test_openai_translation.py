@@ -19,7 +19,8 @@ def _translated(**body: object) -> object:
 def test_modalities_are_the_answers_output_types() -> None:
     """``modalities`` names what the answer is made of: the media named are required, and no others are made
     (["text"]: none); without it the model picks."""
-    assert (_translated().allowed_modalities, _translated().require_modalities) == (None, [])  # type: ignore[attr-defined]
+    default = _translated()
+    assert (default.allowed_modalities, default.require_modalities) == (None, [])  # type: ignore[attr-defined]
     text = _translated(modalities=["text"])
     assert (text.allowed_modalities, text.require_modalities) == ([], [])  # type: ignore[attr-defined]
     both = _translated(modalities=["text", "image"])
@@ -35,3 +36,13 @@ def test_a_text_part_holds_a_string() -> None:
     with pytest.raises(InvalidRequestError) as info:
         _translated(messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}])
     assert info.value.param == "messages[0].content[0].text"
+
+
+def test_instructions_are_text_only() -> None:
+    """A picture in a system message has no place in the prompt (the instructions join the first turn's words):
+    a 400 naming it, not an upload no message refers to."""
+    with pytest.raises(InvalidRequestError) as info:
+        picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+        _translated(messages=[{"role": "system", "content": [{"type": "text", "text": "be brief"}, picture]},
+                              {"role": "user", "content": "hi"}])
+    assert info.value.param == "messages[0].content[1]" and "text only" in info.value.message
