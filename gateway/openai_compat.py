@@ -22,7 +22,8 @@ from gateway.artifact_refs import ArtifactRefs, names_artifact
 from services.contracts.chat import ChatMessage, ChatRequest
 from services.contracts.errors import InvalidRequestError, invalid_fields
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+);base64,(?P<data>.+)$", re.DOTALL)
+# Parameters before ";base64" (";name=x.png", ";charset=...") are taken: what a file is comes from its bytes.
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(;[^;,]+)*;base64,(?P<data>.+)$", re.DOTALL)
 
 
 # OpenAI options this server does not honour, with the value that means "not used": anything else is refused with

@@ -46,3 +46,10 @@ def test_instructions_are_text_only() -> None:
         _translated(messages=[{"role": "system", "content": [{"type": "text", "text": "be brief"}, picture]},
                               {"role": "user", "content": "hi"}])
     assert info.value.param == "messages[0].content[1]" and "text only" in info.value.message
+
+
+def test_a_data_url_may_carry_parameters() -> None:
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;name=shape.png;base64,iVBORw=="}}
+    request, uploads = to_chat_request(OpenAIChatRequest.model_validate(
+        {"model": "nextgpt", "messages": [{"role": "user", "content": [part]}]}), MODELS, max_bytes=1024, max_files=4)
+    assert uploads == {"messages[0].content[0]": b"\x89PNG"} and request.messages[0].files == ["messages[0].content[0]"]
