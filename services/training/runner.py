@@ -101,7 +101,7 @@ def train_stage(run: StageRun) -> dict[str, object]:
                                                         EVAL_SEED, split="eval")) if run.held_out else []
         train_table = eval_table = encoders.table
         if not pool:
-            raise ValueError(f"{run.data}: no training examples")
+            raise DataFormatError(f"{run.data}: no training examples")
     before = held_out_losses(model, held_out, eval_table, spec.weights) if held_out else {}
     log.info("%s: held-out losses before %s", run.stage, before)
     run_stage(spec, bundle, pool, train_table, run.work, run.lora, run.progress, model=model)
