@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -57,6 +56,7 @@ class BatchEngine:
         self.model, self.device, self.max_batch = model, device, max_batch
         self.mixed_adapters = bool(lora_names)
         self._active = lora_names[0] if lora_names else None  # PEFT activates the first adapter it loads
+        self._enabled = True  # whether the LoRA layers apply an adapter (off: the base model)
         self.states = LastStates(norm)
         # Serialises every use of the model: the engine's steps and teacher-forced passes from other threads.
         self.model_lock = threading.Lock()
@@ -93,19 +93,28 @@ class BatchEngine:
         ``adapters``: each row's LoRA (None: the base model). PEFT's mixed-adapter path splits every LoRA layer's
         input by adapter in Python, which cost more than half of a decode step when measured, so it is taken only
         when the rows really differ; a batch on one adapter runs the plain path with that adapter active."""
-        context: AbstractContextManager[object] = nullcontext()
         if self.mixed_adapters:
             names = set(adapters)
-            if len(names) > 1:
+            mixed = len(names) > 1
+            if mixed:
                 inputs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
-            elif None in names:
-                context = self.model.disable_adapter()
-            elif self._active != adapters[0]:
-                self.model.set_adapter(adapters[0])
-                self._active = adapters[0]
-        with context:
-            out = self.model(**inputs)
+            self._use(None if mixed else adapters[0], mixed)
+        out = self.model(**inputs)
         return out, self.states.take()
+
+    def _use(self, adapter: str | None, mixed: bool) -> None:
+        """Put the LoRA layers in the state a pass needs, changing only what differs from the last pass. Not
+        PEFT's ``disable_adapter()`` context per pass: it walks every module twice and asks for the model's status,
+        which doubled a decode step of the tiny bundle (5.0 ms against 2.8 ms at batch 16) for base-model replies.
+        The mixed path needs the layers on (a disabled layer ignores ``adapter_names``)."""
+        enabled = mixed or adapter is not None
+        if enabled != self._enabled:
+            layers = self.model.base_model
+            layers.enable_adapter_layers() if enabled else layers.disable_adapter_layers()
+            self._enabled = enabled
+        if adapter is not None and adapter != self._active:
+            self.model.set_adapter(adapter)
+            self._active = adapter
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from services.bundle.loader import load_bundle
 from services.contracts.llm import Done, GenerateParams, LLMEvent, SignalEvent, TextDelta, Turn
@@ -287,3 +288,23 @@ def test_every_budget_keeps_required_groups_whole_or_is_refused(backend: HFBacke
 
     service = LLMService(backend, LLMSettings(), LLMMetrics(CollectorRegistry()), backend.manifest)
     assert check_budgets(service, backend.manifest, budgets_around(backend.manifest), MEDIA) > 50
+
+
+def test_each_pass_gets_its_rows_adapter_whatever_ran_before(backend: HFBackend) -> None:
+    """The engine keeps the LoRA layers as the last pass left them (switching per pass was half a decode step):
+    a base-model pass after an adapter's, an adapter's after a base-model pass, and a mixed batch after either
+    each get their own rows' adapter. PEFT's per-row path (a mixed batch) is the reference for both."""
+    embeds = backend.prompt_embeddings(_params(), MEDIA)[None]
+
+    def states(adapters: list[str | None]) -> torch.Tensor:
+        with backend.engine.model_lock, torch.inference_mode():
+            _, rows = backend.engine.forward(adapters, inputs_embeds=embeds.expand(len(adapters), -1, -1),
+                                             logits_to_keep=1)
+        return rows[:, -1]
+
+    reference = states(["nextgpt", None])
+    assert (reference[0] - reference[1]).abs().max() > 1e-3  # the adapter changes the states
+    for lora in ["nextgpt", None, None, "nextgpt", "nextgpt", None]:
+        assert torch.allclose(states([lora])[0], reference[0 if lora else 1], atol=1e-5), lora
+        mixed = states([None, "nextgpt"])
+        assert torch.allclose(mixed, reference.flip(0), atol=1e-5)
