@@ -9,7 +9,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +100,7 @@ class ChatService:
             raise PayloadTooLargeError(f"{asked} media items exceed the limit of {self.max_media}",
                                        code="too_many_media", param="messages")
         made = [await self._artifact_keys(i, m) for i, m in enumerate(request.messages)]
+        checked = {k for m, keys in zip(request.messages, made, strict=True) if m.role == "user" for k in keys}
         made = _newest_fit(made, request.messages, self.max_media - asked)
         await self._encode_history(conversation)
         names = list(dict.fromkeys(referenced))
@@ -111,7 +112,8 @@ class ChatService:
         for message, keys in zip(request.messages, made, strict=True):
             conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files],
                                                  artifact_keys=keys))
-        await self._encode_generated(conversation.turns[kept:])  # a message's uploads first, then its artifacts
+        # a message's uploads first, then its artifacts
+        await self._encode_generated(conversation.turns[kept:], checked)
         # Pictures and sounds of a kept conversation add up over its turns; past the LLM's bound on media per
         # request its oldest exchanges are left out (the prompt builder does the same for the context's tokens).
         start = _media_window(conversation.turns, kept, self.max_media)
@@ -167,16 +169,25 @@ class ChatService:
             turn.pending_jobs = still
         await self._encode_generated(conversation.turns)
 
-    async def _encode_generated(self, turns: list[StoredTurn]) -> None:
+    async def _encode_generated(self, turns: list[StoredTurn], checked: set[str] | None = None) -> None:
         """The turns' generated media (artifact keys) through the encoder together; each turn's vectors follow
-        its own. Media past their retention are gone from the store: a turn keeps its words without them."""
-        kept = {id(turn): [k for k in turn.artifact_keys if await asyncio.to_thread(self.store.exists, k)]
-                for turn in turns if turn.artifact_keys}
+        its own. Media past their retention are gone from the store: a turn keeps its words without them.
+        ``checked``: keys just found in the store (a user's artifacts), not asked about again."""
+        checked = checked or set()
+        stored = checked | await self._stored(k for turn in turns for k in turn.artifact_keys if k not in checked)
+        kept = {id(turn): [k for k in turn.artifact_keys if k in stored] for turn in turns if turn.artifact_keys}
         keys = list(dict.fromkeys(k for found in kept.values() for k in found))
         by_key = dict(zip(keys, await self._encode([MediaInput(name=k, key=k) for k in keys]), strict=True))
         for turn in turns:
             turn.vectors.extend(by_key[k] for k in kept.get(id(turn), []))
             turn.artifact_keys = []
+
+    async def _stored(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` the store still holds, asked all at once (in distributed mode each is an S3 HEAD: a
+        history's sixteen pictures one after the other would be sixteen round trips)."""
+        unique = list(dict.fromkeys(keys))
+        found = await asyncio.gather(*(asyncio.to_thread(self.store.exists, k) for k in unique))
+        return {k for k, present in zip(unique, found, strict=True) if present}
 
     async def _encode(self, items: list[MediaInput]) -> list[np.ndarray]:
         """Embeddings of ``items``, in calls within the encoder's bound on items per call."""
@@ -188,22 +199,24 @@ class ChatService:
     async def _artifact_keys(self, index: int, message: ChatMessage) -> list[str]:
         """The artifact keys of a message's ``artifacts`` (see ``ChatMessage``): a user's must be URLs this server
         signed, of media still stored; an assistant's history keeps those that are."""
-        keys: list[str] = []
+        keys: dict[str, str] = {}  # where -> key
         for j, url in enumerate(message.artifacts):
             key = self.refs.key(url) if self.refs is not None else None
             where = f"messages[{index}].artifacts[{j}]"
-            if message.role == "assistant":
-                if key is None:  # history from elsewhere, or signed before the signing key changed
-                    log.info("left out %s: not an artifact URL this server signed", where)
-                    continue
-            elif key is None:
+            if key is not None:
+                keys[where] = key
+            elif message.role == "assistant":  # history from elsewhere, or signed before the signing key changed
+                log.info("left out %s: not an artifact URL this server signed", where)
+            else:
                 raise InvalidRequestError(f"{where}: not an artifact URL this server gave out",
                                           code="invalid_artifact_url", param=where)
-            elif not await asyncio.to_thread(self.store.exists, key):
-                raise NotFoundError(f"{where}: the artifact is gone (past its retention)", code="artifact_not_found",
-                                    param=where)
-            keys.append(key)
-        return keys
+        if message.role == "user" and keys:  # the question's subject: one that is gone is an error
+            stored = await self._stored(keys.values())
+            gone = next((where for where, key in keys.items() if key not in stored), None)
+            if gone is not None:
+                raise NotFoundError(f"{gone}: the artifact is gone (past its retention)", code="artifact_not_found",
+                                    param=gone)
+        return list(keys.values())
 
     async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,
                   media: np.ndarray | None, url_for: Callable[[str], str], owner: str | None,

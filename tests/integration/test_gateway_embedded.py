@@ -28,8 +28,13 @@ KEY = "test-key-1"
 
 
 @pytest.fixture(scope="module")
-def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=f"{KEY},other-key",
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def url(tiny_bundle_dir: Path, cache_dir: Path) -> Iterator[str]:
+    settings = Settings(cache_dir=cache_dir, api_keys=f"{KEY},other-key",
                         gateway={"max_files": 4, "max_upload_bytes": 3_000_000, "heartbeat_s": 1.0,
                                  "resume_grace_s": 3.0})
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
@@ -533,3 +538,35 @@ def test_a_client_gone_before_its_json_answer_stops_the_turn(url: str) -> None:
             "messages": [{"role": "user", "content": "a long video"}], "max_tokens": 40,
             "require_modalities": ["video"], "decoder": {"steps": 200}, "wait_s": 120})
     wait_until(lambda: metric(url, cancelled) == before + 1, 30, "the clip's job cancelled")
+
+
+def test_media_the_server_made_come_back_by_url(url: str, cache_dir: Path) -> None:
+    """``artifacts`` of /v1/chat: a user's are the question's subject (all of them; one that is gone is a 404
+    naming it), an assistant's history keeps those still stored."""
+    def picture(seed: int) -> str:
+        body = httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=120, json={
+            "messages": [{"role": "user", "content": "draw"}], "max_tokens": 30, "seed": seed,
+            "require_modalities": ["image"], "decoder": {"steps": 2}, "wait_s": 60}).json()
+        return str(body["artifacts"][0]["url"])
+
+    def prompt_tokens(*messages: dict[str, object]) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=60, json={
+            "messages": [*messages, {"role": "user", "content": "what is it?"}], "max_tokens": 1})
+
+    def answer(*urls: str) -> dict[str, object]:
+        return {"role": "assistant", "content": "here", "artifacts": list(urls)}
+
+    ask = {"role": "user", "content": "draw"}
+    first, second = picture(1), picture(2)
+    counts = [prompt_tokens(ask, answer(*urls)).json()["usage"]["prompt_tokens"]
+              for urls in ((), (first,), (first, second))]
+    assert counts[0] < counts[1] < counts[2]
+    asked = prompt_tokens({"role": "user", "content": "compare", "artifacts": [first, second]}, answer())
+    assert asked.status_code == 200 and asked.json()["usage"]["prompt_tokens"] > counts[0]
+    for stored in cache_dir.rglob(second.split("?")[0].rsplit("/", 1)[-1]):
+        stored.unlink()
+    assert prompt_tokens(ask, answer(first, second)).json()["usage"]["prompt_tokens"] == counts[1]
+    gone = prompt_tokens({"role": "user", "content": "compare", "artifacts": [first, second]}, answer())
+    assert gone.status_code == 404
+    assert (gone.json()["error"]["code"], gone.json()["error"]["param"]) == \
+        ("artifact_not_found", "messages[0].artifacts[1]")
