@@ -246,3 +246,26 @@ def test_a_long_large_video_keeps_only_the_frames_it_samples(tmp_path: Path) -> 
     print(f"20 s 720p video: {seconds} s, peak RSS +{grown_mib} MiB")
     assert shape == "(15, 3, 2, 224, 224)"
     assert int(grown_mib) < 400  # 10 kept frames of 2.7 MB and the clips built from them
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_photo_is_seen_the_way_its_orientation_tag_shows_it(fmt: str) -> None:
+    """A phone stores a portrait photo on its side with EXIF Orientation 6 ("turn 90 degrees clockwise to
+    view"): the model gets the picture as a viewer shows it."""
+    rng = np.random.default_rng(3)
+    upright = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)  # taller than wide, no symmetry
+
+    def stored(pixels: np.ndarray, orientation: int | None) -> bytes:
+        image, out = Image.fromarray(pixels), io.BytesIO()
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        image.save(out, fmt, exif=exif, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+        return out.getvalue()
+
+    sideways = np.rot90(upright, k=1).copy()  # what the sensor wrote: the picture turned counter-clockwise
+    seen = preprocess_image(stored(sideways, 6), "photo", 10**7)
+    expected = preprocess_image(stored(upright, None), "upright", 10**7)
+    tolerance = 1e-6 if fmt == "PNG" else 0.2  # JPEG's blocks fall differently on the turned picture
+    assert (seen - expected).abs().mean() < tolerance
+    assert (preprocess_image(stored(sideways, None), "raw", 10**7) - expected).abs().mean() > 0.5

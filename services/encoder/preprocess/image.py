@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from services.contracts.errors import PayloadTooLargeError
 from services.encoder.preprocess import MediaError
@@ -55,7 +55,9 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
             image.load()
     except Exception as exc:
         raise MediaError(f"{name}: corrupt or truncated image ({exc})", code="invalid_image", param=name) from exc
-    return image.convert("RGB")
+    # A phone's photo is stored as the sensor saw it, with an EXIF tag saying how to turn it: the model sees it the
+    # way the user does (a viewer applies the tag), not on its side.
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def preprocess_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
