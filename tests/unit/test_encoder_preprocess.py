@@ -269,3 +269,15 @@ def test_a_photo_is_seen_the_way_its_orientation_tag_shows_it(fmt: str) -> None:
     tolerance = 1e-6 if fmt == "PNG" else 0.2  # JPEG's blocks fall differently on the turned picture
     assert (seen - expected).abs().mean() < tolerance
     assert (preprocess_image(stored(sideways, None), "raw", 10**7) - expected).abs().mean() > 0.5
+
+
+def test_a_16_bit_greyscale_picture_keeps_its_greys() -> None:
+    """Pillow opens a 16-bit greyscale PNG as "I;16", whose RGB conversion clips every value above 255: a ramp
+    from black to white came out white. It is seen as the 8-bit picture of the same greys."""
+    ramp = np.linspace(0, 65535, 256 * 256).reshape(256, 256).astype(np.uint16)
+    deep, shallow = io.BytesIO(), io.BytesIO()
+    Image.fromarray(ramp).save(deep, "PNG")
+    Image.fromarray(np.round(ramp / 257).astype(np.uint8)).save(shallow, "PNG")
+    assert Image.open(io.BytesIO(deep.getvalue())).mode.startswith("I")
+    seen = preprocess_image(deep.getvalue(), "deep", 10**7)
+    assert (seen - preprocess_image(shallow.getvalue(), "shallow", 10**7)).abs().max() < 1e-6

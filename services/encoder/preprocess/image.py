@@ -57,7 +57,11 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise MediaError(f"{name}: corrupt or truncated image ({exc})", code="invalid_image", param=name) from exc
     # A phone's photo is stored as the sensor saw it, with an EXIF tag saying how to turn it: the model sees it the
     # way the user does (a viewer applies the tag), not on its side.
-    return ImageOps.exif_transpose(image).convert("RGB")
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit greyscale (PNG): Pillow's RGB conversion clips it, nearly all white
+        grey = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 onto 0..255
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def preprocess_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
