@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import av
 import numpy as np
@@ -35,22 +36,37 @@ def wav(seconds: float = 3.0, rate: int = 16000, channels: int = 1, seed: int = 
 def mp4(frames: int = 40, fps: int = 8, width: int = 96, height: int = 64, pattern: str = "index") -> bytes:
     """H.264 frames; with pattern 'index' frame i is a flat grey of value 5*i (readable back after decoding),
     'flat' one grey throughout (compresses to almost nothing), otherwise noise."""
+    def pixels(i: int) -> np.ndarray:
+        if pattern == "index":
+            return np.full((height, width, 3), min(5 * i, 255), np.uint8)
+        if pattern == "flat":
+            return np.full((height, width, 3), 90, np.uint8)
+        return np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+    return mp4_of(np.stack([pixels(i) for i in range(frames)]), fps)
+
+
+def mp4_of(frames: np.ndarray, fps: int = 8) -> bytes:
+    """H.264 of ``frames``, uint8 (n, height, width, 3)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            if pattern == "index":
-                pixels = np.full((height, width, 3), min(5 * i, 255), np.uint8)
-            elif pattern == "flat":
-                pixels = np.full((height, width, 3), 90, np.uint8)
-            else:
-                pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for pixels in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def shown_turned_clockwise(data: bytes) -> bytes:
+    """The MP4 ``data`` with its track's display matrix set to a quarter turn clockwise, as a phone writes a
+    portrait clip it filmed as landscape frames (PyAV writes no display matrix: the track header is patched)."""
+    identity = struct.pack(">9i", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    at = data.index(identity, data.index(b"tkhd"))
+    return data[:at] + struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000) + data[at + 36:]
 
 
 def tone(seconds: float = 2.0, rate: int = 16000, hz: float = 880.0, amplitude: float = 0.5) -> np.ndarray:

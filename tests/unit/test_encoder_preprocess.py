@@ -281,3 +281,17 @@ def test_a_16_bit_greyscale_picture_keeps_its_greys() -> None:
     assert Image.open(io.BytesIO(deep.getvalue())).mode.startswith("I")
     seen = preprocess_image(deep.getvalue(), "deep", 10**7)
     assert (seen - preprocess_image(shallow.getvalue(), "shallow", 10**7)).abs().max() < 1e-6
+
+
+def test_a_phone_clip_is_seen_the_way_a_player_shows_it() -> None:
+    """A portrait clip from a phone: landscape frames and a display matrix turning them a quarter clockwise. The
+    model gets the turned frames (on their side, a shape moving up would read as moving left)."""
+    frames = np.zeros((24, 48, 80, 3), np.uint8)
+    frames[:, :, :40, 0] = 255  # left half red, right half blue: no turn leaves it as it was
+    frames[:, :, 40:, 2] = 255
+    upright = np.ascontiguousarray(np.rot90(frames, k=-1, axes=(1, 2)))  # what a player shows
+    seen = preprocess_video(media.shown_turned_clockwise(media.mp4_of(frames)), "portrait", 30.0, 10**7)
+    expected = preprocess_video(media.mp4_of(upright), "upright", 30.0, 10**7)
+    raw = preprocess_video(media.mp4_of(frames), "raw", 30.0, 10**7)
+    assert (seen - expected).abs().mean() < 0.05
+    assert (raw - expected).abs().mean() > 0.5

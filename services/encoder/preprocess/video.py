@@ -92,10 +92,19 @@ def decode_frames(data: bytes, name: str, max_seconds: float, max_pixels: int,
                 raise _too_long(name, max_seconds)
             decoded.append(float(frame.time))
             if decoded[-1] in wanted:
-                kept[decoded[-1]] = frame.to_ndarray(format="rgb24")
+                kept[decoded[-1]] = _upright(frame)
     if not decoded:
         raise MediaError(f"{name}: video has no frames", code="invalid_video", param=name)
     return kept, sorted(decoded)
+
+
+def _upright(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as a player shows it. A phone films a portrait clip as landscape frames with a display matrix
+    saying how to turn them (FFmpeg's command line turns them; decoding does not): a clip on its side would reach
+    the model with its motion turned too, "moving up" read as "moving left"."""
+    pixels = frame.to_ndarray(format="rgb24")
+    turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns, as np.rot90 counts them
+    return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
 
 
 def _duration(times: list[float], declared: float | None) -> float:
