@@ -78,6 +78,16 @@ async def test_encode_multipart_and_json(url: str) -> None:
     await client.check_ready()
 
 
+async def test_phone_photo_formats_are_pictures(url: str) -> None:
+    client = await _client(url)
+    items = [MediaInput(name=f"photo.{fmt.lower()}", data=media.still(fmt)) for fmt in ("HEIF", "AVIF", "PNG")]
+    result = await client.encode(items)
+    assert result.modalities == ["image", "image", "image"]
+    for embedding in result.embeddings[:2]:  # the same picture, through a lossy codec
+        cosine = embedding @ result.embeddings[2] / np.linalg.norm(embedding) / np.linalg.norm(result.embeddings[2])
+        assert cosine > 0.99
+
+
 async def test_encode_object_store_keys(url: str, store: LocalArtifactStore) -> None:
     key = store.put_new("upload", media.png(seed=3), "image/png", suffix=".png").key
     client = await _client(url)

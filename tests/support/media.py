@@ -25,6 +25,25 @@ def jpeg(width: int = 300, height: int = 400, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def smooth(width: int = 320, height: int = 240) -> np.ndarray:
+    """A picture lossy codecs keep close to as it is: colour ramps, no noise."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1).astype(np.uint8)
+
+
+def still(fmt: str, pixels: np.ndarray | None = None) -> bytes:
+    """``pixels`` (default: ``smooth()``) saved as ``fmt``: "HEIF" (a phone's HEIC, through pillow-heif), "AVIF",
+    "PNG"..."""
+    if fmt == "HEIF":
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    buf = io.BytesIO()
+    Image.fromarray(smooth() if pixels is None else pixels).save(buf, format=fmt, **(
+        {"quality": 95} if fmt in ("HEIF", "AVIF") else {}))
+    return buf.getvalue()
+
+
 def wav(seconds: float = 3.0, rate: int = 16000, channels: int = 1, seed: int = 0, fmt: str = "WAV") -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from services.contracts.errors import PayloadTooLargeError
-from services.encoder.media import sniff
+from services.encoder.media import is_container, sniff
 from services.encoder.preprocess import MediaError
 from services.encoder.preprocess.audio import clip_to_melspec, decode_audio, preprocess_audio
 from services.encoder.preprocess.container_audio import container_modality
@@ -295,3 +295,14 @@ def test_a_phone_clip_is_seen_the_way_a_player_shows_it() -> None:
     raw = preprocess_video(media.mp4_of(frames), "raw", 30.0, 10**7)
     assert (seen - expected).abs().mean() < 0.05
     assert (raw - expected).abs().mean() > 0.5
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_a_heic_or_avif_photo_is_a_picture(fmt: str) -> None:
+    """HEIC (a phone's photos) and AVIF are ISO-BMFF files like an MP4: they are pictures, read as one (they were
+    taken for containers, and FFmpeg made a one-frame clip of them, of an iPhone photo's first tile only)."""
+    data = media.still(fmt)
+    assert data[4:8] == b"ftyp" and sniff(data) == "image" and not is_container(data)
+    assert sniff(media.mp4(frames=2)) == "video" and is_container(media.mp4(frames=2))
+    seen = preprocess_image(data, f"photo.{fmt.lower()}", 10**7)
+    assert (seen - preprocess_image(media.still("PNG"), "photo.png", 10**7)).abs().mean() < 0.05

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from services.contracts.errors import PayloadTooLargeError
+from services.encoder.media import is_heif
 from services.encoder.preprocess import MediaError
 
 SIZE = 224
@@ -39,7 +41,17 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
     return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
 
 
+@functools.cache
+def _heif_opener() -> None:
+    """Pillow reads AVIF itself; HEIC (a phone's photos) through pillow-heif's plugin, registered on first use."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
 def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    if is_heif(data):
+        _heif_opener()
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as exc:  # PIL raises many types for bad files
