@@ -26,7 +26,7 @@ from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import EncoderModel
 from services.encoder.preprocess.audio import preprocess_audio
 from services.encoder.preprocess.container_audio import container_modality
-from services.encoder.preprocess.image import preprocess_image
+from services.encoder.preprocess.image import animated, preprocess_image
 from services.encoder.preprocess.video import preprocess_video
 
 MODALITIES: tuple[InputModality, ...] = ("image", "audio", "video")
@@ -140,6 +140,8 @@ class EncoderService:
                                         code="unsupported_media", param=item.name)
         if is_container(data):
             found = await to_thread.run_sync(container_modality, data, item.name, limiter=self._decode_limiter)
+        elif found == "image" and await to_thread.run_sync(animated, data, limiter=self._decode_limiter):
+            found = "video"  # an animated GIF is a clip: "what happens in this GIF?" is about its motion
         if item.modality is not None and item.modality != found:
             raise UnsupportedMediaError(f"{item.name}: declared {item.modality} but the content is {found}",
                                         code="modality_mismatch", param=item.name)

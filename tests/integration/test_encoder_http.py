@@ -88,6 +88,22 @@ async def test_phone_photo_formats_are_pictures(url: str) -> None:
         assert cosine > 0.99
 
 
+async def test_an_animated_gif_is_a_clip(url: str) -> None:
+    """An animated GIF or APNG goes through the video branch (a still one stays a picture): as an MP4 of the
+    same frames does."""
+    frames = np.stack([np.roll(media.smooth(96, 64), 8 * i, axis=1) for i in range(16)])  # panning right
+    client = await _client(url)
+    items = [MediaInput(name="pan.gif", data=media.animation("GIF", frames)),
+             MediaInput(name="pan.png", data=media.animation("PNG", frames)),
+             MediaInput(name="pan.mp4", data=media.mp4_of(frames)),
+             MediaInput(name="still.gif", data=media.still("GIF", frames[0]))]
+    result = await client.encode(items)
+    assert result.modalities == ["video", "video", "video", "image"]
+    for embedding in result.embeddings[:2]:  # the same clip (the MP4 through a lossy codec, the GIF a palette)
+        cosine = embedding @ result.embeddings[2] / np.linalg.norm(embedding) / np.linalg.norm(result.embeddings[2])
+        assert cosine > 0.999  # (a still picture of the first frame: 0.986)
+
+
 async def test_encode_object_store_keys(url: str, store: LocalArtifactStore) -> None:
     key = store.put_new("upload", media.png(seed=3), "image/png", suffix=".png").key
     client = await _client(url)

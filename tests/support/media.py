@@ -44,6 +44,14 @@ def still(fmt: str, pixels: np.ndarray | None = None) -> bytes:
     return buf.getvalue()
 
 
+def animation(fmt: str, frames: np.ndarray, ms_per_frame: int = 125) -> bytes:
+    """``frames`` (n, height, width, 3) as an animated "GIF" or "PNG" (APNG), looping."""
+    buf = io.BytesIO()
+    first, *rest = [Image.fromarray(f) for f in frames]
+    first.save(buf, format=fmt, save_all=True, append_images=rest, duration=ms_per_frame, loop=0)
+    return buf.getvalue()
+
+
 def wav(seconds: float = 3.0, rate: int = 16000, channels: int = 1, seed: int = 0, fmt: str = "WAV") -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

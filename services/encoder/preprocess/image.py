@@ -49,6 +49,18 @@ def _heif_opener() -> None:
     register_heif_opener()
 
 
+def animated(data: bytes) -> bool:
+    """Whether ``data`` is an animated GIF or PNG (APNG): a clip, which the video branch reads (FFmpeg decodes
+    both), not a picture of its first frame. Read from the headers, no frame decoded. (An animated WebP stays a
+    picture: FFmpeg cannot decode one.)"""
+    if not data.startswith((b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")):
+        return False
+    try:
+        return bool(getattr(Image.open(io.BytesIO(data)), "is_animated", False))
+    except Exception:  # not readable: the picture's own path says what is wrong with it
+        return False
+
+
 def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if is_heif(data):
         _heif_opener()
