@@ -306,3 +306,15 @@ def test_a_heic_or_avif_photo_is_a_picture(fmt: str) -> None:
     assert sniff(media.mp4(frames=2)) == "video" and is_container(media.mp4(frames=2))
     seen = preprocess_image(data, f"photo.{fmt.lower()}", 10**7)
     assert (seen - preprocess_image(media.still("PNG"), "photo.png", 10**7)).abs().mean() < 0.05
+
+
+def test_a_jpeg_past_the_pixel_bound_is_read_at_a_smaller_scale() -> None:
+    """A photo past the bound on pixels (a 50 MP phone's) is read at a JPEG's cheap 1/8 scale, not refused; a
+    PNG that large is still refused before any decoding."""
+    big = np.asarray(Image.fromarray(media.smooth(320, 240)).resize((3200, 2400)))
+    out = io.BytesIO()
+    Image.fromarray(big).save(out, "JPEG", quality=95)
+    seen = preprocess_image(out.getvalue(), "photo.jpg", 1_000_000)
+    assert (seen - preprocess_image(out.getvalue(), "photo.jpg", 10**8)).abs().mean() < 0.05  # full decode
+    with pytest.raises(PayloadTooLargeError, match="photo.png: 3200x2400"):
+        preprocess_image(media.still("PNG", big), "photo.png", 1_000_000)
