@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
+from gateway.media_fetch import MediaFetcher
 from gateway.metrics import HttpMetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.routes import router
@@ -48,8 +49,12 @@ def build_app(state: GatewayState) -> FastAPI:
                   responses={500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     app.state.gateway = state
     if state.openai is None and state.chat is not None and state.store is not None:
-        state.openai = OpenAIServingChat(state.chat, state.store, state.settings,
-                                         {card.id: (None if card.root is None else card.id) for card in state.models})
+        g = state.settings
+        fetcher = MediaFetcher(g.max_upload_bytes, g.media_url_timeout_s, g.media_url_max_redirects,
+                               g.media_url_private) if g.media_url_fetch else None
+        state.openai = OpenAIServingChat(state.chat, state.store, g,
+                                         {card.id: (None if card.root is None else card.id) for card in state.models},
+                                         fetcher)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes,
                        timeout_s=state.settings.body_timeout_s)
     if state.settings.cors_origins:

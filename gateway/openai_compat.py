@@ -14,7 +14,9 @@ import binascii
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -76,10 +78,20 @@ class OpenAIChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
-def _decode(url: str, where: str, max_bytes: int) -> bytes:
+@dataclass(frozen=True)
+class RemoteMedia:
+    """A part's medium given by http(s) URL: the serving layer fetches it (``gateway.media_fetch``) or refuses it."""
+
+    url: str
+
+
+def _decode(url: str, where: str, max_bytes: int) -> bytes | RemoteMedia:
+    if urlsplit(url).scheme in ("http", "https"):
+        return RemoteMedia(url)
     match = _DATA_URL.match(url)
     if not match:
-        raise InvalidRequestError(f"{where}: only base64 data URLs are accepted", code="unsupported_url", param=where)
+        raise InvalidRequestError(f"{where}: only http(s) and base64 data URLs are taken", code="unsupported_url",
+                                  param=where)
     try:
         data = base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -91,9 +103,10 @@ def _decode(url: str, where: str, max_bytes: int) -> bytes:
 
 def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
                     max_files: int, refs: ArtifactRefs | None = None,
-                    sounds: dict[str, str] | None = None) -> tuple[ChatRequest, dict[str, bytes]]:
+                    sounds: dict[str, str] | None = None) -> tuple[ChatRequest, dict[str, bytes | RemoteMedia]]:
     """``model_names``: served model id -> LoRA name (None: the base model). Whatever the translated request
-    breaks (a content too long, no user message, the assistant's message last) is a 400 naming the field."""
+    breaks (a content too long, no user message, the assistant's message last) is a 400 naming the field. A
+    medium given by http(s) URL is a ``RemoteMedia`` among the uploads, for the caller to fetch."""
     try:
         return _translate(body, model_names, max_bytes, max_files, refs, sounds or {})
     except ValidationError as exc:
@@ -102,11 +115,11 @@ def to_chat_request(body: OpenAIChatRequest, model_names: dict[str, str | None],
 
 def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_bytes: int,
                max_files: int, refs: ArtifactRefs | None, sounds: dict[str, str]
-               ) -> tuple[ChatRequest, dict[str, bytes]]:
+               ) -> tuple[ChatRequest, dict[str, bytes | RemoteMedia]]:
     if body.model not in model_names:
         raise InvalidRequestError(f"unknown model {body.model!r}; see GET /v1/models", code="model_not_found",
                                   param="model")
-    uploads: dict[str, bytes] = {}
+    uploads: dict[str, bytes | RemoteMedia] = {}
     messages: list[ChatMessage] = []
     system: list[str] = []
     for i, message in enumerate(body.messages):
@@ -184,7 +197,7 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _add(uploads: dict[str, bytes], data: bytes, where: str, max_files: int) -> str:
+def _add(uploads: dict[str, bytes | RemoteMedia], data: bytes | RemoteMedia, where: str, max_files: int) -> str:
     """The part's place in the request names its upload, so that what the encoder finds wrong with it (not a
     picture, too long a sound) names the part the client sent. What a file is comes from its bytes (the format a
     client declares is not needed)."""

@@ -29,10 +29,13 @@ from gateway.chat import ChatService
 from gateway.collect import collect
 from gateway.disconnect import ClientWatch
 from gateway.first_event import FirstEvent
-from gateway.openai_compat import OpenAIChatRequest, audio_payload, completion_id, image_part, to_chat_request
+from gateway.media_fetch import MediaFetcher
+from gateway.openai_compat import (
+    OpenAIChatRequest, RemoteMedia, audio_payload, completion_id, image_part, to_chat_request,
+)
 from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
-from services.contracts.errors import NextGPTError, invalid_fields
+from services.contracts.errors import InvalidRequestError, NextGPTError, invalid_fields
 from services.contracts.ids import is_hex_id
 from services.contracts.storage import ArtifactStore
 from services.contracts.settings import GatewaySettings
@@ -44,9 +47,11 @@ def _finish(reason: str) -> str:
 
 class OpenAIServingChat:
     def __init__(self, chat: ChatService, store: ArtifactStore, settings: GatewaySettings,
-                 model_names: dict[str, str | None]) -> None:
-        """``model_names``: served model id -> LoRA adapter (None: the base model)."""
+                 model_names: dict[str, str | None], fetcher: MediaFetcher | None = None) -> None:
+        """``model_names``: served model id -> LoRA adapter (None: the base model). ``fetcher``: for media given by
+        http(s) URL (None: such parts are refused)."""
         self.chat, self.store, self.settings, self.model_names = chat, store, settings, model_names
+        self.fetcher = fetcher
 
     async def create(self, raw: bytes, owner: str | None, url_for: Callable[[str], str],
                      client: ClientWatch) -> Response:
@@ -55,10 +60,10 @@ class OpenAIServingChat:
             body = OpenAIChatRequest.model_validate_json(raw)
         except ValidationError as exc:
             raise invalid_fields(exc) from exc
-        chat_request, uploads = to_chat_request(body, self.model_names, self.settings.max_upload_bytes,
-                                                self.settings.max_files, self.chat.refs,
-                                                await self._made_sounds(body, owner, url_for))
-        conversation, params, media = await self.chat.prepare(chat_request, uploads, owner)
+        chat_request, parts = to_chat_request(body, self.model_names, self.settings.max_upload_bytes,
+                                              self.settings.max_files, self.chat.refs,
+                                              await self._made_sounds(body, owner, url_for))
+        conversation, params, media = await self.chat.prepare(chat_request, await self._fetched(parts), owner)
         cid, created = completion_id(), int(time.time())
         if body.stream:
             turn = FirstEvent(self.chat.run(chat_request, conversation, params, media, url_for, owner))
@@ -80,6 +85,17 @@ class OpenAIServingChat:
                       "total_tokens": usage.prompt_tokens + usage.completion_tokens},
             "conversation_id": result.conversation_id,
         })
+
+    async def _fetched(self, parts: dict[str, bytes | RemoteMedia]) -> dict[str, bytes]:
+        """The parts' bytes, those given by URL fetched."""
+        remote = {where: part.url for where, part in parts.items() if isinstance(part, RemoteMedia)}
+        if remote and self.fetcher is None:
+            where = next(iter(remote))
+            raise InvalidRequestError(f"{where}: this server does not fetch media URLs; send the medium as a base64 "
+                                      "data URL (operators: NEXTGPT_GATEWAY__MEDIA_URL_FETCH)", code="unsupported_url",
+                                      param=where)
+        fetched = await self.fetcher.fetch_all(remote) if remote and self.fetcher is not None else {}
+        return {where: fetched[where] if isinstance(part, RemoteMedia) else part for where, part in parts.items()}
 
     async def _made_sounds(self, body: OpenAIChatRequest, owner: str | None,
                            url_for: Callable[[str], str]) -> dict[str, str]:

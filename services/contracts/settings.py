@@ -207,6 +207,14 @@ class GatewaySettings(BaseModel):
         description="After a stream's first event, events gather this long per Redis write (resumes see them as late)")
     inline_max_bytes: int = Field(
         default=16 * 1024 * 1024, ge=0, description="Largest artifact returned inline (base64) when asked for")
+    media_url_fetch: bool = Field(
+        default=False, description="OpenAI endpoint: fetch media given by http(s) URL (image_url, video_url parts); "
+                                   "off: only data URLs are taken. Every hop's address is checked (see media_url_private)")
+    media_url_private: bool = Field(
+        default=False, description="Also fetch from private, loopback and link-local addresses (a cluster's own "
+                                   "services, a cloud's metadata service): only where every client is trusted")
+    media_url_timeout_s: float = Field(default=10.0, gt=0, le=300, description="One URL's fetch, redirects included")
+    media_url_max_redirects: int = Field(default=3, ge=0, le=10)
 
     @field_validator("trusted_proxies", "cors_origins", "allowed_hosts", mode="before")
     @classmethod

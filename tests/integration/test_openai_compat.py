@@ -15,6 +15,7 @@ from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
+from tests.support.files_server import PICTURE, files_server
 from tests.support.servers import UvicornThread
 
 
@@ -189,9 +190,10 @@ def test_errors_in_the_openai_shape(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert info.value.code == "model_not_found"
-    with pytest.raises(openai.BadRequestError, match="only base64 data URLs"):
+    with pytest.raises(openai.BadRequestError, match="does not fetch media URLs") as off:  # the default
         client.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}])
+    assert (off.value.code, off.value.param) == ("unsupported_url", "messages[0].content[0]")
     # What is wrong with a part names the part the client sent
     with pytest.raises(openai.APIStatusError) as status:
         client.chat.completions.create(model="nextgpt", messages=[{"role": "user", "content": [
@@ -273,3 +275,36 @@ def test_media_that_fail_are_said_so_streamed_or_not(tiny_bundle_dir: Path, tmp_
         streamed = [c.choices[0].delta.model_extra.get("media_errors") for c in
                     client.chat.completions.create(**ask, stream=True) if c.choices]  # type: ignore[call-overload]
         assert [f["error"].split(":")[0] for chunk in streamed if chunk for f in chunk] == ["overloaded"] * 2
+
+
+def test_media_by_url_are_fetched_where_the_operator_allows(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    """With ``media_url_fetch`` on, an ``image_url`` part's http(s) URL is fetched: the model gets what the same
+    picture as a data URL gives it. A private address (this test's server is on loopback) only with
+    ``media_url_private``; a URL that fails is a 400 naming the part."""
+    settings = Settings(cache_dir=tmp_path, gateway={"media_url_fetch": True, "media_url_private": True},
+                        llm={"engine_process": False}, decoders={"engine_process": False})
+    with files_server() as port, UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def prompt_tokens(url: str | None) -> int:
+            parts: list[dict[str, object]] = [{"type": "text", "text": "what is it?"}]
+            if url:
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            usage = client.chat.completions.create(model="nextgpt", max_tokens=1, messages=[  # type: ignore[list-item]
+                {"role": "user", "content": parts}]).usage
+            assert usage is not None
+            return usage.prompt_tokens
+
+        as_data = "data:image/png;base64," + base64.b64encode(PICTURE).decode()
+        assert prompt_tokens(f"http://127.0.0.1:{port}/pic.png") == prompt_tokens(as_data) > prompt_tokens(None)
+        with pytest.raises(openai.BadRequestError) as missing:
+            prompt_tokens(f"http://127.0.0.1:{port}/missing")
+        assert (missing.value.code, missing.value.param) == ("media_url_failed", "messages[0].content[1]")
+    private = Settings(cache_dir=tmp_path, gateway={"media_url_fetch": True},
+                       llm={"engine_process": False}, decoders={"engine_process": False})
+    with UvicornThread(embedded_app(private, load_bundle(tiny_bundle_dir))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="nextgpt", max_tokens=1, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]}])
+        assert refused.value.code == "media_url_not_allowed"
