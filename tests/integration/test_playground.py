@@ -82,6 +82,29 @@ def test_chat_with_an_upload_shows_text_and_media_as_they_arrive(url: str, brows
     browser.save_screenshot(str(tmp_path / "playground.png"))
 
 
+def test_two_photos_of_the_same_name_both_go(url: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    """A phone names every photo it shares "image.jpg": the API refuses a name used twice (names are how messages
+    refer to uploads), so the playground sends them under names of their own."""
+    paths = []
+    for seed in (1, 2):
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        paths.append(folder / "image.png")
+        paths[-1].write_bytes(media.png(seed=seed))
+    browser.get(f"{url}/")
+    key = browser.find_element(By.ID, "key")
+    key.clear()  # the page keeps the last key
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "message").send_keys("what are these?")
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(path) for path in paths))
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 120).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".turn[data-done=true], .error"))
+    assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+    sent = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".turn")[-2].find_elements(By.CSS_SELECTOR, ".job")]
+    assert sent == ["image.png", "image (2).png"]
+
+
 def test_a_wrong_key_is_shown_as_an_error(url: str, browser: webdriver.Chrome) -> None:
     browser.get(f"{url}/")
     key = browser.find_element(By.ID, "key")
