@@ -85,15 +85,16 @@ class MediaFetcher:
         if parts.username or parts.password:
             raise InvalidRequestError(f"{where}: URLs with credentials are not fetched", code="unsupported_url",
                                       param=where)
+        literal = _ip(parts.hostname) is not None
         try:
             port = parts.port
             # An internationalised name travels as its ASCII (IDNA) form, in the lookup, Host and TLS alike.
-            name = parts.hostname if _is_address(parts.hostname) else parts.hostname.encode("idna").decode("ascii")
+            name = parts.hostname if literal else parts.hostname.encode("idna").decode("ascii")
         except (ValueError, UnicodeError) as exc:
             raise InvalidRequestError(f"{where}: not a usable URL ({exc})", code="unsupported_url",
                                       param=where) from exc
         try:
-            addresses = [name] if _is_address(name) else await self.resolver(
+            addresses = [name] if literal else await self.resolver(
                 name, port or (443 if parts.scheme == "https" else 80))
         except (OSError, ValueError) as exc:
             raise _failed(where, f"cannot resolve {name!r} ({exc})") from exc
@@ -105,16 +106,16 @@ class MediaFetcher:
                 f"{where}: {name!r} is a private or reserved address ({refused[0]}); only public ones are "
                 "fetched (NEXTGPT_GATEWAY__MEDIA_URL_PRIVATE)", code="media_url_not_allowed", param=where)
         address = addresses[0]
-        literal, named = (f"[{a}]" if ":" in a else a for a in (address, name))
+        at, named = (f"[{a}]" if ":" in a else a for a in (address, name))
         suffix = f":{port}" if port else ""
-        target = urlunsplit((parts.scheme, literal + suffix, parts.path or "/", parts.query, ""))
+        target = urlunsplit((parts.scheme, at + suffix, parts.path or "/", parts.query, ""))
         return target, named + suffix, name, address
 
     def _allowed(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = _ip(address)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return self.allow_private or ip.is_global
+        return self.allow_private or (ip is not None and ip.is_global)
 
 
 class _Budget:
@@ -141,12 +142,12 @@ async def _body(response: httpx.Response, where: str, budget: _Budget) -> bytes:
     return bytes(body)
 
 
-def _is_address(host: str) -> bool:
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` is (an IPv6 zone, "%eth0", aside), or None for a name."""
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        return ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _failed(where: str, why: str) -> InvalidRequestError:
