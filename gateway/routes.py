@@ -25,6 +25,7 @@ from gateway.state import GatewayState
 from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, StreamCancelled, Usage
 from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError, invalid_fields
+from services.web.errors import error_json
 from services.contracts.ids import is_hex_id
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ _BYTES: dict[str, Any] = {m: {"schema": {"type": "string", "format": "binary"}}
 @router.api_route("/v1/artifacts/{key:path}", methods=["GET", "HEAD"], response_class=StreamingResponse,
             responses=_ERRORS | {200: {"content": _BYTES, "description": "The artifact's bytes"},
                                  206: {"content": _BYTES, "description": "One byte range"},
-                                 416: {"description": "Range not satisfiable"}})
+                                 416: {"model": ErrorResponse, "description": "Range not satisfiable"}})
 async def artifact(key: str, request: Request, expires: int | None = None, sig: str | None = None) -> Response:
     """The artifact's bytes (signed, expiring URL from the chat response); supports one byte range."""
     st = state_of(request)
@@ -251,14 +252,16 @@ async def artifact(key: str, request: Request, expires: int | None = None, sig: 
     if header and header.strip().lower().startswith("bytes=") and "," not in header:
         match = _RANGE.match(header.strip().lower())
         if not match or (not match.group(1) and not match.group(2)):
-            return Response(status_code=416, headers={"content-range": f"bytes */{meta.size}"})
+            return _unsatisfiable(meta.size, f"Range {header.strip()[:100]!r} is not one byte range (bytes=FIRST-LAST, "
+                                             "bytes=FIRST- or bytes=-LENGTH)")
         if match.group(1):
             start = int(match.group(1))
             end = min(int(match.group(2)) + 1, meta.size) if match.group(2) else meta.size
         else:  # suffix range: the last N bytes
             start = max(0, meta.size - int(match.group(2)))
         if start >= meta.size or start >= end:
-            return Response(status_code=416, headers={"content-range": f"bytes */{meta.size}"})
+            return _unsatisfiable(meta.size, f"Range {header.strip()[:100]!r} has no byte of this artifact "
+                                             f"({meta.size} bytes)")
         status = 206
         headers["content-range"] = f"bytes {start}-{end - 1}/{meta.size}"
     headers["content-length"] = str(end - start)
@@ -266,6 +269,13 @@ async def artifact(key: str, request: Request, expires: int | None = None, sig: 
         return Response(status_code=status, media_type=meta.mime, headers=headers)
     chunks = await asyncio.to_thread(st.store.iter_bytes, key, start, end)
     return StreamingResponse(_iterate(chunks), status_code=status, media_type=meta.mime, headers=headers)
+
+
+def _unsatisfiable(size: int, message: str) -> Response:
+    """416 in the shared error shape, with the ``Content-Range`` RFC 9110 asks for (the artifact's length)."""
+    response = error_json(416, "invalid_request_error", "range_not_satisfiable", message, "Range")
+    response.headers["content-range"] = f"bytes */{size}"
+    return response
 
 
 async def _iterate(chunks: Any) -> AsyncIterator[bytes]:

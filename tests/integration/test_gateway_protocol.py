@@ -49,6 +49,11 @@ def test_ranges_in_other_units_are_ignored_and_huge_offsets_are_refused(artifact
     assert whole.status_code == 200 and len(whole.content) == size
     huge = httpx.get(artifact_url, headers={"range": "bytes=" + "9" * 5000 + "-"})
     assert huge.status_code == 416 and huge.headers["content-range"] == f"bytes */{size}"
+    # Refusals in the shared error shape, like every other 4xx: a past-the-end range and a malformed one.
+    for asked in ("bytes=" + "9" * 5000 + "-", f"bytes={size}-", "bytes=abc", "bytes=-"):
+        refused = httpx.get(artifact_url, headers={"range": asked})
+        assert refused.status_code == 416 and refused.headers["content-range"] == f"bytes */{size}", asked
+        assert refused.json()["error"]["code"] == "range_not_satisfiable" and refused.json()["error"]["param"] == "Range"
     part = httpx.get(artifact_url, headers={"range": "bytes=0-9"})
     assert part.status_code == 206 and len(part.content) == 10
 
