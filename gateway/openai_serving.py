@@ -133,10 +133,15 @@ class OpenAIServingChat:
 
     async def _stream(self, events: AsyncIterator[TurnEvent], cid: str, created: int, model: str,
                       include_usage: bool) -> AsyncIterator[bytes]:
+        def data(body: dict[str, Any]) -> bytes:
+            return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+            body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if include_usage:  # as OpenAI's: every chunk has the field, null until the last one's totals
+                body["usage"] = None
+            return data(body)
 
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -153,12 +158,11 @@ class OpenAIServingChat:
                     if include_usage:
                         usage = dict(event.usage)
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [], "usage": usage}
-                        yield f"data: {json.dumps(body)}\n\n".encode()
+                        yield data({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                    "choices": [], "usage": usage})
                     break
         except NextGPTError as exc:
-            yield f"data: {json.dumps(exc.to_response().model_dump())}\n\n".encode()
+            yield data(exc.to_response().model_dump())
         finally:
             await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"

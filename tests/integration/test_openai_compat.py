@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +185,21 @@ def test_streaming_text_and_audio_input(client: openai.OpenAI) -> None:
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert text and finishes in (["length"], ["stop"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 20
+
+
+def test_usage_is_null_in_every_chunk_but_the_last(client: openai.OpenAI) -> None:
+    """As OpenAI's stream with include_usage: the field is on every chunk (null), the totals on a last chunk
+    without choices; every line compact JSON, the usage chunk's too."""
+    body = {"model": "nextgpt-tiny", "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=60,
+                      headers={"authorization": "Bearer sk-test"}) as response:
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    assert all(line == json.dumps(json.loads(line), separators=(",", ":")) for line in lines[:-1])
 
 
 def test_errors_in_the_openai_shape(client: openai.OpenAI) -> None:
