@@ -72,9 +72,10 @@ def prompt_pieces(spec: PromptSpec, turns: list[Turn]) -> list[Piece]:
                 media(turn.media)
             buffer += " " + turn.text + spec.assistant_prefix
         else:
-            # A stored reply is the text as streamed: " Here is ...\n" (the first token's leading space, the
-            # newline before the stop). The layout has one space after "Assistant:" and the separator right after
-            # the reply, as the model was trained and as the demo writes its history.
+            # A reply may come back trimmed ("Here is ...", as the service streams it) or as the model wrote it
+            # (" Here is ...\n": the first token's leading space, the newline before the stop). The layout has one
+            # space after "Assistant:" and the separator right after the reply, as the model was trained and as the
+            # demo writes its history.
             buffer += " " + turn.text.strip()
             if turn.media:
                 media(turn.media)

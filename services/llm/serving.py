@@ -17,6 +17,7 @@ from services.contracts.settings import LLMSettings
 from services.contracts.bundle_manifest import BundleManifest
 from services.llm.channel import EventChannel
 from services.llm.metrics import LLMMetrics
+from services.llm.reply_trim import ReplyTrim
 from services.llm.signals import check_signal_budget
 
 
@@ -70,7 +71,7 @@ class LLMService:
         def work() -> None:
             tracker = _Running(channel.put, self.metrics)
             try:
-                self.backend.generate(params, media, tracker, cancelled)
+                self.backend.generate(params, media, ReplyTrim(tracker), cancelled)
             except BaseException as exc:  # delivered to the consumer, which raises it
                 channel.put(exc)
             finally:

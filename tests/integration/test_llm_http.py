@@ -59,6 +59,32 @@ async def test_stream_over_http(url: str) -> None:
     await client.aclose()
 
 
+async def test_the_reply_text_is_its_tokens_decoded_without_the_whitespace_around(url: str, tiny_bundle_dir: Path
+                                                                                  ) -> None:
+    """The service trims what the model writes around its answer (a leading space, a trailing newline), nothing
+    inside it."""
+    from transformers import AutoTokenizer
+
+    bundle = load_bundle(tiny_bundle_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(bundle.path(bundle.manifest.llm.path)))
+    skip = {i for spec in bundle.manifest.outputs.values() for i in spec.signal.token_ids}
+    skip |= set(bundle.manifest.stop.token_ids)
+    client = HttpLLMClient(url)
+    trimmed = 0
+    for seed in range(6):
+        params = GenerateParams(turns=[Turn(role="user", text="say something")], seed=seed, max_tokens=40,
+                                temperature=1.0, allowed_modalities=[])
+        events = [e async for e in client.generate(params, None)]
+        done = events[-1]
+        assert isinstance(done, Done)
+        raw = tokenizer.decode([t for t in done.token_ids if t not in skip], skip_special_tokens=True)
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        assert text == raw.strip()
+        trimmed += text != raw
+    assert trimmed, "no reply of these seeds began or ended with whitespace: the check checked nothing"
+    await client.aclose()
+
+
 async def test_request_errors_are_4xx_before_streaming(url: str) -> None:
     client = HttpLLMClient(url)
     with pytest.raises(InvalidRequestError, match="max_tokens 3000 exceeds"):
