@@ -136,9 +136,10 @@ class OpenAIServingChat:
         def data(body: dict[str, Any]) -> bytes:
             return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             if include_usage:  # as OpenAI's: every chunk has the field, null until the last one's totals
                 body["usage"] = None
             return data(body)
@@ -158,8 +159,7 @@ class OpenAIServingChat:
                     if include_usage:
                         usage = dict(event.usage)
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                        yield data({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                    "choices": [], "usage": usage})
+                        yield data({**head, "choices": [], "usage": usage})
                     break
         except NextGPTError as exc:
             yield data(exc.to_response().model_dump())

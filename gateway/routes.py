@@ -25,8 +25,8 @@ from gateway.state import GatewayState
 from gateway.streams import LogEntry
 from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, StreamCancelled, Usage
 from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError, invalid_fields
-from services.web.errors import error_json
 from services.contracts.ids import is_hex_id
+from services.web.errors import error_json
 
 log = logging.getLogger(__name__)
 router = APIRouter()
