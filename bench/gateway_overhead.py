@@ -138,11 +138,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    # Every process of the stack and this client share the machine's cores: the LLM's decoding gets all but one
+    # of them (NEXTGPT_LLM__THREADS, as the README advises for a shared machine), so that its steps, split over
+    # its threads, do not wait for a core the gateway, Redis or this client holds. 0: torch's default (every core).
+    parser.add_argument("--llm-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
     args = parser.parse_args()
     bundle_dir = bench_bundle()
     logs = Path(tempfile.mkdtemp(prefix="nextgpt-bench-"))
-    extra = {"NEXTGPT_LLM__MAX_WAITING": "128"}
+    extra = {"NEXTGPT_LLM__MAX_WAITING": "128"} | (
+        {"NEXTGPT_LLM__THREADS": str(args.llm_threads)} if args.llm_threads else {})
     with redis_server() as redis_info, s3_server() as s3, \
             distributed_stack(redis_info.url, f"{redis_info.key_prefix}bench:", s3, bundle_dir, logs, extra) as stack:
         llm_url = stack.services["llm"].ready_url.removesuffix("/readyz")
@@ -162,7 +167,7 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
           f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, "
-          f"the paths taking turns wave by wave ({machine})")
+          f"the paths taking turns wave by wave, LLM torch threads {args.llm_threads or 'default'} ({machine})")
     print(f"{'gateway':>14} {'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} "
           f"{'gateway tok/s':>14} {'Redis tx/stream':>16}")
     for r in rows:
@@ -172,7 +177,8 @@ def main() -> None:
     for a in artifacts:
         print(f"  concurrency {a['concurrency']}: p50 {a['first_artifact_p50_ms']} ms, max {a['first_artifact_max_ms']} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "tokens": args.tokens, "rounds": args.rounds, "ttft": rows,
+    args.out.write_text(json.dumps({"machine": machine, "tokens": args.tokens, "rounds": args.rounds,
+                                    "llm_threads": args.llm_threads or None, "ttft": rows,
                                     "first_artifact": artifacts}, indent=2))
 
 

@@ -147,6 +147,11 @@ class LLMSettings(BaseModel):
     max_batch: int = Field(default=16, ge=1, le=256, description="Replies decoded together (transformers backend)")
     engine_process: bool = Field(
         default=True, description="Transformers backend: decode in a child process, off the server's interpreter lock")
+    threads: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="Transformers backend on CPU: torch threads of its decoding (None: torch's default, one per core). "
+                    "On a machine whose cores it shares with other services, leave them one: a step split over every "
+                    "core waits for whichever core another process holds")
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
     engine_stall_s: float = Field(

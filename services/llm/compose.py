@@ -35,9 +35,12 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
                               settings.max_prompt_tokens)
     elif settings.engine_process:
         backend = EngineProcess(EngineSpec(bundle.root, settings.device, settings.dtype, settings.max_prompt_tokens,
-                                           settings.max_batch, settings.max_batch + settings.max_waiting),
+                                           settings.max_batch, settings.max_batch + settings.max_waiting,
+                                           settings.threads),
                                 on_exit=_stop_server, stall_s=settings.engine_stall_s)
     else:
+        if settings.threads:  # decoding shares this process: its torch threads are the process's
+            torch.set_num_threads(settings.threads)
         backend = HFBackend(bundle, settings.device, getattr(torch, settings.dtype), settings.max_prompt_tokens,
                             settings.max_batch)
     return LLMService(backend, settings, LLMMetrics(registry), bundle.manifest)

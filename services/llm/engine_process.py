@@ -108,6 +108,8 @@ class EngineProcess:
         if first[0] != "ready":
             self._process.join(5)
             raise RuntimeError(f"the LLM engine process failed to start: {first[1]}")
+        self.threads: int = first[1]  # what its torch runs on: the setting, or torch's default for the machine
+        log.info("LLM engine process %d ready (%s, torch threads %d)", self._process.pid, spec.device, self.threads)
         self._reader = threading.Thread(target=self._read, name="llm-engine-reader", daemon=True)
         self._reader.start()
 
@@ -218,7 +220,7 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
         return
     outbox: queue.SimpleQueue[tuple[str, int, Any] | None] = queue.SimpleQueue()
     sender = threading.Thread(target=_send_batches, args=(conn, outbox), name="llm-engine-sender", daemon=True)
-    conn.send(("ready",))
+    conn.send(("ready", torch.get_num_threads()))
     sender.start()
     cancels: dict[int, threading.Event] = {}
     lock = threading.Lock()

@@ -1,0 +1,50 @@
+"""``llm.threads``: the transformers backend decodes on that many torch threads, in its engine process or in the
+server's own process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from services.bundle.loader import load_bundle
+from services.contracts.settings import LLMSettings
+from services.llm.compose import build_llm_service
+from services.llm.engine_process import EngineProcess
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_engine_process_runs_on_the_threads_set(tiny_bundle_dir: Path, threads: int) -> None:
+    service = build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(threads=threads, max_batch=2),
+                                CollectorRegistry())
+    try:
+        assert isinstance(service.backend, EngineProcess)
+        assert service.backend.threads == threads
+    finally:
+        service.close()
+
+
+def test_in_the_server_process_the_setting_is_the_process_threads(tiny_bundle_dir: Path,
+                                                                   restore_threads: None) -> None:
+    torch.set_num_threads(2)
+    service = build_llm_service(load_bundle(tiny_bundle_dir),
+                                LLMSettings(threads=1, engine_process=False, max_batch=2), CollectorRegistry())
+    try:
+        assert torch.get_num_threads() == 1
+    finally:
+        service.close()
+
+
+def test_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        LLMSettings(threads=0)
