@@ -318,3 +318,46 @@ def test_a_jpeg_past_the_pixel_bound_is_read_at_a_smaller_scale() -> None:
     assert (seen - preprocess_image(out.getvalue(), "photo.jpg", 10**8)).abs().mean() < 0.05  # full decode
     with pytest.raises(PayloadTooLargeError, match="photo.png: 3200x2400"):
         preprocess_image(media.still("PNG", big), "photo.png", 1_000_000)
+
+
+def _encoded(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    extra = {"transparency": image.info["transparency"]} if "transparency" in image.info else {}
+    image.save(out, "PNG", **extra)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "palette", "colour key"])
+def test_transparent_parts_of_a_picture_are_white(kind: str) -> None:
+    """A shape on a transparent background is seen as a viewer shows it, on white: the colour stored under
+    transparent pixels (black here, or whatever paint was left there) is not part of the picture."""
+    shape = np.zeros((64, 64), bool)
+    shape[16:48, 16:48] = True
+    ink = (200, 30, 30) if kind != "LA" else (60, 60, 60)
+    shown = np.full((64, 64, 3), 255, np.uint8)
+    shown[shape] = ink
+    if kind == "RGBA":
+        pixels = np.zeros((64, 64, 4), np.uint8)
+        pixels[shape] = (*ink, 255)
+        pixels[~shape] = (0, 255, 0, 0)  # left-over green paint under full transparency
+        stored = Image.fromarray(pixels, "RGBA")
+    elif kind == "LA":
+        pixels = np.zeros((64, 64, 2), np.uint8)
+        pixels[shape] = (60, 255)
+        stored = Image.fromarray(pixels, "LA")
+    elif kind == "palette":  # a GIF-style palette whose entry 0 is transparent
+        stored = Image.fromarray(shape.astype(np.uint8), "L").convert("P")
+        stored.putpalette([0, 0, 0, *ink] + [0] * 762)
+        stored.info["transparency"] = 0
+    else:  # an RGB PNG with a tRNS colour: black means transparent
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        pixels[shape] = ink
+        stored = Image.fromarray(pixels, "RGB")
+        stored.info["transparency"] = (0, 0, 0)
+    data = _encoded(stored)
+    reopened = Image.open(io.BytesIO(data))
+    assert reopened.mode in ("RGBA", "LA", "P", "RGB") and (reopened.mode != "RGB" or "transparency" in reopened.info)
+    expected = preprocess_image(_encoded(Image.fromarray(shown, "RGB")), "shown.png", 10**7)
+    assert (preprocess_image(data, f"{kind}.png", 10**7) - expected).abs().max() < 1e-5
+    # What a plain RGB conversion gives differs, so the test tells the two apart.
+    assert np.abs(np.asarray(reopened.convert("RGB"), np.int16) - shown).max() > 100

@@ -91,7 +91,17 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if image.mode.startswith("I"):  # 16-bit greyscale (PNG): Pillow's RGB conversion clips it, nearly all white
         grey = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 onto 0..255
         image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    return _on_white(image)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """RGB as a viewer shows the picture: what is transparent (an alpha channel, or a palette's or a colour's
+    transparency) lies on white. A plain RGB conversion keeps the colour stored under transparent pixels, usually
+    black, sometimes left-over paint: a logo on a transparent background became a logo on black."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def preprocess_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
