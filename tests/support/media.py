@@ -119,3 +119,38 @@ def encoded_audio(wave: np.ndarray, rate: int, fmt: str) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+# The D50 colorants of sRGB's primaries (what an sRGB ICC profile's rXYZ/gXYZ/bXYZ tags hold).
+SRGB_COLORANTS = {"r": (0.4361, 0.2225, 0.0139), "g": (0.3851, 0.7169, 0.0971), "b": (0.1431, 0.0606, 0.7141)}
+
+
+def icc_profile(colorants: dict[str, tuple[float, float, float]], gamma: float = 2.2,
+                name: str = "test RGB") -> bytes:
+    """A minimal ICC v2 display profile (matrix and gamma curves), built byte by byte: no profile file is on this
+    machine, and Pillow creates only sRGB, Lab and XYZ ones. Swapping colorants makes a space whose stored red is
+    another colour, so a test can tell whether a reader applied the profile."""
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v: tuple[float, float, float]) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(s15(c) for c in v)
+
+    text = name.encode("ascii") + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 4 + b"\0" * 4 + b"\0" * 2 + b"\0" + \
+        b"\0" * 67
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(colorants["r"])),
+            (b"gXYZ", xyz(colorants["g"])), (b"bXYZ", xyz(colorants["b"])), (b"rTRC", curve), (b"gTRC", curve),
+            (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + b"\0" * 12 + \
+        b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data

@@ -361,3 +361,34 @@ def test_transparent_parts_of_a_picture_are_white(kind: str) -> None:
     assert (preprocess_image(data, f"{kind}.png", 10**7) - expected).abs().max() < 1e-5
     # What a plain RGB conversion gives differs, so the test tells the two apart.
     assert np.abs(np.asarray(reopened.convert("RGB"), np.int16) - shown).max() > 100
+
+
+def _tagged(pixels: np.ndarray, fmt: str, profile: bytes | None) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, fmt, **({"icc_profile": profile} if profile else {}),
+                                        **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_picture_is_seen_in_the_colours_its_profile_gives(fmt: str) -> None:
+    """Stored values mean what the picture's ICC profile says (a phone's Display P3, a camera's Adobe RGB). Here a
+    profile whose stored red is sRGB's blue: the model sees a blue square, as a colour-managed viewer shows it."""
+    c = media.SRGB_COLORANTS
+    swapped = media.icc_profile({"r": c["b"], "g": c["g"], "b": c["r"]}, name="swapped")
+    stored = np.zeros((64, 64, 3), np.uint8)
+    stored[..., 0] = 255
+    shown = np.zeros((64, 64, 3), np.uint8)
+    shown[..., 2] = 255
+    seen = preprocess_image(_tagged(stored, fmt, swapped), f"swapped.{fmt}", 10**7)
+    expected = preprocess_image(_tagged(shown, fmt, None), f"shown.{fmt}", 10**7)
+    assert (seen - expected).abs().max() < 0.05
+    assert (preprocess_image(_tagged(stored, fmt, None), "untagged", 10**7) - expected).abs().max() > 1
+
+
+def test_srgb_and_unreadable_profiles_leave_the_pixels_as_stored() -> None:
+    pixels = np.asarray(Image.open(io.BytesIO(media.png(96, 80)))).copy()
+    plain = preprocess_image(_tagged(pixels, "PNG", None), "plain", 10**7)
+    srgb = media.icc_profile(media.SRGB_COLORANTS, name="sRGB IEC61966-2.1")
+    assert torch.equal(preprocess_image(_tagged(pixels, "PNG", srgb), "srgb", 10**7), plain)
+    assert torch.equal(preprocess_image(_tagged(pixels, "PNG", b"not a profile" * 20), "broken", 10**7), plain)
