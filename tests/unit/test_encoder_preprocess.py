@@ -392,3 +392,31 @@ def test_srgb_and_unreadable_profiles_leave_the_pixels_as_stored() -> None:
     srgb = media.icc_profile(media.SRGB_COLORANTS, name="sRGB IEC61966-2.1")
     assert torch.equal(preprocess_image(_tagged(pixels, "PNG", srgb), "srgb", 10**7), plain)
     assert torch.equal(preprocess_image(_tagged(pixels, "PNG", b"not a profile" * 20), "broken", 10**7), plain)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+def test_transparent_parts_of_an_animation_are_white(fmt: str) -> None:
+    """An animated GIF or PNG of a square moving over a transparent background is seen as on a page: on white, as
+    its frames are when they are stored opaque on white."""
+    n, ink = 16, (200, 30, 30)
+    shown = np.full((n, 64, 64, 3), 255, np.uint8)
+    for i in range(n):
+        shown[i, 24:40, 2 * i:2 * i + 16] = ink
+    if fmt == "PNG":
+        rgba = np.zeros((n, 64, 64, 4), np.uint8)
+        rgba[..., :3] = (0, 0, 0)
+        rgba[(shown != 255).any(-1)] = (*ink, 255)
+        frames = [Image.fromarray(f, "RGBA") for f in rgba]
+        extra: dict[str, object] = {}
+    else:  # palette entry 0 transparent, entry 1 the ink
+        frames = []
+        for f in shown:
+            p = Image.fromarray((f != 255).any(-1).astype(np.uint8), "L").convert("P")
+            p.putpalette([0, 0, 0, *ink] + [0] * 762)
+            frames.append(p)
+        extra = {"transparency": 0, "disposal": 2}
+    out = io.BytesIO()
+    frames[0].save(out, fmt, save_all=True, append_images=frames[1:], duration=125, loop=0, **extra)
+    seen = preprocess_video(out.getvalue(), f"moving.{fmt}", 60, 10**7)
+    expected = preprocess_video(media.animation(fmt, shown), f"shown.{fmt}", 60, 10**7)
+    assert (seen - expected).abs().max() < 0.05

@@ -102,9 +102,20 @@ def _upright(frame: av.VideoFrame) -> np.ndarray:
     """The frame as a player shows it. A phone films a portrait clip as landscape frames with a display matrix
     saying how to turn them (FFmpeg's command line turns them; decoding does not): a clip on its side would reach
     the model with its motion turned too, "moving up" read as "moving left"."""
-    pixels = frame.to_ndarray(format="rgb24")
+    pixels = _on_white(frame)
     turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns, as np.rot90 counts them
     return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
+
+
+def _on_white(frame: av.VideoFrame) -> np.ndarray:
+    """RGB with what is transparent lying on white, as for a picture: an animated GIF or PNG (or a clip with an
+    alpha plane) on a transparent background was seen on black, or on the colour stored under it."""
+    fmt = frame.format
+    if not fmt.has_palette and not any(c.is_alpha for c in fmt.components):
+        return frame.to_ndarray(format="rgb24")
+    rgba = frame.to_ndarray(format="rgba").astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
 def _duration(times: list[float], declared: float | None) -> float:
