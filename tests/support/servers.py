@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,34 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody uses now, below the kernel's ephemeral range, and not handed out before. A port from
+    that range (what binding port 0 gives) can be taken, between this check and the server's own bind, as the
+    source port of any outgoing connection (a client of the test, a service talking to Redis), and the server then
+    exits with 'address already in use' (seen in CI: an encoder on 55041)."""
+    top = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, top - 12000), top)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {max(1024, top - 12000)}..{top - 1}")
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:
