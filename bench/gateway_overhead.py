@@ -138,10 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    # Every process of the stack and this client share the machine's cores: the LLM's decoding gets all but one
-    # of them (NEXTGPT_LLM__THREADS, as the README advises for a shared machine), so that its steps, split over
-    # its threads, do not wait for a core the gateway, Redis or this client holds. 0: torch's default (every core).
-    parser.add_argument("--llm-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    # NEXTGPT_LLM__THREADS for the LLM's decoding; 0: the service's default (on CPU all cores but one, left to the
+    # gateway, Redis and this client, with which it shares the machine).
+    parser.add_argument("--llm-threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
     args = parser.parse_args()
     bundle_dir = bench_bundle()
@@ -165,9 +164,10 @@ def main() -> None:
         finally:
             unlingered.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    threads = args.llm_threads or "default (all cores but one)"
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
           f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, "
-          f"the paths taking turns wave by wave, LLM torch threads {args.llm_threads or 'default'} ({machine})")
+          f"the paths taking turns wave by wave, LLM torch threads {threads} ({machine})")
     print(f"{'gateway':>14} {'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} "
           f"{'gateway tok/s':>14} {'Redis tx/stream':>16}")
     for r in rows:

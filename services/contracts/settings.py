@@ -149,9 +149,10 @@ class LLMSettings(BaseModel):
         default=True, description="Transformers backend: decode in a child process, off the server's interpreter lock")
     threads: int | None = Field(
         default=None, ge=1, le=1024,
-        description="Transformers backend on CPU: torch threads of its decoding (None: torch's default, one per core). "
-                    "On a machine whose cores it shares with other services, leave them one: a step split over every "
-                    "core waits for whichever core another process holds")
+        description="Transformers backend on CPU: torch threads of its decoding. None: in the engine process, all of "
+                    "torch's default but one (left to the server and whatever shares the machine: a step split over "
+                    "every core waits for whichever core another process holds), or OMP_NUM_THREADS when set; in "
+                    "the server's own process (engine_process false), torch's default")
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
     engine_stall_s: float = Field(

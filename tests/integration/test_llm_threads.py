@@ -1,8 +1,9 @@
 """``llm.threads``: the transformers backend decodes on that many torch threads, in its engine process or in the
-server's own process."""
+server's own process; by default its engine process leaves the server one core."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,28 @@ def test_the_engine_process_runs_on_the_threads_set(tiny_bundle_dir: Path, threa
     try:
         assert isinstance(service.backend, EngineProcess)
         assert service.backend.threads == threads
+    finally:
+        service.close()
+
+
+def test_by_default_the_engine_leaves_the_server_a_core(tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the engine takes all of torch's default threads but one (one at least)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    expected = max(1, torch.get_num_threads() - 1)
+    service = build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(max_batch=2), CollectorRegistry())
+    try:
+        assert isinstance(service.backend, EngineProcess)
+        assert service.backend.threads == expected
+    finally:
+        service.close()
+
+
+def test_omp_num_threads_decides_when_set(tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the engine process inherits it, and torch reads it (up to the cores)
+    service = build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(max_batch=2), CollectorRegistry())
+    try:
+        assert isinstance(service.backend, EngineProcess)
+        assert service.backend.threads == min(2, os.cpu_count() or 1)
     finally:
         service.close()
 
