@@ -24,37 +24,31 @@ def restore_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_the_engine_process_runs_on_the_threads_set(tiny_bundle_dir: Path, threads: int) -> None:
-    service = build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(threads=threads, max_batch=2),
-                                CollectorRegistry())
+def _engine_threads(bundle: Path, settings: LLMSettings) -> int:
+    """The threads the engine process reports at start."""
+    service = build_llm_service(load_bundle(bundle), settings, CollectorRegistry())
     try:
         assert isinstance(service.backend, EngineProcess)
-        assert service.backend.threads == threads
+        return service.backend.threads
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_engine_process_runs_on_the_threads_set(tiny_bundle_dir: Path, threads: int) -> None:
+    assert _engine_threads(tiny_bundle_dir, LLMSettings(threads=threads, max_batch=2)) == threads
 
 
 def test_by_default_the_engine_leaves_the_server_a_core(tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU the engine takes all of torch's default threads but one (one at least)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     expected = max(1, torch.get_num_threads() - 1)
-    service = build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(max_batch=2), CollectorRegistry())
-    try:
-        assert isinstance(service.backend, EngineProcess)
-        assert service.backend.threads == expected
-    finally:
-        service.close()
+    assert _engine_threads(tiny_bundle_dir, LLMSettings(max_batch=2)) == expected
 
 
 def test_omp_num_threads_decides_when_set(tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the engine process inherits it, and torch reads it (up to the cores)
-    service = build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(max_batch=2), CollectorRegistry())
-    try:
-        assert isinstance(service.backend, EngineProcess)
-        assert service.backend.threads == min(2, os.cpu_count() or 1)
-    finally:
-        service.close()
+    assert _engine_threads(tiny_bundle_dir, LLMSettings(max_batch=2)) == min(2, os.cpu_count() or 1)
 
 
 def test_in_the_server_process_the_setting_is_the_process_threads(tiny_bundle_dir: Path,
