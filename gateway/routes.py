@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -116,14 +117,8 @@ def _base_url(request: Request, st: GatewayState) -> str:
 def _artifact_urls(request: Request, st: GatewayState) -> Callable[[str], str]:
     """Signed, expiring, absolute artifact URLs for this request's client. The base is worked out at the first
     URL: most turns make none, and a streamed turn's first token should not wait for it."""
-    base: list[str] = []
-
-    def url_for(key: str) -> str:
-        if not base:
-            base.append(_base_url(request, st))
-        return base[0] + st.signer.sign(f"/v1/artifacts/{key}")
-
-    return url_for
+    base = functools.cache(lambda: _base_url(request, st))
+    return lambda key: base() + st.signer.sign(f"/v1/artifacts/{key}")
 
 
 # Each event's data: a JSON object (named events of DESIGN.md; OpenAI chunks), or the OpenAI stream's "[DONE]".

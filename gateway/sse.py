@@ -8,7 +8,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-
 T = TypeVar("T")
 _END = object()
 

@@ -31,8 +31,8 @@ def engine_threads(settings: LLMSettings) -> int | None:
     """Torch threads of the engine process: the setting; else, on CPU, all of torch's default but one, left to this
     server's event loop, its tokenizing and whatever shares the machine (vLLM's CPU backend reserves one the same
     way): a step split over every core waits for whichever core another process holds. Measured with
-    ``make bench-gateway`` on 2 cores: first token 7.4-8.3 ms against 12.1, tokens/s +50% at 8 and 32 at once.
-    None (torch's default) on a GPU, or when OMP_NUM_THREADS says how many."""
+    ``make bench-gateway`` on 2 cores: first token 7.4-9.2 ms against 12.1, tokens/s +25-57% at 8 and 32 at
+    once. None (torch's default) on a GPU, or when OMP_NUM_THREADS says how many."""
     if settings.threads:
         return settings.threads
     if settings.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):

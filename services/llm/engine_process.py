@@ -108,7 +108,7 @@ class EngineProcess:
         if first[0] != "ready":
             self._process.join(5)
             raise RuntimeError(f"the LLM engine process failed to start: {first[1]}")
-        self.threads: int = first[1]  # what its torch runs on: the setting, or torch's default for the machine
+        self.threads: int = first[1]  # what its torch runs on (EngineSpec.threads, else torch's default)
         log.info("LLM engine process %d ready (%s, torch threads %d)", self._process.pid, spec.device, self.threads)
         self._reader = threading.Thread(target=self._read, name="llm-engine-reader", daemon=True)
         self._reader.start()

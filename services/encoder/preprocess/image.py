@@ -99,7 +99,7 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if image.mode.startswith("I"):  # 16-bit greyscale (PNG): Pillow's RGB conversion clips it, nearly all white
         grey = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 onto 0..255
         image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
-    rgb = _on_white(image)
+    rgb = on_white(image)
     if profile:  # applied by in_srgb once the picture is down to the model's size (a 12 MP photo took 0.3 s)
         rgb.info["icc_profile"] = profile
     return rgb
@@ -132,7 +132,7 @@ def in_srgb(image: Image.Image) -> Image.Image:
     return image if transform is None else ImageCms.applyTransform(image, transform)
 
 
-def _on_white(image: Image.Image) -> Image.Image:
+def on_white(image: Image.Image) -> Image.Image:
     """RGB as a viewer shows the picture: what is transparent (an alpha channel, or a palette's or a colour's
     transparency) lies on white. A plain RGB conversion keeps the colour stored under transparent pixels, usually
     black, sometimes left-over paint: a logo on a transparent background became a logo on black."""

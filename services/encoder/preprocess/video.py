@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from services.contracts.errors import PayloadTooLargeError
 from services.encoder.preprocess import MediaError
 from services.encoder.preprocess.clips import clip_windows
 from services.encoder.preprocess.decoding import decoded as decoded_frames
-from services.encoder.preprocess.image import CLIP_MEAN, CLIP_STD, SIZE
+from services.encoder.preprocess.image import CLIP_MEAN, CLIP_STD, SIZE, on_white
 
 if TYPE_CHECKING:
     import av
@@ -108,14 +109,12 @@ def _upright(frame: av.VideoFrame) -> np.ndarray:
 
 
 def _on_white(frame: av.VideoFrame) -> np.ndarray:
-    """RGB with what is transparent lying on white, as for a picture: an animated GIF or PNG (or a clip with an
-    alpha plane) on a transparent background was seen on black, or on the colour stored under it."""
+    """RGB with what is transparent lying on white, as a picture's (``image.on_white``): an animated GIF or PNG (or
+    a clip with an alpha plane) on a transparent background was seen on black, or on the colour stored under it."""
     fmt = frame.format
     if not fmt.has_palette and not any(c.is_alpha for c in fmt.components):
         return frame.to_ndarray(format="rgb24")
-    rgba = frame.to_ndarray(format="rgba").astype(np.float32)
-    alpha = rgba[..., 3:] / 255.0
-    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.asarray(on_white(Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA")))
 
 
 def _duration(times: list[float], declared: float | None) -> float:
