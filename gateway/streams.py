@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ END = "_end"
 # write) is put off this long, so that the work someone waits for (the LLM request, the client's first token)
 # goes first on this process's event loop.
 OFF_PATH_DELAY_S = 0.001
+READ_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class EventLog(abc.ABC):
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
-    def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:
-        """Entries with id > ``after``, replayed then followed, until the end marker."""
+    def read(self, stream_id: str, after: int, idle_s: float | None = None) -> AsyncIterator[list[LogEntry]]:
+        """Entries with id > ``after``, replayed then followed, until the end marker: in batches of what is there
+        at once (at most ``READ_BATCH``), and an empty batch after ``idle_s`` with nothing new (None: no empty
+        batches). A reader takes what piled up in one go, and waits on the log itself, in its own task."""
 
     @abc.abstractmethod
     async def touch(self, stream_id: str, ttl_s: float) -> None:
@@ -157,7 +161,8 @@ class MemoryEventLog(EventLog):
         s.changed.set()
         s.changed = asyncio.Event()
 
-    async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
+    async def read(self, stream_id: str, after: int,  # type: ignore[override]
+                   idle_s: float | None = None) -> AsyncIterator[list[LogEntry]]:
         s = self._streams.get(stream_id)
         if s is None:
             raise NotFoundError(f"stream {stream_id} not found (or expired)", code="stream_not_found")
@@ -165,17 +170,23 @@ class MemoryEventLog(EventLog):
             changed = s.changed
             # Ids are consecutive, so the entries after ``after`` start at a computable index.
             start = max(0, after - (s.entries[0][0] - 1)) if s.entries else 0
-            batch = s.entries[start:]
-            for entry in batch:
-                if entry[1] == END:
+            batch = s.entries[start:start + READ_BATCH]
+            if batch:  # more may come (the end included) while the reader holds these: it looks again after
+                end = next((i for i, entry in enumerate(batch) if entry[1] == END), None)
+                if end is not None:
+                    if end:
+                        yield batch[:end]
                     return
-                after = entry[0]
-                yield entry
-            if batch:  # more may have come (the end included) while the reader held an entry: look again
+                after = batch[-1][0]
+                yield batch
                 continue
             if s.ended_at is not None:  # ended before ``after``: nothing more will come
                 return
-            await changed.wait()
+            try:
+                async with asyncio.timeout(idle_s):
+                    await changed.wait()
+            except TimeoutError:
+                yield []
 
     async def touch(self, stream_id: str, ttl_s: float) -> None:
         s = self._streams.get(stream_id)
@@ -294,29 +305,44 @@ class RedisEventLog(EventLog):
         return {**data, "data": None, "error": f"inline bytes not kept for resumes ({len(inline)} > "
                                                f"{self.inline_max_bytes}, REPLAY_INLINE_MAX_BYTES): fetch its url"}
 
-    async def read(self, stream_id: str, after: int) -> AsyncIterator[LogEntry]:  # type: ignore[override]
+    async def read(self, stream_id: str, after: int,  # type: ignore[override]
+                   idle_s: float | None = None) -> AsyncIterator[list[LogEntry]]:
         if self.local.has(stream_id):
-            async for entry in self.local.read(stream_id, after):
-                yield entry
+            async for batch in self.local.read(stream_id, after, idle_s):
+                yield batch
             return
         key = self._key(stream_id)
         last = f"{after}-0"
+        quiet_until = None if idle_s is None else time.monotonic() + idle_s  # the next empty batch
         while True:
-            reply = await self.r.xread({key: last}, block=self.block_ms, count=200)
-            # The owner key lives from create() on and is refreshed by every write (the stream key only exists
-            # after the first event, which may take a while under load).
-            if not reply and not await self.r.exists(self._key(stream_id, ":owner")):
-                # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait forever.
-                raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
-            if not reply and (await self.state(stream_id)).end_id is not None:  # ended before ``after``
-                return
-            for _key, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id.decode()
-                    name = fields[b"name"].decode()
-                    if name == END:
-                        return
-                    yield int(last.split("-")[0]), name, json.loads(fields[b"data"])
+            block = self.block_ms if quiet_until is None else \
+                max(1, min(self.block_ms, math.ceil((quiet_until - time.monotonic()) * 1000)))
+            reply = await self.r.xread({key: last}, block=block, count=READ_BATCH)
+            if not reply:
+                # The owner key lives from create() on and is refreshed by every write (the stream key only exists
+                # after the first event, which may take a while under load).
+                if not await self.r.exists(self._key(stream_id, ":owner")):
+                    # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait
+                    # forever.
+                    raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
+                if (await self.state(stream_id)).end_id is not None:  # ended before ``after``
+                    return
+                if quiet_until is not None and time.monotonic() >= quiet_until:
+                    quiet_until = time.monotonic() + idle_s  # type: ignore[operator]
+                    yield []
+                continue
+            batch: list[LogEntry] = []
+            for entry_id, fields in reply[0][1]:
+                last = entry_id.decode()
+                name = fields[b"name"].decode()
+                if name == END:
+                    if batch:
+                        yield batch
+                    return
+                batch.append((int(last.split("-")[0]), name, json.loads(fields[b"data"])))
+            if quiet_until is not None:
+                quiet_until = time.monotonic() + idle_s  # type: ignore[operator]
+            yield batch
 
     async def touch(self, stream_id: str, ttl_s: float) -> None:
         if self.local.has(stream_id):
@@ -345,40 +371,52 @@ class RedisEventLog(EventLog):
 
 class _StreamWriter:
     """A stream's events on their way to Redis: at most one write in flight; what arrives meanwhile is written
-    together next. Bounded: entries beyond ``max_events`` still waiting would be trimmed on arrival anyway."""
+    together next. Bounded: entries beyond ``max_events`` still waiting would be trimmed on arrival anyway.
+
+    A write is started by a timer (``OFF_PATH_DELAY_S`` for the first, ``linger_s`` after each write for the
+    rest), not by a task per event that waits out the linger: an event then costs its reader's path only a list
+    append, where a task (and on Python 3.11 ``wait_for``'s own inner task) ran ahead of the reader's send."""
 
     def __init__(self, events: RedisEventLog, stream_id: str, owner_write: asyncio.Future[Any]) -> None:
         self.events, self.stream_id, self.owner_write = events, stream_id, owner_write
         self.pending: list[LogEntry] = []
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # the write in flight
+        self.timer: asyncio.TimerHandle | None = None  # the next write, scheduled
         self.written = False  # the first write goes at once; later ones linger
-        self.hurry = asyncio.Event()  # set by drain: stop lingering
+        self.hurry = False  # set by drain: no more lingering
 
     def add(self, entry: LogEntry) -> None:
         self.pending.append(entry)
         del self.pending[:-self.events.max_events]
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
+        if self.timer is None and (self.task is None or self.task.done()) and not self.hurry:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        # The first event goes to this replica's readers (the client's first token) before Redis.
+        delay = self.events.linger_s if self.written else OFF_PATH_DELAY_S
+        self.timer = asyncio.get_running_loop().call_later(delay, self._start)
+
+    def _start(self) -> None:
+        self.timer = None
+        self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
 
     async def _flush(self) -> None:
-        while self.pending:
-            if not self.written and not self.hurry.is_set():
-                # The first event goes to this replica's readers (the client's first token) before Redis.
-                await asyncio.sleep(OFF_PATH_DELAY_S)
-            elif self.events.linger_s > 0 and not self.hurry.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.hurry.wait(), self.events.linger_s)
-            batch, self.pending = self.pending, []
-            try:
-                await self.owner_write
-                await self.events._write(self.stream_id, batch)
-            except Exception as exc:  # the client already retried ~15 s: readers elsewhere miss these events
-                log.warning("chat stream %s: %d event(s) not written to Redis: %s", self.stream_id, len(batch), exc)
-            self.written = True
+        batch, self.pending = self.pending, []
+        try:
+            await self.owner_write
+            await self.events._write(self.stream_id, batch)
+        except Exception as exc:  # the client already retried ~15 s: readers elsewhere miss these events
+            log.warning("chat stream %s: %d event(s) not written to Redis: %s", self.stream_id, len(batch), exc)
+        self.written = True
+        if self.pending and self.timer is None and not self.hurry:  # what came during the write lingers
+            self._schedule()
 
     async def drain(self) -> None:
         """Until everything added is written (or given up on); the write goes on if the caller is cancelled."""
-        self.hurry.set()
+        self.hurry = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         while self.pending or (self.task is not None and not self.task.done()):
             if self.task is None or self.task.done():
                 self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
@@ -491,7 +529,10 @@ class StreamHub:
         await self.log.request_cancel(stream_id)
         return True
 
-    async def attach(self, stream_id: str, owner: str | None, after: int = 0) -> AsyncIterator[LogEntry]:
+    async def attach(self, stream_id: str, owner: str | None, after: int = 0,
+                     idle_s: float | None = None) -> AsyncIterator[list[LogEntry]]:
+        """The stream's entries after ``after``, in batches (``EventLog.read``; ``idle_s``: an empty batch after
+        that long with nothing new)."""
         state = await self._own(stream_id, owner)
         end, first = state.end_id, state.first_id
         if end is not None and after >= end:
@@ -502,9 +543,9 @@ class StreamHub:
                             code="replay_window_passed")
         # Touch now, not at the first event: the producer must see this reader even before anything arrives.
         await self.log.touch(stream_id, self._reader_ttl_s)
-        return self._follow(stream_id, self.log.read(stream_id, after))
+        return self._follow(stream_id, self.log.read(stream_id, after, idle_s))
 
-    async def _follow(self, stream_id: str, reader: AsyncIterator[LogEntry]) -> AsyncIterator[LogEntry]:
+    async def _follow(self, stream_id: str, reader: AsyncIterator[list[LogEntry]]) -> AsyncIterator[list[LogEntry]]:
         async def keep_touching() -> None:
             while True:
                 with contextlib.suppress(Exception):
@@ -513,8 +554,8 @@ class StreamHub:
 
         toucher = asyncio.create_task(keep_touching())
         try:
-            async for entry in reader:
-                yield entry
+            async for batch in reader:
+                yield batch
         finally:
             toucher.cancel()
             await reader.aclose()  # type: ignore[attr-defined]

@@ -52,8 +52,9 @@ class _Replicas(EventLog):
     async def append(self, stream_id: str, event_id: int, name: str, data: dict[str, Any]) -> None:
         await self.producer.append(stream_id, event_id, name, data)
 
-    def read(self, stream_id: str, after: int) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
-        return self.reader.read(stream_id, after)
+    def read(self, stream_id: str, after: int, idle_s: float | None = None
+             ) -> AsyncIterator[list[tuple[int, str, dict[str, Any]]]]:
+        return self.reader.read(stream_id, after, idle_s)
 
     async def touch(self, stream_id: str, ttl_s: float) -> None:
         await self.reader.touch(stream_id, ttl_s)
@@ -104,8 +105,21 @@ class Turn:
             self.closed.set()
 
 
-async def _drain(entries: AsyncIterator[tuple[int, str, dict[str, Any]]], limit: int | None = None) -> list[Any]:
+async def _flat(batches: AsyncIterator[list[tuple[int, str, dict[str, Any]]]]
+                ) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
+    """A reader's batches as single entries (closing it closes the reader)."""
+    try:
+        async for batch in batches:
+            for entry in batch:
+                yield entry
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
+
+
+async def _drain(batches: AsyncIterator[list[tuple[int, str, dict[str, Any]]]], limit: int | None = None
+                 ) -> list[Any]:
     out = []
+    entries = _flat(batches)
     async for entry in entries:
         out.append(entry)
         if limit is not None and len(out) == limit:
@@ -159,11 +173,12 @@ async def test_a_reader_slow_to_take_each_event_still_gets_every_one_to_the_end(
     turn = Turn(5)
     stream_id = await hub.start(turn.events(), owner=None)
     entries = await hub.attach(stream_id, None)
-    first = await anext(entries)
+    first = await anext(entries)  # a batch, held
     await asyncio.wait_for(turn.closed.wait(), 5)
     await asyncio.sleep(0.3)  # the end is logged meanwhile
     rest = await asyncio.wait_for(_drain(entries), 10)
-    assert [e[0] for e in [first, *rest]] == list(range(1, 7)) and rest[-1][1] == "done"
+    got = [*first, *rest]
+    assert [e[0] for e in got] == list(range(1, 7)) and got[-1][1] == "done"
     await hub.close()
 
 
@@ -172,7 +187,7 @@ async def test_a_cancel_stops_the_turn_at_once_on_whichever_replica_runs_it(make
     turn = Turn(1000, every_s=0.01)
     stream_id = await hub.start(turn.events(), owner="alice")
     entries = await hub.attach(stream_id, "alice")
-    first = [await anext(entries) for _ in range(3)]
+    first = [entry for _ in range(3) for entry in await anext(entries)]
     with pytest.raises(NotFoundError):
         await hub.cancel(stream_id, "bob")  # another key's stream is not there for it
     assert not turn.closed.is_set() and await hub.cancel(stream_id, "alice")
@@ -371,13 +386,13 @@ async def test_a_redis_reader_does_not_wait_forever_on_a_vanished_stream(redis_i
     await asyncio.sleep(0.5)  # no event yet (a slow first token): still waiting, not gone
     assert not first.done()
     await log.append(stream_id, 1, "message.delta", {"text": "a"})
-    assert (await asyncio.wait_for(first, 5))[0] == 1
+    assert [e[0] for e in await asyncio.wait_for(first, 5)] == [1]
     # Quiet is not gone: a stream that is alive but slow keeps its reader waiting.
     waiting = asyncio.ensure_future(anext(reader))
     await asyncio.sleep(0.5)
     assert not waiting.done()
     await log.append(stream_id, 2, "message.delta", {"text": "b"})
-    assert (await asyncio.wait_for(waiting, 5))[0] == 2
+    assert [e[0] for e in await asyncio.wait_for(waiting, 5)] == [2]
     # Its producer died and the keys expired.
     await client.delete(f"{prefix}chatstream:{stream_id}", f"{prefix}chatstream:{stream_id}:owner")
     with pytest.raises(GoneError, match="ended without finishing"):
@@ -427,7 +442,7 @@ async def test_a_token_by_token_stream_reaches_redis_first_event_at_once_then_in
     stream_id = await hub.start(Turn(2, every_s=1.0).events(), owner=None)
     reader = await hub.attach(stream_id, None)
     first = await asyncio.wait_for(reader.__anext__(), 5)
-    assert first[0] == 1
+    assert [e[0] for e in first] == [1]
     for _ in range(40):
         if await watcher.xlen(key.format(stream_id)) >= 1:
             break
@@ -570,3 +585,21 @@ async def test_a_stream_whose_owner_key_cannot_be_written_is_refused_and_its_tur
     assert turn.emitted < 1000
     await hub.close()
     await dead.aclose()
+
+
+async def test_a_quiet_stream_gives_its_reader_empty_batches_for_heartbeats(make_log: Factory) -> None:
+    """Nothing for ``idle_s`` (a slow first token, a long decode): the reader gets an empty batch (the SSE route
+    sends a heartbeat for it), again while the quiet lasts, and the events after it as they come."""
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    stream_id = await hub.start(Turn(1, every_s=0.9).events(), owner=None)
+    reader = await hub.attach(stream_id, None, idle_s=0.2)
+    started = time.monotonic()
+    quiet = [await asyncio.wait_for(anext(reader), 5) for _ in range(3)]
+    assert quiet == [[], [], []] and 0.5 < time.monotonic() - started < 0.85
+    rest = [e for batch in await asyncio.wait_for(_drain_batches(reader), 10) for e in batch]
+    assert [e[1] for e in rest] == ["message.delta", "done"]
+    await hub.close()
+
+
+async def _drain_batches(reader: AsyncIterator[list[Any]]) -> list[list[Any]]:
+    return [batch async for batch in reader]
