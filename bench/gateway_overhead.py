@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import redis.asyncio
 
 from bench.common import bench_bundle
@@ -119,8 +120,19 @@ async def _point(gateways: dict[str, str], llm_url: str, redis_url: str, auth: d
     return [{"gateway": name, "concurrency": concurrency, "ttft_direct_ms": round(d * 1000, 1),
              "ttft_gateway_ms": round(statistics.median(ttft[name]) * 1000, 1),
              "overhead_ratio": round(statistics.median(ttft[name]) / d, 3),
+             "overhead_ratio_ci95": _ratio_interval(ttft[name], direct_ttft),
              "gateway_tok_s": round(statistics.median(rate[name]), 1),
              "redis_transactions_per_stream": round(writes[name] / streams[name], 1)} for name in gateways]
+
+
+def _ratio_interval(gateway: list[float], direct: list[float], draws: int = 4000) -> list[float]:
+    """A 95% bootstrap interval of the ratio of the two medians: how far this run's samples alone leave it open
+    (runs differ by more than that on a busy machine: the interval says what one run can tell, not all)."""
+    rng = np.random.default_rng(0)
+    g, d = np.asarray(gateway), np.asarray(direct)
+    ratios = np.median(rng.choice(g, (draws, g.size)), axis=1) / np.median(rng.choice(d, (draws, d.size)), axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return [round(float(low), 3), round(float(high), 3)]
 
 
 async def _first_artifact(url: str, auth: dict[str, str], concurrency: int, rounds: int) -> dict[str, Any]:
@@ -169,10 +181,12 @@ def main() -> None:
           f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, "
           f"the paths taking turns wave by wave, LLM torch threads {threads} ({machine})")
     print(f"{'gateway':>14} {'conc':>5} {'TTFT direct ms':>15} {'TTFT gateway ms':>16} {'ratio':>7} "
-          f"{'gateway tok/s':>14} {'Redis tx/stream':>16}")
+          f"{'ratio 95% CI':>14} {'gateway tok/s':>14} {'Redis tx/stream':>16}")
     for r in rows:
+        low, high = r["overhead_ratio_ci95"]
         print(f"{r['gateway']:>14} {r['concurrency']:>5} {r['ttft_direct_ms']:>15} {r['ttft_gateway_ms']:>16} "
-              f"{r['overhead_ratio']:>7} {r['gateway_tok_s']:>14} {r['redis_transactions_per_stream']:>16}")
+              f"{r['overhead_ratio']:>7} {f'{low}-{high}':>14} {r['gateway_tok_s']:>14} "
+              f"{r['redis_transactions_per_stream']:>16}")
     print("Time to first artifact (image, 4 steps, 64x64) through the gateway:")
     for a in artifacts:
         print(f"  concurrency {a['concurrency']}: p50 {a['first_artifact_p50_ms']} ms, max {a['first_artifact_max_ms']} ms")
