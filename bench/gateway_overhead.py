@@ -153,12 +153,15 @@ def main() -> None:
     # NEXTGPT_LLM__THREADS for the LLM's decoding; 0: the service's default (on CPU all cores but one, left to the
     # gateway, Redis and this client, with which it shares the machine).
     parser.add_argument("--llm-threads", type=int, default=0)
+    # NEXTGPT_LLM__CPUS for its engine process ("auto", "1,3-5"); default: unbound, the service's default.
+    parser.add_argument("--llm-cpus", default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
     args = parser.parse_args()
     bundle_dir = bench_bundle()
     logs = Path(tempfile.mkdtemp(prefix="nextgpt-bench-"))
     extra = {"NEXTGPT_LLM__MAX_WAITING": "128"} | (
-        {"NEXTGPT_LLM__THREADS": str(args.llm_threads)} if args.llm_threads else {})
+        {"NEXTGPT_LLM__THREADS": str(args.llm_threads)} if args.llm_threads else {}) | (
+        {"NEXTGPT_LLM__CPUS": args.llm_cpus} if args.llm_cpus else {})
     with redis_server() as redis_info, s3_server() as s3, \
             distributed_stack(redis_info.url, f"{redis_info.key_prefix}bench:", s3, bundle_dir, logs, extra) as stack:
         llm_url = stack.services["llm"].ready_url.removesuffix("/readyz")
@@ -176,7 +179,8 @@ def main() -> None:
         finally:
             unlingered.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
-    threads = args.llm_threads or "default (all cores but one)"
+    threads = f"{args.llm_threads or 'default (all cores but one)'}" + (
+        f", engine bound to CPUs {args.llm_cpus}" if args.llm_cpus else "")
     print(f"Gateway vs LLM service direct, distributed stack on loopback, tiny bundle, transformers backend, "
           f"{args.tokens} tokens greedy, median TTFT over {args.rounds} rounds of at least 24 requests per path, "
           f"the paths taking turns wave by wave, LLM torch threads {threads} ({machine})")
@@ -192,7 +196,7 @@ def main() -> None:
         print(f"  concurrency {a['concurrency']}: p50 {a['first_artifact_p50_ms']} ms, max {a['first_artifact_max_ms']} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "tokens": args.tokens, "rounds": args.rounds,
-                                    "llm_threads": args.llm_threads or None, "ttft": rows,
+                                    "llm_threads": args.llm_threads or None, "llm_cpus": args.llm_cpus, "ttft": rows,
                                     "first_artifact": artifacts}, indent=2))
 
 

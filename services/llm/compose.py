@@ -10,6 +10,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.bundle.loader import Bundle
+from services.contracts.errors import ConfigurationError
 from services.contracts.settings import LLMSettings
 from services.llm.engine_process import EngineProcess, EngineSpec
 from services.llm.hf_backend import HFBackend
@@ -27,6 +28,44 @@ def _stop_server(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def engine_cpus(setting: str | None, threads: int | None) -> tuple[int, ...] | None:
+    """The CPUs the engine process is bound to (``LLMSettings.cpus``), among those this process may use; None:
+    unbound. 'auto': the last ``threads`` of them (all but the first when ``threads`` is None), none when that would
+    be all of them (nothing would be left to the server)."""
+    if setting is None:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigurationError("NEXTGPT_LLM__CPUS: this platform cannot bind a process to CPUs (Linux can)",
+                                 code="invalid_settings")
+    allowed = sorted(os.sched_getaffinity(0))
+    if setting == "auto":
+        n = threads or len(allowed) - 1
+        return tuple(allowed[-n:]) if 0 < n < len(allowed) else None
+    cpus: set[int] = set()
+    for part in setting.split(","):
+        first, _, last = part.partition("-")
+        if last and int(last) < int(first):
+            raise ConfigurationError(f"NEXTGPT_LLM__CPUS: {part!r} is not a range (its end comes first)",
+                                     code="invalid_settings")
+        cpus.update(range(int(first), int(last or first) + 1))
+    outside = sorted(cpus - set(allowed))
+    if outside:
+        raise ConfigurationError(f"NEXTGPT_LLM__CPUS: CPUs {outside} are not among those this server may use "
+                                 f"({_ranges(allowed)})", code="invalid_settings")
+    return tuple(sorted(cpus))
+
+
+def _ranges(cpus: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as '0-2,5'."""
+    out: list[str] = []
+    for cpu in cpus:
+        if out and cpu == int(out[-1].rpartition("-")[2]) + 1:
+            out[-1] = f"{out[-1].partition('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)
+
+
 def engine_threads(settings: LLMSettings) -> int | None:
     """Torch threads of the engine process: the setting; else, on CPU, all of torch's default but one, left to this
     server's event loop, its tokenizing and whatever shares the machine (vLLM's CPU backend reserves one the same
@@ -37,6 +76,8 @@ def engine_threads(settings: LLMSettings) -> int | None:
         return settings.threads
     if settings.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
+    if settings.cpus is not None and settings.cpus != "auto":  # as many as the CPUs it is bound to
+        return len(engine_cpus(settings.cpus, None) or ())
     return max(1, torch.get_num_threads() - 1)
 
 
@@ -47,9 +88,10 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
         backend = VLLMBackend(bundle, settings.vllm_url, settings.vllm_pooler_url, settings.timeout_s,
                               settings.max_prompt_tokens)
     elif settings.engine_process:
+        threads = engine_threads(settings)
         backend = EngineProcess(EngineSpec(bundle.root, settings.device, settings.dtype, settings.max_prompt_tokens,
                                            settings.max_batch, settings.max_batch + settings.max_waiting,
-                                           engine_threads(settings)),
+                                           threads, engine_cpus(settings.cpus, threads)),
                                 on_exit=_stop_server, stall_s=settings.engine_stall_s)
     else:
         if settings.threads:  # decoding shares this process: its torch threads are the process's

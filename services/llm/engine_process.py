@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -50,6 +51,7 @@ class EngineSpec:
     max_batch: int
     max_requests: int  # generations the child runs at once: the batch plus those waiting for a row
     threads: int | None = None  # torch threads in the child (None: torch's default)
+    cpus: tuple[int, ...] | None = None  # the CPUs the child runs on (None: unbound)
 
 
 @dataclass
@@ -109,7 +111,9 @@ class EngineProcess:
             self._process.join(5)
             raise RuntimeError(f"the LLM engine process failed to start: {first[1]}")
         self.threads: int = first[1]  # what its torch runs on (EngineSpec.threads, else torch's default)
-        log.info("LLM engine process %d ready (%s, torch threads %d)", self._process.pid, spec.device, self.threads)
+        self.cpus: list[int] = first[2]  # the CPUs it may run on (EngineSpec.cpus, else all this process may)
+        log.info("LLM engine process %d ready (%s, torch threads %d, CPUs %s%s)", self._process.pid, spec.device,
+                 self.threads, ",".join(map(str, self.cpus)), "" if spec.cpus else ", unbound")
         self._reader = threading.Thread(target=self._read, name="llm-engine-reader", daemon=True)
         self._reader.start()
 
@@ -205,6 +209,9 @@ class EngineProcess:
 
 # -- the child ------------------------------------------------------------------------------------------------
 def _child_main(conn: Connection, spec: EngineSpec) -> None:
+    if spec.cpus:  # first, so that the threads made from here on (torch's OpenMP team included) inherit it
+        for thread in os.listdir("/proc/self/task"):  # and those the imports may have started
+            os.sched_setaffinity(int(thread), spec.cpus)
     import torch
 
     from services.bundle.loader import load_bundle
@@ -220,7 +227,7 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
         return
     outbox: queue.SimpleQueue[tuple[str, int, Any] | None] = queue.SimpleQueue()
     sender = threading.Thread(target=_send_batches, args=(conn, outbox), name="llm-engine-sender", daemon=True)
-    conn.send(("ready", torch.get_num_threads()))
+    conn.send(("ready", torch.get_num_threads(), sorted(os.sched_getaffinity(0))))
     sender.start()
     cancels: dict[int, threading.Event] = {}
     lock = threading.Lock()

@@ -165,6 +165,8 @@ def _sample(schema: dict[str, Any]) -> Any:
         return max(int(low) + 1, 2) if kind == "integer" else float(low) + 1.5
     if option.get("pattern", "").startswith("^https?"):
         return "https://api.example.com"
+    if option.get("pattern", "").startswith("^(auto|"):  # a CPU list
+        return "auto"
     if "pattern" in option:
         return "tenant-a/"
     return "value"

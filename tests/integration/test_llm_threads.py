@@ -12,6 +12,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.bundle.loader import load_bundle
+from services.contracts.errors import ConfigurationError
 from services.contracts.settings import LLMSettings
 from services.llm.compose import build_llm_service
 from services.llm.engine_process import EngineProcess
@@ -65,3 +66,57 @@ def test_in_the_server_process_the_setting_is_the_process_threads(tiny_bundle_di
 def test_threads_must_be_positive() -> None:
     with pytest.raises(ValueError, match="threads"):
         LLMSettings(threads=0)
+
+
+def _engine(bundle: Path, settings: LLMSettings) -> tuple[int, list[int]]:
+    """The threads and CPUs the engine process reports at start, and the CPUs the kernel has for it."""
+    service = build_llm_service(load_bundle(bundle), settings, CollectorRegistry())
+    try:
+        assert isinstance(service.backend, EngineProcess)
+        pid = service.backend._process.pid
+        assert pid is not None
+        assert sorted(os.sched_getaffinity(pid)) == service.backend.cpus  # the process, not only its report
+        return service.backend.threads, service.backend.cpus
+    finally:
+        service.close()
+
+
+def test_the_engine_process_is_bound_to_the_cpus_set(tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    last = max(os.sched_getaffinity(0))
+    # A list: those CPUs, and as many torch threads as CPUs unless threads says otherwise.
+    assert _engine(tiny_bundle_dir, LLMSettings(cpus=str(last), max_batch=2)) == (1, [last])
+    allowed = sorted(os.sched_getaffinity(0))
+    assert _engine(tiny_bundle_dir, LLMSettings(cpus=",".join(map(str, allowed)), max_batch=2)) == \
+        (len(allowed), allowed)
+    assert _engine(tiny_bundle_dir, LLMSettings(cpus=str(last), threads=2, max_batch=2)) == (2, [last])
+
+
+def test_auto_binds_the_engine_to_the_last_cpus_leaving_the_first_to_the_server(
+        tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    allowed = sorted(os.sched_getaffinity(0))
+    threads, cpus = _engine(tiny_bundle_dir, LLMSettings(cpus="auto", max_batch=2))
+    if len(allowed) == 1:  # nothing to leave: unbound
+        assert cpus == allowed
+    else:
+        assert threads == max(1, torch.get_num_threads() - 1) and cpus == allowed[-threads:]
+        assert allowed[0] not in cpus
+
+
+def test_unset_the_engine_is_not_bound(tiny_bundle_dir: Path) -> None:
+    assert _engine(tiny_bundle_dir, LLMSettings(max_batch=2))[1] == sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("cpus", ["4096", "1-0"])
+def test_cpus_this_server_cannot_use_or_backward_ranges_are_refused(tiny_bundle_dir: Path, cpus: str) -> None:
+    with pytest.raises(ConfigurationError, match="NEXTGPT_LLM__CPUS"):
+        build_llm_service(load_bundle(tiny_bundle_dir), LLMSettings(cpus=cpus, max_batch=2), CollectorRegistry())
+
+
+@pytest.mark.parametrize("settings", [{"cpus": "1;2"}, {"cpus": ""}, {"cpus": "1", "engine_process": False},
+                                      {"cpus": "auto", "backend": "vllm", "vllm_url": "http://x",
+                                       "vllm_pooler_url": "http://y"}])
+def test_cpus_are_a_list_or_auto_for_the_engine_process(settings: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="cpus|CPUS"):
+        LLMSettings(**settings)  # type: ignore[arg-type]
