@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from gateway.disconnect import ClientWatch
 from gateway.turn_events import TurnEvent
 
 
@@ -21,12 +22,10 @@ class FirstEvent:
         self._events = events
         self._first: asyncio.Future[TurnEvent] = asyncio.ensure_future(anext(events))
 
-    async def check(self) -> None:
-        """Wait for the first event; raise what came instead of it."""
-        await asyncio.wait([self._first])
-        error = self._first.exception()
-        if error is not None:
-            raise error
+    async def check(self, client: ClientWatch) -> None:
+        """Wait for the first event; raise what came instead of it. A client gone meanwhile ends the turn at once
+        (``ClientDisconnect``): it never got the answer's start, so nobody can read or resume what the turn makes."""
+        await client.guard(self._first)
 
     async def events(self) -> AsyncIterator[TurnEvent]:
         try:

@@ -67,7 +67,7 @@ class OpenAIServingChat:
         cid, created = completion_id(), int(time.time())
         if body.stream:
             turn = FirstEvent(self.chat.run(chat_request, conversation, params, media, url_for, owner))
-            await turn.check()  # refused before the LLM takes it: this response's status
+            await turn.check(client)  # refused before the LLM takes it: this response's status
             events = turn.events()
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(events, cid, created, body.model, include_usage),

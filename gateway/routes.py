@@ -145,7 +145,10 @@ async def chat(request: Request) -> Response:
         stream_id = await st.streams.start(turn.events(), owner)
         entries = await st.streams.attach(stream_id, owner, idle_s=st.settings.heartbeat_s)
         try:
-            await turn.check()  # refused before the LLM takes it: this status (its stream ends unread)
+            # Refused before the LLM takes it: this status (its stream ends unread). The client gone meanwhile (a
+            # timeout while the LLM is queueing): the turn ends now, rather than when its stream has gone unread
+            # for the grace a client that knows the stream's id gets to resume it.
+            await turn.check(ClientWatch(request.receive))
         except BaseException:
             await entries.aclose()  # type: ignore[attr-defined]
             raise

@@ -64,7 +64,7 @@ class EventLog(abc.ABC):
     def read(self, stream_id: str, after: int, idle_s: float | None = None) -> AsyncIterator[list[LogEntry]]:
         """Entries with id > ``after``, replayed then followed, until the end marker: in batches of what is there
         at once (at most ``READ_BATCH``), and an empty batch after ``idle_s`` with nothing new (None: no empty
-        batches). A reader takes what piled up in one go, and waits on the log itself, in its own task."""
+        batches). A reader takes what piled up in one go, and waits on the log itself, in the caller's task."""
 
     @abc.abstractmethod
     async def touch(self, stream_id: str, ttl_s: float) -> None:

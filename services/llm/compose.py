@@ -30,8 +30,8 @@ def _stop_server(reason: str) -> None:
 
 def engine_cpus(setting: str | None, threads: int | None) -> tuple[int, ...] | None:
     """The CPUs the engine process is bound to (``LLMSettings.cpus``), among those this process may use; None:
-    unbound. 'auto': the last ``threads`` of them (all but the first when ``threads`` is None), none when that would
-    be all of them (nothing would be left to the server)."""
+    unbound. 'auto': the last ``threads`` of them (None: as many as torch's threads, which OMP_NUM_THREADS sets),
+    none when that would be all of them (nothing would be left to the server)."""
     if setting is None:
         return None
     if not hasattr(os, "sched_setaffinity"):
@@ -39,7 +39,7 @@ def engine_cpus(setting: str | None, threads: int | None) -> tuple[int, ...] | N
                                  code="invalid_settings")
     allowed = sorted(os.sched_getaffinity(0))
     if setting == "auto":
-        n = threads or len(allowed) - 1
+        n = threads or torch.get_num_threads()
         return tuple(allowed[-n:]) if 0 < n < len(allowed) else None
     cpus: set[int] = set()
     for part in setting.split(","):
