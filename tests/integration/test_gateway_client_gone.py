@@ -8,7 +8,6 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,12 +17,12 @@ from gateway.app import GatewayState, ModelCard, build_app
 from gateway.chat import ChatService
 from gateway.conversations import MemoryConversationStore
 from gateway.streams import MemoryEventLog, StreamHub
-from services.contracts.encoder import EncodeResult, EncoderClient, MediaInput
 from services.contracts.llm import Accepted, Done, GenerateParams, LLMClient, LLMEvent, TextDelta
 from services.contracts.settings import Settings
 from services.decoders.local_queue import LocalDecoderQueue
 from services.jobs.book import MemoryJobBook
 from services.storage import build_artifact_store
+from tests.support.encoders import NoEncoder
 from tests.support.servers import UvicornThread
 
 QUEUED_S = 1.5  # until the LLM takes the turn
@@ -48,14 +47,6 @@ class QueueingLLM(LLMClient):
         finally:
             with self.lock:
                 self.ended.append(time.monotonic())
-
-    async def check_ready(self) -> None:
-        return None
-
-
-class NoEncoder(EncoderClient):
-    async def encode(self, items: list[MediaInput], segments: list[list[str]] | None = None) -> EncodeResult:
-        raise AssertionError("this test uploads nothing")
 
     async def check_ready(self) -> None:
         return None

@@ -24,13 +24,13 @@ from gateway.app import GatewayState, build_app
 from gateway.chat import ChatService
 from gateway.conversations import MemoryConversationStore
 from services.bundle.loader import load_bundle
-from services.contracts.encoder import EncodeResult, EncoderClient, MediaInput
 from services.contracts.llm import Done, GenerateParams, LLMClient, LLMEvent, SignalEvent, TextDelta
 from services.contracts.settings import Settings
 from services.decoders.compose import build_runner
 from services.decoders.local_queue import LocalDecoderQueue
 from services.jobs.book import MemoryJobBook
 from services.storage import build_artifact_store
+from tests.support.encoders import NoEncoder
 from tests.support.servers import UvicornThread
 
 TAIL_TOKENS, TOKEN_S = 300, 0.02  # ~6 s of text after the group
@@ -49,14 +49,6 @@ class EarlySignalLLM(LLMClient):
             await asyncio.sleep(TOKEN_S)
             yield TextDelta(".")
         yield Done(finish_reason="stop", prompt_tokens=5, completion_tokens=TAIL_TOKENS + 3 + 4)
-
-    async def check_ready(self) -> None:
-        return None
-
-
-class NoEncoder(EncoderClient):
-    async def encode(self, items: list[MediaInput], segments: list[list[str]] | None = None) -> EncodeResult:
-        raise AssertionError("this test uploads nothing")
 
     async def check_ready(self) -> None:
         return None
