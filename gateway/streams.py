@@ -419,7 +419,8 @@ class _StreamWriter:
             self.timer = None
         while self.pending or (self.task is not None and not self.task.done()):
             if self.task is None or self.task.done():
-                self.task = asyncio.create_task(self._flush(), name=f"chat-stream-write-{self.stream_id}")
+                self._start()
+            assert self.task is not None
             await asyncio.shield(self.task)
 
 

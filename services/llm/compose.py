@@ -51,33 +51,33 @@ def engine_cpus(setting: str | None, threads: int | None) -> tuple[int, ...] | N
     outside = sorted(cpus - set(allowed))
     if outside:
         raise ConfigurationError(f"NEXTGPT_LLM__CPUS: CPUs {outside} are not among those this server may use "
-                                 f"({_ranges(allowed)})", code="invalid_settings")
+                                 f"({allowed})", code="invalid_settings")
     return tuple(sorted(cpus))
 
 
-def _ranges(cpus: list[int]) -> str:
-    """``[0, 1, 2, 5]`` as '0-2,5'."""
-    out: list[str] = []
-    for cpu in cpus:
-        if out and cpu == int(out[-1].rpartition("-")[2]) + 1:
-            out[-1] = f"{out[-1].partition('-')[0]}-{cpu}"
-        else:
-            out.append(str(cpu))
-    return ",".join(out)
+def engine_placement(settings: LLMSettings) -> tuple[int | None, tuple[int, ...] | None]:
+    """The engine process's torch threads and CPUs, each worked out once: 'auto' CPUs follow from the threads, a
+    list of CPUs gives the threads' default."""
+    if settings.cpus is None or settings.cpus == "auto":
+        threads = engine_threads(settings)
+        return threads, engine_cpus(settings.cpus, threads)
+    cpus = engine_cpus(settings.cpus, None)
+    return engine_threads(settings, bound=len(cpus or ())), cpus
 
 
-def engine_threads(settings: LLMSettings) -> int | None:
+def engine_threads(settings: LLMSettings, bound: int | None = None) -> int | None:
     """Torch threads of the engine process: the setting; else, on CPU, all of torch's default but one, left to this
     server's event loop, its tokenizing and whatever shares the machine (vLLM's CPU backend reserves one the same
     way): a step split over every core waits for whichever core another process holds. Measured with
     ``make bench-gateway`` on 2 cores: first token 7.4-9.2 ms against 12.1, tokens/s +25-57% at 8 and 32 at
-    once. None (torch's default) on a GPU, or when OMP_NUM_THREADS says how many."""
+    once. None (torch's default) on a GPU, or when OMP_NUM_THREADS says how many. ``bound``: the number of CPUs a
+    list binds the engine to, which is then the default."""
     if settings.threads:
         return settings.threads
     if settings.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
-    if settings.cpus is not None and settings.cpus != "auto":  # as many as the CPUs it is bound to
-        return len(engine_cpus(settings.cpus, None) or ())
+    if bound:  # as many as the CPUs it is bound to
+        return bound
     return max(1, torch.get_num_threads() - 1)
 
 
@@ -88,10 +88,10 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
         backend = VLLMBackend(bundle, settings.vllm_url, settings.vllm_pooler_url, settings.timeout_s,
                               settings.max_prompt_tokens)
     elif settings.engine_process:
-        threads = engine_threads(settings)
+        threads, cpus = engine_placement(settings)
         backend = EngineProcess(EngineSpec(bundle.root, settings.device, settings.dtype, settings.max_prompt_tokens,
                                            settings.max_batch, settings.max_batch + settings.max_waiting,
-                                           threads, engine_cpus(settings.cpus, threads)),
+                                           threads, cpus),
                                 on_exit=_stop_server, stall_s=settings.engine_stall_s)
     else:
         if settings.threads:  # decoding shares this process: its torch threads are the process's
