@@ -69,3 +69,5 @@ def test_a_stop_string_ends_the_words_and_keeps_a_required_picture(backend: HFBa
     assert _reply(backend, stop=["ue tri", "zzz"])[0] == text[:text.index("ue tri")]
     never, signals, _ = _reply(backend, stop=["zzz"])
     assert never == text and [s.modality for s in signals] == ["image"]
+    # A space ends the reply after its first word: the space the model writes first is layout, not text.
+    assert _reply(backend, stop=[" "])[0] == " Here"

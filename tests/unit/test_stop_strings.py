@@ -29,6 +29,19 @@ def test_text_ends_before_the_first_stop_string(stops: list[str], pieces: list[s
     assert "".join(sent) == text and matched and held == ""
 
 
+@pytest.mark.parametrize(("stops", "pieces", "text"), [
+    ([" "], [" Here", " is", " a"], " Here"),  # the space the reply starts with is layout, not a match
+    ([" "], [" ", "\n", " Here is"], " \n Here"),  # leading whitespace over several pieces
+    ([" Here"], [" Here", " is"], " Here is"),  # what the client never sees as text never matches
+    (["\n"], ["\n", "Here\n", "###"], "\nHere"),
+])
+def test_the_reply_s_leading_whitespace_matches_no_stop_string(stops: list[str], pieces: list[str],
+                                                                 text: str) -> None:
+    filt = StopStrings(stops)
+    sent = "".join(filt.push(p).text for p in pieces) + filt.flush()
+    assert sent == text and filt.matched == (text != "".join(pieces))
+
+
 def test_nothing_is_sent_before_it_is_known_not_to_start_a_stop_string() -> None:
     sent, matched, held = _run(["abc"], ["xa", "b", "d"])
     assert sent == ["x", "", "abd"] and not matched and held == ""
