@@ -227,6 +227,7 @@ class DecoderRunner:
         """One pipeline call for the group; alone again, one by one, if the shared call fails."""
         started = time.perf_counter()
         modality, opts = group[0].job.modality, group[0].opts
+        first: list[float] = []  # the first step reported, and the seconds from the call's start to its end
 
         def on_step(step: int, total: int) -> None:
             for item in group:
@@ -241,8 +242,26 @@ class DecoderRunner:
             live = [item for item in group if isinstance(item.outcome, _Pending)]
             if not live:
                 raise JobCancelled
-            if time.perf_counter() - started > self.time_limit_s:
+            elapsed = time.perf_counter() - started
+            if elapsed > self.time_limit_s:
                 raise JobTimeoutError(f"{modality} job ran past its time limit of {self.time_limit_s:.0f} s")
+            # The pixel budget bounds memory, not time: on a CPU a size within it can take hours (the world
+            # bundle's 1024x1024 picture: about 6 min a step). Once the steps so far show that the call cannot end
+            # within the limit, it ends now, not at the limit, so that it does not hold the worker (and the jobs
+            # queued behind it) for the whole limit. The first step also holds the call's set-up and a first
+            # call's warm-up, so from it alone only a call of twice the limit is ended; later, the pace of the
+            # steps after the first tells.
+            if not first:
+                first.extend((step, elapsed))
+                projected, bound = elapsed / step * total, 2 * self.time_limit_s
+            else:
+                pace = (elapsed - first[1]) / max(1, step - first[0])
+                projected, bound = elapsed + pace * (total - step), self.time_limit_s
+            if step < total and projected > bound:
+                raise JobTimeoutError(
+                    f"{modality} job would run past its time limit of {self.time_limit_s:.0f} s: {step} of {total} "
+                    f"steps took {elapsed:.1f} s, about {projected:.0f} s for all; ask for fewer steps or a "
+                    f"smaller size")
             for item in live:
                 self.book.publish(JobEvent(job_id=item.job.job_id, type="progress", step=step, total=total))
 
@@ -253,6 +272,13 @@ class DecoderRunner:
         except JobCancelled:
             return
         except JobTimeoutError as exc:
+            if len(group) > 1:  # together too slow; each alone may fit (the pace shows it within a step or two)
+                log.warning("a batch of %d %s jobs is too slow (%s); running them one by one", len(group), modality,
+                            exc)
+                for item in group:
+                    if isinstance(item.outcome, _Pending):
+                        self._generate([item])
+                return
             for item in group:
                 if isinstance(item.outcome, _Pending):
                     item.outcome = exc

@@ -304,3 +304,28 @@ async def test_jobs_sent_moments_apart_to_an_idle_pool_wait_for_each_other(pipel
         assert sizes == ["3", "3", "3"]
     finally:
         queue.close()
+
+
+def test_a_job_whose_pace_cannot_meet_the_time_limit_ends_within_a_few_steps(pipelines: DecoderPipelines,
+                                                                             store: LocalArtifactStore) -> None:
+    """The pixel budget bounds memory, not time: a size within it may take hours on a CPU. Such a job ends as soon
+    as its steps show it cannot end within the time limit, not at the limit, alone or in a batch; a job that fits
+    runs as before."""
+    book = MemoryJobBook()
+    probe = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=60)
+    probe.run(_job(store, (77, 32), steps=2, height=128, width=128))  # warm
+    started = time.perf_counter()
+    probe.run(_job(store, (77, 32), steps=8, height=128, width=128))
+    per_step = (time.perf_counter() - started) / 8
+    # 200 steps would take 8x the limit; 8 take a third of it.
+    runner = DecoderRunner(pipelines, store, book, pipelines.bundle.manifest, time_limit_s=per_step * 24)
+    slow = [_job(store, (77, 32), steps=200, height=128, width=128, seed=i) for i in range(3)]
+    started = time.perf_counter()
+    outcomes = runner.run_batch(slow)
+    took = time.perf_counter() - started
+    assert all("would run past its time limit" in str(o) for o in outcomes), outcomes
+    for job in slow:  # each ran alone once the batch was found too slow, and ended within a few steps
+        assert len([e for e in book.events(job.job_id) if e.type == "progress"]) <= 5
+    assert took < runner.time_limit_s * 2
+    fits = runner.run(_job(store, (77, 32), steps=8, height=128, width=128))
+    assert fits is not None and fits.metadata["steps"] == "8"
