@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from gateway.collect import collect
@@ -49,8 +50,15 @@ async def _read_chat_request(request: Request, st: GatewayState) -> tuple[ChatRe
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=st.settings.max_files, max_fields=4)
-        except MultiPartException as exc:
-            raise InvalidRequestError(f"bad multipart body: {exc.message}", code="invalid_multipart",
+        except (MultiPartException, HTTPException) as exc:
+            # Starlette turns its parser's errors into a bare 400 HTTPException inside an app (the shared error
+            # shape would read code "invalid_request_error" with no param); the message is all it keeps.
+            message = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
+            if message.startswith("Too many files"):
+                raise InvalidRequestError(
+                    f"more than {st.settings.max_files} uploaded files (NEXTGPT_GATEWAY__MAX_FILES)",
+                    code="too_many_files", param="files") from exc
+            raise InvalidRequestError(f"bad multipart body: {message}", code="invalid_multipart",
                                       param="files") from exc
         try:
             raw = form.get("request")
