@@ -16,8 +16,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
 from gateway.collect import collect
 from gateway.disconnect import ClientWatch
@@ -29,6 +27,7 @@ from services.contracts.chat import ArtifactOut, ChatRequest, ChatResponse, Stre
 from services.contracts.errors import ErrorResponse, InvalidRequestError, NextGPTError, NotFoundError, invalid_fields
 from services.contracts.ids import is_hex_id
 from services.web.errors import error_json
+from services.web.forms import read_form
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -48,18 +47,8 @@ async def _read_chat_request(request: Request, st: GatewayState) -> tuple[ChatRe
     content_type = request.headers.get("content-type", "")
     uploads: dict[str, bytes] = {}
     if content_type.startswith("multipart/form-data"):
-        try:
-            form = await request.form(max_files=st.settings.max_files, max_fields=4)
-        except (MultiPartException, HTTPException) as exc:
-            # Starlette turns its parser's errors into a bare 400 HTTPException inside an app (the shared error
-            # shape would read code "invalid_request_error" with no param); the message is all it keeps.
-            message = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
-            if message.startswith("Too many files"):
-                raise InvalidRequestError(
-                    f"more than {st.settings.max_files} uploaded files (NEXTGPT_GATEWAY__MAX_FILES)",
-                    code="too_many_files", param="files") from exc
-            raise InvalidRequestError(f"bad multipart body: {message}", code="invalid_multipart",
-                                      param="files") from exc
+        form = await read_form(request, max_files=st.settings.max_files, max_fields=4,
+                               setting="NEXTGPT_GATEWAY__MAX_FILES")
         try:
             raw = form.get("request")
             raw = await raw.read() if isinstance(raw, UploadFile) else raw

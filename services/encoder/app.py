@@ -9,11 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from services.contracts.encoder import SAFETENSORS_MEDIA_TYPE, EncodeSpec, MediaInput, pack_result
 from services.contracts.errors import ErrorResponse, InvalidRequestError, PayloadTooLargeError
 from services.encoder.serving import EncoderService
+from services.web.forms import read_form
 from services.web.model_app import ModelApp
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 503)}
@@ -61,11 +61,8 @@ async def _read_request(request: Request, max_files: int) -> tuple[list[MediaInp
     if not content_type.startswith("multipart/form-data"):
         raise InvalidRequestError("send multipart/form-data (files) or application/json (keys)",
                                   code="unsupported_content_type")
-    try:
-        form = await request.form(max_files=max_files, max_fields=16)
-    except MultiPartException as exc:
-        raise InvalidRequestError(f"bad multipart body: {exc.message}", code="invalid_multipart",
-                                  param="files") from exc
+    form = await read_form(request, max_files=max_files, max_fields=16, setting="NEXTGPT_ENCODER__MAX_FILES",
+                           too_many=PayloadTooLargeError)
     try:
         raw = form.get("request")
         spec = _spec(await raw.read() if isinstance(raw, UploadFile) else raw)

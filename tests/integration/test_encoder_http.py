@@ -140,7 +140,8 @@ async def test_bad_media_is_a_clear_4xx(url: str, item: MediaInput, error: type,
 def test_limits_on_count_and_size(url: str) -> None:
     too_many = [("files", (f"{i}.png", media.png(8, 8, seed=i), "image/png")) for i in range(5)]
     response = httpx.post(f"{url}/v1/encode", files=too_many)
-    assert response.status_code == 400 and "files" in response.json()["error"]["message"].lower()
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_files"
+    assert response.json()["error"]["param"] == "files" and "NEXTGPT_ENCODER__MAX_FILES" in response.text
     huge = [("files", ("big.png", b"\x89PNG\r\n\x1a\n" + b"0" * (SETTINGS.max_request_bytes + 10), "image/png"))]
     response = httpx.post(f"{url}/v1/encode", files=huge)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
