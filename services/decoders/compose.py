@@ -19,7 +19,8 @@ def build_runner(settings: Settings, bundle: Bundle, modalities: list[Modality],
                  own_process: bool = False, registry: CollectorRegistry | None = None) -> DecoderRunner:
     """``own_process``: the pipelines run in a child process (``PipelineProcess``, started here, loading while the
     caller goes on); a Celery worker is such a process already. ``registry``: where the pool's metrics go."""
-    pipelines: BatchGenerator = PipelineProcess(bundle, modalities, settings.decoders.device) if own_process \
+    pipelines: BatchGenerator = PipelineProcess(
+        bundle, modalities, settings.decoders.device, call_limit_s=settings.decoders.time_limit_s) if own_process \
         else DecoderPipelines(bundle, modalities, settings.decoders.device)
     return DecoderRunner(pipelines, build_artifact_store(settings), book, bundle.manifest,
                          time_limit_s=settings.decoders.time_limit_s, lock_ttl_s=settings.decoders.lock_ttl_s,

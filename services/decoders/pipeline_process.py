@@ -15,7 +15,10 @@ Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("stop
 Child -> parent: ``("ready",)`` / ``("failed", message)`` once; per call ``("step", step, total)`` after every step,
 then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``. The child never waits for the parent
 between steps (a serving process busy with its event loop would slow every step); it looks for a stop after each
-one, so a cancelled call ends one step after the parent asked.
+one, so a cancelled call ends one step after the parent asked. A step is not interrupted, so a child that has
+not stopped ``STOP_GRACE_S`` after the parent asked, or whose call runs past ``call_limit_s`` (the runner's time
+limit) plus that grace with no step ending, is killed: a step of many minutes (a size within the pixel budget that
+the CPU takes that long over) then holds the pool that long, not until it ends. The next call starts a new child.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ import torch
 from services.bundle.loader import Bundle
 from services.contracts.bundle_manifest import Modality
 from services.contracts.errors import ServiceUnavailableError
-from services.decoders.pipelines import Generated, ResolvedOptions, StepCallback
+from services.decoders.pipelines import CallTimeLimitError, Generated, ResolvedOptions, StepCallback
 
 log = logging.getLogger(__name__)
 
 # How often a waiting call looks whether the child still lives (a child killed mid-step sends nothing more).
 _POLL_S = 1.0
+# How long a child may take to stop once asked (cancel, time limit, shutdown), or to end a step once the call is
+# past its time limit, before it is killed: far longer than a step at the sizes it is built for.
+STOP_GRACE_S = 10.0
 
 
 class DecoderProcessDied(RuntimeError):
@@ -62,11 +68,14 @@ class _Stop(Exception):
 
 class PipelineProcess:
     def __init__(self, bundle: Bundle, modalities: list[Modality], device: str = "cpu",
-                 start_timeout_s: float = 600.0) -> None:
-        """Starts the child at once and returns; ``wait_ready`` (or the first call) waits for its pipelines."""
+                 start_timeout_s: float = 600.0, call_limit_s: float | None = None,
+                 stop_grace_s: float = STOP_GRACE_S) -> None:
+        """Starts the child at once and returns; ``wait_ready`` (or the first call) waits for its pipelines.
+        ``call_limit_s``: the runner's time limit (None: none here)."""
         self.bundle = bundle
         self.spec = PipelineSpec(bundle.root, tuple(modalities), device, logging.getLogger().getEffectiveLevel())
         self.start_timeout_s = start_timeout_s
+        self.call_limit_s, self.stop_grace_s = call_limit_s, stop_grace_s
         self._lock = threading.Lock()  # one call at a time; also guards (re)starts
         self._process: Any = None
         self._conn: Connection | None = None
@@ -147,13 +156,30 @@ class PipelineProcess:
         """The call's results, or the exception to raise (returned, so that only the pipe's own errors reach the
         caller's ``except``)."""
         stopping: BaseException | None = None
+        now = time.monotonic()
+        deadline = None if self.call_limit_s is None else now + self.call_limit_s + self.stop_grace_s
+        stop_by = 0.0  # once stopping: when the child is killed if it has not stopped
         while True:
-            while not conn.poll(_POLL_S):
+            while not conn.poll(min(_POLL_S, self.stop_grace_s)):
                 if not self._process.is_alive():
                     return self._died()
                 if self._closed and stopping is None:  # a step longer than the poll: stop it all the same
                     stopping = RuntimeError("the decoder process is shutting down")
                     conn.send(("stop",))
+                    stop_by = time.monotonic() + self.stop_grace_s
+                now = time.monotonic()
+                if stopping is not None and now > stop_by:
+                    log.warning("decoder process %d did not stop within %.0f s (a step that long); killed",
+                                self._process.pid, self.stop_grace_s)
+                    self._kill_mid_call()
+                    return stopping
+                if stopping is None and deadline is not None and now > deadline:
+                    log.warning("decoder process %d: a step ran past the call's time limit; killed",
+                                self._process.pid)
+                    self._kill_mid_call()
+                    return CallTimeLimitError(
+                        f"a step ran past the time limit of {self.call_limit_s:.0f} s and was stopped; ask for "
+                        f"fewer steps or a smaller size")
             message = conn.recv()
             kind = message[0]
             if kind == "step":
@@ -166,6 +192,7 @@ class PipelineProcess:
                 except BaseException as exc:  # stop the child, then raise it here
                     stopping = exc
                     conn.send(("stop",))
+                    stop_by = time.monotonic() + self.stop_grace_s
             elif stopping is not None:
                 # "stopped", or the call's end that crossed the stop (the child drops a stop that finds it idle).
                 return stopping
@@ -183,6 +210,11 @@ class PipelineProcess:
             # SIGKILL: on a machine that is not being shut down, almost always the kernel's OOM killer.
             return MemoryError("the decoder process was killed (signal 9: likely out of memory)")
         return DecoderProcessDied(f"the decoder process died during the call (exit code {code})")
+
+    def _kill_mid_call(self) -> None:
+        """The child is killed in a call; the next call starts a new one (its pipelines load again)."""
+        self._kill()
+        self._ready = False
 
     def _kill(self) -> None:
         if self._process is not None and self._process.is_alive():

@@ -57,6 +57,11 @@ class Generated:
     sample_rate: int | None = None
 
 
+class CallTimeLimitError(RuntimeError):
+    """The call was stopped mid-step at its time limit (a step longer than the time left; only a generator in a
+    process of its own can stop one): its jobs fail as timed out, and are not run again one by one."""
+
+
 class BatchGenerator(Protocol):
     """What the runner needs of its pipelines: ``DecoderPipelines`` here, or the same in a child process."""
 

@@ -23,7 +23,7 @@ from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
 from services.jobs.book import JobBook, JobBookUnavailable
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
 from services.decoders.metrics import DecoderMetrics
-from services.decoders.pipelines import BatchGenerator, Generated, ResolvedOptions, resolve
+from services.decoders.pipelines import BatchGenerator, CallTimeLimitError, Generated, ResolvedOptions, resolve
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class DecoderRunner:
             if elapsed > self.time_limit_s:
                 raise JobTimeoutError(f"{modality} job ran past its time limit of {self.time_limit_s:.0f} s")
             # The pixel budget bounds memory, not time: on a CPU a size within it can take hours (the world
-            # bundle's 1024x1024 picture: about 6 min a step). Once the steps so far show that the call cannot end
+            # bundle's 1024x1024 picture: about 3 min a step). Once the steps so far show that the call cannot end
             # within the limit, it ends now, not at the limit, so that it does not hold the worker (and the jobs
             # queued behind it) for the whole limit. The first step also holds the call's set-up and a first
             # call's warm-up, so from it alone only a call of twice the limit is ended; later, the pace of the
@@ -270,6 +270,11 @@ class DecoderRunner:
                 modality, torch.cat([item.conditioning for item in group]),
                 [item.opts.seed for item in group], opts, on_step)
         except JobCancelled:
+            return
+        except CallTimeLimitError as exc:  # a step outran the limit: alone, each would take as long again
+            for item in group:
+                if isinstance(item.outcome, _Pending):
+                    item.outcome = JobTimeoutError(f"{modality} job: {exc}")
             return
         except JobTimeoutError as exc:
             if len(group) > 1:  # together too slow; each alone may fit (the pace shows it within a step or two)

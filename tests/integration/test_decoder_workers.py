@@ -18,19 +18,18 @@ import redis.asyncio
 import soundfile
 import torch
 from PIL import Image
-from safetensors.torch import save
 
 from services.bundle.loader import load_bundle
 from services.clients.decoder_celery import CeleryDecoderQueue, make_client_app
 from services.contracts.bundle_manifest import Modality
-from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, DecodeOptions, JobEvent, new_job_id
+from services.contracts.decoders import DecodeJob, JobEvent
 from services.contracts.settings import Settings, StorageSettings
-from services.contracts.storage import new_key
 from services.contracts.errors import ServiceUnavailableError
 from services.jobs.book import RedisJobBook, fail_unclaimed
 from services.jobs.reader import AsyncJobReader
 from services.storage.s3 import S3ArtifactStore
 from tests.support.metrics import samples as metric_samples
+from tests.support.jobs import decode_job
 from tests.support.servers import RedisInfo, S3Info, free_port
 from tests.support.workers import WorkerProcess
 
@@ -103,12 +102,7 @@ def _job(store: S3ArtifactStore, bundle_dir: Path, modality: Modality, shape: tu
     manifest = load_bundle(bundle_dir).manifest
     shape = shape or manifest.outputs[modality].projector.output_shape
     torch.manual_seed(0)
-    blob = save({"conditioning": torch.randn(1, *shape)})
-    cond = store.put_new("conditioning", blob, "application/vnd.nextgpt.safetensors", suffix=".safetensors")
-    job_id = new_job_id()
-    suffix, _ = ARTIFACT_FORMATS[modality]
-    return DecodeJob(job_id=job_id, modality=modality, conditioning_key=cond.key,
-                     artifact_key=new_key(modality, suffix, uid=job_id), options=DecodeOptions(**options))
+    return decode_job(store, torch.randn(*shape), modality, **options)
 
 
 async def _collect(queue: CeleryDecoderQueue, job_id: str, timeout: float = 120) -> list[JobEvent]:

@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
-from safetensors.torch import save
 
 from services.bundle.loader import load_bundle
 from services.contracts.bundle_manifest import Modality
-from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, DecodeOptions, JobEvent, new_job_id
+from services.contracts.decoders import DecodeJob, JobEvent
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.storage import new_key
 from services.decoders.local_queue import LocalDecoderQueue
@@ -25,6 +24,7 @@ from services.decoders.pipelines import DecoderPipelines
 from services.decoders.runner import DecoderRunner
 from services.jobs.book import MemoryJobBook
 from services.storage.local import LocalArtifactStore
+from tests.support.jobs import decode_job
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,7 @@ def queue(pipelines: DecoderPipelines, store: LocalArtifactStore) -> Iterator[Lo
 
 
 def _job(store: LocalArtifactStore, shape: tuple[int, ...], modality: Modality = "image", **opts: object) -> DecodeJob:
-    cond = store.put_new("conditioning", save({"conditioning": torch.randn(1, *shape)}), "application/octet-stream")
-    job_id = new_job_id()
-    return DecodeJob(job_id=job_id, modality=modality, conditioning_key=cond.key,
-                     artifact_key=new_key(modality, ARTIFACT_FORMATS[modality][0], uid=job_id),
-                     options=DecodeOptions(**opts))
+    return decode_job(store, torch.randn(*shape), modality, **opts)
 
 
 async def _events(queue: LocalDecoderQueue, job_id: str) -> list[JobEvent]:

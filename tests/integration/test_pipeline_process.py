@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +18,9 @@ from services.bundle.loader import Bundle, load_bundle
 from services.contracts.decoders import DecodeOptions
 from services.contracts.errors import ServiceUnavailableError
 from services.decoders.pipeline_process import DecoderProcessDied, PipelineProcess
-from services.decoders.pipelines import DecoderPipelines, ResolvedOptions, resolve
+from services.decoders.pipelines import CallTimeLimitError, DecoderPipelines, ResolvedOptions, resolve
 from services.decoders.runner import JobCancelled, OutOfMemoryJobError, classify
+from tests.support.jobs import decode_job
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,45 @@ def test_a_child_that_dies_mid_call_fails_the_call_and_the_next_call_gets_a_new_
     assert len(done) == 1 and process.starts == starts + 1
 
 
+def test_a_step_longer_than_the_time_limit_or_than_a_stop_is_ended_by_killing_the_child(bundle: Bundle) -> None:
+    """A step is never interrupted, so a step of many minutes (a size within the pixel budget) would hold the pool
+    that long. A child frozen mid-call (SIGSTOP) stands for it: past the call's time limit plus the grace with no
+    step, or the grace after a stop (a cancel), the child is killed and the call ends; the next call gets a new
+    child."""
+    proc = PipelineProcess(bundle, ["image"], call_limit_s=1.0, stop_grace_s=0.5)
+    try:
+        proc.wait_ready()
+        starts = proc.starts
+
+        def freeze(step: int, total: int) -> None:
+            if step == 1:
+                os.kill(proc._process.pid, signal.SIGSTOP)
+
+        started = time.monotonic()
+        with pytest.raises(CallTimeLimitError, match="ran past the time limit of 1 s"):
+            proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 50), freeze)
+        assert time.monotonic() - started < 1.0 + 0.5 + 2.0
+        assert len(proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2),
+                                       lambda *_: None)) == 1
+        assert proc.starts == starts + 1
+
+        def freeze_and_cancel(step: int, total: int) -> None:
+            if step == 1:
+                os.kill(proc._process.pid, signal.SIGSTOP)
+                raise JobCancelled
+
+        proc.call_limit_s = None  # only the stop's grace ends it now
+        started = time.monotonic()
+        with pytest.raises(JobCancelled):
+            proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 50), freeze_and_cancel)
+        assert time.monotonic() - started < 0.5 + 2.0
+        assert len(proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2),
+                                       lambda *_: None)) == 1
+        assert proc.starts == starts + 2
+    finally:
+        proc.close()
+
+
 def test_a_bundle_the_child_cannot_load_fails_at_start_up(bundle: Bundle, tmp_path: Path) -> None:
     proc = PipelineProcess(replace(bundle, root=tmp_path / "missing"), ["image"])
     try:
@@ -148,10 +189,7 @@ async def test_the_embedded_pool_on_the_child_cancels_a_whole_batch_and_goes_on(
         bundle: Bundle, process: PipelineProcess, tmp_path: Path) -> None:
     import asyncio
 
-    from safetensors.torch import save
-
-    from services.contracts.decoders import ARTIFACT_FORMATS, DecodeJob, new_job_id
-    from services.contracts.storage import new_key
+    from services.contracts.decoders import DecodeJob
     from services.decoders.local_queue import LocalDecoderQueue
     from services.decoders.runner import DecoderRunner
     from services.jobs.book import MemoryJobBook
@@ -162,12 +200,7 @@ async def test_the_embedded_pool_on_the_child_cancels_a_whole_batch_and_goes_on(
                               max_batch=4)
 
     def job(steps: int, seed: int) -> DecodeJob:
-        cond = store.put_new("conditioning", save({"conditioning": _conditioning(bundle, 1)}),
-                             "application/octet-stream")
-        job_id = new_job_id()
-        return DecodeJob(job_id=job_id, modality="image", conditioning_key=cond.key,
-                         artifact_key=new_key("image", ARTIFACT_FORMATS["image"][0], uid=job_id),
-                         options=DecodeOptions(steps=steps, seed=seed))
+        return decode_job(store, _conditioning(bundle, 1)[0], steps=steps, seed=seed)
 
     async def events(job_id: str) -> list:
         return await asyncio.wait_for(_collect(queue, job_id), 60)
@@ -196,3 +229,39 @@ async def test_the_embedded_pool_on_the_child_cancels_a_whole_batch_and_goes_on(
 
 async def _collect(queue: object, job_id: str) -> list:
     return [e async for e in queue.events(job_id)]  # type: ignore[attr-defined]
+
+
+def test_a_batch_whose_step_outran_the_limit_fails_as_timed_out_without_running_again(bundle: Bundle,
+                                                                                      tmp_path: Path) -> None:
+    """The runner over a child with a 1 s call limit: the child freezes mid-batch (a step that does not end);
+    both jobs fail as timed out at once, and are not run again one by one (alone, each would take as long)."""
+    import threading
+
+    from services.decoders.runner import DecoderRunner, JobTimeoutError
+    from services.jobs.book import MemoryJobBook
+    from services.storage.local import LocalArtifactStore
+
+    store, book = LocalArtifactStore(tmp_path, 10**8), MemoryJobBook()
+    proc = PipelineProcess(bundle, ["image"], call_limit_s=1.0, stop_grace_s=0.5)
+    try:
+        proc.wait_ready()
+        runner = DecoderRunner(proc, store, book, bundle.manifest, time_limit_s=60)
+        jobs = [decode_job(store, _conditioning(bundle, 1)[0], steps=200, seed=i) for i in range(2)]
+
+        def freeze_after_a_step() -> None:
+            deadline = time.monotonic() + 30
+            while not any(e.type == "progress" for e in book.events(jobs[0].job_id)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(proc._process.pid, signal.SIGSTOP)
+
+        freezer = threading.Thread(target=freeze_after_a_step)
+        freezer.start()
+        starts, started = proc.starts, time.monotonic()
+        outcomes = runner.run_batch(jobs)
+        freezer.join()
+        assert all(isinstance(o, JobTimeoutError) and "ran past the time limit of 1 s" in str(o) for o in outcomes)
+        assert time.monotonic() - started < 1.0 + 0.5 + 3.0 and proc.starts == starts  # nothing ran again
+        assert runner.run(decode_job(store, _conditioning(bundle, 1)[0], steps=2)) is not None
+        assert proc.starts == starts + 1
+    finally:
+        proc.close()
