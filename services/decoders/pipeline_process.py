@@ -18,7 +18,7 @@ between steps (a serving process busy with its event loop would slow every step)
 one, so a cancelled call ends one step after the parent asked. A step is not interrupted, so a child that has
 not stopped ``STOP_GRACE_S`` after the parent asked, or whose call runs past ``call_limit_s`` (the runner's time
 limit) plus that grace with no step ending, is killed: a step of many minutes (a size within the pixel budget that
-the CPU takes that long over) then holds the pool that long, not until it ends. The next call starts a new child.
+the CPU takes that long over) then holds the pool that long, not until it ends. A new child starts loading at once.
 """
 
 from __future__ import annotations
@@ -169,13 +169,13 @@ class PipelineProcess:
                     stop_by = time.monotonic() + self.stop_grace_s
                 now = time.monotonic()
                 if stopping is not None and now > stop_by:
-                    log.warning("decoder process %d did not stop within %.0f s (a step that long); killed",
-                                self._process.pid, self.stop_grace_s)
+                    log.warning("decoder process %d did not stop within %.0f s (a step that long); killed, a new "
+                                "one starts", self._process.pid, self.stop_grace_s)
                     self._kill_mid_call()
                     return stopping
                 if stopping is None and deadline is not None and now > deadline:
-                    log.warning("decoder process %d: a step ran past the call's time limit; killed",
-                                self._process.pid)
+                    log.warning("decoder process %d: a step ran past the call's time limit; killed, a new one "
+                                "starts", self._process.pid)
                     self._kill_mid_call()
                     return CallTimeLimitError(
                         f"a step ran past the time limit of {self.call_limit_s:.0f} s and was stopped; ask for "
@@ -212,9 +212,11 @@ class PipelineProcess:
         return DecoderProcessDied(f"the decoder process died during the call (exit code {code})")
 
     def _kill_mid_call(self) -> None:
-        """The child is killed in a call; the next call starts a new one (its pipelines load again)."""
+        """The child is killed in a call, and a new one starts loading at once (the next call waits for it)."""
         self._kill()
         self._ready = False
+        if not self._closed:
+            self._start()
 
     def _kill(self) -> None:
         if self._process is not None and self._process.is_alive():
