@@ -156,17 +156,20 @@ class PipelineProcess:
         """The call's results, or the exception to raise (returned, so that only the pipe's own errors reach the
         caller's ``except``)."""
         stopping: BaseException | None = None
-        now = time.monotonic()
-        deadline = None if self.call_limit_s is None else now + self.call_limit_s + self.stop_grace_s
+        deadline = None if self.call_limit_s is None else time.monotonic() + self.call_limit_s + self.stop_grace_s
         stop_by = 0.0  # once stopping: when the child is killed if it has not stopped
+
+        def stop(reason: BaseException) -> None:
+            nonlocal stopping, stop_by
+            stopping, stop_by = reason, time.monotonic() + self.stop_grace_s
+            conn.send(("stop",))
+
         while True:
             while not conn.poll(min(_POLL_S, self.stop_grace_s)):
                 if not self._process.is_alive():
                     return self._died()
                 if self._closed and stopping is None:  # a step longer than the poll: stop it all the same
-                    stopping = RuntimeError("the decoder process is shutting down")
-                    conn.send(("stop",))
-                    stop_by = time.monotonic() + self.stop_grace_s
+                    stop(RuntimeError("the decoder process is shutting down"))
                 now = time.monotonic()
                 if stopping is not None and now > stop_by:
                     log.warning("decoder process %d did not stop within %.0f s (a step that long); killed, a new "
@@ -190,9 +193,7 @@ class PipelineProcess:
                         raise RuntimeError("the decoder process is shutting down")
                     on_step(message[1], message[2])
                 except BaseException as exc:  # stop the child, then raise it here
-                    stopping = exc
-                    conn.send(("stop",))
-                    stop_by = time.monotonic() + self.stop_grace_s
+                    stop(exc)
             elif stopping is not None:
                 # "stopped", or the call's end that crossed the stop (the child drops a stop that finds it idle).
                 return stopping

@@ -271,39 +271,8 @@ class DecoderRunner:
                 [item.opts.seed for item in group], opts, on_step)
         except JobCancelled:
             return
-        except CallTimeLimitError as exc:  # a step outran the limit: alone, each would take as long again
-            for item in group:
-                if isinstance(item.outcome, _Pending):
-                    item.outcome = JobTimeoutError(f"{modality} job: {exc}")
-            return
-        except JobTimeoutError as exc:
-            if len(group) > 1:  # together too slow; each alone may fit (the pace shows it within a step or two)
-                log.warning("a batch of %d %s jobs is too slow (%s); running them one by one", len(group), modality,
-                            exc)
-                for item in group:
-                    if isinstance(item.outcome, _Pending):
-                        self._generate([item])
-                return
-            for item in group:
-                if isinstance(item.outcome, _Pending):
-                    item.outcome = exc
-            return
-        except JobBookUnavailable as exc:  # Redis away longer than the client retries: try the jobs again later
-            for item in group:
-                if isinstance(item.outcome, _Pending):
-                    item.outcome = TransientJobError(f"job book: {exc}")
-            return
         except Exception as exc:
-            kind = self._classify(exc, group[0].job)
-            if len(group) > 1 and not isinstance(kind, DeviceBrokenError):
-                log.warning("a batch of %d %s jobs failed (%s); running them one by one", len(group), modality, exc)
-                for item in group:
-                    if isinstance(item.outcome, _Pending):
-                        self._generate([item])
-                return
-            for item in group:
-                if isinstance(item.outcome, _Pending):
-                    item.outcome = kind
+            self._failed(group, exc)
             return
         decode_s = time.perf_counter() - started
         if self.metrics is not None:
@@ -316,6 +285,30 @@ class DecoderRunner:
                 except Exception as exc:
                     item.outcome = exc if isinstance(exc, (PoisonJobError, TransientJobError)) \
                         else self._classify(exc, item.job)
+
+    def _failed(self, group: list[_Running], exc: Exception) -> None:
+        """A shared call raised ``exc``: its jobs still pending fail with what it means, or, where each alone may
+        do (a batch that failed, or was too slow), run again one by one."""
+        modality = group[0].job.modality
+        if isinstance(exc, CallTimeLimitError):  # a step outran the limit: alone, each would take as long again
+            outcome: Exception = JobTimeoutError(f"{modality} job: {exc}")
+            alone = False
+        elif isinstance(exc, JobTimeoutError):  # together too slow; alone, the pace shows within a step or two
+            outcome, alone = exc, True
+        elif isinstance(exc, JobBookUnavailable):  # Redis away longer than the client retries: try them later
+            outcome, alone = TransientJobError(f"job book: {exc}"), False
+        else:
+            outcome = self._classify(exc, group[0].job)
+            alone = not isinstance(outcome, DeviceBrokenError)
+        pending = [item for item in group if isinstance(item.outcome, _Pending)]
+        if alone and len(group) > 1:
+            log.warning("a batch of %d %s jobs %s (%s); running them one by one", len(group), modality,
+                        "is too slow" if isinstance(exc, JobTimeoutError) else "failed", exc)
+            for item in pending:
+                self._generate([item])
+            return
+        for item in pending:
+            item.outcome = outcome
 
     def _finish(self, item: _Running, generated: Generated, decode_s: float, batch: int) -> ArtifactInfo:
         job, opts = item.job, item.opts
