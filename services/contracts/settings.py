@@ -162,7 +162,8 @@ class LLMSettings(BaseModel):
                     "torch threads default to their number) or 'auto' (the last of the CPUs this server may use, as "
                     "many as the engine's threads: the first stay with the server). None: wherever the kernel puts "
                     "it. Bound, the kernel no longer moves its compute between cores: first token -14% through the "
-                    "gateway at concurrency 1 on 2 cores; leave it unset where replicas share a machine's CPUs (each would bind the same ones)")
+                    "gateway at concurrency 1 on 2 cores; leave it unset where replicas share a machine's CPUs (each "
+                    "would bind the same ones)")
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
     engine_stall_s: float = Field(
