@@ -235,10 +235,13 @@ def worker(
     hostname: Annotated[Optional[str], typer.Option(help="Celery node name (default: nextgpt-<queues>@host)")] = None,
 ) -> None:
     """A Celery decoder worker: loads the pipelines of its queues once, then runs decode jobs in batches."""
+    from celery.signals import worker_shutdown
+
     from services.cli.compose import check_devices, resolve_bundle
     from services.contracts.celery_config import QUEUES
     from services.decoders.celery_app import make_worker_app
     from services.decoders.compose import build_runner
+    from services.decoders.pipeline_process import PipelineProcess
     from services.jobs.book import RedisJobBook
     from services.jobs.redis_clients import sync_redis
 
@@ -257,7 +260,18 @@ def worker(
         registry = CollectorRegistry()
         # One process (the solo pool below), so one registry holds the worker's every job.
         start_http_server(settings.decoders.metrics_port, settings.decoders.metrics_host, registry=registry)
-    runner = build_runner(settings, resolved, names, book, registry=registry)  # type: ignore[arg-type]
+    runner = build_runner(settings, resolved, names, book, own_process=settings.decoders.engine_process,
+                          registry=registry)  # type: ignore[arg-type]
+    pipelines = runner.pipelines
+    if isinstance(pipelines, PipelineProcess):
+        # Consume nothing before the pipelines load: a worker that cannot load them exits here, with the reason.
+        try:
+            pipelines.wait_ready()
+        except RuntimeError as exc:
+            pipelines.close()
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        worker_shutdown.connect(lambda **_: pipelines.close(), weak=False)
     celery = make_worker_app(settings, lambda: runner)
     # One pipeline call at a time per process (a GPU runs one diffusion at a time); scale with more workers. The
     # call takes up to max_batch jobs: the worker holds that many messages unacknowledged (the prefetch), so they

@@ -124,8 +124,10 @@ class DecoderSettings(BaseModel):
                     "pool's on the server's /metrics)")
     metrics_host: str = Field(default="0.0.0.0", description="Celery workers: the address metrics_port listens on")
     engine_process: bool = Field(
-        default=True, description="Embedded pool: the pipelines run in a child process (one OpenMP team: about "
-                                  "1.6x faster on CPU; a decoder crash fails its jobs, not the server)")
+        default=True, description="Embedded pool and Celery workers: the pipelines run in a child process (one "
+                                  "OpenMP team: about 1.6x faster on CPU; a decoder crash fails its jobs, not the "
+                                  "process; a step past the time limit, or a stop not taken within 10 s, is ended "
+                                  "by killing the child)")
     # Measured on the world bundle on CPU (peak RSS of one decode, 1 step): a 256x256x16 clip +1.1 GiB, a 512x512
     # picture +0.4 GiB; attention makes the cost grow faster than the pixels. 2^21 keeps one decode within a
     # few GiB here; a GPU deployment of the real decoders (ZeroScope 576x320x24 = 4.4 M) raises it.

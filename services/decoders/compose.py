@@ -18,7 +18,8 @@ from services.storage import build_artifact_store
 def build_runner(settings: Settings, bundle: Bundle, modalities: list[Modality], book: JobBook,
                  own_process: bool = False, registry: CollectorRegistry | None = None) -> DecoderRunner:
     """``own_process``: the pipelines run in a child process (``PipelineProcess``, started here, loading while the
-    caller goes on); a Celery worker is such a process already. ``registry``: where the pool's metrics go."""
+    caller goes on), for the embedded pool and the Celery workers alike. ``registry``: where the pool's metrics
+    go."""
     pipelines: BatchGenerator = PipelineProcess(
         bundle, modalities, settings.decoders.device, call_limit_s=settings.decoders.time_limit_s) if own_process \
         else DecoderPipelines(bundle, modalities, settings.decoders.device)

@@ -1,4 +1,4 @@
-"""The embedded pool's diffusers pipelines in a process of their own.
+"""The decoder pool's diffusers pipelines in a process of their own (the embedded pool's, and a Celery worker's).
 
 In the serving process the decode thread is one of several threads that run torch (the encoder's model thread, the
 projectors, the process's start-up): each has its own OpenMP team, and once a process holds more OpenMP threads than
@@ -6,7 +6,9 @@ cores, libgomp stops spin-waiting and every parallel op wakes its helpers throug
 bundle on 2 cores (``make bench-decoders``): one picture at a time, the pool made 2.12x the pictures per minute with
 its pipelines in a child process, whose one torch thread has the only team, as on its decode thread
 (``OMP_WAIT_POLICY=ACTIVE`` does not lift the slowdown). A child also keeps a decoder crash (a segfault, the OOM
-killer) from taking the server: the call fails, and the next one starts a fresh child.
+killer) from taking the server or the worker: the call fails, and the next one starts a fresh child. And only a
+child can have a step stopped: in-process, a step of many minutes (a CPU near the pixel budget) holds a Celery
+worker, cancels and all, until it ends.
 
 ``PipelineProcess`` stands in for ``DecoderPipelines`` (``generate_batch`` with the same arguments and results); the
 runner, the job book, leases, encoding and storage stay in the serving process. One call at a time.
@@ -15,7 +17,8 @@ Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("stop
 Child -> parent: ``("ready",)`` / ``("failed", message)`` once; per call ``("step", step, total)`` after every step,
 then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``. The child never waits for the parent
 between steps (a serving process busy with its event loop would slow every step); it looks for a stop after each
-one, so a cancelled call ends one step after the parent asked. A step is not interrupted, so a child that has
+one, so a cancelled call ends one step after the parent asked; while a step runs, the parent asks the runner's
+``check`` every ``_POLL_S`` (a cancel mid-step). A step is not interrupted, so a child that has
 not stopped ``STOP_GRACE_S`` after the parent asked, or whose call runs past ``call_limit_s`` (the runner's time
 limit) plus that grace with no step ending, is killed: a step of many minutes (a size within the pixel budget that
 the CPU takes that long over) then holds the pool that long, not until it ends. A new child starts loading at once.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +43,7 @@ import torch
 from services.bundle.loader import Bundle
 from services.contracts.bundle_manifest import Modality
 from services.contracts.errors import ServiceUnavailableError
-from services.decoders.pipelines import CallTimeLimitError, Generated, ResolvedOptions, StepCallback
+from services.decoders.pipelines import CallTimeLimitError, Generated, ResolvedOptions, StepCallback, StopCheck
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +136,12 @@ class PipelineProcess:
             self._wait_ready_locked()
 
     def generate_batch(self, modality: Modality, conditioning: torch.Tensor, seeds: list[int],
-                       opts: ResolvedOptions, on_step: StepCallback) -> list[Generated]:
-        """As ``DecoderPipelines.generate_batch``. An exception ``on_step`` raises stops the child's call and is
-        raised here once the child has stopped (so the next call finds it idle)."""
+                       opts: ResolvedOptions, on_step: StepCallback,
+                       check: StopCheck | None = None) -> list[Generated]:
+        """As ``DecoderPipelines.generate_batch``. An exception ``on_step`` raises, or ``check`` (asked every
+        ``_POLL_S`` while a step runs), stops the child's call and is raised here once the child has stopped (so
+        the next call finds it idle): a cancel mid-step ends the call within the poll and the grace, not a whole
+        step later."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decoder process is closed")
@@ -144,7 +151,7 @@ class PipelineProcess:
             conn = self._wait_ready_locked()
             try:
                 conn.send(("generate", modality, conditioning.detach().cpu().numpy(), list(seeds), opts))
-                outcome = self._follow(conn, on_step)
+                outcome = self._follow(conn, on_step, check)
             except (EOFError, OSError):  # the pipe broke: the child is gone
                 self._process.join(5)
                 raise self._died() from None
@@ -152,7 +159,8 @@ class PipelineProcess:
             raise outcome
         return outcome
 
-    def _follow(self, conn: Connection, on_step: StepCallback) -> list[Generated] | BaseException:
+    def _follow(self, conn: Connection, on_step: StepCallback,
+                check: StopCheck | None) -> list[Generated] | BaseException:
         """The call's results, or the exception to raise (returned, so that only the pipe's own errors reach the
         caller's ``except``)."""
         stopping: BaseException | None = None
@@ -170,6 +178,11 @@ class PipelineProcess:
                     return self._died()
                 if self._closed and stopping is None:  # a step longer than the poll: stop it all the same
                     stop(RuntimeError("the decoder process is shutting down"))
+                if check is not None and stopping is None:
+                    try:
+                        check()
+                    except BaseException as exc:
+                        stop(exc)
                 now = time.monotonic()
                 if stopping is not None and now > stop_by:
                     log.warning("decoder process %d did not stop within %.0f s (a step that long); killed, a new "
@@ -248,6 +261,11 @@ def _child_main(conn: Connection, spec: PipelineSpec) -> None:
     from services.bundle.loader import load_bundle
     from services.decoders.pipelines import DecoderPipelines
 
+    # The parent ends this process (a close, a kill, or its pipe's end when the parent is gone). A Ctrl-C or a
+    # SIGTERM sent to the whole process group must not end a call the parent means to finish: a Celery worker's
+    # warm shutdown lets its batch end first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level,
                         format="%(asctime)s %(levelname)s %(name)s [decoder-process]: %(message)s")
     try:

@@ -20,6 +20,9 @@ from services.contracts.decoders import DecodeOptions
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
+# Asked about once a second while a step runs, by a generator that can stop a step (one in a process of its own):
+# raises to stop the call, as a step callback does (a cancel then takes effect within the poll, not a step later).
+StopCheck = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class BatchGenerator(Protocol):
     """What the runner needs of its pipelines: ``DecoderPipelines`` here, or the same in a child process."""
 
     def generate_batch(self, modality: Modality, conditioning: torch.Tensor, seeds: list[int],
-                       opts: ResolvedOptions, on_step: StepCallback) -> list[Generated]: ...
+                       opts: ResolvedOptions, on_step: StepCallback,
+                       check: StopCheck | None = None) -> list[Generated]: ...
 
 
 class DecoderPipelines:
@@ -110,9 +114,11 @@ class DecoderPipelines:
         return self.generate_batch(modality, conditioning, [opts.seed], opts, on_step)[0]
 
     def generate_batch(self, modality: Modality, conditioning: torch.Tensor, seeds: list[int],
-                       opts: ResolvedOptions, on_step: StepCallback) -> list[Generated]:
+                       opts: ResolvedOptions, on_step: StepCallback,
+                       check: StopCheck | None = None) -> list[Generated]:
         """Several items of one modality that share ``opts`` (all but the seed) in one pipeline call.
-        ``conditioning``: (items, ...) ; one generator per item, so an item's noise is the same as alone."""
+        ``conditioning``: (items, ...) ; one generator per item, so an item's noise is the same as alone.
+        ``check`` is not used: in this process nothing can stop a step, and ``on_step`` runs between steps."""
         pipe = self.pipes[modality]
         count = len(seeds)
         cond = conditioning.to(device=self.device, dtype=self.dtype)

@@ -229,7 +229,8 @@ class DecoderRunner:
         modality, opts = group[0].job.modality, group[0].opts
         first: list[float] = []  # the first step reported, and the seconds from the call's start to its end
 
-        def on_step(step: int, total: int) -> None:
+        def check() -> list[_Running]:
+            """The group's jobs still wanted; JobCancelled when none is (cancelled, or its lease lost)."""
             for item in group:
                 if not isinstance(item.outcome, _Pending):
                     continue
@@ -242,6 +243,10 @@ class DecoderRunner:
             live = [item for item in group if isinstance(item.outcome, _Pending)]
             if not live:
                 raise JobCancelled
+            return live
+
+        def on_step(step: int, total: int) -> None:
+            live = check()
             elapsed = time.perf_counter() - started
             if elapsed > self.time_limit_s:
                 raise JobTimeoutError(f"{modality} job ran past its time limit of {self.time_limit_s:.0f} s")
@@ -268,7 +273,7 @@ class DecoderRunner:
         try:
             generated = self.pipelines.generate_batch(
                 modality, torch.cat([item.conditioning for item in group]),
-                [item.opts.seed for item in group], opts, on_step)
+                [item.opts.seed for item in group], opts, on_step, check)
         except JobCancelled:
             return
         except Exception as exc:

@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import os
 import io
+import re
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import av
 import httpx
+import psutil
 import pytest
 import redis
 import redis.asyncio
@@ -170,6 +174,34 @@ async def test_cancel_stops_a_running_job(worker: WorkerProcess, queue: CeleryDe
     after = _job(store, tiny_bundle_dir, "audio", steps=2)
     await queue.submit(after)
     assert (await _collect(queue, after.job_id))[-1].type == "completed"
+
+
+async def test_a_job_cancelled_mid_step_ends_though_the_step_never_does(worker: WorkerProcess,
+                                                                        queue: CeleryDecoderQueue,
+                                                                        store: S3ArtifactStore,
+                                                                        tiny_bundle_dir: Path) -> None:
+    """The worker's pipelines run in a child process: a step that does not end (the child frozen with SIGSTOP, as
+    a step of many minutes on a CPU) is stopped by a cancel within the poll and the stop's grace, where a worker
+    running them itself held the job (and every job queued behind it) until the step ended."""
+    pids = [int(p) for p in re.findall(rb"decoder process (\d+) ready", worker.log.read_bytes())]
+    assert pids, "the worker runs its pipelines in a child process"
+    job = _job(store, tiny_bundle_dir, "video", steps=200)
+    await queue.submit(job)
+    async for event in queue.events(job.job_id):
+        if event.type == "progress":
+            os.kill(pids[-1], signal.SIGSTOP)
+            await queue.cancel(job.job_id)
+            cancelled_at = time.monotonic()
+        if event.type in ("cancelled", "completed", "failed"):
+            break
+    assert event.type == "cancelled"
+    after = _job(store, tiny_bundle_dir, "image", steps=2)
+    await queue.submit(after)
+    assert (await _collect(queue, after.job_id))[-1].type == "completed"
+    # The frozen child was killed 10 s (STOP_GRACE_S) after the stop, and a new one loaded the next job's pipelines.
+    assert time.monotonic() - cancelled_at < 10 + 30
+    assert not psutil.pid_exists(pids[-1]) or psutil.Process(pids[-1]).status() == psutil.STATUS_ZOMBIE
+    assert len(re.findall(rb"decoder process (\d+) ready", worker.log.read_bytes())) == len(pids) + 1
 
 
 async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(

@@ -177,10 +177,10 @@ class _BreaksWithSeed(DecoderPipelines):
     def __init__(self, real: DecoderPipelines) -> None:
         self.__dict__.update(real.__dict__)
 
-    def generate_batch(self, modality, conditioning, seeds, opts, on_step):  # type: ignore[no-untyped-def]
+    def generate_batch(self, modality, conditioning, seeds, opts, on_step, check=None):  # type: ignore[no-untyped-def]
         if 666 in seeds:
             raise RuntimeError("this job breaks the call")
-        return super().generate_batch(modality, conditioning, seeds, opts, on_step)
+        return super().generate_batch(modality, conditioning, seeds, opts, on_step, check)
 
 
 async def test_one_bad_job_does_not_fail_its_batch_mates(pipelines: DecoderPipelines,
@@ -257,7 +257,7 @@ class _BrokenDevice(DecoderPipelines):
     def __init__(self, real: DecoderPipelines) -> None:
         self.__dict__.update(real.__dict__)
 
-    def generate_batch(self, modality, conditioning, seeds, opts, on_step):  # type: ignore[no-untyped-def]
+    def generate_batch(self, modality, conditioning, seeds, opts, on_step, check=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("CUDA error: device-side assert triggered")
 
 

@@ -94,7 +94,7 @@ def test_an_error_in_the_child_keeps_its_class_and_the_child_lives(bundle: Bundl
     assert process.starts == starts
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
 def test_a_child_that_dies_mid_call_fails_the_call_and_the_next_call_gets_a_new_child(
         bundle: Bundle, process: PipelineProcess, sig: signal.Signals) -> None:
     starts = process.starts
@@ -108,9 +108,24 @@ def test_a_child_that_dies_mid_call_fails_the_call_and_the_next_call_gets_a_new_
     if sig == signal.SIGKILL:  # the OOM killer's signal: the runner retries the jobs as out of memory
         assert isinstance(classify(caught.value, "image"), OutOfMemoryJobError)
     else:
-        assert isinstance(caught.value, DecoderProcessDied) and "exit code -15" in str(caught.value)
+        assert isinstance(caught.value, DecoderProcessDied) and "exit code -11" in str(caught.value)
     done = process.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
     assert len(done) == 1 and process.starts == starts + 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_the_process_group_leaves_the_call_to_the_parent(
+        bundle: Bundle, process: PipelineProcess, sig: signal.Signals) -> None:
+    """systemd (and a terminal's Ctrl-C) signal every process of the group: the child must not die mid-call, or
+    a Celery worker's warm shutdown, which lets its batch end, would fail that batch's jobs instead."""
+    starts = process.starts
+
+    def signal_at_one(step: int, total: int) -> None:
+        if step == 1:
+            os.kill(process._process.pid, sig)
+
+    done = process.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 4), signal_at_one)
+    assert len(done) == 1 and process._process.is_alive() and process.starts == starts
 
 
 def test_a_step_longer_than_the_time_limit_or_than_a_stop_is_ended_by_killing_the_child(bundle: Bundle) -> None:
@@ -264,5 +279,47 @@ def test_a_batch_whose_step_outran_the_limit_fails_as_timed_out_without_running_
         assert time.monotonic() - started < 1.0 + 0.5 + 3.0 and proc.starts == starts + 1
         assert runner.run(decode_job(store, _conditioning(bundle, 1)[0], steps=2)) is not None
         assert proc.starts == starts + 1  # the child started at the kill serves
+    finally:
+        proc.close()
+
+
+def test_a_job_cancelled_while_its_step_runs_ends_within_the_poll_and_the_grace(bundle: Bundle,
+                                                                             tmp_path: Path) -> None:
+    """A cancel used to be seen only when a step ended: with a step of minutes (a CPU near the pixel budget), the
+    job went on that long after its cancel. The runner's check now runs every second while a step runs; a child
+    frozen mid-step (SIGSTOP) stands for the long step, with no call limit to end it otherwise."""
+    import threading
+
+    from services.decoders.runner import DecoderRunner
+    from services.jobs.book import MemoryJobBook
+    from services.storage.local import LocalArtifactStore
+
+    store, book = LocalArtifactStore(tmp_path, 10**8), MemoryJobBook()
+    proc = PipelineProcess(bundle, ["image"], call_limit_s=None, stop_grace_s=0.5)
+    try:
+        proc.wait_ready()
+        runner = DecoderRunner(proc, store, book, bundle.manifest, time_limit_s=600)
+        job = decode_job(store, _conditioning(bundle, 1)[0], steps=200, seed=1)
+        cancelled_at: list[float] = []
+
+        def freeze_then_cancel() -> None:
+            deadline = time.monotonic() + 30
+            while not any(e.type == "progress" for e in book.events(job.job_id)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(proc._process.pid, signal.SIGSTOP)
+            time.sleep(0.5)  # well inside the step that now never ends
+            book.cancel(job.job_id)
+            cancelled_at.append(time.monotonic())
+
+        canceller = threading.Thread(target=freeze_then_cancel)
+        canceller.start()
+        starts = proc.starts
+        outcome = runner.run_batch([job])[0]
+        canceller.join()
+        assert outcome is None  # cancelled
+        assert book.events(job.job_id)[-1].type == "cancelled"
+        assert time.monotonic() - cancelled_at[0] < 1.0 + 0.5 + 2.0  # the poll, the grace, and some slack
+        assert proc.starts == starts + 1  # the frozen child was killed; a new one serves
+        assert runner.run(decode_job(store, _conditioning(bundle, 1)[0], steps=2)) is not None
     finally:
         proc.close()
