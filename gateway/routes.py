@@ -166,18 +166,22 @@ def _check_stream_id(stream_id: str) -> None:
                                  410: {"model": ErrorResponse}})
 async def resume_stream(stream_id: str, request: Request,
                         after: Annotated[int | None, Query(ge=0, le=_MAX_EVENT_ID)] = None) -> Response:
-    """Reattach to a streaming chat turn: the events after ``Last-Event-ID`` (or ``after``), then the live rest.
+    """Reattach to a streaming chat turn: the events after ``Last-Event-ID`` (else ``after``), then the live rest.
     The stream id is the ``x-stream-id`` header of the original response. 410 when those events are gone."""
     st = state_of(request)
     owner = st.keys.owner(request.headers.get("authorization"))
     _check_stream_id(stream_id)
     last = request.headers.get("last-event-id", "").strip()
-    if after is None:
+    if last:
+        # The header wins over ?after=: an EventSource opened on ...?after=N reconnects to that same URL with the
+        # last id it has seen in Last-Event-ID, and the query would replay everything from N again.
         # ASCII digits only ("²".isdigit() is True, int("²") is not), and a bounded value.
-        if last and not (re.fullmatch(r"[0-9]{1,12}", last) and int(last) <= _MAX_EVENT_ID):
+        if not (re.fullmatch(r"[0-9]{1,12}", last) and int(last) <= _MAX_EVENT_ID):
             raise InvalidRequestError("Last-Event-ID must be an event id of this stream", code="invalid_event_id",
                                       param="Last-Event-ID")
-        after = int(last) if last else 0
+        after = int(last)
+    elif after is None:
+        after = 0
     return _sse_response(await st.streams.attach(stream_id, owner, after, st.settings.heartbeat_s), stream_id, st)
 
 

@@ -234,6 +234,10 @@ def test_reconnect_with_last_event_id_resumes_the_stream(url: str) -> None:
     # The finished stream replays from any point in the window, to its owner only.
     with httpx.stream("GET", f"{resume}?after={last_id + len(rest) - 1}", headers=_auth(), timeout=30) as response:
         assert [n for n, _ in read_events(response, after=last_id + len(rest) - 1)] == ["done"]
+    # An EventSource opened on ?after=N reconnects to that URL with the last id it saw: nothing twice.
+    with httpx.stream("GET", f"{resume}?after={last_id}", timeout=30,
+                      headers={**_auth(), "last-event-id": str(last_id + len(rest) - 1)}) as response:
+        assert [n for n, _ in read_events(response, after=last_id + len(rest) - 1)] == ["done"]
     assert httpx.get(resume, headers=_auth("other-key")).json()["error"]["code"] == "stream_not_found"
     for garbage in ("x1", "²", "-3", "9" * 40):
         bad = httpx.get(resume, headers={**_auth(), "last-event-id": garbage.encode("latin-1")})
