@@ -68,7 +68,8 @@ class OpenAIChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # OpenAI's range is [0, 1]: clients send 0 (often with temperature 0) for the most likely token each time
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     # OpenAI takes any int64 (some clients send -1); our seeds are 0..2**63-1, so a seed is taken modulo 2**63
     seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=1)
@@ -183,9 +184,11 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         first = messages[0]
         messages[0] = first.model_copy(update={"content": " ".join([*system, first.content]).strip()})
     required: list[Any] = [m for m in (body.modalities or []) if m != "text"]
+    # top_p 0 keeps only the most likely token: greedy, which is how both backends run it (vLLM refuses 0).
+    greedy = body.top_p == 0.0
     request = ChatRequest(
         messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, seed=None if body.seed is None else body.seed % 2**63,
+        temperature=0.0 if greedy else body.temperature, top_p=None if greedy else body.top_p, seed=None if body.seed is None else body.seed % 2**63,
         stop=[body.stop] if isinstance(body.stop, str) else body.stop or [], lora=model_names[body.model],
         # OpenAI's modalities are the answer's output types: those, and no others
         require_modalities=required, allowed_modalities=None if body.modalities is None else required,

@@ -254,6 +254,20 @@ def test_any_int64_seed_is_a_seed(client: openai.OpenAI) -> None:
     assert info.value.param == "seed"
 
 
+def test_top_p_zero_is_the_most_likely_token_each_time(client: openai.OpenAI) -> None:
+    """OpenAI's top_p range includes 0, which clients send for determinism: it answers greedily, whatever the
+    temperature and seed (a 400 before)."""
+    def reply(**options: object) -> str:
+        completion = client.chat.completions.create(  # type: ignore[call-overload]
+            model="nextgpt", messages=[{"role": "user", "content": "surprise me"}], max_tokens=16,
+            modalities=["text"], **options)
+        return completion.choices[0].message.content or ""
+
+    greedy = reply(temperature=0)
+    assert reply(top_p=0, temperature=1.0, seed=1) == reply(top_p=0, temperature=2.0, seed=2) == greedy
+    assert reply(top_p=1.0, temperature=2.0, seed=2) != greedy  # sampling at full width differs
+
+
 def test_options_at_their_unused_values_are_accepted_and_others_refused(client: openai.OpenAI) -> None:
     ask = dict(model="nextgpt", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     reply = client.chat.completions.create(**ask, tool_choice="none", response_format={"type": "text"},  # type: ignore[call-overload]
