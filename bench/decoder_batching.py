@@ -2,7 +2,8 @@
 calls (``max_batch`` 8), side by side in one run, each at its bundle's default steps and size:
 - the embedded decoder pool (pipelines in their own process, as served), on the tiny bundle and on the world bundle;
 - the same pool with the pipelines on its decode thread, on the world bundle;
-- a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle.
+- a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle, with its pipelines in a child process (as
+  served) and, as ``celery-inline``, in the worker process itself (``decoders.engine_process`` false).
 Each row is the median of ``--repeats`` rounds (the embedded pools' serial and batched rounds take turns). Reports
 images per minute and the ratios. Writes bench/results/decoder_batching.json.
 
@@ -36,7 +37,7 @@ from services.jobs.book import MemoryJobBook
 from services.storage.local import LocalArtifactStore
 
 WORLD = Path(__file__).parents[1] / "bundles" / "nextgpt-world"
-POOLS = ("embedded", "thread", "celery")
+POOLS = ("embedded", "thread", "celery", "celery-inline")
 BUNDLES = ("tiny", "world", "sd-size")
 
 
@@ -80,7 +81,7 @@ def _round_result(max_batch: int, jobs: int, wall: float) -> dict[str, Any]:
 
 
 async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: str, workdir: Path,
-                       repeats: int) -> dict[str, Any]:
+                       repeats: int, engine_process: bool) -> dict[str, Any]:
     """A real worker process consuming the image queue with this ``max_batch``; jobs sent through Redis; the median
     of ``repeats`` rounds (``max_batch`` is a worker setting: one worker per value, so these rounds cannot
     alternate)."""
@@ -96,11 +97,12 @@ async def _celery_rate(bundle_dir: Path, max_batch: int, jobs: int, redis_url: s
     prefix = f"bench-{new_job_id()[:8]}:"
     env = {"NEXTGPT_BUNDLE": str(bundle_dir), "NEXTGPT_REDIS__URL": redis_url, "NEXTGPT_REDIS__KEY_PREFIX": prefix,
            "NEXTGPT_STORAGE__BACKEND": "local", "NEXTGPT_STORAGE__LOCAL_DIR": str(workdir),
-           "NEXTGPT_DECODERS__MAX_BATCH": str(max_batch)}
+           "NEXTGPT_DECODERS__MAX_BATCH": str(max_batch),
+           "NEXTGPT_DECODERS__ENGINE_PROCESS": "true" if engine_process else "false"}
     settings = Settings(**{"bundle": str(bundle_dir), "redis": {"url": redis_url, "key_prefix": prefix}})
     store = LocalArtifactStore(workdir, 10**9)
     shape = load_bundle(bundle_dir).manifest.outputs["image"].projector.output_shape
-    worker = WorkerProcess("image", env, workdir / f"worker-{max_batch}.log").wait_ready()
+    worker = WorkerProcess("image", env, workdir / f"worker-{max_batch}-{engine_process}.log").wait_ready()
     areader = redis.asyncio.Redis.from_url(redis_url)
     queue = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(redis.Redis.from_url(redis_url), prefix),
                                AsyncJobReader(areader, prefix, block_ms=200))
@@ -177,7 +179,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per row; a row shows the median")
     parser.add_argument("--device", default="cpu", help="where the pipelines run (cuda: fp16)")
     parser.add_argument("--pools", type=lambda v: _names(v, POOLS), default=list(POOLS),
-                        help="comma-separated: embedded, thread, celery (the Celery worker runs the world bundle)")
+                        help="comma-separated: embedded, thread, celery, celery-inline (the Celery workers run the "
+                             "world bundle)")
     parser.add_argument("--bundles", type=lambda v: _names(v, BUNDLES), default=["tiny", "world"],
                         help="comma-separated: tiny, world, sd-size (for the embedded and thread pools)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/decoder_batching.json"))
@@ -195,21 +198,24 @@ def main() -> None:
             path = paths[name]()
             for pool in (p for p in ("embedded", "thread") if p in args.pools):
                 rows += _embedded_rows(pool, name, path, args.device, args.jobs, args.repeats)
-    if "celery" in args.pools:
+    celery = [p for p in ("celery", "celery-inline") if p in args.pools]
+    if celery:
         from tests.support.servers import redis_server
 
         with redis_server() as info, tempfile.TemporaryDirectory() as tmp:
             defaults = load_bundle(WORLD).manifest.outputs["image"].decoder.defaults
-            for max_batch in (1, args.jobs):
-                row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp), args.repeats))
-                rows.append({"bundle": "world", "pool": "celery", "steps": defaults.steps,
-                             "size": f"{defaults.height}x{defaults.width}", **row})
+            for pool in celery:
+                for max_batch in (1, args.jobs):
+                    row = asyncio.run(_celery_rate(WORLD, max_batch, args.jobs, info.url, Path(tmp), args.repeats,
+                                                   engine_process=pool == "celery"))
+                    rows.append({"bundle": "world", "pool": pool, "steps": defaults.steps,
+                                 "size": f"{defaults.height}x{defaults.width}", **row})
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} cores"
     print(f"{args.jobs} image jobs at once, {device}, torch threads {torch.get_num_threads()}")
-    print(f"{'pool':>8} {'bundle':>7} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}  "
+    print(f"{'pool':>13} {'bundle':>7} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}  "
           f"every round")
     for r in rows:
-        print(f"{r['pool']:>8} {r['bundle']:>7} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
+        print(f"{r['pool']:>13} {r['bundle']:>7} {r['steps']:>5} {r['size']:>7} {r['max_batch']:>9} {r['wall_s']:>7} "
               f"{r['images_per_min']:>10}  {' '.join(str(x) for x in r['runs'])}")
 
     def rate(pool: str, name: str, max_batch: int) -> float:
@@ -225,6 +231,11 @@ def main() -> None:
                                                          2)
         print(f"world, serial: the pool with its pipelines in a process / on its thread "
               f"x{ratios['world serial: process / thread']}")
+    if {"celery", "celery-inline"} <= set(args.pools):
+        ratios["celery serial: child / inline"] = round(rate("celery", "world", 1) / rate("celery-inline", "world", 1),
+                                                        2)
+        print(f"Celery worker, serial: pipelines in a child process / in the worker "
+              f"x{ratios['celery serial: child / inline']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "rows": rows, "ratios": ratios}, indent=2))
 
