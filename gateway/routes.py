@@ -182,7 +182,13 @@ async def resume_stream(stream_id: str, request: Request,
         after = int(last)
     elif after is None:
         after = 0
-    return _sse_response(await st.streams.attach(stream_id, owner, after, st.settings.heartbeat_s), stream_id, st)
+    try:
+        events = await st.streams.attach(stream_id, owner, after, st.settings.heartbeat_s)
+    except InvalidRequestError as exc:
+        if not last and exc.param == "Last-Event-ID":
+            exc.param = "query.after"  # the id that does not exist came in the query
+        raise
+    return _sse_response(events, stream_id, st)
 
 
 @router.post("/v1/chat/streams/{stream_id}/cancel", responses=_ERRORS)

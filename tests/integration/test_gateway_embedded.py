@@ -243,6 +243,8 @@ def test_reconnect_with_last_event_id_resumes_the_stream(url: str) -> None:
         bad = httpx.get(resume, headers={**_auth(), "last-event-id": garbage.encode("latin-1")})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID", garbage
     assert httpx.get(f"{resume}?after=-1", headers=_auth()).status_code == 400
+    past_the_end = httpx.get(f"{resume}?after={last_id + len(rest) + 5}", headers=_auth())
+    assert past_the_end.status_code == 400 and past_the_end.json()["error"]["param"] == "query.after"
 
 
 def test_media_inline_as_base64_when_asked(url: str) -> None:
