@@ -103,7 +103,8 @@ class DecoderSettings(BaseModel):
     time_limit_s: float = Field(
         default=900.0, gt=0,
         description="A job running longer is failed between steps, and so is one whose steps so far show it would "
-                    "(from its first step: one that would take twice as long)")
+                    "(from its first step: one that would take twice as long; with engine_process, a step under way "
+                    "is judged every second, and one past the limit is ended by killing the child)")
     visibility_timeout_s: int = Field(
         default=3600, ge=1, description="A job taken by a worker that died is handed out again after this")
     max_retries: int = Field(default=3, ge=0, le=20, description="Retries, for transient storage errors only")

@@ -228,8 +228,9 @@ class DecoderRunner:
         started = time.perf_counter()
         modality, opts = group[0].job.modality, group[0].opts
         first: list[float] = []  # the first step reported, and the seconds from the call's start to its end
+        last = [0, 0.0, float(opts.steps)]  # the last step reported, its end (seconds from the start), the total
 
-        def check() -> list[_Running]:
+        def wanted() -> list[_Running]:
             """The group's jobs still wanted; JobCancelled when none is (cancelled, or its lease lost)."""
             for item in group:
                 if not isinstance(item.outcome, _Pending):
@@ -245,28 +246,46 @@ class DecoderRunner:
                 raise JobCancelled
             return live
 
+        # The pixel budget bounds memory, not time: on a CPU a size within it can take hours (the world bundle's
+        # 1024x1024 picture: about 3 min a step). Once the steps so far show that the call cannot end within the
+        # limit, it ends now, not at the limit, so that it does not hold the worker (and the jobs queued behind
+        # it) for the whole limit. The first step also holds the call's set-up and a first call's warm-up, so from
+        # it alone only a call of twice the limit is ended; later, the pace of the steps after the first tells.
+        def projection(step: int, elapsed: float, total: float) -> tuple[float, float]:
+            """The call's whole time as its steps show it, had ``step`` ended ``elapsed`` s after the start, and
+            the bound it must stay within."""
+            if not first or step == first[0]:
+                return elapsed / step * total, 2 * self.time_limit_s
+            pace = (elapsed - first[1]) / (step - first[0])
+            return elapsed + pace * (total - step), self.time_limit_s
+
+        def check() -> None:
+            """Asked while a step runs (by a generator that can stop one): cancels, and the step under way. It ends
+            later than now, so the projection as if it ended now is the least the call will take: past the bound
+            already, the call ends without waiting for the step (minutes, on a CPU near the pixel budget)."""
+            wanted()
+            step, elapsed, total = last[0] + 1, time.perf_counter() - started, last[2]
+            projected, bound = projection(step, elapsed, total)
+            if step < total and projected > bound:
+                raise JobTimeoutError(
+                    f"{modality} job would run past its time limit of {self.time_limit_s:.0f} s: step {step} of "
+                    f"{total:.0f} had run {elapsed - last[1]:.1f} s and was not done, at least {projected:.0f} s "
+                    f"for all; ask for fewer steps or a smaller size")
+
         def on_step(step: int, total: int) -> None:
-            live = check()
+            live = wanted()
             elapsed = time.perf_counter() - started
             if elapsed > self.time_limit_s:
                 raise JobTimeoutError(f"{modality} job ran past its time limit of {self.time_limit_s:.0f} s")
-            # The pixel budget bounds memory, not time: on a CPU a size within it can take hours (the world
-            # bundle's 1024x1024 picture: about 3 min a step). Once the steps so far show that the call cannot end
-            # within the limit, it ends now, not at the limit, so that it does not hold the worker (and the jobs
-            # queued behind it) for the whole limit. The first step also holds the call's set-up and a first
-            # call's warm-up, so from it alone only a call of twice the limit is ended; later, the pace of the
-            # steps after the first tells.
             if not first:
                 first.extend((step, elapsed))
-                projected, bound = elapsed / step * total, 2 * self.time_limit_s
-            else:
-                pace = (elapsed - first[1]) / max(1, step - first[0])
-                projected, bound = elapsed + pace * (total - step), self.time_limit_s
+            projected, bound = projection(step, elapsed, total)
             if step < total and projected > bound:
                 raise JobTimeoutError(
                     f"{modality} job would run past its time limit of {self.time_limit_s:.0f} s: {step} of {total} "
                     f"steps took {elapsed:.1f} s, about {projected:.0f} s for all; ask for fewer steps or a "
                     f"smaller size")
+            last[:] = [step, elapsed, float(total)]
             for item in live:
                 self.book.publish(JobEvent(job_id=item.job.job_id, type="progress", step=step, total=total))
 

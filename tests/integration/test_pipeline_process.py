@@ -133,9 +133,11 @@ def test_a_step_longer_than_the_time_limit_or_than_a_stop_is_ended_by_killing_th
     that long. A child frozen mid-call (SIGSTOP) stands for it: past the call's time limit plus the grace with no
     step, or the grace after a stop (a cancel), the child is killed and the call ends; the next call gets a new
     child."""
-    proc = PipelineProcess(bundle, ["image"], call_limit_s=1.0, stop_grace_s=0.5)
+    proc = PipelineProcess(bundle, ["image"], call_limit_s=60.0, stop_grace_s=0.5)
     try:
-        proc.wait_ready()
+        # A first call holds the child's warm-up, which a busy machine can stretch past 1 s.
+        proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2), lambda *_: None)
+        proc.call_limit_s = 1.0
         starts = proc.starts
 
         def freeze(step: int, total: int) -> None:
@@ -146,6 +148,7 @@ def test_a_step_longer_than_the_time_limit_or_than_a_stop_is_ended_by_killing_th
         with pytest.raises(CallTimeLimitError, match="ran past the time limit of 1 s"):
             proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 50), freeze)
         assert time.monotonic() - started < 1.0 + 0.5 + 2.0
+        proc.call_limit_s = 60.0  # the new child's first call holds its warm-up: 1 s is for the frozen call only
         assert len(proc.generate_batch("image", _conditioning(bundle, 1), [1], _opts(bundle, 2),
                                        lambda *_: None)) == 1
         assert proc.starts == starts + 1
@@ -257,10 +260,14 @@ def test_a_batch_whose_step_outran_the_limit_fails_as_timed_out_without_running_
     from services.storage.local import LocalArtifactStore
 
     store, book = LocalArtifactStore(tmp_path, 10**8), MemoryJobBook()
-    proc = PipelineProcess(bundle, ["image"], call_limit_s=1.0, stop_grace_s=0.5)
+    proc = PipelineProcess(bundle, ["image"], call_limit_s=60.0, stop_grace_s=0.5)
     try:
-        proc.wait_ready()
-        runner = DecoderRunner(proc, store, book, bundle.manifest, time_limit_s=60)
+        # A first call holds the child's warm-up, which a busy machine can stretch past 1 s.
+        proc.generate_batch("image", _conditioning(bundle, 2), [1, 2], _opts(bundle, 2), lambda *_: None)
+        proc.call_limit_s = 1.0
+        # The runner's own limit out of reach, so that its pace check (which would end the frozen call first, as
+        # too slow, and run its jobs again alone) leaves this call to the child's call limit.
+        runner = DecoderRunner(proc, store, book, bundle.manifest, time_limit_s=10**6)
         jobs = [decode_job(store, _conditioning(bundle, 1)[0], steps=200, seed=i) for i in range(2)]
 
         def freeze_after_a_step() -> None:
@@ -277,6 +284,7 @@ def test_a_batch_whose_step_outran_the_limit_fails_as_timed_out_without_running_
         assert all(isinstance(o, JobTimeoutError) and "ran past the time limit of 1 s" in str(o) for o in outcomes)
         # Not run again one by one: the new child (not frozen) would have made them.
         assert time.monotonic() - started < 1.0 + 0.5 + 3.0 and proc.starts == starts + 1
+        proc.call_limit_s = 60.0  # the new child's first call holds its warm-up
         assert runner.run(decode_job(store, _conditioning(bundle, 1)[0], steps=2)) is not None
         assert proc.starts == starts + 1  # the child started at the kill serves
     finally:
@@ -321,5 +329,42 @@ def test_a_job_cancelled_while_its_step_runs_ends_within_the_poll_and_the_grace(
         assert time.monotonic() - cancelled_at[0] < 1.0 + 0.5 + 2.0  # the poll, the grace, and some slack
         assert proc.starts == starts + 1  # the frozen child was killed; a new one serves
         assert runner.run(decode_job(store, _conditioning(bundle, 1)[0], steps=2)) is not None
+    finally:
+        proc.close()
+
+
+def test_a_step_that_already_shows_the_call_too_slow_ends_it_before_the_step_does(bundle: Bundle,
+                                                                               tmp_path: Path) -> None:
+    """The pace check used to run only when a step ended: a step of minutes (a CPU near the pixel budget) was
+    waited out first, and one past the time limit until the limit. While a step runs, the step as if it ended
+    now is the least the call takes: with a 20 s limit and 25 steps, a first step still running after 1.6 s
+    (2 x 20 / 25) already shows a call of more than twice the limit. A frozen child (SIGSTOP) is that step."""
+    import threading
+
+    from services.decoders.runner import DecoderRunner, JobTimeoutError
+    from services.jobs.book import MemoryJobBook
+    from services.storage.local import LocalArtifactStore
+
+    store, book = LocalArtifactStore(tmp_path, 10**8), MemoryJobBook()
+    proc = PipelineProcess(bundle, ["image"], call_limit_s=20.0, stop_grace_s=0.5)
+    try:
+        proc.wait_ready()
+        runner = DecoderRunner(proc, store, book, bundle.manifest, time_limit_s=20.0)
+        job = decode_job(store, _conditioning(bundle, 1)[0], steps=25, seed=1)
+
+        def freeze_once_started() -> None:
+            deadline = time.monotonic() + 30
+            while not any(e.type == "started" for e in book.events(job.job_id)) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(proc._process.pid, signal.SIGSTOP)
+
+        freezer = threading.Thread(target=freeze_once_started)
+        freezer.start()
+        starts, started = proc.starts, time.monotonic()
+        outcome = runner.run_batch([job])[0]
+        freezer.join()
+        assert isinstance(outcome, JobTimeoutError) and "would run past its time limit of 20 s" in str(outcome)
+        assert time.monotonic() - started < 8.0  # not the 20.5 s at which the limit alone would have killed it
+        assert proc.starts == starts + 1
     finally:
         proc.close()
