@@ -251,13 +251,20 @@ class DecoderRunner:
         # limit, it ends now, not at the limit, so that it does not hold the worker (and the jobs queued behind
         # it) for the whole limit. The first step also holds the call's set-up and a first call's warm-up, so from
         # it alone only a call of twice the limit is ended; later, the pace of the steps after the first tells.
-        def projection(step: int, elapsed: float, total: float) -> tuple[float, float]:
-            """The call's whole time as its steps show it, had ``step`` ended ``elapsed`` s after the start, and
-            the bound it must stay within."""
+        def judge(step: int, elapsed: float, total: float, so_far: str) -> None:
+            """JobTimeoutError when the call's whole time, as its steps show it had ``step`` ended ``elapsed`` s
+            after the start, is past its bound; ``so_far`` tells the client what showed it."""
+            if step >= total:
+                return
             if not first or step == first[0]:
-                return elapsed / step * total, 2 * self.time_limit_s
-            pace = (elapsed - first[1]) / (step - first[0])
-            return elapsed + pace * (total - step), self.time_limit_s
+                projected, bound = elapsed / step * total, 2 * self.time_limit_s
+            else:
+                pace = (elapsed - first[1]) / (step - first[0])
+                projected, bound = elapsed + pace * (total - step), self.time_limit_s
+            if projected > bound:
+                raise JobTimeoutError(
+                    f"{modality} job would run past its time limit of {self.time_limit_s:.0f} s: {so_far} "
+                    f"{projected:.0f} s for all; ask for fewer steps or a smaller size")
 
         def check() -> None:
             """Asked while a step runs (by a generator that can stop one): cancels, and the step under way. It ends
@@ -265,12 +272,8 @@ class DecoderRunner:
             already, the call ends without waiting for the step (minutes, on a CPU near the pixel budget)."""
             wanted()
             step, elapsed, total = last[0] + 1, time.perf_counter() - started, last[2]
-            projected, bound = projection(step, elapsed, total)
-            if step < total and projected > bound:
-                raise JobTimeoutError(
-                    f"{modality} job would run past its time limit of {self.time_limit_s:.0f} s: step {step} of "
-                    f"{total:.0f} had run {elapsed - last[1]:.1f} s and was not done, at least {projected:.0f} s "
-                    f"for all; ask for fewer steps or a smaller size")
+            judge(step, elapsed, total, f"step {step} of {total:.0f} had run {elapsed - last[1]:.1f} s and was not "
+                                        f"done, at least")
 
         def on_step(step: int, total: int) -> None:
             live = wanted()
@@ -279,12 +282,7 @@ class DecoderRunner:
                 raise JobTimeoutError(f"{modality} job ran past its time limit of {self.time_limit_s:.0f} s")
             if not first:
                 first.extend((step, elapsed))
-            projected, bound = projection(step, elapsed, total)
-            if step < total and projected > bound:
-                raise JobTimeoutError(
-                    f"{modality} job would run past its time limit of {self.time_limit_s:.0f} s: {step} of {total} "
-                    f"steps took {elapsed:.1f} s, about {projected:.0f} s for all; ask for fewer steps or a "
-                    f"smaller size")
+            judge(step, elapsed, total, f"{step} of {total} steps took {elapsed:.1f} s, about")
             last[:] = [step, elapsed, float(total)]
             for item in live:
                 self.book.publish(JobEvent(job_id=item.job.job_id, type="progress", step=step, total=total))
