@@ -526,6 +526,11 @@ def main() -> None:
     except FileExistsError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    finally:
+        if "torch.distributed" in sys.modules:  # a training run under torchrun / accelerate launch
+            from services.world.pretrain.loop import end_processes
+
+            end_processes()
 
 
 if __name__ == "__main__":  # `python -m services.cli.main` (torchrun in an environment without the script)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from services.world.pretrain.loop import LoopConfig, local_shard, train_part
+from services.world.pretrain.loop import LoopConfig, end_processes, local_shard, train_part
 
 
 def main(workdir: Path, global_batch: int, deepspeed: Path | None = None, stop_after: int = 0) -> None:
@@ -33,6 +33,7 @@ def main(workdir: Path, global_batch: int, deepspeed: Path | None = None, stop_a
     cfg = LoopConfig(steps=20, lr=0.02, warmup=2, log_every=1, grad_clip=0.5, checkpoint_every=5,
                      deepspeed=deepspeed)
     train_part("ddp", model, step_loss, cfg, workdir, progress=False)
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,14 @@ class LoopConfig:
 StepLoss = Callable[[torch.Generator], "dict[str, torch.Tensor]"]
 
 
+def end_processes() -> None:
+    """Destroy the process group a distributed run set up, once the run is over. A process that exits with the
+    group alive leaves gloo's threads to the interpreter's teardown, which now and then aborts there ("terminate
+    called without an active exception", SIGABRT), and torchrun then reports a finished run as failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def device() -> torch.device:
     """Where this process trains (a GPU under `accelerate launch` when there is one, else the CPU)."""
     return PartialState().device
