@@ -326,6 +326,29 @@ def world_pretrain(
         typer.echo(f"{name}: exported {result.exported} {result.metrics}")
 
 
+@world_app.command("invariance")
+def world_invariance(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose ImageBind to train (its weights are rewritten)")],
+    work: Annotated[Path, typer.Option(help="Folder for checkpoints and loss logs")],
+    phase: Annotated[list[int], typer.Option(help="6 (backgrounds), 7 (tone lengths); repeatable")] = [6, 7],  # noqa: B006
+    steps: Annotated[Optional[int], typer.Option(help="Steps per phase (default: the recipe's)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed (phase n's loop seed is seed + n - 1, as in the recipe)")] = 0,
+) -> None:
+    """ImageBind's invariance phases on a bundle that has stages 1-3 already: a shape on a background and a tone of
+    0.5-8 s come to read as the world's own; its features for the world's own media stay, so no stage is
+    retrained. Resumes from --work."""
+    from services.cli.logs import configure_logging
+    from services.world.pretrain.invariance import INVARIANCE_PHASES, distil_bundle_encoder
+
+    configure_logging("info")
+    unknown = sorted(set(phase) - set(INVARIANCE_PHASES))
+    if unknown:
+        raise typer.BadParameter(f"unknown phases {unknown}; choose from {sorted(INVARIANCE_PHASES)}",
+                                 param_hint="--phase")
+    written = distil_bundle_encoder(bundle, work, phase, steps=steps, seed=seed)
+    typer.echo(f"wrote {written}")
+
+
 @world_app.command("assemble")
 def world_assemble(
     work: Annotated[Path, typer.Option(help="Pretraining work folder")],
@@ -472,8 +495,9 @@ def eval_world(
         help="Run only the rows whose inputs and outputs are all among these (repeatable; default: image, video, "
              "audio); each row keeps the items it has in a full run")] = None,
 ) -> None:
-    """Semantic evaluation on fresh world samples and held-out phrasings: describe, generate, image -> video,
-    two media in one reply, a follow-up turn, a second drawing in a conversation. Prints a table of accuracies."""
+    """Semantic evaluation on fresh world samples and held-out phrasings: describe (the world's media, shapes on
+    backgrounds, a transparent picture, longer tones), generate, image -> video, two media in one reply, a
+    follow-up turn, a second drawing in a conversation. Prints a table of accuracies."""
     from services.world.api_eval import MODALITIES, WorldClient, check_modalities, evaluate_api
     from services.world.evaluate import format_table
 

@@ -12,7 +12,7 @@ from services.bundle.loader import Bundle
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.contracts.encoder import InputModality
 from services.modeling.input_projection import build_input_projection, project_media
-from services.modeling.imagebind import build_imagebind, load_served_weights, modality_types
+from services.modeling.imagebind import build_imagebind, load_served_weights, modality_types, token_features
 
 
 class EncoderModel:
@@ -78,10 +78,8 @@ class EncoderModel:
         """Token-level features (B, T, 1024): every trunk token through the head's norm and projection (the
         pooled vector is the first token's), L2-normalised; the views of a clip averaged token by token, as the
         pooled path averages their vectors."""
-        key = self._keys[modality]
         out, _, b, views = self._trunk(modality, batch)
-        head = self.imagebind.modality_heads[key]  # LayerNorm, SelectElement(0), Linear
-        out = F.normalize(head[2](head[0](out)), dim=-1)
+        out = token_features(self.imagebind, self._keys[modality], out)
         return out.reshape(b, views, *out.shape[1:]).mean(dim=1).float()
 
     @torch.inference_mode()

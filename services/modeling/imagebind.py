@@ -134,3 +134,11 @@ def load_served_weights(model: nn.Module, state: dict[str, torch.Tensor], source
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unknown {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
     model.load_state_dict(state, strict=False)
+
+
+def token_features(model: nn.Module, key: str, trunk_out: torch.Tensor) -> torch.Tensor:
+    """Token-level features (B, T, out_embed_dim) of a branch's trunk output: every token through the head's norm
+    and projection (the pooled vector is the first token's), L2-normalised. What the ``group`` input projection
+    reads; the encoder serves them and the stand-in's background phase distils them."""
+    head = model.modality_heads[key]  # LayerNorm, SelectElement(0), Linear
+    return torch.nn.functional.normalize(head[2](head[0](trunk_out)), dim=-1)

@@ -26,11 +26,14 @@ from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
 from services.training.world_tasks import BOTH, CREATE, DESCRIBE, RECOLOUR, TO_VIDEO
 from services.world.attributes import ATTRIBUTES, AUDIO_RATE, CLASSES, VIDEO_FPS, Attributes, WorldModality, caption
 from services.world.measures import measure
-from services.world.render import render
+from services.world.backgrounds import draw_background, transparent_picture
+from services.world.render import RENDERERS, render, render_audio
 
 API_EVAL_SEED = 2_000_003  # not a training seed, not the stand-ins' evaluation seed
 MODALITIES = ("image", "video", "audio")
 LONG_DRAWINGS = 6  # drawings in the long-conversation row; the last three are judged
+BACKGROUND_KINDS = ("grey", "colour", "gradient")  # the describe-on-a-background rows take them in turn
+PLAYED_SECONDS = (2.0, 8.0)  # the longer-tone row's lengths, drawn uniformly
 MIME = {"image": ("world.png", "image/png"), "video": ("world.mp4", "video/mp4"), "audio": ("world.wav", "audio/wav")}
 
 
@@ -111,6 +114,12 @@ def _first(artifacts: list[tuple[str, np.ndarray]], modality: str) -> np.ndarray
     return next((data for m, data in artifacts if m == modality), None)
 
 
+def _judge_words(row: Tally, modality: str, text: str, shown: Attributes) -> None:
+    """One column per attribute of ``modality``: the reply's words name the one ``shown`` has."""
+    for name in ATTRIBUTES[modality]:  # type: ignore[index]
+        row.add(name, words_say(text, name, getattr(shown, name)))
+
+
 def _unlike(rng: random.Random, earlier: Attributes) -> Attributes:
     """A picture that differs from ``earlier`` in colour and in shape."""
     return Attributes(size=rng.choice(CLASSES["size"]),
@@ -141,7 +150,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         return set(needed) <= set(modalities)
 
     rng, rng_second, rng_about = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
-    rng_long = random.Random(seed + 3)
+    rng_long, rng_behind = random.Random(seed + 3), random.Random(seed + 8)
     tallies: dict[str, Tally] = defaultdict(Tally)
     for i in range(count):
         for modality in ("image", "video", "audio"):
@@ -149,9 +158,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
             describe = rng.choice(DESCRIBE["eval"][modality])
             if runs(modality):
                 reply = client.chat(describe, (modality, sample.data))  # type: ignore[arg-type]
-                for name in ATTRIBUTES[modality]:  # type: ignore[index]
-                    tallies[f"describe {modality}"].add(name, words_say(reply["text"], name,
-                                                                        getattr(sample.attributes, name)))
+                _judge_words(tallies[f"describe {modality}"], modality, reply["text"], sample.attributes)
             asked = render(modality, seed + 1, i).attributes  # type: ignore[arg-type]
             create = rng.choice(CREATE["eval"][modality]).format(x=caption(modality, asked))  # type: ignore[arg-type]
             if runs(modality):
@@ -161,6 +168,29 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
                 for name in ATTRIBUTES[modality]:  # type: ignore[index]
                     if name != "size":
                         tallies[f"generate {modality}"].add(name, getattr(got, name) == getattr(asked, name))
+        for modality in ("image", "video"):
+            # The same shapes on what a user's media have behind them (its own streams: the rows above keep theirs).
+            shown = render(modality, seed + 8, i)  # type: ignore[arg-type]
+            kind = BACKGROUND_KINDS[i % len(BACKGROUND_KINDS)]
+            behind = draw_background(np.random.default_rng([seed + 8, i]), shown.attributes.colour, kind)
+            question = rng_behind.choice(DESCRIBE["eval"][modality])
+            if runs(modality):
+                drawn = RENDERERS[modality](seed + 8, i, background=behind)
+                reply = client.chat(question, (modality, drawn.data))  # type: ignore[arg-type]
+                _judge_words(tallies[f"describe {modality} on a background"], modality, reply["text"],
+                             shown.attributes)
+        question = rng_behind.choice(DESCRIBE["eval"]["image"])
+        if runs("image"):  # an RGBA PNG, which the encoder lays on white
+            shown = render("image", seed + 9, i)
+            reply = client.chat(question, ("image", transparent_picture(seed + 9, i)))
+            _judge_words(tallies["describe a transparent picture"], "image", reply["text"], shown.attributes)
+        shown = render("audio", seed + 10, i)
+        seconds = rng_behind.uniform(*PLAYED_SECONDS)
+        question = rng_behind.choice(DESCRIBE["eval"]["audio"])
+        if runs("audio"):  # a tone played for longer than the world's 1 s, as a recording of one is
+            played = render_audio(seed + 10, i, seconds=seconds).data
+            reply = client.chat(question, ("audio", played))
+            _judge_words(tallies["describe a longer tone"], "audio", reply["text"], shown.attributes)
         still = render("image", seed + 2, i)
         motion = rng.choice(CLASSES["motion"])
         animate = rng.choice(TO_VIDEO["eval"]).format(m=motion)

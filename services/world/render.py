@@ -63,21 +63,27 @@ def shape_mask(shape: str, cx: float, cy: float, half: float, size: int = IMAGE_
     return inside.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3)).astype(np.float32)
 
 
-def _paint(mask: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    return np.round(mask[..., None] * rgb[None, None, :] * 255.0).astype(np.uint8)
+def _paint(mask: np.ndarray, rgb: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+    """The shape in ``rgb`` over ``background`` ((H, W, 3) in [0, 1]; black when None), edges blended by coverage."""
+    pixels = mask[..., None] * rgb[None, None, :]
+    if background is not None:
+        pixels = pixels + (1.0 - mask[..., None]) * background
+    return np.round(pixels * 255.0).astype(np.uint8)
 
 
-def render_image(seed: int, index: int, want: Attributes | None = None) -> Sample:
+def render_image(seed: int, index: int, want: Attributes | None = None,
+                 background: np.ndarray | None = None) -> Sample:
     rng = sample_rng(seed, "image", index)
     attrs = Attributes(size=_pick(rng, "size"), colour=_pick(rng, "colour"), shape=_pick(rng, "shape"))
     attrs = want or attrs
     half = rng.uniform(*SIZE_RANGES[attrs.size])
     cx, cy = rng.uniform(half + 1, IMAGE_SIZE - half - 1, size=2)
-    pixels = _paint(shape_mask(attrs.shape, cx, cy, half), colour_rgb(rng, attrs.colour))
+    pixels = _paint(shape_mask(attrs.shape, cx, cy, half), colour_rgb(rng, attrs.colour), background)
     return Sample("image", attrs, caption("image", attrs), pixels)
 
 
-def render_video(seed: int, index: int, want: Attributes | None = None) -> Sample:
+def render_video(seed: int, index: int, want: Attributes | None = None,
+                 background: np.ndarray | None = None) -> Sample:
     rng = sample_rng(seed, "video", index)
     attrs = Attributes(size=_pick(rng, "size"), colour=_pick(rng, "colour"), shape=_pick(rng, "shape"),
                        motion=_pick(rng, "motion"))
@@ -99,18 +105,21 @@ def render_video(seed: int, index: int, want: Attributes | None = None) -> Sampl
     frames = []
     for f in range(VIDEO_FRAMES):
         step = distance * f / (VIDEO_FRAMES - 1)
-        frames.append(_paint(shape_mask(attrs.shape, start[0] + dx * step, start[1] + dy * step, half), rgb))
+        frames.append(_paint(shape_mask(attrs.shape, start[0] + dx * step, start[1] + dy * step, half), rgb,
+                             background))
     return Sample("video", attrs, caption("video", attrs), np.stack(frames))
 
 
-def render_audio(seed: int, index: int, want: Attributes | None = None) -> Sample:
+def render_audio(seed: int, index: int, want: Attributes | None = None, seconds: float = AUDIO_SECONDS) -> Sample:
+    """The tone ``(seed, index)``; ``seconds`` other than the world's 1 s plays the same tone (frequency, loudness,
+    phase, beat) for that long."""
     rng = sample_rng(seed, "audio", index)
     attrs = Attributes(pitch=_pick(rng, "pitch"), rhythm=_pick(rng, "rhythm"))
     attrs = want or attrs
     lo, hi = PITCH_RANGES[attrs.pitch]
     frequency = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     amplitude = rng.uniform(0.3, 0.6)
-    n = int(AUDIO_RATE * AUDIO_SECONDS)
+    n = int(AUDIO_RATE * seconds)
     t = np.arange(n, dtype=np.float64) / AUDIO_RATE
     wave = amplitude * np.sin(2 * np.pi * frequency * t + rng.uniform(0, 2 * np.pi))
     if attrs.rhythm == "beeping":

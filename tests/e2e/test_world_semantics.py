@@ -3,7 +3,7 @@
 Through the public API of the embedded stack and of the distributed one (processes, Redis, S3, a Celery worker):
 "draw a blue triangle" returns a blue triangle, a high beeping tone is high and beeping, a picture the model
 chose itself shows the colour its reply names, "what is in this picture?" about a red circle names a red
-circle, "what happens in this video?" about a blue square names its colour and the way it moves, "what do you
+circle, and about a shape on white, grey, a coloured card or a transparent PNG names that shape, "what happens in this video?" about a blue square names its colour and the way it moves, "what do you
 hear?" about a tone sent as a phone's .m4a names its pitch and rhythm, a clip
 asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
 returns a green clip moving right, a second drawing asked for in a conversation is the new one, not the
@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from services.bundle.loader import load_bundle
@@ -35,7 +36,8 @@ from services.contracts.settings import Settings
 from services.world.api_eval import WorldClient, decode_artifact, words_say
 from services.world.attributes import AUDIO_RATE, CLASSES, Attributes
 from services.world.measures import measure
-from services.world.render import render
+from services.world.backgrounds import draw_background, transparent_picture
+from services.world.render import render, render_audio, render_image
 from tests.support import media
 from tests.support.metrics import samples as metric_samples
 from tests.support.servers import RedisInfo, S3Info, UvicornThread
@@ -154,6 +156,31 @@ def check_describe(client: WorldClient) -> None:
                lambda seed: Attributes(size="big", colour="red", shape="circle"), says=("colour", "shape"))
 
 
+# What lies behind the seeds' pictures: paper, a transparent PNG (which the encoder lays on white), a slide, a card.
+BEHIND = ("white", "transparent", "grey", "colour", "gradient", "white", "transparent", "colour")
+
+
+def check_describe_on_a_background(client: WorldClient) -> None:
+    """A user's picture is rarely a shape on black. ImageBind's phase 6 (``services/world/pretrain/invariance.py``)
+    made its vision tower read a shape on any background as on black; before it, every picture here was "A big blue
+    square." The seeds go round the colours and shapes (never a blue square), so one answer whatever the picture
+    is right at most twice."""
+    def one(own: WorldClient, seed: int) -> tuple[bool, object]:
+        attrs = Attributes(size="big", colour=CLASSES["colour"][seed % 4], shape=CLASSES["shape"][seed % 3])
+        kind = BEHIND[seed]
+        if kind == "transparent":
+            data = transparent_picture(4343, seed, attrs)
+        else:
+            behind = (np.ones((64, 64, 3), np.float32) if kind == "white"
+                      else draw_background(np.random.default_rng([4343, seed]), attrs.colour, kind))
+            data = render_image(4343, seed, attrs, background=behind).data
+        reply = own.chat("What is in this picture?", ("image", data), seed=seed)
+        said = all(words_say(reply["text"], name, getattr(attrs, name)) for name in ("colour", "shape"))
+        return said, (kind, attrs.colour, attrs.shape, reply["text"])
+
+    _each_seed(client, one)
+
+
 def check_describe_clip(client: WorldClient) -> None:
     """An uploaded clip: its first and last frames through the encoder's video preprocessing, ImageBind's tubelet
     tokens and the input projection. Its direction exists only between the two frames (each alone is a still
@@ -166,21 +193,27 @@ def check_describe_clip(client: WorldClient) -> None:
                says=("colour", "motion"))
 
 
+MEMO_SECONDS = (1.0, 2.0, 3.0, 5.0, 8.0, 1.5, 4.0, 6.0)
+
+
 def check_describe_recording(client: WorldClient) -> None:
     """A tone sent as a phone records it (AAC in an .m4a, a container libsndfile cannot read): FFmpeg's decoding,
     the resampling and fbank, the audio tokens and the projection; the words must be the tone's pitch and rhythm.
-    The seeds go round the four tones (one answer whatever the sound is right twice of eight)."""
+    The seeds go round the four tones (one answer whatever the sound is right twice of eight), and their lengths
+    are a memo's, 1 to 8 s: the world's tones are 1 s, which half fills each of ImageBind's 2 s windows; before
+    ImageBind's phase 7 a tone of 2 s or more filled them and was described as a picture."""
     pitches, rhythms = CLASSES["pitch"], CLASSES["rhythm"]
     def one(own: WorldClient, seed: int) -> tuple[bool, object]:
         attrs = Attributes(pitch=pitches[seed % 2], rhythm=rhythms[seed // 2 % 2])
-        wave = render("audio", 4545, seed, attrs).data.astype("float32")
+        seconds = MEMO_SECONDS[seed]
+        wave = render_audio(4545, seed, attrs, seconds=seconds).data
         request = {"messages": [{"role": "user", "content": "What do you hear?", "files": ["memo.m4a"]}],
                    "max_tokens": 48, "seed": seed}
         response = own.http.post("/v1/chat", data={"request": json.dumps(request)}, files=[
             ("files", ("memo.m4a", media.encoded_audio(wave, AUDIO_RATE, "m4a"), "audio/mp4"))])
         response.raise_for_status()
         text = response.json()["text"]
-        return words_say(text, "pitch", attrs.pitch) and words_say(text, "rhythm", attrs.rhythm), (attrs, text)
+        return words_say(text, "pitch", attrs.pitch) and words_say(text, "rhythm", attrs.rhythm), (attrs, seconds, text)
 
     _each_seed(client, one)
 
@@ -294,8 +327,8 @@ def check_many_at_once(client: WorldClient) -> None:
 
 
 CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check_picture_shows_what_the_reply_says,
-          check_describe, check_describe_clip, check_describe_recording, check_film, check_animate, check_second_drawing,
-          check_about_what_it_made, check_about_what_it_made_stateless, check_about_what_it_played_stateless,
+          check_describe, check_describe_on_a_background, check_describe_clip, check_describe_recording, check_film,
+          check_animate, check_second_drawing, check_about_what_it_made, check_about_what_it_made_stateless, check_about_what_it_played_stateless,
           check_many_at_once]
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
 # repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from services.world.pretrain.loop import LOSS_LOG, LoopConfig, train_part
+from services.world.pretrain.loop import CHECKPOINT, LOSS_LOG, LoopConfig, train_part
 
 pytestmark = pytest.mark.unit
 
@@ -111,3 +111,107 @@ def test_imagebind_phases_on_fresh_clips_train_and_resume(tmp_path: Path) -> Non
     pretrain_imagebind(splits, (longer,), tmp_path, progress=False)  # type: ignore[arg-type]
     rows = [json.loads(line) for line in (tmp_path / "phase1" / LOSS_LOG).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # resumed at step 2, not retrained from the start
+
+
+@pytest.mark.parametrize(("modality", "counts"), [("image", {"image": 4, "video": 2}), ("audio", {"audio": 4})])
+def test_invariance_phases_move_only_their_branch_toward_the_world_twin(tmp_path: Path, modality: str,
+                                                                         counts: dict[str, int]) -> None:
+    """Phases 6 and 7 on a fresh (random) ImageBind: pictures on backgrounds, and tones of other lengths, that
+    they never trained on come out nearer to what the model gave their world twins before; nothing outside the
+    trained branch changes."""
+    from services.modeling.imagebind import build_imagebind
+    from services.world.pretrain import invariance
+    from services.world.pretrain.imagebind import WORLD_IMAGEBIND
+
+    torch.manual_seed(0)
+    model = build_imagebind(WORLD_IMAGEBIND).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pairs = invariance.background_pairs if modality == "image" else invariance.tone_length_pairs
+    held_out = pairs(modality, torch.Generator().manual_seed(123), 8)  # other samples than the steps' draws
+
+    with torch.no_grad():
+        target = invariance.branch_tokens(model, modality, held_out.world)  # the teacher's, before training
+
+    def distance() -> float:
+        with torch.no_grad():
+            got = invariance.branch_tokens(model, modality, held_out.sent, held_out.views)
+            return float(invariance.feature_distance(got, target))
+
+    start = distance()
+    phase = invariance.InvariancePhase(LoopConfig(steps=8, lr=1e-3, warmup=1, log_every=1), counts)
+    invariance.distil(model, "test", pairs, phase, tmp_path, progress=False)
+    end = distance()
+    assert end < 0.5 * start, (start, end)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trained = tuple(p for m in counts for p in invariance.branch_prefixes(m))
+    assert changed and all(k.startswith(trained) for k in changed), sorted(changed)[:5]
+    assert all(p.requires_grad for p in model.parameters())  # the model is handed back as it came
+    rows = [json.loads(line) for line in (tmp_path / LOSS_LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r[m] > 0 for r in rows for m in counts)
+
+
+def test_the_imagebind_part_runs_its_seven_phases_and_exports_the_last(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--part imagebind` with a tiny budget (and tiny batches): each of the seven phases gets a step, phases 6 and
+    7 (the invariance phases) after the five InfoNCE ones, and what is exported is the model after phase 7."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from services.world.dataset import write_world
+    from services.world.pretrain import imagebind, invariance
+    from services.world.pretrain.parts import run_imagebind
+
+    monkeypatch.setattr(imagebind, "IMAGEBIND_PHASES", tuple(
+        replace(p, batch_sizes={m: 4 for m in p.batch_sizes}) for p in imagebind.IMAGEBIND_PHASES))
+    for name in ("BACKGROUND_PHASE", "TONE_LENGTH_PHASE"):
+        phase = getattr(invariance, name)
+        monkeypatch.setattr(invariance, name, replace(phase, counts={m: 2 for m in phase.counts}))
+
+    write_world(tmp_path / "data", 3, {"image": 4, "video": 4, "audio": 4}, progress=False)
+    result = run_imagebind(tmp_path / "data", tmp_path / "work", steps=7, seed=0, progress=False)
+    folder = tmp_path / "work" / "imagebind"
+    steps = {n: [json.loads(line)["step"] for line in (folder / f"phase{n}" / LOSS_LOG).read_text().splitlines()]
+             for n in range(1, 8)}
+    assert steps == {n: [1] for n in range(1, 8)}
+    assert set(json.loads((folder / "phase7" / LOSS_LOG).read_text())) >= {"audio"}
+    # Phase 6 holds the world's own pictures and clips where they were (its anchor), phase 7 needs none.
+    assert set(json.loads((folder / "phase6" / LOSS_LOG).read_text())) >= {"image", "video", "image world",
+                                                                           "video world"}
+    assert "audio world" not in json.loads((folder / "phase7" / LOSS_LOG).read_text())
+    exported = load_file(str(result.exported))
+    final = torch.load(folder / "phase7" / CHECKPOINT, weights_only=False)["module"]
+    assert all(torch.equal(exported[k], final[k]) for k in exported)
+
+
+def test_invariance_command_rewrites_only_the_bundles_vision_and_audio_towers(tmp_path: Path,
+                                                                             tiny_bundle_dir: Path) -> None:
+    """`nextgpt world invariance` on a trained bundle: phases 6 and 7 change its ImageBind's vision and audio
+    branches and nothing else of the bundle, keep the weights' dtype, tag the manifest's version, and the bundle
+    still loads; an unknown phase is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from services.bundle.loader import load_bundle
+    from services.cli.main import app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    weights = load_bundle(bundle).path(load_bundle(bundle).manifest.encoder.weights)
+    before = load_file(str(weights))
+    others = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file() and p not in (weights, bundle / "bundle.json")}
+    result = CliRunner().invoke(app, ["world", "invariance", "--bundle", str(bundle), "--work", str(tmp_path / "w"),
+                                      "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    after = load_file(str(weights))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k.split(".")[1] for k in changed} == {"vision", "audio"}
+    assert all(after[k].dtype == before[k].dtype for k in before) and set(after) == set(before)
+    assert all(p.read_bytes() == data for p, data in others.items())
+    assert load_bundle(bundle).manifest.version.endswith("+imagebind-phase6-phase7")
+    refused = CliRunner().invoke(app, ["world", "invariance", "--bundle", str(bundle), "--work", str(tmp_path / "w"),
+                                       "--phase", "5"])
+    assert refused.exit_code == 2 and "unknown phases [5]" in refused.output

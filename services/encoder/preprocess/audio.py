@@ -100,7 +100,11 @@ def _finite(wave: torch.Tensor, name: str) -> torch.Tensor:
 
 def preprocess_audio(data: bytes, name: str, max_seconds: float) -> torch.Tensor:
     wave, rate = decode_audio(data, name, max_seconds)
-    wave = resample(wave, rate, SAMPLE_RATE)
+    return wave_clips(resample(wave, rate, SAMPLE_RATE), name)
+
+
+def wave_clips(wave: torch.Tensor, name: str) -> torch.Tensor:
+    """(channels, samples) at 16 kHz -> (3, 1, 128, 204): the fbanks of its clips, spread evenly over it."""
     duration = wave.shape[1] / SAMPLE_RATE
     clips = []
     for start, end in clip_windows(duration, CLIP_SECONDS, CLIPS):
