@@ -153,8 +153,9 @@ def test_invariance_phases_move_only_their_branch_toward_the_world_twin(tmp_path
 
 def test_the_imagebind_part_runs_its_seven_phases_and_exports_the_last(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--part imagebind` with a tiny budget (and tiny batches): each of the seven phases gets a step, phases 6 and
-    7 (the invariance phases) after the five InfoNCE ones, and what is exported is the model after phase 7."""
+    """`--part imagebind` with a tiny budget (and tiny batches): each of the seven phases gets its share of it (at
+    least a step), phases 6 and 7 (the invariance phases) after the five InfoNCE ones, and what is exported is the
+    model after phase 7."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
@@ -174,7 +175,11 @@ def test_the_imagebind_part_runs_its_seven_phases_and_exports_the_last(tmp_path:
     folder = tmp_path / "work" / "imagebind"
     steps = {n: [json.loads(line)["step"] for line in (folder / f"phase{n}" / LOSS_LOG).read_text().splitlines()]
              for n in range(1, 8)}
-    assert steps == {n: [1] for n in range(1, 8)}
+    recipe = [p.loop.steps for p in imagebind.IMAGEBIND_PHASES] + [invariance.BACKGROUND_PHASE.loop.steps,
+                                                                   invariance.TONE_LENGTH_PHASE.loop.steps]
+    # The loss log gets a phase's last step (and every tenth): the step each phase ended at.
+    assert {n: logged[-1] for n, logged in steps.items()} == {
+        n: max(1, s * 7 // sum(recipe)) for n, s in enumerate(recipe, start=1)}
     assert set(json.loads((folder / "phase7" / LOSS_LOG).read_text())) >= {"audio"}
     # Phase 6 holds the world's own pictures and clips where they were (its anchor), phase 7 needs none.
     assert set(json.loads((folder / "phase6" / LOSS_LOG).read_text())) >= {"image", "video", "image world",
