@@ -342,7 +342,7 @@ def world_invariance(
 
     configure_logging("info")
     unknown = sorted(set(phase) - set(INVARIANCE_PHASES))
-    if unknown:
+    if unknown:  # before the bundle is read (distil_bundle_encoder refuses them too, for other callers)
         raise typer.BadParameter(f"unknown phases {unknown}; choose from {sorted(INVARIANCE_PHASES)}",
                                  param_hint="--phase")
     written = distil_bundle_encoder(bundle, work, phase, steps=steps, seed=seed)

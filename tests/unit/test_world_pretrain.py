@@ -162,21 +162,22 @@ def test_the_imagebind_part_runs_its_seven_phases_and_exports_the_last(tmp_path:
 
     from services.world.dataset import write_world
     from services.world.pretrain import imagebind, invariance
-    from services.world.pretrain.parts import run_imagebind
+    from services.world.pretrain.parts import DEFAULT_STEPS, run_imagebind
 
     monkeypatch.setattr(imagebind, "IMAGEBIND_PHASES", tuple(
         replace(p, batch_sizes={m: 4 for m in p.batch_sizes}) for p in imagebind.IMAGEBIND_PHASES))
-    for name in ("BACKGROUND_PHASE", "TONE_LENGTH_PHASE"):
-        phase = getattr(invariance, name)
-        monkeypatch.setattr(invariance, name, replace(phase, counts={m: 2 for m in phase.counts}))
+    for number, (distil, phase) in list(invariance.INVARIANCE_PHASES.items()):
+        monkeypatch.setitem(invariance.INVARIANCE_PHASES, number,
+                            (distil, replace(phase, counts={m: 2 for m in phase.counts})))
 
     write_world(tmp_path / "data", 3, {"image": 4, "video": 4, "audio": 4}, progress=False)
     result = run_imagebind(tmp_path / "data", tmp_path / "work", steps=7, seed=0, progress=False)
     folder = tmp_path / "work" / "imagebind"
     steps = {n: [json.loads(line)["step"] for line in (folder / f"phase{n}" / LOSS_LOG).read_text().splitlines()]
              for n in range(1, 8)}
-    recipe = [p.loop.steps for p in imagebind.IMAGEBIND_PHASES] + [invariance.BACKGROUND_PHASE.loop.steps,
-                                                                   invariance.TONE_LENGTH_PHASE.loop.steps]
+    recipe = [p.loop.steps for p in imagebind.IMAGEBIND_PHASES] + [
+        p.loop.steps for _, (_, p) in sorted(invariance.INVARIANCE_PHASES.items())]
+    assert DEFAULT_STEPS["imagebind"] == sum(recipe)  # `--part imagebind` without --steps runs the whole recipe
     # The loss log gets a phase's last step (and every tenth): the step each phase ended at.
     assert {n: logged[-1] for n, logged in steps.items()} == {
         n: max(1, s * 7 // sum(recipe)) for n, s in enumerate(recipe, start=1)}

@@ -25,22 +25,19 @@ class PartResult:
 def run_imagebind(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
     from services.bundle.tensor_io import save_state_dict
     from services.world.pretrain.imagebind import IMAGEBIND_PHASES, pretrain_imagebind
-    from services.world.pretrain.invariance import (
-        BACKGROUND_PHASE, TONE_LENGTH_PHASE, distil_backgrounds, distil_tone_lengths,
-    )
+    from services.world.pretrain.invariance import INVARIANCE_PHASES
 
     splits = read_world(data)
     folder = work / "imagebind"
     # --steps scales every phase (a quick run); the recipe is IMAGEBIND_PHASES, then phases 6 and 7.
-    invariance = ((distil_backgrounds, BACKGROUND_PHASE), (distil_tone_lengths, TONE_LENGTH_PHASE))
-    total = sum(p.loop.steps for p in IMAGEBIND_PHASES) + sum(p.loop.steps for _, p in invariance)
+    total = sum(p.loop.steps for p in IMAGEBIND_PHASES) + sum(p.loop.steps for _, p in INVARIANCE_PHASES.values())
 
     def scaled(loop: LoopConfig, number: int) -> LoopConfig:
         return dataclasses.replace(loop, steps=max(1, loop.steps * steps // total), seed=seed + number - 1)
 
     phases = tuple(dataclasses.replace(p, loop=scaled(p.loop, n)) for n, p in enumerate(IMAGEBIND_PHASES, start=1))
     model = pretrain_imagebind(splits, phases, folder, seed=seed, progress=progress)
-    for number, (distil, phase) in enumerate(invariance, start=len(phases) + 1):
+    for number, (distil, phase) in sorted(INVARIANCE_PHASES.items()):  # 6 and 7, after IMAGEBIND_PHASES' five
         model = distil(model, dataclasses.replace(phase, loop=scaled(phase.loop, number)), folder / f"phase{number}",
                        progress=progress)
     exported = folder / "imagebind.safetensors"
@@ -146,5 +143,6 @@ PARTS: dict[str, Part] = {
     "imagebind": run_imagebind, "language": run_language, "picture-vae": run_picture_vae, "image": run_image,
     "audio": run_audio, "video": run_video,
 }
-# Sized for a 2-core CPU (minutes per part in the README); a GPU can afford more.
-DEFAULT_STEPS = {"imagebind": 6500, "language": 3000, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}
+# Sized for a 2-core CPU (minutes per part in the README); a GPU can afford more. The imagebind part's is its
+# recipe's total (phases 1-7), which --steps scales.
+DEFAULT_STEPS = {"imagebind": 7100, "language": 3000, "picture-vae": 300, "image": 1200, "audio": 600, "video": 600}
