@@ -74,19 +74,27 @@ def words_say(text: str, name: str, value: str) -> bool:
     return value in words and not (words & (set(CLASSES[name]) - {value}))
 
 
+# What a turn may take before its media wait starts (the upload, the encoder, the words): the client waits that
+# much longer than the server holds the reply for its media, so that media that outlast the wait come back as a
+# reply that says so ("media_pending", the jobs' states), never as a read timeout that says nothing.
+TEXT_MARGIN_S = 120.0
+
+
 class WorldClient:
-    def __init__(self, url: str, api_key: str | None, timeout: float = 300.0,
+    def __init__(self, url: str, api_key: str | None, wait_s: float = 300.0,
                  modalities: Collection[str] = MODALITIES) -> None:
+        """``wait_s``: how long each reply is held for its media (the API's ``wait_s``)."""
         self.modalities = set(modalities)  # artifacts of other modalities are not downloaded or decoded
+        self.wait_s = wait_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=wait_s + TEXT_MARGIN_S)
 
     def chat(self, text: str, media: tuple[WorldModality, np.ndarray] | None = None,
              conversation_id: str | None = None, seed: int = 0, **options: Any) -> dict[str, Any]:
         """``options``: more of the request's fields (``stop``, ``require_modalities``...)."""
         message: dict[str, Any] = {"role": "user", "content": text}
-        request: dict[str, Any] = {"messages": [message], "max_tokens": 48, "inline_media": True, "wait_s": 300,
-                                   "seed": seed, **options}
+        request: dict[str, Any] = {"messages": [message], "max_tokens": 48, "inline_media": True,
+                                   "wait_s": self.wait_s, "seed": seed, **options}
         if conversation_id:
             request["conversation_id"] = conversation_id
         if media is None:
