@@ -162,12 +162,11 @@ class LocalDecoderQueue(DecoderQueue):
             seen = 0
             while True:
                 wake.clear()
-                events = self.book.events(job_id)
-                for event in events[seen:]:
+                fresh, seen = self.book.events_after(job_id, seen)
+                for event in fresh:
                     yield event
                     if event.type in TERMINAL_STATES:
                         return
-                seen = len(events)
                 try:
                     await asyncio.wait_for(wake.wait(), self.idle_timeout_s)
                 except TimeoutError:

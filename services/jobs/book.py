@@ -175,6 +175,7 @@ class MemoryJobBook(JobBook):
         self._lock = threading.Lock()
         self._status: dict[str, JobStatus] = {}
         self._events: dict[str, list[JobEvent]] = {}
+        self._published: dict[str, int] = {}  # events ever published per job (the list keeps the last MAX_EVENTS)
         self._cancelled: set[str] = set()
         self._running: dict[str, str] = {}  # job id -> lease token
         self.max_jobs = max_jobs
@@ -189,6 +190,7 @@ class MemoryJobBook(JobBook):
             events = self._events.setdefault(event.job_id, [])
             events.append(event)
             del events[:-MAX_EVENTS]
+            self._published[event.job_id] = self._published.get(event.job_id, 0) + 1
             self._evict()
         for listener in list(self.listeners):
             listener(event)
@@ -201,11 +203,21 @@ class MemoryJobBook(JobBook):
             victim = finished[0] if finished else next(iter(self._status))
             self._status.pop(victim, None)
             self._events.pop(victim, None)
+            self._published.pop(victim, None)
             self._cancelled.discard(victim)
 
     def events(self, job_id: str) -> list[JobEvent]:
         with self._lock:
             return list(self._events.get(job_id, []))
+
+    def events_after(self, job_id: str, seen: int) -> tuple[list[JobEvent], int]:
+        """The job's events past the first ``seen`` ever published, and how many have been published: a reader's
+        place stays right when the list has dropped its oldest (a job retried many times over many steps), where an
+        index into the list would point past its end for good."""
+        with self._lock:
+            events = self._events.get(job_id, [])
+            published = self._published.get(job_id, 0)
+            return events[max(0, seen - (published - len(events))):], published
 
     def status(self, job_id: str) -> JobStatus | None:
         with self._lock:

@@ -325,3 +325,27 @@ def test_a_job_whose_pace_cannot_meet_the_time_limit_ends_within_a_few_steps(pip
     assert took < runner.time_limit_s * 2
     fits = runner.run(_job(store, (77, 32), steps=8, height=128, width=128))
     assert fits is not None and fits.metadata["steps"] == "8"
+
+
+async def test_a_follower_sees_the_end_of_a_job_with_more_events_than_the_book_keeps(
+        queue: LocalDecoderQueue) -> None:
+    """The book keeps a job's last MAX_EVENTS events (a job retried many times over many steps publishes more). A
+    follower that had read them all still sees the ones that come after the oldest were dropped, its end included."""
+    from services.contracts.job_keys import MAX_EVENTS
+
+    book, job_id = queue.book, "f" * 32
+    book.publish(JobEvent(job_id=job_id, type="queued"), "image")
+    book.publish(JobEvent(job_id=job_id, type="started"), "image")
+    for step in range(MAX_EVENTS - 2):
+        book.publish(JobEvent(job_id=job_id, type="progress", step=step % 200 + 1, total=200))
+    follower = queue.events(job_id)
+    seen = [await anext(follower) for _ in range(MAX_EVENTS)]  # every event so far
+    assert seen[0].type == "queued" and len(book.events(job_id)) == MAX_EVENTS
+    book.publish(JobEvent(job_id=job_id, type="progress", step=200, total=200))
+    book.publish(JobEvent(job_id=job_id, type="completed"), "image")
+    rest = await asyncio.wait_for(_all_of(follower), 10)
+    assert [e.type for e in rest] == ["progress", "completed"]
+
+
+async def _all_of(events: object) -> list[JobEvent]:
+    return [e async for e in events]  # type: ignore[attr-defined]
