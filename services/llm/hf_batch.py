@@ -163,7 +163,7 @@ class BatchEngine:
         logits = _host(out.logits)
         for i, sequence in enumerate(joiners):
             sequence.prefilled(logits[i], states[i, -1])
-        self._merge(out.past_key_values, mask)
+        self._merge(out.cache, mask)
         self._running += joiners
 
     def _step(self) -> None:
@@ -188,7 +188,7 @@ class BatchEngine:
         try:
             out, states = self.forward(
                 [s.lora for s in self._running], input_ids=torch.tensor(tokens, device=self.device)[:, None],
-                attention_mask=self._mask, past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+                attention_mask=self._mask, cache=self._cache, use_cache=True, logits_to_keep=1,
                 position_ids=torch.tensor([s.length for s in self._running], device=self.device)[:, None])
         except Exception as exc:  # the whole batch shared the pass: each of its replies gets the error
             log.exception("decode step failed for a batch of %d", batch)
@@ -196,7 +196,7 @@ class BatchEngine:
                 sequence.fail(exc)
             self._running, self._cache, self._mask = [], None, None
             return
-        self._cache = out.past_key_values
+        self._cache = out.cache
         logits = _host(out.logits)
         self._select([i for i, s in enumerate(self._running) if not self._fed(s, logits[i], states[i, -1])])
 
