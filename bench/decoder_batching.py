@@ -1,6 +1,8 @@
 """Batched decoding: 8 image jobs submitted at once, run one at a time (``max_batch`` 1) and as shared pipeline
 calls (``max_batch`` 8), side by side in one run, each at its bundle's default steps and size:
 - the embedded decoder pool (pipelines in their own process, as served), on the tiny bundle and on the world bundle;
+- with ``--busy-cores N``, N other processes each keep a core busy while the embedded and thread pools run (a
+  neighbour: the LLM engine decoding the next replies, another pod on the node);
 - the same pool with the pipelines on its decode thread, on the world bundle;
 - a real ``nextgpt worker`` (Celery, Redis) process, on the world bundle, with its pipelines in a child process (as
   served) and, as ``celery-inline``, in the worker process itself (``decoders.engine_process`` false).
@@ -15,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +187,10 @@ def main() -> None:
     parser.add_argument("--pools", type=lambda v: _names(v, POOLS), default=list(POOLS),
                         help="comma-separated: embedded, thread, celery, celery-inline (the Celery workers run the "
                              "world bundle)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the embedded pool's decoder process (decoders.threads; default: torch's)")
+    parser.add_argument("--busy-cores", type=int, default=0,
+                        help="other processes kept busy (one core each) while the embedded and thread pools run")
     parser.add_argument("--bundles", type=lambda v: _names(v, BUNDLES), default=["tiny", "world"],
                         help="comma-separated: tiny, world, sd-size (for the embedded and thread pools)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/decoder_batching.json"))
@@ -197,7 +207,8 @@ def main() -> None:
         for name in args.bundles:
             path = paths[name]()
             for pool in (p for p in ("embedded", "thread") if p in args.pools):
-                rows += _embedded_rows(pool, name, path, args.device, args.jobs, args.repeats)
+                with _busy(args.busy_cores):
+                    rows += _embedded_rows(pool, name, path, args.device, args.jobs, args.repeats, args.threads)
     celery = [p for p in ("celery", "celery-inline") if p in args.pools]
     if celery:
         from tests.support.servers import redis_server
@@ -211,7 +222,9 @@ def main() -> None:
                     rows.append({"bundle": "world", "pool": pool, "steps": defaults.steps,
                                  "size": f"{defaults.height}x{defaults.width}", **row})
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} cores"
-    print(f"{args.jobs} image jobs at once, {device}, torch threads {torch.get_num_threads()}")
+    print(f"{args.jobs} image jobs at once, {device}, torch threads {torch.get_num_threads()} (the embedded pool's "
+          f"decoder process: {args.threads or 'the same'}), {args.busy_cores} other cores busy (embedded and thread "
+          f"pools)")
     print(f"{'pool':>13} {'bundle':>7} {'steps':>5} {'size':>7} {'max_batch':>9} {'wall s':>7} {'images/min':>10}  "
           f"every round")
     for r in rows:
@@ -237,13 +250,27 @@ def main() -> None:
         print(f"Celery worker, serial: pipelines in a child process / in the worker "
               f"x{ratios['celery serial: child / inline']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device, "rows": rows, "ratios": ratios}, indent=2))
+    args.out.write_text(json.dumps({"device": device, "busy_cores": args.busy_cores, "decoder_threads": args.threads,
+                                    "rows": rows, "ratios": ratios}, indent=2))
 
 
-def _embedded_rows(pool: str, name: str, path: Path, device: str, jobs: int, repeats: int) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _busy(cores: int) -> Iterator[None]:
+    """``cores`` processes that each keep a core busy, for as long as the block runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def _embedded_rows(pool: str, name: str, path: Path, device: str, jobs: int, repeats: int,
+                   threads: int | None) -> list[dict[str, Any]]:
     """Serial and batched rows of one in-process pool; their rounds take turns, in alternating order."""
     bundle = load_bundle(path)
-    pipelines: BatchGenerator = (PipelineProcess(bundle, ["image"], device) if pool == "embedded"
+    pipelines: BatchGenerator = (PipelineProcess(bundle, ["image"], device, threads=threads) if pool == "embedded"
                                  else DecoderPipelines(bundle, ["image"], device))
     defaults = bundle.manifest.outputs["image"].decoder.defaults
     try:

@@ -119,6 +119,11 @@ class DecoderSettings(BaseModel):
         default=0.05, gt=0, le=5.0,
         description="How long a job on an idle worker waits for batch-mates before it runs (embedded pool and "
                     "Celery workers; a job that already waited that long in the queue runs at once)")
+    threads: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="With engine_process on CPU: torch threads of the decoder process (None: torch's default, one "
+                    "per core). A team with a thread per core slows 3-4x whenever another process keeps a core busy "
+                    "(the LLM engine decoding replies, a neighbour): on 2 cores, 1 leaves the LLM its core")
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Celery workers: serve Prometheus /metrics on this port (None: none; embedded mode serves the "

@@ -21,7 +21,8 @@ def build_runner(settings: Settings, bundle: Bundle, modalities: list[Modality],
     caller goes on), for the embedded pool and the Celery workers alike. ``registry``: where the pool's metrics
     go."""
     pipelines: BatchGenerator = PipelineProcess(
-        bundle, modalities, settings.decoders.device, call_limit_s=settings.decoders.time_limit_s) if own_process \
+        bundle, modalities, settings.decoders.device, call_limit_s=settings.decoders.time_limit_s,
+        threads=settings.decoders.threads) if own_process \
         else DecoderPipelines(bundle, modalities, settings.decoders.device)
     return DecoderRunner(pipelines, build_artifact_store(settings), book, bundle.manifest,
                          time_limit_s=settings.decoders.time_limit_s, lock_ttl_s=settings.decoders.lock_ttl_s,

@@ -14,7 +14,7 @@ worker, cancels and all, until it ends.
 runner, the job book, leases, encoding and storage stay in the serving process. One call at a time.
 
 Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("stop",)``, ``("close",)``.
-Child -> parent: ``("ready",)`` / ``("failed", message)`` once; per call ``("step", step, total)`` after every step,
+Child -> parent: ``("ready", torch threads)`` / ``("failed", message)`` once; per call ``("step", step, total)`` after every step,
 then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``. The child never waits for the parent
 between steps (a serving process busy with its event loop would slow every step); it looks for a stop after each
 one, so a cancelled call ends one step after the parent asked; while a step runs, the parent asks the runner's
@@ -64,6 +64,7 @@ class PipelineSpec:
     modalities: tuple[Modality, ...]
     device: str
     log_level: int  # the serving process's, so the child logs what the server does
+    threads: int | None = None  # the child's torch threads (None: torch's default)
 
 
 class _Stop(Exception):
@@ -73,11 +74,13 @@ class _Stop(Exception):
 class PipelineProcess:
     def __init__(self, bundle: Bundle, modalities: list[Modality], device: str = "cpu",
                  start_timeout_s: float = 600.0, call_limit_s: float | None = None,
-                 stop_grace_s: float = STOP_GRACE_S) -> None:
+                 stop_grace_s: float = STOP_GRACE_S, threads: int | None = None) -> None:
         """Starts the child at once and returns; ``wait_ready`` (or the first call) waits for its pipelines.
-        ``call_limit_s``: the runner's time limit (None: none here)."""
+        ``call_limit_s``: the runner's time limit (None: none here). ``threads``: the child's torch threads (None:
+        torch's default)."""
         self.bundle = bundle
-        self.spec = PipelineSpec(bundle.root, tuple(modalities), device, logging.getLogger().getEffectiveLevel())
+        self.spec = PipelineSpec(bundle.root, tuple(modalities), device, logging.getLogger().getEffectiveLevel(),
+                                 threads)
         self.start_timeout_s = start_timeout_s
         self.call_limit_s, self.stop_grace_s = call_limit_s, stop_grace_s
         self._lock = threading.Lock()  # one call at a time; also guards (re)starts
@@ -87,6 +90,7 @@ class PipelineProcess:
         self._closed = False
         self.starts = 0
         self.load_error: str | None = None
+        self.threads: int | None = None  # the torch threads of the child that last loaded, as it reported them
         self._start()
 
     def _start(self) -> None:
@@ -121,8 +125,9 @@ class PipelineProcess:
         if problem is not None:
             raise RuntimeError(problem)
         self._ready = True
-        log.info("decoder process %d ready (%s) in %.1f s", self._process.pid, ", ".join(self.spec.modalities),
-                 time.monotonic() - started)
+        self.threads = first[1]
+        log.info("decoder process %d ready (%s) in %.1f s, torch threads %d", self._process.pid,
+                 ", ".join(self.spec.modalities), time.monotonic() - started, self.threads)
         return self._conn
 
     def check_health(self) -> None:
@@ -268,12 +273,14 @@ def _child_main(conn: Connection, spec: PipelineSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level,
                         format="%(asctime)s %(levelname)s %(name)s [decoder-process]: %(message)s")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     try:
         pipelines = DecoderPipelines(load_bundle(spec.bundle), list(spec.modalities), spec.device)
     except BaseException as exc:  # reported to the parent, which raises it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready",))
+    conn.send(("ready", torch.get_num_threads()))
     try:
         while True:
             message = conn.recv()

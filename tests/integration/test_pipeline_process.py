@@ -49,6 +49,28 @@ def _pixels(image: object) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def test_the_decoder_threads_setting_reaches_the_child(bundle: Bundle, process: PipelineProcess,
+                                                      tmp_path: Path) -> None:
+    """``decoders.threads`` sets the child's torch threads (a team of one per core slows 3-4x when another process
+    keeps a core busy); unset, the child has torch's default, as the serving process has."""
+    from services.contracts.settings import Settings
+    from services.decoders.compose import build_runner
+    from services.jobs.book import MemoryJobBook
+
+    assert process.threads == torch.get_num_threads()
+    settings = Settings(cache_dir=tmp_path, decoders={"threads": 1})
+    runner = build_runner(settings, bundle, ["image"], MemoryJobBook(), own_process=True)
+    own = runner.pipelines
+    assert isinstance(own, PipelineProcess)
+    try:
+        own.wait_ready()
+        assert own.threads == 1
+        cond, opts = _conditioning(bundle, 1), _opts(bundle, 2)
+        assert len(own.generate_batch("image", cond, [1], opts, lambda *_: None)) == 1
+    finally:
+        own.close()
+
+
 def test_the_child_makes_the_pictures_the_pipelines_make_in_process(bundle: Bundle,
                                                                     process: PipelineProcess) -> None:
     cond, opts = _conditioning(bundle, 2), _opts(bundle, 3)
