@@ -185,7 +185,7 @@ world-stages: world-pretrain
 world-bundle: world-stages
 	$(BIN)/nextgpt bundle pack $(WORLD_DIR)/stage3 --out $(WORLD_BUNDLE) --force
 
-.PHONY: bench bench-encoder bench-llm bench-chat bench-decoders bench-gateway
+.PHONY: bench bench-encoder bench-llm bench-chat bench-decoders bench-mixed bench-gateway
 bench-encoder: $(STAMP)
 	$(BIN)/python -m bench.encoder_batching --modality image
 	$(BIN)/python -m bench.encoder_batching --modality audio
@@ -202,7 +202,11 @@ bench-chat: $(STAMP)
 bench-decoders: $(STAMP)
 	$(BIN)/python -m bench.decoder_batching
 
+# Chat beside decoding (world bundle, embedded): the decoder process at 1 thread vs one per core.
+bench-mixed: $(STAMP)
+	$(BIN)/python -m bench.mixed_load
+
 bench-gateway: $(STAMP)
 	$(BIN)/python -m bench.gateway_overhead
 
-bench: bench-encoder bench-llm bench-chat bench-decoders bench-gateway
+bench: bench-encoder bench-llm bench-chat bench-decoders bench-mixed bench-gateway

@@ -23,8 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,33 +31,15 @@ from typing import Any
 
 import httpx
 
-from bench.common import bench_bundle
-from tests.support.servers import _stop, free_port, wait_until
+from bench.common import bench_bundle, embedded_server, time_chat_stream
 
 KEY = "bench-key"
 
 
 async def _turn(http: httpx.AsyncClient, url: str, tokens: int, seed: int) -> dict[str, float]:
-    # A tiny random model may stop early; ``usage`` counts what it really produced.
     body: dict[str, Any] = {"messages": [{"role": "user", "content": f"tell me a story number {seed}"}],
-                            "stream": True, "max_tokens": tokens, "seed": seed, "temperature": 0.0,
-                            "allowed_modalities": []}
-    started, out, name = time.perf_counter(), {"tokens": 0.0}, ""
-    async with http.stream("POST", f"{url}/v1/chat", json=body, headers={"authorization": f"Bearer {KEY}"}) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                if name == "message.delta":
-                    out.setdefault("ttft", time.perf_counter() - started)
-                elif name == "done":
-                    out["tokens"] = json.loads(line[6:])["usage"]["completion_tokens"]
-                elif name == "error":
-                    raise RuntimeError(line)
-    out["total"] = time.perf_counter() - started
-    out.setdefault("ttft", out["total"])
-    return out
+                            "max_tokens": tokens, "seed": seed, "temperature": 0.0, "allowed_modalities": []}
+    return await time_chat_stream(http, url, body, {"authorization": f"Bearer {KEY}"})
 
 
 Wave = tuple[list[dict[str, float]], float]
@@ -104,23 +84,13 @@ def _point(concurrency: int, arrivals: str, waves: list[Wave]) -> dict[str, Any]
 @contextlib.contextmanager
 def _server(bundle: Path, max_batch: int, engine_process: bool, waiting: int, threads: int,
             device: str) -> Iterator[str]:
-    port = free_port()
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NEXTGPT_CACHE_DIR": cache, "NEXTGPT_API_KEYS": KEY, "NEXTGPT_LOG_LEVEL": "warning",
                "NEXTGPT_LLM__MAX_BATCH": str(max_batch), "NEXTGPT_LLM__MAX_WAITING": str(waiting),
                "NEXTGPT_LLM__ENGINE_PROCESS": str(engine_process).lower(), "OMP_NUM_THREADS": str(threads),
                "NEXTGPT_LLM__DEVICE": device}
-        log = Path(cache) / "serve.log"
-        with log.open("wb") as out:
-            # ``-m``, not the console script: a machine with the repository on PYTHONPATH and no install has none.
-            proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--bundle", str(bundle),
-                                     "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 300, "nextgpt serve", proc, log)
-                yield url
-            finally:
-                _stop(proc)
+        with embedded_server(bundle, env, Path(cache) / "serve.log") as url:
+            yield url
 
 
 def _engine(engine_process: bool) -> str:

@@ -59,8 +59,7 @@ def test_the_decoder_threads_setting_reaches_the_child(bundle: Bundle, process: 
 
     assert process.threads == torch.get_num_threads()
     settings = Settings(cache_dir=tmp_path, decoders={"threads": 1})
-    runner = build_runner(settings, bundle, ["image"], MemoryJobBook(), own_process=True)
-    own = runner.pipelines
+    own = build_runner(settings, bundle, ["image"], MemoryJobBook(), own_process=True).pipelines
     assert isinstance(own, PipelineProcess)
     try:
         own.wait_ready()
