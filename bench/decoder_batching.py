@@ -188,7 +188,8 @@ def main() -> None:
                         help="comma-separated: embedded, thread, celery, celery-inline (the Celery workers run the "
                              "world bundle)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the embedded pool's decoder process (decoders.threads; default: torch's)")
+                        help="torch threads of the embedded pool's decoder process (decoders.threads; default: "
+                             "torch's)")
     parser.add_argument("--busy-cores", type=int, default=0,
                         help="other processes kept busy (one core each) while the embedded and thread pools run")
     parser.add_argument("--bundles", type=lambda v: _names(v, BUNDLES), default=["tiny", "world"],

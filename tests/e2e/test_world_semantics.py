@@ -71,7 +71,7 @@ def _each_seed(client: WorldClient, one: Callable[[WorldClient, int], tuple[bool
     url = str(client.http.base_url)
 
     def run(seed: int) -> tuple[bool, object]:
-        own = WorldClient(url, KEY, wait_s=WAIT_S)
+        own = WorldClient(url, KEY, wait_s=client.wait_s)
         try:
             return one(own, seed)
         finally:
