@@ -171,6 +171,30 @@ def _decoder_hooks(pipelines: object) -> _DecoderHooks:
     return _DecoderHooks([loaded], [pipelines.close], {"decoders": pipelines.check_health})
 
 
+def decoder_threads_beside_llm(settings: Settings) -> int | None:
+    """The embedded decoder process's torch threads while the LLM generates (``decoders.threads_beside_llm``);
+    None: it never switches. By default, on CPU, the cores the LLM engine leaves: a team with a thread per core
+    slows 3-4x once the engine holds one of them, and one thread on 2 cores made 1.8x the pictures beside two chat
+    streams while those streamed faster (``make bench-mixed``), but alone it made fewer (clips: half as many)."""
+    import torch
+
+    from services.llm.compose import engine_placement
+
+    d, llm = settings.decoders, settings.llm
+    if not d.engine_process or d.device != "cpu" or d.threads_beside_llm == 0:
+        return None
+    if d.threads_beside_llm:
+        return d.threads_beside_llm
+    if llm.url or llm.backend != "transformers" or llm.device != "cpu":
+        return None  # the LLM computes elsewhere: nothing to leave it
+    llm_threads = engine_placement(llm)[0] if llm.engine_process else (llm.threads or torch.get_num_threads())
+    if llm_threads is None:  # OMP_NUM_THREADS sets every process's threads
+        return None
+    own = d.threads or torch.get_num_threads()
+    beside = max(1, own - llm_threads)
+    return beside if beside < own else None
+
+
 def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     """The whole stack in one process: encoder, LLM and decoders behind the same interfaces as over the network."""
     from gateway.chat import ChatService
@@ -178,6 +202,7 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     from gateway.streams import MemoryEventLog, StreamHub
     from services.decoders.compose import build_runner
     from services.decoders.local_queue import LocalDecoderQueue
+    from services.decoders.pipeline_process import PipelineProcess
     from services.encoder.clients import InProcessEncoderClient
     from services.encoder.compose import build_encoder_service
     from services.jobs.book import MemoryJobBook
@@ -189,10 +214,15 @@ def embedded_app(settings: Settings, bundle: Bundle) -> FastAPI:
     registry = CollectorRegistry()
     book = MemoryJobBook()
     # First: a decoder process loads its pipelines while the encoder and the LLM load here.
+    beside_llm = decoder_threads_beside_llm(settings)
     runner = build_runner(settings, bundle, list(bundle.manifest.outputs), book,
-                          own_process=settings.decoders.engine_process, registry=registry)
+                          own_process=settings.decoders.engine_process, registry=registry,
+                          threads_contended=beside_llm)
     encoder = build_encoder_service(bundle, settings.encoder, registry, store)
     llm = build_llm_service(bundle, settings.llm, registry)
+    if beside_llm is not None and isinstance(runner.pipelines, PipelineProcess):
+        llm.activity.subscribe(runner.pipelines.set_contended)
+        log.info("decoder process: %d torch thread(s) while the LLM generates", beside_llm)
     decoders = LocalDecoderQueue(runner, book, max_queued=settings.decoders.max_queued,
                                  max_retries=settings.decoders.max_retries, max_batch=settings.decoders.max_batch,
                                  queue_wait_s=settings.decoders.queue_wait_s,

@@ -124,6 +124,12 @@ class DecoderSettings(BaseModel):
         description="With engine_process on CPU: torch threads of the decoder process (None: torch's default, one "
                     "per core). A team with a thread per core slows 3-4x whenever another process keeps a core busy "
                     "(the LLM engine decoding replies, a neighbour): on 2 cores, 1 leaves the LLM its core")
+    threads_beside_llm: int | None = Field(
+        default=None, ge=0, le=1024,
+        description="Embedded mode, with engine_process on CPU: the decoder process's torch threads while the LLM "
+                    "has generations under way (and 0.1 s after), switched between steps. None: the cores the LLM "
+                    "engine leaves (the decoder's threads less the engine's, at least 1; no switch where the LLM "
+                    "runs elsewhere or OMP_NUM_THREADS sets both); 0: never switch")
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Celery workers: serve Prometheus /metrics on this port (None: none; embedded mode serves the "

@@ -14,11 +14,12 @@ worker, cancels and all, until it ends.
 runner, the job book, leases, encoding and storage stay in the serving process. One call at a time.
 
 Parent -> child: ``("generate", modality, conditioning, seeds, opts)``, ``("stop",)``, ``("close",)``.
-Child -> parent: ``("ready", torch threads)`` / ``("failed", message)`` once; per call ``("step", step, total)``
-after every step, then ``("done", results)``, ``("error", exception)`` or ``("stopped",)``. The child never waits
-for the parent between steps (a serving process busy with its event loop would slow every step); it looks for a
-stop after each one, so a cancelled call ends one step after the parent asked; while a step runs, the parent asks
-the runner's ``check`` every ``_POLL_S`` (a cancel mid-step). A step is not interrupted, so a child that has
+Child -> parent: ``("ready", torch threads)`` / ``("failed", message)`` once; per call ``("step", step, total,
+torch threads)`` after every step (the threads it takes next, see ``set_contended``), then ``("done", results)``,
+``("error", exception)`` or ``("stopped",)``. The child never waits for the parent between steps (a serving
+process busy with its event loop would slow every step); it looks for a stop after each one, so a cancelled call
+ends one step after the parent asked; while a step runs, the parent asks the runner's ``check`` every ``_POLL_S``
+(a cancel mid-step). A step is not interrupted, so a child that has
 not stopped ``STOP_GRACE_S`` after the parent asked, or whose call runs past ``call_limit_s`` (the runner's time
 limit) plus that grace with no step ending, is killed: a step of many minutes (a size within the pixel budget that
 the CPU takes that long over) then holds the pool that long, not until it ends. A new child starts loading at once.
@@ -27,6 +28,7 @@ the CPU takes that long over) then holds the pool that long, not until it ends. 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import pickle
 import signal
@@ -52,6 +54,10 @@ _POLL_S = 1.0
 # How long a child may take to stop once asked (cancel, time limit, shutdown), or to end a step once the call is
 # past its time limit, before it is killed: far longer than a step at the sizes it is built for.
 STOP_GRACE_S = 10.0
+# How long after the LLM's last generation ended the child keeps its contended thread count: a chat's replies
+# come with gaps of milliseconds between them, and a step begun with every core's thread just as the next reply
+# starts runs 3-4x slower (each parallel region waits for the thread whose core the LLM took).
+CONTENDED_HOLD_S = 0.1
 
 
 class DecoderProcessDied(RuntimeError):
@@ -65,6 +71,7 @@ class PipelineSpec:
     device: str
     log_level: int  # the serving process's, so the child logs what the server does
     threads: int | None = None  # the child's torch threads (None: torch's default)
+    threads_contended: int | None = None  # its threads while the parent says the CPU is contended (None: as above)
 
 
 class _Stop(Exception):
@@ -74,13 +81,19 @@ class _Stop(Exception):
 class PipelineProcess:
     def __init__(self, bundle: Bundle, modalities: list[Modality], device: str = "cpu",
                  start_timeout_s: float = 600.0, call_limit_s: float | None = None,
-                 stop_grace_s: float = STOP_GRACE_S, threads: int | None = None) -> None:
+                 stop_grace_s: float = STOP_GRACE_S, threads: int | None = None,
+                 threads_contended: int | None = None, contended_hold_s: float = CONTENDED_HOLD_S) -> None:
         """Starts the child at once and returns; ``wait_ready`` (or the first call) waits for its pipelines.
         ``call_limit_s``: the runner's time limit (None: none here). ``threads``: the child's torch threads (None:
-        torch's default)."""
+        torch's default). ``threads_contended``: its threads while ``set_contended`` says another process holds
+        cores (the LLM engine decoding), from the next step on, and for ``contended_hold_s`` after that ends."""
+        self.contended_hold_s = contended_hold_s
         self.bundle = bundle
         self.spec = PipelineSpec(bundle.root, tuple(modalities), device, logging.getLogger().getEffectiveLevel(),
-                                 threads)
+                                 threads, threads_contended)
+        # Until when the child runs at threads_contended (time.monotonic(), one clock for both processes on Linux
+        # and macOS); shared memory, so that neither side waits on the other between steps.
+        self._contended_until = multiprocessing.get_context("spawn").Value("d", 0.0, lock=False)
         self.start_timeout_s = start_timeout_s
         self.call_limit_s, self.stop_grace_s = call_limit_s, stop_grace_s
         self._lock = threading.Lock()  # one call at a time; also guards (re)starts
@@ -90,14 +103,15 @@ class PipelineProcess:
         self._closed = False
         self.starts = 0
         self.load_error: str | None = None
-        self.threads: int | None = None  # the torch threads of the child that last loaded, as it reported them
+        # The child's torch threads, as it last reported them (when it loaded, and after each step).
+        self.threads: int | None = None
         self._start()
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child_conn, self.spec), name="decoder-pipelines",
-                                        daemon=True)
+        self._process = context.Process(target=_child_main, args=(child_conn, self.spec, self._contended_until),
+                                        name="decoder-pipelines", daemon=True)
         self._process.start()
         child_conn.close()
         self._ready = False
@@ -129,6 +143,11 @@ class PipelineProcess:
         log.info("decoder process %d ready (%s) in %.1f s, torch threads %d", self._process.pid,
                  ", ".join(self.spec.modalities), time.monotonic() - started, self.threads)
         return self._conn
+
+    def set_contended(self, busy: bool) -> None:
+        """Another process on this machine now holds cores (``True``: the child takes ``threads_contended`` from
+        its next step) or no longer does (it goes back to its own ``contended_hold_s`` later). Cheap, any thread."""
+        self._contended_until.value = math.inf if busy else time.monotonic() + self.contended_hold_s
 
     def check_health(self) -> None:
         """For /readyz: the pipelines could not be loaded the last time a child started (each job fails until a
@@ -204,6 +223,7 @@ class PipelineProcess:
             message = conn.recv()
             kind = message[0]
             if kind == "step":
+                self.threads = message[3]
                 if stopping is not None:
                     continue  # steps the child made before it read the stop
                 try:
@@ -262,7 +282,7 @@ class PipelineProcess:
 
 
 # -- the child ------------------------------------------------------------------------------------------------
-def _child_main(conn: Connection, spec: PipelineSpec) -> None:
+def _child_main(conn: Connection, spec: PipelineSpec, contended_until: Any) -> None:
     from services.bundle.loader import load_bundle
     from services.decoders.pipelines import DecoderPipelines
 
@@ -280,7 +300,8 @@ def _child_main(conn: Connection, spec: PipelineSpec) -> None:
     except BaseException as exc:  # reported to the parent, which raises it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", torch.get_num_threads()))
+    threads = _Threads(torch.get_num_threads(), spec.threads_contended, contended_until)
+    conn.send(("ready", threads.own))
     try:
         while True:
             message = conn.recv()
@@ -289,19 +310,36 @@ def _child_main(conn: Connection, spec: PipelineSpec) -> None:
             if message[0] != "generate":
                 return
             _, modality, conditioning, seeds, opts = message
-            conn.send(_generate(conn, pipelines, modality, conditioning, seeds, opts))
+            conn.send(_generate(conn, pipelines, modality, conditioning, seeds, opts, threads))
     except (EOFError, OSError):  # the parent is gone
         return
 
 
+class _Threads:
+    """In the child: its torch threads, switched between steps to ``contended`` while the parent says so."""
+
+    def __init__(self, own: int, contended: int | None, contended_until: Any) -> None:
+        self.own, self.contended, self.contended_until = own, contended, contended_until
+
+    def apply(self) -> None:
+        if self.contended is None:
+            return
+        wanted = self.contended if time.monotonic() < self.contended_until.value else self.own
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+            log.debug("torch threads now %d", wanted)
+
+
 def _generate(conn: Connection, pipelines: Any, modality: Modality, conditioning: np.ndarray, seeds: list[int],
-              opts: ResolvedOptions) -> tuple[Any, ...]:
+              opts: ResolvedOptions, threads: _Threads) -> tuple[Any, ...]:
     def on_step(step: int, total: int) -> None:
-        conn.send(("step", step, total))
+        threads.apply()
+        conn.send(("step", step, total, torch.get_num_threads()))
         if conn.poll():  # only a stop comes while a call runs
             conn.recv()
             raise _Stop
 
+    threads.apply()
     try:
         results = pipelines.generate_batch(modality, torch.from_numpy(conditioning), seeds, opts, on_step)
     except _Stop:

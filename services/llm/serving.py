@@ -15,6 +15,7 @@ from services.contracts.errors import InvalidRequestError, PayloadTooLargeError,
 from services.contracts.llm import Accepted, Done, GenerateParams, LLMEvent, SignalEvent, TextDelta
 from services.contracts.settings import LLMSettings
 from services.contracts.bundle_manifest import BundleManifest
+from services.llm.activity import Activity
 from services.llm.channel import EventChannel
 from services.llm.metrics import LLMMetrics
 from services.llm.reply_trim import ReplyTrim
@@ -36,6 +37,7 @@ class LLMService:
         slots = settings.max_batch + settings.max_waiting
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llm")
         self._slots = threading.BoundedSemaphore(slots)
+        self.activity = Activity()  # generations admitted and not yet ended, for what shares the machine
 
     def check_ready(self) -> None:
         """Raise ``ServiceUnavailableError`` when the backend can no longer serve (its engine process died)."""
@@ -71,7 +73,8 @@ class LLMService:
         def work() -> None:
             tracker = _Running(channel.put, self.metrics)
             try:
-                self.backend.generate(params, media, ReplyTrim(tracker), cancelled)
+                with self.activity.running():
+                    self.backend.generate(params, media, ReplyTrim(tracker), cancelled)
             except BaseException as exc:  # delivered to the consumer, which raises it
                 channel.put(exc)
             finally:

@@ -70,6 +70,35 @@ def test_the_decoder_threads_setting_reaches_the_child(bundle: Bundle, process: 
         own.close()
 
 
+def test_the_child_takes_fewer_threads_while_told_the_cpu_is_contended(bundle: Bundle) -> None:
+    """``set_contended``: from the next step on, the child runs at ``threads_contended`` (the embedded server says
+    so while the LLM generates), and goes back to its own threads ``contended_hold_s`` after it is told the
+    contention ended. Each step reports the threads the child takes next."""
+    cond, opts = _conditioning(bundle, 1), _opts(bundle, 3)
+    own = PipelineProcess(bundle, ["image"], threads=2, threads_contended=1, contended_hold_s=0.0)
+    held = PipelineProcess(bundle, ["image"], threads=2, threads_contended=1, contended_hold_s=600.0)
+
+    def threads_per_step(process: PipelineProcess) -> list[int | None]:
+        seen: list[int | None] = []
+        process.generate_batch("image", cond, [1], opts, lambda *_: seen.append(process.threads))
+        return seen
+
+    try:
+        own.wait_ready()
+        held.wait_ready()
+        assert own.threads == 2 and threads_per_step(own) == [2, 2, 2]
+        own.set_contended(True)
+        assert threads_per_step(own) == [1, 1, 1]
+        own.set_contended(False)  # no hold: its own threads again at once
+        assert threads_per_step(own) == [2, 2, 2]
+        held.set_contended(True)
+        held.set_contended(False)  # within the hold: still contended
+        assert threads_per_step(held) == [1, 1, 1]
+    finally:
+        own.close()
+        held.close()
+
+
 def test_the_child_makes_the_pictures_the_pipelines_make_in_process(bundle: Bundle,
                                                                     process: PipelineProcess) -> None:
     cond, opts = _conditioning(bundle, 2), _opts(bundle, 3)
