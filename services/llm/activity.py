@@ -4,14 +4,18 @@ embedded decoder process takes fewer threads while the LLM's engine holds a core
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 
 class Activity:
     """Counts generations under way and tells its listeners when that goes from none to some (``True``) and back
     (``False``). Listeners run on the thread whose generation started or ended, in the order the changes
-    happened, and must be quick (they run under this object's lock)."""
+    happened, and must be quick (they run under this object's lock). A listener that fails is logged: it never
+    fails the generation that made the change."""
 
     def __init__(self) -> None:
         self._count = 0
@@ -25,7 +29,7 @@ class Activity:
     def subscribe(self, listener: Callable[[bool], None]) -> None:
         with self._lock:
             self._listeners.append(listener)
-            listener(self._count > 0)
+            self._tell(listener, self._count > 0)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -41,4 +45,11 @@ class Activity:
             self._count += delta
             if (self._count > 0) != was:
                 for listener in self._listeners:
-                    listener(not was)
+                    self._tell(listener, not was)
+
+    @staticmethod
+    def _tell(listener: Callable[[bool], None], busy: bool) -> None:
+        try:
+            listener(busy)
+        except Exception:
+            log.exception("an LLM activity listener failed")

@@ -29,6 +29,21 @@ def test_listeners_hear_when_generating_starts_and_ends_once_per_change() -> Non
     assert heard == [False, True, False, True, False]
 
 
+def test_a_failing_listener_fails_no_generation(caplog: pytest.LogCaptureFixture) -> None:
+    activity = Activity()
+    heard: list[bool] = []
+
+    def broken(busy: bool) -> None:
+        raise OSError("gone")
+
+    activity.subscribe(broken)
+    activity.subscribe(heard.append)
+    with activity.running():
+        pass
+    assert heard == [False, True, False]  # the others still hear every change
+    assert "an LLM activity listener failed" in caplog.text
+
+
 def test_changes_from_many_threads_end_idle() -> None:
     activity = Activity()
     heard: list[bool] = []
