@@ -174,8 +174,9 @@ def _decoder_hooks(pipelines: object) -> _DecoderHooks:
 def decoder_threads_beside_llm(settings: Settings) -> int | None:
     """The embedded decoder process's torch threads while the LLM generates (``decoders.threads_beside_llm``);
     None: it never switches. By default, on CPU, the cores the LLM engine leaves: a team with a thread per core
-    slows 3-4x once the engine holds one of them, and one thread on 2 cores made 1.8x the pictures beside two chat
-    streams while those streamed faster (``make bench-mixed``), but alone it made fewer (clips: half as many)."""
+    slows 3-4x once the engine holds one of them. On 2 cores, switching to one thread while the LLM generates made
+    1.92x the pictures beside two chat streams, and the streams 1.63x the tokens a second (``make bench-mixed``);
+    one thread always would make 0.6x alone."""
     import torch
 
     from services.llm.compose import engine_placement

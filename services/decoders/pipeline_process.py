@@ -19,10 +19,10 @@ torch threads)`` after every step (the threads it takes next, see ``set_contende
 ``("error", exception)`` or ``("stopped",)``. The child never waits for the parent between steps (a serving
 process busy with its event loop would slow every step); it looks for a stop after each one, so a cancelled call
 ends one step after the parent asked; while a step runs, the parent asks the runner's ``check`` every ``_POLL_S``
-(a cancel mid-step). A step is not interrupted, so a child that has
-not stopped ``STOP_GRACE_S`` after the parent asked, or whose call runs past ``call_limit_s`` (the runner's time
-limit) plus that grace with no step ending, is killed: a step of many minutes (a size within the pixel budget that
-the CPU takes that long over) then holds the pool that long, not until it ends. A new child starts loading at once.
+(a cancel mid-step). A step is not interrupted, so a child that has not stopped ``STOP_GRACE_S`` after the parent
+asked, or whose call runs past ``call_limit_s`` (the runner's time limit) plus that grace with no step ending, is
+killed: a step of many minutes (a size within the pixel budget that the CPU takes that long over) then holds the
+pool that long, not until it ends. A new child starts loading at once.
 """
 
 from __future__ import annotations
