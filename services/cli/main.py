@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
@@ -14,6 +14,9 @@ from services.contracts.errors import NextGPTError
 from services.contracts.settings import Settings, load_settings
 from services.training.sizes import HELD_OUT, POOL
 from services.web.keep_alive import SERVER_IDLE_S
+
+if TYPE_CHECKING:
+    from services.training.stages import LoraOptions
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve NExT-GPT-style any-to-any models.")
 bundle_app = typer.Typer(no_args_is_help=True, help="Build, convert and inspect model bundles.")
@@ -391,24 +394,34 @@ train_app = typer.Typer(no_args_is_help=True, help="NExT-GPT's training stages o
 app.add_typer(train_app, name="train")
 
 
+def _lora_options(lora: Optional[tuple[str, int, int, bool]]) -> LoraOptions:
+    from services.training.stages import LoraOptions
+
+    if lora is None:
+        return LoraOptions()
+    name, rank, alpha, resume = lora
+    return LoraOptions(name=name, rank=rank, alpha=alpha, resume=resume)
+
+
 def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path], steps: Optional[int], seed: int,
            force: bool, media_root: Optional[Path], deepspeed: Optional[Path], pool: int, held_out: int,
-           lora: Optional[tuple[str, int, int]] = None,  # name, rank, alpha (instruct's options)
+           lora: Optional[tuple[str, int, int, bool]] = None,  # instruct's: name, rank, alpha, resume
            input_projection: Optional[InputProjectionSpec] = None) -> None:
     from services.cli.logs import configure_logging
     from services.training.release_data import DataFormatError
     from services.training.runner import StageRun, train_stage
-    from services.training.stages import LoraOptions
 
     configure_logging("info")
     try:
         report = train_stage(StageRun(
             stage=stage, bundle=bundle, data=data, out=out, work=work or out.with_name(out.name + ".work"),
-            steps=steps, seed=seed, lora=LoraOptions(*lora) if lora else LoraOptions(), force=force, pool_size=pool,
+            steps=steps, seed=seed, lora=_lora_options(lora), force=force, pool_size=pool,
             held_out=held_out, media_root=media_root, input_projection=input_projection, deepspeed=deepspeed,
         ))
     except DataFormatError as exc:  # what is wrong with the data, said as such (not a traceback)
         raise typer.BadParameter(str(exc), param_hint="--data") from exc
+    except ValueError as exc:  # options the bundle cannot take (a LoRA to resume it lacks, a projection design)
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo(json.dumps(report, indent=2))
 
 
@@ -424,6 +437,9 @@ TrainSeed = Annotated[int, typer.Option(help="Seed")]
 LoraName = Annotated[str, typer.Option(help="Name of the LoRA adapter (instruct)")]
 LoraRank = Annotated[int, typer.Option(help="LoRA r (the release: 32)")]
 LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (the release: 32)")]
+ResumeLora = Annotated[bool, typer.Option(
+    help="Start from the bundle's own adapter of that name (train a trained bundle further on a changed mix) "
+         "instead of a fresh one")]
 Force = Annotated[bool, typer.Option(help="Replace an existing output folder")]
 ProjectionKind = Annotated[Optional[str], typer.Option(
     help="Train a fresh input projection of this design: linear (the release, one LLM token per item) or group "
@@ -472,12 +488,12 @@ def train_align_decoder(bundle: TrainBundle, data: TrainData, out: TrainOut, wor
 @train_app.command("instruct")
 def train_instruct(bundle: TrainBundle, data: TrainData, out: TrainOut, work: TrainWork = None,
                    steps: TrainSteps = None, seed: TrainSeed = 0, lora_name: LoraName = "nextgpt",
-                   lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, force: Force = False,
-                   media_root: MediaRoot = None, deepspeed: DeepSpeed = None, pool: TrainPool = POOL,
-                   held_out: HeldOut = HELD_OUT) -> None:
+                   lora_rank: LoraRank = 32, lora_alpha: LoraAlpha = 32, resume_lora: ResumeLora = False,
+                   force: Force = False, media_root: MediaRoot = None, deepspeed: DeepSpeed = None,
+                   pool: TrainPool = POOL, held_out: HeldOut = HELD_OUT) -> None:
     """Stage 3: modality-switching instruction tuning: LoRA + both projections on mixed dialogues."""
     _train("instruct", bundle, data, out, work, steps, seed, force, media_root, deepspeed, pool, held_out,
-           lora=(lora_name, lora_rank, lora_alpha))
+           lora=(lora_name, lora_rank, lora_alpha, resume_lora))
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a running stack through its public API.")

@@ -76,12 +76,25 @@ class NextGPTTrainable(nn.Module):
             # The mask is made here, on the CPU; the weight may train on a GPU (accelerate moves the module later).
             weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
 
-    def add_lora(self, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], name: str) -> None:
-        from peft import LoraConfig, get_peft_model
+    def add_lora(self, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], name: str,
+                 resume: bool = False) -> None:
+        """A fresh adapter; or, with ``resume``, the bundle's own adapter of that name, trained on from where it
+        is (fine-tuning a trained bundle further: a new task beside the ones it learnt)."""
+        from peft import LoraConfig, PeftModel, get_peft_model
 
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                            task_type="CAUSAL_LM")
-        self.llm = get_peft_model(self.llm, config, adapter_name=name)
+        if not resume:
+            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                                task_type="CAUSAL_LM")
+            self.llm = get_peft_model(self.llm, config, adapter_name=name)
+            return
+        entry = next((e for e in self.manifest.llm.loras if e.name == name), None)
+        if entry is None:
+            raise ValueError(f"the bundle has no LoRA {name!r} to resume; it has {[e.name for e in self.manifest.llm.loras]}")
+        if entry.rank != rank:
+            raise ValueError(f"the bundle's LoRA {name!r} has r={entry.rank}, not {rank}")
+        # PEFT upcasts an fp16 adapter (a packed bundle's) to the base model's float32.
+        self.llm = PeftModel.from_pretrained(self.llm, str(self.bundle.path(entry.path)), adapter_name=name,
+                                             is_trainable=True)
 
     def base_llm(self) -> nn.Module:
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm

@@ -16,7 +16,7 @@ from services.training.examples import Encoded
 from services.training.model import NextGPTTrainable
 from services.training.release_data import BundleEncoders, DataFormatError, release_examples
 from services.training.sizes import HELD_OUT, POOL
-from services.training.stages import STAGES, LoraOptions, encoded_pool, export_bundle, run_stage
+from services.training.stages import STAGES, LoraOptions, encoded_pool, export_bundle, prepare, run_stage
 from services.training.world_source import WorldExamples, decoder_targets, embed_world
 from services.world.dataset import generate_split, read_world
 from services.world.evaluate import EVAL_SEED
@@ -102,6 +102,7 @@ def train_stage(run: StageRun) -> dict[str, object]:
         train_table = eval_table = encoders.table
         if not pool:
             raise DataFormatError(f"{run.data}: no training examples")
+    prepare(model, spec, run.lora)  # before the "before": a resumed adapter counts in it
     before = held_out_losses(model, held_out, eval_table, spec.weights) if held_out else {}
     log.info("%s: held-out losses before %s", run.stage, before)
     run_stage(spec, bundle, pool, train_table, run.work, run.lora, run.progress, model=model)

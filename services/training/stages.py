@@ -43,6 +43,7 @@ class LoraOptions:
     rank: int = 32  # the release's r and alpha (scale 1.0)
     alpha: int = 32
     dropout: float = 0.1
+    resume: bool = False  # start from the bundle's adapter of this name instead of a fresh one
 
 
 STAGES = {
@@ -62,7 +63,7 @@ STAGES = {
 
 def prepare(model: NextGPTTrainable, spec: StageSpec, lora: LoraOptions) -> None:
     if spec.lora:
-        model.add_lora(lora.rank, lora.alpha, lora.dropout, LORA_TARGETS, lora.name)
+        model.add_lora(lora.rank, lora.alpha, lora.dropout, LORA_TARGETS, lora.name, lora.resume)
     if spec.input_projection:
         model.train_input_projection()
     if spec.projectors:
@@ -78,8 +79,10 @@ def encoded_pool(model: NextGPTTrainable, examples: list[Example]) -> list[Encod
 def run_stage(spec: StageSpec, bundle: Bundle, pool: list[Encoded], media_table: torch.Tensor, workdir: Path,
               lora: LoraOptions = LoraOptions(), progress: bool = True,
               model: NextGPTTrainable | None = None) -> NextGPTTrainable:
-    model = model or NextGPTTrainable(bundle)
-    prepare(model, spec, lora)
+    """``model``: one already prepared for ``spec`` (its held-out losses taken with the adapter it trains)."""
+    if model is None:
+        model = NextGPTTrainable(bundle)
+        prepare(model, spec, lora)
     groups: dict[str, int] = {}
     for name, count in model.trainable_summary():
         key = ".".join(p for p in name.split(".") if not p.isdigit())

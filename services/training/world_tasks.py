@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from services.contracts.llm import Turn
@@ -85,6 +85,51 @@ BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", 
                   "Paint {x} and produce {y}.", "I want a picture of {x} and a sound of {y}.",
                   "Make an image of {x}, then play {y}.", "Show {x} and make a sound: {y}."],
         "eval": ["Could you render {x} and also synthesize {y}?"]}
+
+# What people say that asks for nothing in the world: a greeting, thanks, a question about the assistant, one
+# beyond it. Each kind has one reply, in words the world's tokenizer holds whole (replies spelt letter by letter,
+# "only" or "draw", came out garbled after 1500 steps). Trained on the world's requests alone, the model answered
+# "hello" with "H You are you beeping tone." and "What can you do?" the same (probed through the API).
+# What the world holds, said to anything outside it (a question beyond it, a thing it cannot make).
+CAN_MAKE = ("I make pictures and clips of a red, green, blue or yellow circle, square or triangle, and a high or "
+            "low tone.")
+SMALL_TALK: dict[str, tuple[dict[str, list[str]], str]] = {
+    # The greeting and "about" replies are the language model's own from its pretraining text (world/text.py).
+    "greeting": ({"train": ["Hello!", "Hello.", "Hi!", "Hi.", "Hi there!", "Hey!", "Hey there.", "Good morning!",
+                            "Good evening.", "Hello there.", "Hiya!", "Yo!"],
+                  "eval": ["Greetings!", "Good afternoon."]},
+                 "Hello! I can look at pictures, clips and sounds, and make them."),
+    "about": ({"train": ["What can you do?", "Who are you?", "What are you?", "Help.", "Help me.", "What do you do?",
+                         "Tell me about yourself.", "How does this work?", "What can I ask you?", "What do you make?",
+                         "How can you help?"],
+               "eval": ["Which talents do you have?", "Explain your abilities."]},
+              "I am an assistant that sees pictures, watches clips, hears sounds and makes them."),
+    "thanks": ({"train": ["Thank you.", "Thank you!", "Thanks!", "Thanks.", "Thanks a lot.", "Great, thanks.",
+                          "Nice, thank you.", "Cool, thanks!", "Perfect, thanks."],
+                "eval": ["Much appreciated.", "Cheers!"]},
+               "You are welcome."),
+    "beyond": ({"train": ["What is 2+2?", "Tell me a joke.", "What time is it?", "What is the capital of France?",
+                          "Write a poem.", "How are you?", "Tell me a story.", "What is the weather like?",
+                          "Translate this into French.", "Who is the president?", "Write some code.",
+                          "What day is it today?"],
+                "eval": ["Who won the football match?", "Summarize the news for me."]},
+               CAN_MAKE),
+}
+# Things outside the world, asked for in the create phrasings ("Draw a purple circle.", "Play a song."): the model
+# says what it can make (CAN_MAKE) and makes nothing. Before, "Draw a purple hexagon." drew a big green triangle,
+# "Play some music." a big green circle, and "draw a cat" got words with nothing made.
+OUTSIDE = {
+    "train": {"colour": ["purple", "orange", "pink", "black", "white", "brown"],
+              "shape": ["star", "heart", "hexagon", "oval", "rectangle", "cross"],
+              "thing": ["a cat", "a dog", "a house", "a tree", "a car", "a person", "a flower", "a bird", "a face"],
+              "sound": ["music", "a song", "a dog barking", "a piano", "rain", "a voice", "a drum", "birds singing"]},
+    "eval": {"colour": ["violet", "cyan"], "shape": ["pentagon", "diamond"], "thing": ["a horse", "a castle"],
+             "sound": ["a guitar", "thunder"]},
+}
+# How people type: often without the full stop, often in lower case. Trained on written sentences only, the model
+# answered "Draw a blue square" (no full stop) with "H You are is Human is a small blue square." and drew nothing.
+TYPED_BARE_RATE = 0.3  # a user turn's final . ! ? left off
+TYPED_LOWER_RATE = 0.25  # its first letter in lower case
 
 
 # How people wrap a request: politeness and indirection around the same core. Stage 3 asks half its training
@@ -226,11 +271,50 @@ def _attribute_question(rng: random.Random, split: Split, name: str, thing: str)
     return _maybe_wrap(rng, question) if split == "train" else question
 
 
+def small_talk_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    phrasings, reply = SMALL_TALK[rng.choice(sorted(SMALL_TALK))]
+    return Conversation([Turn(role="user", text=rng.choice(phrasings[split]))], [], reply, [])
+
+
+def outside_request(rng: random.Random, split: Split, modality: WorldModality) -> str:
+    """What a user may ask a modality for that the world does not hold: an unknown colour or shape of a known
+    kind ("a purple circle", "a big red star moving up"), some other thing ("a cat"), a sound other than a tone."""
+    words = OUTSIDE[split]
+    if modality == "audio":
+        return rng.choice(words["sound"])
+    kind = rng.choice(["colour", "shape", "thing"])
+    if kind == "thing":
+        return rng.choice(words["thing"])
+    colour = rng.choice(words["colour"]) if kind == "colour" else rng.choice(CLASSES["colour"])
+    shape = rng.choice(words["shape"]) if kind == "shape" else rng.choice(CLASSES["shape"])
+    size = f"{rng.choice(CLASSES['size'])} " if rng.random() < 0.5 else ""
+    motion = f" moving {rng.choice(CLASSES['motion'])}" if modality == "video" and rng.random() < 0.5 else ""
+    return f"a {size}{colour} {shape}{motion}"
+
+
+def outside_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    text = _phrase(rng, CREATE, split, modality, wrapped=True).format(x=outside_request(rng, split, modality))
+    return Conversation([Turn(role="user", text=text)], [], CAN_MAKE, [])
+
+
+def as_typed(rng: random.Random, text: str) -> str:
+    """``text`` as people often type it: without its final stop, with a lower-case first letter."""
+    if rng.random() < TYPED_BARE_RATE:
+        text = text.rstrip(".!?") or text
+    if rng.random() < TYPED_LOWER_RATE:
+        text = text[:1].lower() + text[1:]
+    return text
+
+
 Task = Callable[[random.Random, Split, Draw], Conversation]
-# The single-request tasks (weights), which also serve as the second request of a conversation.
+# The single-request tasks (weights), which also serve as the second request of a conversation. Open requests at 0.8
+# (0.5 before small talk): next to things outside the world ("Draw a cat."), 1500 steps with them at 0.5 made
+# "Draw a picture." a thing outside the world.
 SINGLE_REQUESTS: tuple[tuple[Task, float], ...] = (
-    (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (open_create_task, 0.5),
-    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 0.7),
+    (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (open_create_task, 0.8),
+    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 0.7), (small_talk_task, 0.4),
+    (outside_task, 0.4),
 )
 
 
@@ -311,5 +395,11 @@ def decoder_alignment(rng: random.Random, split: Split, draw: Draw) -> Conversat
 
 
 def instruction(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """Stage 3: a conversation of the mix; in training, its user turns sometimes as typed (``as_typed``)."""
     tasks, weights = zip(*INSTRUCT_MIX)
-    return rng.choices(tasks, weights=weights)[0](rng, split, draw)
+    conversation = rng.choices(tasks, weights=weights)[0](rng, split, draw)
+    if split == "eval":
+        return conversation
+    turns = [t.model_copy(update={"text": as_typed(rng, t.text)}) if t.role == "user" else t
+             for t in conversation.turns]
+    return replace(conversation, turns=turns)

@@ -23,7 +23,9 @@ import soundfile
 from PIL import Image
 
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
-from services.training.world_tasks import BOTH, CREATE, DESCRIBE, RECOLOUR, TO_VIDEO
+from services.training.world_tasks import (
+    BOTH, CAN_MAKE, CREATE, DESCRIBE, RECOLOUR, SMALL_TALK, TO_VIDEO, outside_request,
+)
 from services.world.attributes import ATTRIBUTES, AUDIO_RATE, CLASSES, VIDEO_FPS, Attributes, WorldModality, caption
 from services.world.measures import measure
 from services.world.backgrounds import draw_background, transparent_picture
@@ -158,7 +160,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         return set(needed) <= set(modalities)
 
     rng, rng_second, rng_about = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
-    rng_long, rng_behind = random.Random(seed + 3), random.Random(seed + 8)
+    rng_long, rng_behind, rng_plain = random.Random(seed + 3), random.Random(seed + 8), random.Random(seed + 11)
     tallies: dict[str, Tally] = defaultdict(Tally)
     for i in range(count):
         for modality in ("image", "video", "audio"):
@@ -199,6 +201,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
             played = render_audio(seed + 10, i, seconds=seconds).data
             reply = client.chat(question, ("audio", played))
             _judge_words(tallies["describe a longer tone"], "audio", reply["text"], shown.attributes)
+        _ordinary_inputs(client, tallies, rng_plain, seed, i, runs)
         still = render("image", seed + 2, i)
         motion = rng.choice(CLASSES["motion"])
         animate = rng.choice(TO_VIDEO["eval"]).format(m=motion)
@@ -270,3 +273,39 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
                 row.add("shape", got.shape == wanted.shape)
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}
+
+
+def typed(text: str) -> str:
+    """A held-out request as people often type it: no final stop, a lower-case first letter."""
+    return text.rstrip(".!?")[:1].lower() + text.rstrip(".!?")[1:]
+
+
+def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random.Random, seed: int, i: int,
+                     runs: Callable[..., bool]) -> None:
+    """What people type that the world's phrasings are not: a request in lower case with no full stop, small
+    talk (a greeting, thanks, a question about the assistant or beyond it), and a thing the world does not hold.
+    Held-out phrasings and held-out outside words throughout."""
+    # The modalities in turn (not drawn), so that a partial run (``modalities``) asks a known number of these.
+    modality: WorldModality = MODALITIES[i % 3]  # type: ignore[assignment]
+    asked = render(modality, seed + 11, i).attributes
+    request = typed(rng.choice(CREATE["eval"][modality]).format(x=caption(modality, asked)))
+    kind = rng.choice(sorted(SMALL_TALK))
+    phrasings, expected = SMALL_TALK[kind]
+    talk = rng.choice(phrasings["eval"])
+    outside_modality: WorldModality = MODALITIES[(i + 1) % 3]  # type: ignore[assignment]
+    outside = rng.choice(CREATE["eval"][outside_modality]).format(x=outside_request(rng, "eval", outside_modality))
+    if runs(modality):
+        made = _first(client.artifacts(client.chat(request)), modality)
+        row = tallies["a request as typed (lower case, no stop)"]
+        row.add("chose the modality", made is not None)
+        got = _reading(modality, made)
+        row.add("as asked", all(getattr(got, n) == getattr(asked, n) for n in ATTRIBUTES[modality] if n != "size"))
+    reply = client.chat(talk)
+    row = tallies["small talk"]
+    row.add("makes nothing", not reply["artifacts"])
+    row.add("the reply for it", reply["text"].strip() == expected)
+    if runs(outside_modality):
+        reply = client.chat(outside)
+        row = tallies["a thing outside the world"]
+        row.add("makes nothing", not reply["artifacts"])
+        row.add("says what it can make", reply["text"].strip() == CAN_MAKE)

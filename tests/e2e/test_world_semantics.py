@@ -33,6 +33,7 @@ import pytest
 from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
+from services.training.world_tasks import CAN_MAKE, SMALL_TALK
 from services.world.api_eval import WorldClient, decode_artifact, words_say
 from services.world.attributes import AUDIO_RATE, CLASSES, Attributes
 from services.world.measures import measure
@@ -328,6 +329,26 @@ AT_ONCE = [(colour, CLASSES["shape"][(i + k) % len(CLASSES["shape"])])
            for i, colour in enumerate(CLASSES["colour"]) for k in (0, 1)]
 
 
+def check_as_typed(client: WorldClient) -> None:
+    """A request as people type it: lower case, no full stop. (A model trained on written sentences alone answered
+    "Draw a blue square" with "H You are is Human is a small blue square." and drew nothing.)"""
+    _makes(client, "image", {"colour": "blue", "shape": "triangle"},
+           lambda own, seed: own.chat("draw a blue triangle", seed=seed), says=("colour", "shape"))
+
+
+def check_small_talk_and_outside_the_world(client: WorldClient) -> None:
+    """A greeting gets the greeting; a thing the world lacks gets what the world holds; neither makes anything.
+    (Before, "hello" got "H" and a sound, "Draw a cat." words and nothing, "Draw a purple hexagon." a green
+    triangle.)"""
+    def one(own: WorldClient, seed: int) -> tuple[bool, object]:
+        hello, cat = own.chat("hello", seed=seed), own.chat("Draw a cat.", seed=seed)
+        ok = not hello["artifacts"] and hello["text"].strip() == SMALL_TALK["greeting"][1] \
+            and not cat["artifacts"] and cat["text"].strip() == CAN_MAKE
+        return ok, (hello["text"], len(hello["artifacts"]), cat["text"], len(cat["artifacts"]))
+
+    _each_seed(client, one)
+
+
 def check_many_at_once(client: WorldClient) -> None:
     """Eight drawings asked for at the same moment: the LLM decodes them in one running batch, and the decoder pool
     draws those that meet in its queue in shared pipeline calls. Each reply's picture must still be its own
@@ -344,7 +365,8 @@ def check_many_at_once(client: WorldClient) -> None:
 
 CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check_picture_shows_what_the_reply_says,
           check_describe, check_describe_on_a_background, check_describe_clip, check_describe_recording, check_film,
-          check_animate, check_second_drawing, check_about_what_it_made, check_about_what_it_made_stateless, check_about_what_it_played_stateless,
+          check_animate, check_second_drawing, check_about_what_it_made, check_about_what_it_made_stateless,
+          check_about_what_it_played_stateless, check_as_typed, check_small_talk_and_outside_the_world,
           check_many_at_once]
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
 # repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service

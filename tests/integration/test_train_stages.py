@@ -30,6 +30,7 @@ from services.encoder.compose import build_encoder_service
 from services.contracts.llm import GenerateParams, SignalEvent, Turn
 from services.llm.hf_backend import HFBackend
 from services.training.runner import StageRun, train_stage
+from services.training.stages import LoraOptions
 from services.world.dataset import write_world
 from tests.support import media
 from tests.support.deepspeed import DEEPSPEED_PYTHON, ZERO2, needs_deepspeed
@@ -133,6 +134,22 @@ def test_three_stages_train_only_their_parts_and_serve(tiny_bundle_dir: Path, wo
     assert bundle.manifest.llm.default_lora == "nextgpt"
     assert (s3 / "lora" / "nextgpt" / "adapter_config.json").is_file()
     assert report3["held_out_after"] != report3["held_out_before"]
+
+    # Trained further from its own adapter (`--resume-lora`): the held-out losses it starts from are those s3 ended
+    # with (its adapter came back, not a fresh one), and they move on. An adapter the bundle lacks, or of another
+    # rank (the tiny bundle's own is r=8), is refused.
+    report4 = train_stage(StageRun(stage="instruct", bundle=s3, data=world, out=tmp_path / "instruct-more",
+                                   work=tmp_path / "instruct-more.work", steps=10, progress=False, pool_size=256,
+                                   held_out=64, lora=LoraOptions(resume=True)))
+    before, after = report4["held_out_before"], report3["held_out_after"]
+    assert isinstance(before, dict) and isinstance(after, dict)
+    assert before == pytest.approx(after, rel=1e-4)
+    assert report4["held_out_after"] != before
+    for lora, reason in ((LoraOptions(name="other", resume=True), "has no LoRA 'other' to resume"),
+                         (LoraOptions(resume=True), "LoRA 'nextgpt' has r=8, not 32")):
+        with pytest.raises(ValueError, match=reason):
+            train_stage(StageRun(stage="instruct", bundle=s2, data=world, out=tmp_path / "refused", steps=1,
+                                 work=tmp_path / "refused.work", progress=False, pool_size=8, held_out=0, lora=lora))
 
     # The trained bundle serves: its LoRA is loaded and selected, and a signal group comes out conditioned.
     backend = HFBackend(bundle)

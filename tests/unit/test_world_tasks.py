@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 from services.training.world_tasks import (
-    BOTH, CREATE, DESCRIBE, OPEN_CREATE, RECOLOUR, TO_IMAGE, TO_VIDEO, WRAP_RATE, about_made_task,
-    another_request_task, describe_task, encoder_alignment, training_phrasings, wrappable,
+    BOTH, CAN_MAKE, CREATE, DESCRIBE, OPEN_CREATE, OUTSIDE, RECOLOUR, SMALL_TALK, TO_IMAGE, TO_VIDEO,
+    TYPED_BARE_RATE, TYPED_LOWER_RATE, WRAP_RATE, about_made_task, another_request_task, describe_task,
+    encoder_alignment, instruction, outside_task, small_talk_task, training_phrasings, wrappable,
 )
 from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, caption
 from services.world.text import QUESTIONS
@@ -16,6 +17,10 @@ TABLES = {"describe": DESCRIBE, "create": CREATE, "open create": OPEN_CREATE, "t
 # The words that carry the eval phrasings' meaning: the model must understand them without having trained on them.
 EVAL_ONLY_WORDS = {"contains", "render", "sketch", "synthesize", "set", "motion", "towards", "redo", "recording",
                    "choice"}
+
+# The words that carry the held-out small talk's meaning.
+TALK_EVAL_ONLY_WORDS = {"greetings", "afternoon", "talents", "abilities", "appreciated", "cheers", "football",
+                        "summarize"}
 
 
 def _sentences(options: list[str] | dict[str, list[str]]) -> list[str]:
@@ -108,3 +113,43 @@ def test_a_question_about_what_was_made_is_answered_from_it() -> None:
             kinds.add("described" if described else "answered")
             assert described or any(c.reply.endswith(f"{getattr(attrs, n)}.") for n in ATTRIBUTES[modality])
     assert kinds == {"described", "answered"}
+
+
+def test_small_talk_and_things_outside_the_world_are_held_out_in_words_too() -> None:
+    """Small talk and requests for what the world lacks: the eval phrasings and outside words appear in no
+    training phrasing, the outside words name no class of the world, and each gets its one reply, making nothing."""
+    trained_talk = {s for phrasings, _ in SMALL_TALK.values() for s in phrasings["train"]}
+    held_talk = {s for phrasings, _ in SMALL_TALK.values() for s in phrasings["eval"]}
+    bare = [s for table in TABLES.values() for s in _sentences(table["train"])] + sorted(trained_talk)
+    trained = {form for s in bare for form in training_phrasings(s)}
+    outside_trained = {w for words in OUTSIDE["train"].values() for w in words}
+    outside_held = {w for words in OUTSIDE["eval"].values() for w in words}
+    assert not held_talk & trained
+    assert TALK_EVAL_ONLY_WORDS <= _words(held_talk)
+    assert not TALK_EVAL_ONLY_WORDS & _words(trained)
+    assert not (_words(outside_held) - {"a"}) & _words(trained | outside_trained)
+    world = {w for name in ("colour", "shape", "size", "motion", "pitch", "rhythm") for w in CLASSES[name]}
+    assert not _words(outside_trained | outside_held) & world
+    rng = random.Random(0)
+    for split in ("train", "eval"):
+        talk = [small_talk_task(rng, split, _draw) for _ in range(200)]
+        assert {c.reply for c in talk} == {reply for _, reply in SMALL_TALK.values()}
+        assert all(not c.outputs and not c.inputs for c in talk)
+        asked = [outside_task(rng, split, _draw) for _ in range(300)]
+        assert {c.reply for c in asked} == {CAN_MAKE} and all(not c.outputs for c in asked)
+        words = _words({c.turns[0].text for c in asked})
+        assert words & _words(outside_held if split == "eval" else outside_trained)
+        assert not words & (_words(outside_trained if split == "eval" else outside_held) - {"a"})
+
+
+def test_stage_three_user_turns_come_as_typed_in_training_only() -> None:
+    """In training a user turn may lose its final stop and start in lower case, at their rates; the replies and
+    the held-out conversations stay as written."""
+    rng = random.Random(0)
+    train = [instruction(rng, "train", _draw) for _ in range(4000)]
+    last = [c.turns[-1].text for c in train]
+    assert abs(sum(not t.endswith((".", "?", "!")) for t in last) / len(last) - TYPED_BARE_RATE) < 0.03
+    assert abs(sum(t[0].islower() for t in last) / len(last) - TYPED_LOWER_RATE) < 0.03
+    assert all(t.text.endswith(".") for c in train for t in c.turns if t.role == "assistant")
+    held = [instruction(rng, "eval", _draw) for _ in range(500)]
+    assert all(t.text.endswith((".", "?", "!")) and t.text[0].isupper() for c in held for t in c.turns)
