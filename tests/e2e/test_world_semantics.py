@@ -8,8 +8,9 @@ hear?" about a tone sent as a phone's .m4a names its pitch and rhythm, a clip
 asked for is of the colour and moves the way asked, "make this move right" with a picture of a green square
 returns a green clip moving right, a second drawing asked for in a conversation is the new one, not the
 first again, "what is in this picture?" about the picture just made describes it (in a kept conversation, and
-from a stateless client's history through the OpenAI endpoint), and eight drawings asked
-for at once, decoded together, are each their own request's. These pass only when every piece of wiring is right:
+from a stateless client's history through the OpenAI endpoint), "draw a blue triangle" typed in lower case with no
+stop draws one, "hello" gets the greeting and "Draw a cat." what the world holds (nothing made), and eight drawings
+asked for at once, decoded together, are each their own request's. These pass only when every piece of wiring is right:
 the encoder's preprocessing and projection, the prompt layout (history included), the LLM's hidden states at the
 bundle's offset, the projectors and their signal rows, the decoders' conditioning and guidance. No
 ``require_modalities`` (but in the stop-string check): the model picks the modality from the words. Each check's
