@@ -128,7 +128,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         texts, files, artifacts = [], [], []
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
         if not isinstance(parts, list):
-            raise InvalidRequestError(f"messages[{i}].content must be a string or a list", param=f"messages[{i}]")
+            raise InvalidRequestError(f"messages[{i}].content must be a string or a list", code="invalid_content",
+                                      param=f"messages[{i}]")
         if role == "assistant":  # the pictures and clips of our own answer, as it gave them (its extension)
             parts = [*parts, *(p for p in [*_list(message.get("images")), *_list(message.get("videos"))]
                                if isinstance(p, dict) and p.get("type") in ("image_url", "video_url"))]
@@ -139,11 +140,13 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if role in ("system", "developer") and kind != "text":  # folded into the first turn's words
-                raise InvalidRequestError(f"{where}: {role} messages take text only", param=where)
+                raise InvalidRequestError(f"{where}: {role} messages take text only", code="unsupported_content_part",
+                                          param=where)
             if kind == "text":
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise InvalidRequestError(f"{where}.text must be a string", param=f"{where}.text")
+                    raise InvalidRequestError(f"{where}.text must be a string", code="invalid_content",
+                                              param=f"{where}.text")
                 texts.append(text)
             elif kind in ("image_url", "video_url"):
                 ref = part.get(kind)
@@ -163,14 +166,15 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                 audio = part.get("input_audio")
                 if not isinstance(audio, dict):
                     raise InvalidRequestError(f"{where}.input_audio must be an object with 'data' and 'format'",
-                                              param=where)
+                                              code="invalid_content", param=where)
                 try:
                     data = base64.b64decode(str(audio.get("data", "")), validate=True)
                 except (binascii.Error, ValueError) as exc:
                     raise InvalidRequestError(f"{where}: invalid base64", code="invalid_base64", param=where) from exc
                 files.append(_add(uploads, data, where, max_files))
             else:
-                raise InvalidRequestError(f"{where}: unsupported content part {kind!r}", param=where)
+                raise InvalidRequestError(f"{where}: unsupported content part {kind!r}", code="unsupported_content_part",
+                                          param=where)
         if role in ("system", "developer"):  # "developer": OpenAI's newer name for system instructions
             system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
         elif role in ("user", "assistant"):
@@ -179,7 +183,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             except ValidationError as exc:
                 raise invalid_fields(exc, where=f"messages[{i}]") from exc
         else:
-            raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", param=f"messages[{i}].role")
+            raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", code="unsupported_role",
+                                      param=f"messages[{i}].role")
     if system and messages:
         first = messages[0]
         messages[0] = first.model_copy(update={"content": " ".join([*system, first.content]).strip()})

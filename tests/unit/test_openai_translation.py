@@ -38,6 +38,21 @@ def test_a_text_part_holds_a_string() -> None:
     assert info.value.param == "messages[0].content[0].text"
 
 
+@pytest.mark.parametrize(("message", "code", "param"), [
+    ({"role": "tool", "content": "x", "tool_call_id": "1"}, "unsupported_role", "messages[0].role"),
+    ({"role": "user", "content": [{"type": "file", "file": {"file_data": "x"}}]}, "unsupported_content_part",
+     "messages[0].content[0]"),
+    ({"role": "user", "content": [{"type": "input_audio", "input_audio": "AAAA"}]}, "invalid_content",
+     "messages[0].content[0]"),
+    ({"role": "user", "content": 3}, "invalid_content", "messages[0]"),
+])
+def test_what_is_not_taken_is_named_by_its_own_code(message: dict[str, object], code: str, param: str) -> None:
+    """Each refusal has a code of its own (the error type, invalid_request_error, said nothing more)."""
+    with pytest.raises(InvalidRequestError) as info:
+        _translated(messages=[message, {"role": "user", "content": "hi"}])
+    assert (info.value.code, info.value.param) == (code, param)
+
+
 def test_instructions_are_text_only() -> None:
     """A picture in a system message has no place in the prompt (the instructions join the first turn's words):
     a 400 naming it, not an upload no message refers to."""
