@@ -137,7 +137,8 @@ def main() -> None:
               f"{row['alone']['ttft_p50_ms']:>13} {row['beside']['ttft_p50_ms']:>7} {row['alone']['tok_s_p50']!s:>11} "
               f"{row['beside']['tok_s_p50']!s:>7} {row['beside']['replies']:>14}")
     for row in rows:
-        print(f"  {row['decoder_threads']}: drawing s beside chat {row['draw_s_runs']}, alone {row['draw_alone_s_runs']}")
+        print(f"  {row['decoder_threads']}: drawing s beside chat {row['draw_s_runs']}, "
+              f"alone {row['draw_alone_s_runs']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cores": os.cpu_count(), "images": args.images, "chatters": args.chatters,
                                     "tokens": args.tokens, "rows": rows}, indent=2))

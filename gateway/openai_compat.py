@@ -173,8 +173,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                     raise InvalidRequestError(f"{where}: invalid base64", code="invalid_base64", param=where) from exc
                 files.append(_add(uploads, data, where, max_files))
             else:
-                raise InvalidRequestError(f"{where}: unsupported content part {kind!r}", code="unsupported_content_part",
-                                          param=where)
+                raise InvalidRequestError(f"{where}: unsupported content part {kind!r}",
+                                          code="unsupported_content_part", param=where)
         if role in ("system", "developer"):  # "developer": OpenAI's newer name for system instructions
             system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
         elif role in ("user", "assistant"):

@@ -89,7 +89,8 @@ class NextGPTTrainable(nn.Module):
             return
         entry = next((e for e in self.manifest.llm.loras if e.name == name), None)
         if entry is None:
-            raise ValueError(f"the bundle has no LoRA {name!r} to resume; it has {[e.name for e in self.manifest.llm.loras]}")
+            names = [e.name for e in self.manifest.llm.loras]
+            raise ValueError(f"the bundle has no LoRA {name!r} to resume; it has {names}")
         if entry.rank != rank:
             raise ValueError(f"the bundle's LoRA {name!r} has r={entry.rank}, not {rank}")
         # PEFT upcasts an fp16 adapter (a packed bundle's) to the base model's float32.

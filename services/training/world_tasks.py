@@ -86,13 +86,13 @@ BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", 
                   "Make an image of {x}, then play {y}.", "Show {x} and make a sound: {y}."],
         "eval": ["Could you render {x} and also synthesize {y}?"]}
 
+# What the world holds, said to anything outside it (a question beyond it, a thing it cannot make).
+CAN_MAKE = ("I make pictures and clips of a red, green, blue or yellow circle, square or triangle, and a high or "
+            "low tone.")
 # What people say that asks for nothing in the world: a greeting, thanks, a question about the assistant, one
 # beyond it. Each kind has one reply, in words the world's tokenizer holds whole (replies spelt letter by letter,
 # "only" or "draw", came out garbled after 1500 steps). Trained on the world's requests alone, the model answered
 # "hello" with "H You are you beeping tone." and "What can you do?" the same (probed through the API).
-# What the world holds, said to anything outside it (a question beyond it, a thing it cannot make).
-CAN_MAKE = ("I make pictures and clips of a red, green, blue or yellow circle, square or triangle, and a high or "
-            "low tone.")
 SMALL_TALK: dict[str, tuple[dict[str, list[str]], str]] = {
     # The greeting and "about" replies are the language model's own from its pretraining text (world/text.py).
     "greeting": ({"train": ["Hello!", "Hello.", "Hi!", "Hi.", "Hi there!", "Hey!", "Hey there.", "Good morning!",
@@ -298,13 +298,17 @@ def outside_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     return Conversation([Turn(role="user", text=text)], [], CAN_MAKE, [])
 
 
-def as_typed(rng: random.Random, text: str) -> str:
-    """``text`` as people often type it: without its final stop, with a lower-case first letter."""
-    if rng.random() < TYPED_BARE_RATE:
+def typed(text: str, bare: bool = True, lower: bool = True) -> str:
+    """``text`` as people often type it: without its final stop (``bare``), with a lower-case first letter."""
+    if bare:
         text = text.rstrip(".!?") or text
-    if rng.random() < TYPED_LOWER_RATE:
-        text = text[:1].lower() + text[1:]
-    return text
+    return text[:1].lower() + text[1:] if lower else text
+
+
+def as_typed(rng: random.Random, text: str) -> str:
+    """``typed`` at stage 3's rates: each change drawn on its own."""
+    bare = rng.random() < TYPED_BARE_RATE
+    return typed(text, bare=bare, lower=rng.random() < TYPED_LOWER_RATE)
 
 
 Task = Callable[[random.Random, Split, Draw], Conversation]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
 from services.training.world_tasks import (
-    BOTH, CAN_MAKE, CREATE, DESCRIBE, RECOLOUR, SMALL_TALK, TO_VIDEO, outside_request,
+    BOTH, CAN_MAKE, CREATE, DESCRIBE, RECOLOUR, SMALL_TALK, TO_VIDEO, outside_request, typed,
 )
 from services.world.attributes import ATTRIBUTES, AUDIO_RATE, CLASSES, VIDEO_FPS, Attributes, WorldModality, caption
 from services.world.measures import measure
@@ -273,11 +273,6 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
                 row.add("shape", got.shape == wanted.shape)
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}
-
-
-def typed(text: str) -> str:
-    """A held-out request as people often type it: no final stop, a lower-case first letter."""
-    return text.rstrip(".!?")[:1].lower() + text.rstrip(".!?")[1:]
 
 
 def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random.Random, seed: int, i: int,
