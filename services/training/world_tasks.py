@@ -7,6 +7,7 @@ trains on, so an evaluation can ask in words the model has not seen.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -23,13 +24,14 @@ DESCRIBE = {
     "train": {
         "image": ["Describe this picture.", "What is in this image?", "What do you see?", "Tell me what this shows.",
                   "Caption this picture.", "What is this?", "Explain the image.", "Give a caption for this.",
-                  "What is in this picture?", "What does this picture show?", "What is shown here?"],
+                  "What is in this picture?", "What does this picture show?", "What is shown here?",
+                  "Describe it."],
         "video": ["Describe this clip.", "What happens in this video?", "What do you see in the clip?",
                   "Caption this video.", "Tell me what this video shows.", "What is moving here?",
-                  "What is in this video?", "What does this clip show?"],
+                  "What is in this video?", "What does this clip show?", "Describe it."],
         "audio": ["Describe this sound.", "What do you hear?", "What is this audio?", "Caption this sound.",
                   "Tell me about this tone.", "What does this sound like?", "What is in this sound?",
-                  "What does this audio play?"],
+                  "What does this audio play?", "Describe it."],
     },
     "eval": {
         "image": ["Can you tell me what this picture contains?", "Please describe the image for me."],
@@ -81,9 +83,15 @@ RECOLOUR = {"train": ["Now make it {c}.", "Make it {c} instead.", "Change the co
                       "Try it in {c}.", "Now do it in {c}.", "Make that one {c}.", "The same in {c}, please.",
                       "I want it {c}.", "Paint it {c} now."],
             "eval": ["Could you redo it in {c}?"]}
-BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.", "Make a picture of {x} and a sound of {y}.",
-                  "Paint {x} and produce {y}.", "I want a picture of {x} and a sound of {y}.",
-                  "Make an image of {x}, then play {y}.", "Show {x} and make a sound: {y}."],
+# Two media asked for at once, in many verbs: with seven phrasings (weight 0.7), the mix with small talk and things
+# outside the world made "could you render X and also synthesize Y?" (two verbs no phrasing has) a request for Y
+# alone 13 times in 48 (the picture left out).
+BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.",
+                  "Make a picture of {x} and a sound of {y}.", "Paint {x} and produce {y}.", "I want a picture of {x} and a sound of {y}.",
+                  "Make an image of {x}, then play {y}.", "Show {x} and make a sound: {y}.",
+                  "Create {x} and generate {y}.", "Give me {x} together with {y}.", "I need {x}, plus {y}.",
+                  "Generate an image of {x} and audio of {y}.", "Draw {x}; next, play {y}.",
+                  "Make {x} and {y}.", "Paint {x} as well as {y}."],
         "eval": ["Could you render {x} and also synthesize {y}?"]}
 
 # What the world holds, said to anything outside it (a question beyond it, a thing it cannot make).
@@ -96,25 +104,35 @@ CAN_MAKE = ("I make pictures and clips of a red, green, blue or yellow circle, s
 SMALL_TALK: dict[str, tuple[dict[str, list[str]], str]] = {
     # The greeting and "about" replies are the language model's own from its pretraining text (world/text.py).
     "greeting": ({"train": ["Hello!", "Hello.", "Hi!", "Hi.", "Hi there!", "Hey!", "Hey there.", "Good morning!",
-                            "Good evening.", "Hello there.", "Hiya!", "Yo!"],
+                            "Good evening.", "Hello there.", "Hiya!", "Yo!",
+                            "Good day.", "Howdy!", "Hello, assistant!", "Hi, assistant.", "Morning!",
+                            "Hey, hello!", "Salutations!"],
                   "eval": ["Greetings!", "Good afternoon."]},
                  "Hello! I can look at pictures, clips and sounds, and make them."),
     "about": ({"train": ["What can you do?", "Who are you?", "What are you?", "Help.", "Help me.", "What do you do?",
                          "Tell me about yourself.", "How does this work?", "What can I ask you?", "What do you make?",
-                         "How can you help?"],
+                         "How can you help?", "What are your skills?", "What are you good at?", "Describe yourself.",
+                         "Explain what you do.", "What are you able to do?", "What is your job?",
+                         "Introduce yourself.", "What kind of assistant are you?"],
                "eval": ["Which talents do you have?", "Explain your abilities."]},
               "I am an assistant that sees pictures, watches clips, hears sounds and makes them."),
     "thanks": ({"train": ["Thank you.", "Thank you!", "Thanks!", "Thanks.", "Thanks a lot.", "Great, thanks.",
-                          "Nice, thank you.", "Cool, thanks!", "Perfect, thanks."],
+                          "Nice, thank you.", "Cool, thanks!", "Perfect, thanks.", "Many thanks.", "Thanks so much!",
+                          "Much obliged.", "Wonderful, thank you.", "That is great, thanks.", "Ta!", "Thx."],
                 "eval": ["Much appreciated.", "Cheers!"]},
                "You are welcome."),
     "beyond": ({"train": ["What is 2+2?", "Tell me a joke.", "What time is it?", "What is the capital of France?",
                           "Write a poem.", "How are you?", "Tell me a story.", "What is the weather like?",
                           "Translate this into French.", "Who is the president?", "Write some code.",
-                          "What day is it today?"],
+                          "What day is it today?", "What is the meaning of life?", "Can you book a flight?",
+                          "Who wrote Hamlet?", "Give me some advice.", "What is your favourite food?",
+                          "How tall is Mount Everest?"],
                 "eval": ["Who won the football match?", "Summarize the news for me."]},
                CAN_MAKE),
 }
+# Asked to describe or about a medium when none was sent and nothing was made before: the model asks which one and
+# says what it takes. Before, "describe it" with no medium got the greeting. Whole-word tokens, as SMALL_TALK's.
+NOTHING_SENT = "What picture, clip or tone? I can look at pictures, clips and sounds."
 # Things outside the world, asked for in the create phrasings ("Draw a purple circle.", "Play a song."): the model
 # says what it can make (CAN_MAKE) and makes nothing. Before, "Draw a purple hexagon." drew a big green triangle,
 # "Play some music." a big green circle, and "draw a cat" got words with nothing made.
@@ -143,13 +161,19 @@ WRAP_RATE = 0.5
 
 
 def wrappable(sentence: str) -> bool:
-    """An imperative the wrappers read well around (not a question, a first-person wish or a fragment)."""
-    return sentence.endswith(".") and ":" not in sentence and sentence.split()[0] not in {"I", "Same,"}
+    """An imperative the wrappers read well around (not a question, a first-person wish, a fragment or a request
+    that says please already)."""
+    return sentence.endswith(".") and ":" not in sentence and sentence.split()[0] not in {"I", "Same,", "The"} \
+        and "please" not in sentence.lower()
 
 
 def wrap(template: str, sentence: str) -> str:
+    """``sentence`` inside ``template``, in one pass: a phrasing's own ``{c}`` (RECOLOUR's colour) is not a
+    wrapper's slot. (Replaced one slot after the other, "Now do it in {c}." inside "{C}, please." became "Now do it
+    in now do it in {c}, please." in training.)"""
     core = sentence[:-1]
-    return template.replace("{C}", core).replace("{c}", core[0].lower() + core[1:])
+    lower = core[0].lower() + core[1:]
+    return re.sub(r"\{[Cc]\}", lambda slot: core if slot.group() == "{C}" else lower, template)
 
 
 def training_phrasings(sentence: str) -> list[str]:
@@ -254,12 +278,15 @@ def follow_up_task(rng: random.Random, split: Split, draw: Draw) -> Conversation
     return Conversation(turns, [("image", first)], f"Here is {caption('image', second)}.", [("image", second)])
 
 
+# What an attribute question calls the medium it is about.
+THING: dict[WorldModality, str] = {"image": "this picture", "video": "the thing in this clip", "audio": "this tone"}
+
+
 def question_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     modality: WorldModality = rng.choice(["image", "video", "audio"])
     attrs = draw(modality)
     name = rng.choice(ATTRIBUTES[modality])
-    thing = {"image": "this picture", "video": "the thing in this clip", "audio": "this tone"}[modality]
-    turn = Turn(role="user", text=_attribute_question(rng, split, name, thing), media=[0])
+    turn = Turn(role="user", text=_attribute_question(rng, split, name, THING[modality]), media=[0])
     return Conversation([turn], [(modality, attrs)], ANSWERS[name].format(value=getattr(attrs, name)), [])
 
 
@@ -274,6 +301,17 @@ def _attribute_question(rng: random.Random, split: Split, name: str, thing: str)
 def small_talk_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     phrasings, reply = SMALL_TALK[rng.choice(sorted(SMALL_TALK))]
     return Conversation([Turn(role="user", text=rng.choice(phrasings[split]))], [], reply, [])
+
+
+def nothing_sent_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """A description or an attribute asked for with no medium in the conversation."""
+    modality: WorldModality = rng.choice(["image", "video", "audio"])
+    if rng.random() < 0.7:
+        text = _phrase(rng, DESCRIBE, split, modality, wrapped=True)
+    else:
+        name = rng.choice(ATTRIBUTES[modality])
+        text = _attribute_question(rng, split, name, THING[modality])
+    return Conversation([Turn(role="user", text=text)], [], NOTHING_SENT, [])
 
 
 def outside_request(rng: random.Random, split: Split, modality: WorldModality) -> str:
@@ -311,13 +349,32 @@ def as_typed(rng: random.Random, text: str) -> str:
     return typed(text, bare=bare, lower=rng.random() < TYPED_LOWER_RATE)
 
 
+# System prompts that clients send before the first user turn (OpenAI-compatible clients often do), which the
+# server folds into that turn ("You are a helpful assistant. hello"). With none in training, "hello" after "You
+# are a helpful assistant." got CAN_MAKE, and after "You are a helpful assistant that makes images." a tone (probed
+# through /v1/chat/completions). In training, a conversation's first user turn has one before it at SYSTEM_RATE.
+SYSTEM = {
+    "train": ["You are a helpful assistant.", "You are a helpful assistant that makes images.", "Be concise.",
+              "You are an AI assistant.", "Answer briefly.", "You are a friendly bot.", "Always be polite.",
+              "You are a creative assistant.", "Keep answers short.", "You are an expert artist.",
+              "You are NExT-GPT, a multimodal model.", "Reply in English.", "You are a useful AI that can draw."],
+    "eval": ["Act as a careful helper.", "Respond in plain language, please."],
+}
+SYSTEM_RATE = 0.3
+
+
+def with_system(system: str, text: str) -> str:
+    """A first user turn as the server folds a system prompt into it (``gateway.openai_compat``)."""
+    return f"{system} {text}"
+
+
 Task = Callable[[random.Random, Split, Draw], Conversation]
 # The single-request tasks (weights), which also serve as the second request of a conversation. Open requests at 0.8
 # (0.5 before small talk): next to things outside the world ("Draw a cat."), 1500 steps with them at 0.5 made
 # "Draw a picture." a thing outside the world.
 SINGLE_REQUESTS: tuple[tuple[Task, float], ...] = (
     (describe_task, 2.0), (question_task, 1.0), (create_task, 3.0), (open_create_task, 0.8),
-    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 0.7), (small_talk_task, 0.4),
+    (image_to_video_task, 1.0), (video_to_image_task, 0.5), (two_media_task, 1.0), (small_talk_task, 0.6),
     (outside_task, 0.4),
 )
 
@@ -380,9 +437,11 @@ def about_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversatio
 
 
 # Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up, a second request,
-# a question about what was made.
+# a question about what was made, one about a medium never sent (not a second request: after an exchange that made
+# something, "What is in this picture?" is about_made_task's).
 INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
     *SINGLE_REQUESTS, (follow_up_task, 1.2), (another_request_task, 0.8), (about_made_task, 0.5),
+    (nothing_sent_task, 0.5),
 )
 
 
@@ -399,11 +458,14 @@ def decoder_alignment(rng: random.Random, split: Split, draw: Draw) -> Conversat
 
 
 def instruction(rng: random.Random, split: Split, draw: Draw) -> Conversation:
-    """Stage 3: a conversation of the mix; in training, its user turns sometimes as typed (``as_typed``)."""
+    """Stage 3: a conversation of the mix; in training, its user turns sometimes as typed (``as_typed``) and its
+    first one sometimes after a system prompt (``SYSTEM``)."""
     tasks, weights = zip(*INSTRUCT_MIX)
     conversation = rng.choices(tasks, weights=weights)[0](rng, split, draw)
     if split == "eval":
         return conversation
     turns = [t.model_copy(update={"text": as_typed(rng, t.text)}) if t.role == "user" else t
              for t in conversation.turns]
+    if rng.random() < SYSTEM_RATE:
+        turns[0] = turns[0].model_copy(update={"text": with_system(rng.choice(SYSTEM["train"]), turns[0].text)})
     return replace(conversation, turns=turns)

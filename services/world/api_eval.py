@@ -24,7 +24,8 @@ from PIL import Image
 
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
 from services.training.world_tasks import (
-    BOTH, CAN_MAKE, CREATE, DESCRIBE, RECOLOUR, SMALL_TALK, TO_VIDEO, outside_request, typed,
+    BOTH, CAN_MAKE, CREATE, DESCRIBE, NOTHING_SENT, RECOLOUR, SMALL_TALK, SYSTEM, TO_VIDEO, outside_request,
+    typed,
 )
 from services.world.attributes import ATTRIBUTES, AUDIO_RATE, CLASSES, VIDEO_FPS, Attributes, WorldModality, caption
 from services.world.measures import measure
@@ -108,6 +109,18 @@ class WorldClient:
                                       files=[("files", (name, media_file(*media), mime))])
         response.raise_for_status()
         return response.json()
+
+    def complete(self, text: str, system: str, seed: int = 0) -> dict[str, Any]:
+        """``text`` after a ``system`` message through the OpenAI-compatible API: its words, and the modalities of
+        the media it chose to make (``made``; still being made or failed too: the choice is the model's)."""
+        request = {"model": "nextgpt", "max_tokens": 48, "seed": seed,
+                   "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
+        response = self.http.post("/v1/chat/completions", json=request)
+        response.raise_for_status()
+        message = response.json()["choices"][0]["message"]
+        made = [m for m, key in (("image", "images"), ("video", "videos"), ("audio", "audio")) if message.get(key)]
+        made += [m["modality"] for key in ("media_pending", "media_errors") for m in message.get(key, [])]
+        return {"text": message.get("content") or "", "made": made}
 
     def artifacts(self, reply: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
         out = []
@@ -278,8 +291,8 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
 def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random.Random, seed: int, i: int,
                      runs: Callable[..., bool]) -> None:
     """What people type that the world's phrasings are not: a request in lower case with no full stop, small
-    talk (a greeting, thanks, a question about the assistant or beyond it), and a thing the world does not hold.
-    Held-out phrasings and held-out outside words throughout."""
+    talk (a greeting, thanks, a question about the assistant or beyond it), a thing the world does not hold, and a
+    description asked for with no medium sent. Held-out phrasings and held-out outside words throughout."""
     # The modalities in turn (not drawn), so that a partial run (``modalities``) asks a known number of these.
     modality: WorldModality = MODALITIES[i % 3]  # type: ignore[assignment]
     asked = render(modality, seed + 11, i).attributes
@@ -304,3 +317,25 @@ def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random
         row = tallies["a thing outside the world"]
         row.add("makes nothing", not reply["artifacts"])
         row.add("says what it can make", reply["text"].strip() == CAN_MAKE)
+    # A held-out describe phrasing with no medium sent: nothing to describe (drawn last, so the draws above keep
+    # their samples).
+    unsent_modality: WorldModality = MODALITIES[(i + 2) % 3]  # type: ignore[assignment]
+    unsent = rng.choice(DESCRIBE["eval"][unsent_modality])
+    if runs(unsent_modality):
+        reply = client.chat(unsent)
+        row = tallies["asked to describe, nothing sent"]
+        row.add("makes nothing", not reply["artifacts"])
+        row.add("asks which", reply["text"].strip() == NOTHING_SENT)
+    # After a held-out system prompt, as OpenAI-compatible clients send one (the server folds it into the first
+    # turn): a held-out create request of a modality in turn, and held-out small talk.
+    system = rng.choice(SYSTEM["eval"])
+    prompted_modality: WorldModality = MODALITIES[(i + 1) % 3]  # type: ignore[assignment]
+    prompted = rng.choice(CREATE["eval"][prompted_modality]).format(
+        x=caption(prompted_modality, render(prompted_modality, seed + 12, i).attributes))
+    kind = rng.choice(sorted(SMALL_TALK))
+    prompted_talk, expected = rng.choice(SMALL_TALK[kind][0]["eval"]), SMALL_TALK[kind][1]
+    row = tallies["after a system prompt (OpenAI API)"]
+    if runs(prompted_modality):
+        row.add("a request makes it", client.complete(prompted, system, seed=i)["made"] == [prompted_modality])
+    reply = client.complete(prompted_talk, system, seed=i)
+    row.add("small talk: its reply", not reply["made"] and reply["text"].strip() == expected)

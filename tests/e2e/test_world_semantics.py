@@ -34,7 +34,7 @@ import pytest
 from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
-from services.training.world_tasks import CAN_MAKE, SMALL_TALK
+from services.training.world_tasks import CAN_MAKE, NOTHING_SENT, SMALL_TALK
 from services.world.api_eval import WorldClient, decode_artifact, words_say
 from services.world.attributes import AUDIO_RATE, CLASSES, Attributes
 from services.world.measures import measure
@@ -350,6 +350,30 @@ def check_small_talk_and_outside_the_world(client: WorldClient) -> None:
     _each_seed(client, one)
 
 
+def check_nothing_sent_to_describe(client: WorldClient) -> None:
+    """"describe this picture" with no picture sent and none made before: the model asks which, makes nothing.
+    (Before, it got the greeting.)"""
+    def one(own: WorldClient, seed: int) -> tuple[bool, object]:
+        reply = own.chat("describe this picture", seed=seed)
+        return not reply["artifacts"] and reply["text"].strip() == NOTHING_SENT, (reply["text"],
+                                                                                  len(reply["artifacts"]))
+
+    _each_seed(client, one)
+
+
+def check_after_a_system_prompt(client: WorldClient) -> None:
+    """A system prompt before "hello" and before a drawing, through the OpenAI-compatible API (which folds it into
+    the first turn): the greeting, and the picture. (Before, "hello" after "You are a helpful assistant." got the
+    reply for things outside the world, and after "... that makes images." a tone.)"""
+    def one(own: WorldClient, seed: int) -> tuple[bool, object]:
+        hello = own.complete("hello", "You are a helpful assistant.", seed=seed)
+        draw = own.complete("Draw a red circle.", "You are a helpful assistant that makes images.", seed=seed)
+        ok = not hello["made"] and hello["text"].strip() == SMALL_TALK["greeting"][1] and draw["made"] == ["image"]
+        return ok, (hello, draw)
+
+    _each_seed(client, one)
+
+
 def check_many_at_once(client: WorldClient) -> None:
     """Eight drawings asked for at the same moment: the LLM decodes them in one running batch, and the decoder pool
     draws those that meet in its queue in shared pipeline calls. Each reply's picture must still be its own
@@ -368,6 +392,7 @@ CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check
           check_describe, check_describe_on_a_background, check_describe_clip, check_describe_recording, check_film,
           check_animate, check_second_drawing, check_about_what_it_made, check_about_what_it_made_stateless,
           check_about_what_it_played_stateless, check_as_typed, check_small_talk_and_outside_the_world,
+          check_nothing_sent_to_describe, check_after_a_system_prompt,
           check_many_at_once]
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
 # repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service

@@ -21,6 +21,10 @@ class Recorder:
         self.asked.append((text, media[0] if media else None))
         return {"text": "", "artifacts": [], "conversation_id": "c"}
 
+    def complete(self, text: str, system: str, seed: int = 0) -> dict[str, Any]:
+        self.asked.append((f"{system} {text}", None))
+        return {"text": "", "made": []}
+
     def artifacts(self, reply: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
         return []
 
@@ -36,25 +40,27 @@ def _is_subsequence(part: list[Any], whole: list[Any]) -> bool:
     return all(any(item == other for other in rest) for item in part)
 
 
-# Asked whatever the modalities: small talk (text in, text out). Asked of each modality once in three items: a
-# request as typed and a thing outside the world (the modalities in turn).
-ORDINARY = {"small talk", "a request as typed (lower case, no stop)", "a thing outside the world"}
+# Asked whatever the modalities: small talk (text in, text out), with and without a system prompt. Asked of each
+# modality once in three items: a request as typed, a thing outside the world, a description with nothing sent
+# and a request after a system prompt (the modalities in turn).
+ORDINARY = {"small talk", "a request as typed (lower case, no stop)", "a thing outside the world",
+            "asked to describe, nothing sent", "after a system prompt (OpenAI API)"}
 
 
 @pytest.mark.parametrize(("modalities", "asked", "rows"), [
     # without video: its describe (twice: on black and on a background), generate and image -> video rows (4
-    # requests per item) go, and its turn of the ordinary rows (2 of 9)
-    (("image", "audio"), 3 * 20 + 7, {"describe image", "generate image", "describe audio", "generate audio",
+    # requests per item) go, and its turn of the ordinary rows (4 of 15)
+    (("image", "audio"), 3 * 20 + 14, {"describe image", "generate image", "describe audio", "generate audio",
                                       "describe image on a background", "describe a transparent picture",
                                       "describe a longer tone", "two media in one reply",
                                       "follow-up changes one attribute", "a second drawing in a conversation",
                                       "asked about the picture it made", "drawings 4-6 of a conversation",
                                       *ORDINARY}),
-    (("audio",), 3 * 3 + 5, {"describe audio", "generate audio", "describe a longer tone", *ORDINARY}),
+    (("audio",), 3 * 3 + 10, {"describe audio", "generate audio", "describe a longer tone", *ORDINARY}),
 ])
 def test_a_partial_run_keeps_each_rows_items(modalities: tuple[str, ...], asked: int, rows: set[str]) -> None:
     full, all_rows = _run(("image", "video", "audio"))
-    assert len(full) == 3 * 27 and {"image -> video", "describe video on a background"} | ORDINARY <= all_rows
+    assert len(full) == 3 * 30 and {"image -> video", "describe video on a background"} | ORDINARY <= all_rows
     part, part_rows = _run(modalities)
     assert part_rows == rows
     assert len(part) == asked

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 from services.training.world_tasks import (
-    BOTH, CAN_MAKE, CREATE, DESCRIBE, OPEN_CREATE, OUTSIDE, RECOLOUR, SMALL_TALK, TO_IMAGE, TO_VIDEO,
-    TYPED_BARE_RATE, TYPED_LOWER_RATE, WRAP_RATE, about_made_task, another_request_task, describe_task,
-    encoder_alignment, instruction, outside_task, small_talk_task, training_phrasings, wrappable,
+    BOTH, CAN_MAKE, CREATE, DESCRIBE, NOTHING_SENT, OPEN_CREATE, OUTSIDE, RECOLOUR, SMALL_TALK, SYSTEM, SYSTEM_RATE,
+    TO_IMAGE, TO_VIDEO, TYPED_BARE_RATE, TYPED_LOWER_RATE, WRAP_RATE, WRAPPERS, about_made_task, another_request_task,
+    describe_task, encoder_alignment, instruction, nothing_sent_task, outside_task, small_talk_task,
+    training_phrasings, wrap, wrappable,
 )
 from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, caption
 from services.world.text import QUESTIONS
@@ -31,6 +32,10 @@ def _words(sentences: set[str]) -> set[str]:
     return {w.strip(".,?!:").lower() for s in sentences for w in s.split()}
 
 
+def _without_system(text: str) -> str:
+    return next((text[len(s) + 1:] for s in SYSTEM["train"] if text.startswith(f"{s} ")), text)
+
+
 def _draw(modality: str) -> Attributes:
     return Attributes(**{name: CLASSES[name][0] for name in ATTRIBUTES[modality]})
 
@@ -44,6 +49,18 @@ def test_no_training_phrasing_wrapped_or_bare_is_an_eval_phrasing() -> None:
     assert not trained & held_out
     assert EVAL_ONLY_WORDS <= _words(held_out)
     assert not _words(trained) & EVAL_ONLY_WORDS
+
+
+def test_a_phrasings_own_slot_is_not_a_wrappers() -> None:
+    """RECOLOUR's ``{c}`` (the colour) inside a wrapper whose slot is also ``{c}``: the phrasing once, its slot
+    kept for the colour; a phrasing that says please already is not wrapped."""
+    for template in WRAPPERS:
+        wrapped = wrap(template, "Now do it in {c}.").format(c="blue")
+        assert wrapped.lower().count("do it") == 1 and "blue" in wrapped
+    assert not wrappable("The same in {c}, please.")
+    rng = random.Random(0)
+    texts = [c.turns[-1].text for c in (instruction(rng, "train", _draw) for _ in range(3000))]
+    assert not [t for t in texts if any(t.lower().count(w.lower()) > 1 for w in ("do it", "make it", "please"))]
 
 
 def test_stage_three_wraps_about_half_its_requests_stage_one_and_eval_none() -> None:
@@ -142,14 +159,45 @@ def test_small_talk_and_things_outside_the_world_are_held_out_in_words_too() -> 
         assert not words & (_words(outside_trained if split == "eval" else outside_held) - {"a"})
 
 
+def test_a_medium_never_sent_is_asked_for_and_never_after_an_exchange() -> None:
+    """"Describe this picture." with no medium gets NOTHING_SENT and makes nothing; it is never the second request
+    of a conversation, where the earlier exchange's medium is there to describe."""
+    rng = random.Random(0)
+    for split in ("train", "eval"):
+        asked = [nothing_sent_task(rng, split, _draw) for _ in range(300)]
+        assert {c.reply for c in asked} == {NOTHING_SENT}
+        assert all(not c.inputs and not c.outputs and len(c.turns) == 1 for c in asked)
+        held = {s for s in _sentences(DESCRIBE["eval"])}
+        assert ({c.turns[0].text for c in asked} & held) == (held if split == "eval" else set())
+    later = [another_request_task(rng, "train", _draw) for _ in range(2000)]
+    assert all(c.reply != NOTHING_SENT for c in later)
+    mix = [instruction(rng, "train", _draw) for _ in range(3000)]
+    assert 0 < sum(c.reply == NOTHING_SENT for c in mix) / len(mix) < 0.05
+
+
 def test_stage_three_user_turns_come_as_typed_in_training_only() -> None:
     """In training a user turn may lose its final stop and start in lower case, at their rates; the replies and
     the held-out conversations stay as written."""
     rng = random.Random(0)
     train = [instruction(rng, "train", _draw) for _ in range(4000)]
-    last = [c.turns[-1].text for c in train]
+    last = [_without_system(c.turns[-1].text) for c in train]
     assert abs(sum(not t.endswith((".", "?", "!")) for t in last) / len(last) - TYPED_BARE_RATE) < 0.03
     assert abs(sum(t[0].islower() for t in last) / len(last) - TYPED_LOWER_RATE) < 0.03
     assert all(t.text.endswith(".") for c in train for t in c.turns if t.role == "assistant")
     held = [instruction(rng, "eval", _draw) for _ in range(500)]
     assert all(t.text.endswith((".", "?", "!")) and t.text[0].isupper() for c in held for t in c.turns)
+
+
+def test_a_system_prompt_comes_before_the_first_user_turn_in_training_only() -> None:
+    """At its rate, a training conversation's first user turn starts with a training system prompt, as the server
+    folds one in; the held-out ones are in no training conversation, and held-out conversations have none."""
+    assert not set(SYSTEM["train"]) & set(SYSTEM["eval"])
+    rng = random.Random(0)
+    train = [instruction(rng, "train", _draw) for _ in range(4000)]
+    assert all(c.turns[0].role == "user" for c in train)
+    prompted = [c for c in train if c.turns[0].text.startswith(tuple(f"{s} " for s in SYSTEM["train"]))]
+    assert abs(len(prompted) / len(train) - SYSTEM_RATE) < 0.03
+    assert not any(s in t.text for c in train for t in c.turns for s in SYSTEM["eval"])
+    assert all(s not in t.text for c in train for t in c.turns[1:] for s in SYSTEM["train"])
+    held = [instruction(rng, "eval", _draw) for _ in range(500)]
+    assert not any(s in t.text for c in held for t in c.turns for s in SYSTEM["train"] + SYSTEM["eval"])
