@@ -87,8 +87,9 @@ RECOLOUR = {"train": ["Now make it {c}.", "Make it {c} instead.", "Change the co
 # outside the world made "could you render X and also synthesize Y?" (two verbs no phrasing has) a request for Y
 # alone 13 times in 48 (the picture left out).
 BOTH = {"train": ["Draw {x} and play {y}.", "Show me {x} and let me hear {y}.",
-                  "Make a picture of {x} and a sound of {y}.", "Paint {x} and produce {y}.", "I want a picture of {x} and a sound of {y}.",
-                  "Make an image of {x}, then play {y}.", "Show {x} and make a sound: {y}.",
+                  "Make a picture of {x} and a sound of {y}.", "Paint {x} and produce {y}.",
+                  "I want a picture of {x} and a sound of {y}.", "Make an image of {x}, then play {y}.",
+                  "Show {x} and make a sound: {y}.",
                   "Create {x} and generate {y}.", "Give me {x} together with {y}.", "I need {x}, plus {y}.",
                   "Generate an image of {x} and audio of {y}.", "Draw {x}; next, play {y}.",
                   "Make {x} and {y}.", "Paint {x} as well as {y}."],
