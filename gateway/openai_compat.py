@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.artifact_refs import ArtifactRefs, names_artifact
-from services.contracts.chat import ChatMessage, ChatRequest
+from services.contracts.chat import ChatMessage, ChatRequest, with_system
 from services.contracts.errors import InvalidRequestError, invalid_fields
 
 # Parameters before ";base64" (";name=x.png", ";charset=...") are taken: what a file is comes from its bytes.
@@ -187,7 +187,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                                       param=f"messages[{i}].role")
     if system and messages:
         first = messages[0]
-        messages[0] = first.model_copy(update={"content": " ".join([*system, first.content]).strip()})
+        messages[0] = first.model_copy(update={"content": with_system(system, first.content)})
     required: list[Any] = [m for m in (body.modalities or []) if m != "text"]
     # top_p 0 keeps only the most likely token: greedy, which is how both backends run it (vLLM refuses 0).
     greedy = body.top_p == 0.0

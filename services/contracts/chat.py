@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -12,6 +13,12 @@ from services.contracts.ids import HEX_ID_PATTERN
 from services.contracts.llm import StopString
 
 ArtifactUrl = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+def with_system(system: Sequence[str], content: str) -> str:
+    """A first turn's words with the system prompts before them. The model (as the reference) has no system
+    prompt: the OpenAI-compatible API folds one in this way, and stage 3 of the world trains on it this way."""
+    return " ".join([*system, content]).strip()
 
 
 class ChatMessage(BaseModel):

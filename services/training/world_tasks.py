@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from services.contracts.chat import with_system
 from services.contracts.llm import Turn
 from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, WorldModality, caption
 from services.world.text import ANSWERS, QUESTIONS
@@ -364,11 +365,6 @@ SYSTEM = {
 SYSTEM_RATE = 0.3
 
 
-def with_system(system: str, text: str) -> str:
-    """A first user turn as the server folds a system prompt into it (``gateway.openai_compat``)."""
-    return f"{system} {text}"
-
-
 Task = Callable[[random.Random, Split, Draw], Conversation]
 # The single-request tasks (weights), which also serve as the second request of a conversation. Open requests at 0.8
 # (0.5 before small talk): next to things outside the world ("Draw a cat."), 1500 steps with them at 0.5 made
@@ -468,5 +464,5 @@ def instruction(rng: random.Random, split: Split, draw: Draw) -> Conversation:
     turns = [t.model_copy(update={"text": as_typed(rng, t.text)}) if t.role == "user" else t
              for t in conversation.turns]
     if rng.random() < SYSTEM_RATE:
-        turns[0] = turns[0].model_copy(update={"text": with_system(rng.choice(SYSTEM["train"]), turns[0].text)})
+        turns[0] = turns[0].model_copy(update={"text": with_system([rng.choice(SYSTEM["train"])], turns[0].text)})
     return replace(conversation, turns=turns)

@@ -288,6 +288,12 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
     return {task: tally.table() for task, tally in tallies.items()}
 
 
+def _held_out_talk(rng: random.Random) -> tuple[str, str]:
+    """A held-out small-talk phrasing of a kind drawn at random, and the reply its kind was trained to give."""
+    phrasings, reply = SMALL_TALK[rng.choice(sorted(SMALL_TALK))]
+    return rng.choice(phrasings["eval"]), reply
+
+
 def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random.Random, seed: int, i: int,
                      runs: Callable[..., bool]) -> None:
     """What people type that the world's phrasings are not: a request in lower case with no full stop, small
@@ -297,9 +303,7 @@ def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random
     modality: WorldModality = MODALITIES[i % 3]  # type: ignore[assignment]
     asked = render(modality, seed + 11, i).attributes
     request = typed(rng.choice(CREATE["eval"][modality]).format(x=caption(modality, asked)))
-    kind = rng.choice(sorted(SMALL_TALK))
-    phrasings, expected = SMALL_TALK[kind]
-    talk = rng.choice(phrasings["eval"])
+    talk, expected = _held_out_talk(rng)
     outside_modality: WorldModality = MODALITIES[(i + 1) % 3]  # type: ignore[assignment]
     outside = rng.choice(CREATE["eval"][outside_modality]).format(x=outside_request(rng, "eval", outside_modality))
     if runs(modality):
@@ -332,10 +336,9 @@ def _ordinary_inputs(client: WorldClient, tallies: dict[str, Tally], rng: random
     prompted_modality: WorldModality = MODALITIES[(i + 1) % 3]  # type: ignore[assignment]
     prompted = rng.choice(CREATE["eval"][prompted_modality]).format(
         x=caption(prompted_modality, render(prompted_modality, seed + 12, i).attributes))
-    kind = rng.choice(sorted(SMALL_TALK))
-    prompted_talk, expected = rng.choice(SMALL_TALK[kind][0]["eval"]), SMALL_TALK[kind][1]
+    prompted_talk, prompted_expected = _held_out_talk(rng)
     row = tallies["after a system prompt (OpenAI API)"]
     if runs(prompted_modality):
         row.add("a request makes it", client.complete(prompted, system, seed=i)["made"] == [prompted_modality])
     reply = client.complete(prompted_talk, system, seed=i)
-    row.add("small talk: its reply", not reply["made"] and reply["text"].strip() == expected)
+    row.add("small talk: its reply", not reply["made"] and reply["text"].strip() == prompted_expected)
