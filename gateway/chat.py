@@ -24,7 +24,7 @@ from gateway.turn_events import (
     ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, ReplyAccepted, SignalChosen,
     TextComplete, TurnDone, TurnEvent,
 )
-from services.contracts.chat import ArtifactOut, ChatMessage, ChatRequest
+from services.contracts.chat import ArtifactOut, ChatMessage, ChatRequest, with_system
 from services.contracts.bundle_manifest import BundleManifest
 from services.llm.prompt import check_prompt_chars, prompt_starts
 from services.llm.signals import check_signal_budget
@@ -82,6 +82,11 @@ class ChatService:
             conversation = found
         else:
             conversation = Conversation.new(owner)
+        system = request.system()
+        if system and conversation.turns:
+            raise InvalidRequestError(
+                f"system messages open a conversation; conversation {conversation.id} has begun (send them with its "
+                "first request)", code="system_after_start", param="messages")
         referenced = [name for m in request.messages for name in m.files]
         missing = sorted(set(referenced) - set(uploads))
         if missing:
@@ -110,7 +115,13 @@ class ChatService:
                                strict=True))
         kept = len(conversation.turns)
         for message, keys in zip(request.messages, made, strict=True):
-            conversation.turns.append(StoredTurn(message.role, message.content, [vectors[n] for n in message.files],
+            if message.role == "system":
+                continue
+            # The model (as the reference) has no system prompt: the instructions join the first turn's words, as
+            # the OpenAI-compatible API's do and as the world's stage 3 trains on them.
+            first = bool(system) and len(conversation.turns) == kept
+            text = with_system(system, message.content) if first else message.content
+            conversation.turns.append(StoredTurn(message.role, text, [vectors[n] for n in message.files],
                                                  artifact_keys=keys))
         # a message's uploads first, then its artifacts
         await self._encode_generated(conversation.turns[kept:], checked)

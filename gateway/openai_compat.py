@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.artifact_refs import ArtifactRefs, names_artifact
-from services.contracts.chat import ChatMessage, ChatRequest, with_system
+from services.contracts.chat import ChatMessage, ChatRequest
 from services.contracts.errors import InvalidRequestError, invalid_fields
 
 # Parameters before ";base64" (";name=x.png", ";charset=...") are taken: what a file is comes from its bytes.
@@ -122,7 +122,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
                                   param="model")
     uploads: dict[str, bytes | RemoteMedia] = {}
     messages: list[ChatMessage] = []
-    system: list[str] = []
+    system: list[ChatMessage] = []
     for i, message in enumerate(body.messages):
         role, content = message.get("role"), message.get("content")
         texts, files, artifacts = [], [], []
@@ -175,19 +175,18 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
             else:
                 raise InvalidRequestError(f"{where}: unsupported content part {kind!r}",
                                           code="unsupported_content_part", param=where)
-        if role in ("system", "developer"):  # "developer": OpenAI's newer name for system instructions
-            system.append(" ".join(texts))  # the reference has no system prompt: folded into the first turn
-        elif role in ("user", "assistant"):
-            try:
-                messages.append(ChatMessage(role=role, content=" ".join(texts), files=files, artifacts=artifacts))
-            except ValidationError as exc:
-                raise invalid_fields(exc, where=f"messages[{i}]") from exc
-        else:
+        if role not in ("system", "developer", "user", "assistant"):
             raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", code="unsupported_role",
                                       param=f"messages[{i}].role")
-    if system and messages:
-        first = messages[0]
-        messages[0] = first.model_copy(update={"content": with_system(system, first.content)})
+        # "developer": OpenAI's newer name for system instructions (ChatService folds them into the first turn)
+        instructions = role in ("system", "developer")
+        try:
+            out = ChatMessage(role="system" if instructions else role, content=" ".join(texts), files=files,
+                              artifacts=artifacts)
+        except ValidationError as exc:
+            raise invalid_fields(exc, where=f"messages[{i}]") from exc
+        (system if instructions else messages).append(out)
+    messages = [*system, *messages]  # OpenAI takes instructions anywhere; the prompt has them first
     required: list[Any] = [m for m in (body.modalities or []) if m != "text"]
     # top_p 0 keeps only the most likely token: greedy, which is how both backends run it (vLLM refuses 0).
     greedy = body.top_p == 0.0

@@ -24,7 +24,9 @@ def with_system(system: Sequence[str], content: str) -> str:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["user", "assistant"]
+    role: Literal["system", "user", "assistant"] = Field(
+        description="`system`: instructions, text only, before every other message of a conversation's first "
+                    "request; the model has no system prompt, so they join the first message's words")
     content: str = Field(default="", max_length=100_000)
     files: list[str] = Field(default_factory=list, max_length=16, description="Names of uploaded `files` parts")
     artifacts: list[ArtifactUrl] = Field(
@@ -39,6 +41,8 @@ class ChatMessage(BaseModel):
         # An empty request is no question: the model would answer it with whatever its weights fall into.
         if self.role == "user" and not self.content.strip() and not self.files and not self.artifacts:
             raise ValueError("a user message needs text or files")
+        if self.role == "system" and (self.files or self.artifacts):
+            raise ValueError("a system message takes text only")
         return self
 
 
@@ -79,6 +83,18 @@ class ChatRequest(BaseModel):
         if messages and messages[-1].role != "user":
             raise ValueError("the last message must be the user's: the reply answers it")
         return messages
+
+    @field_validator("messages")
+    @classmethod
+    def _system_leads(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        opened = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
+        if any(m.role == "system" for m in messages[opened:]):
+            raise ValueError("system messages come before every other message")
+        return messages
+
+    def system(self) -> list[str]:
+        """The system messages' words (they lead the messages)."""
+        return [m.content for m in self.messages if m.role == "system"]
 
 
 class ArtifactOut(BaseModel):

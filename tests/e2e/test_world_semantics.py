@@ -392,17 +392,17 @@ CHECKS = [check_draw, check_draw_with_stop, check_draw_square, check_tone, check
           check_describe, check_describe_on_a_background, check_describe_clip, check_describe_recording, check_film,
           check_animate, check_second_drawing, check_about_what_it_made, check_about_what_it_made_stateless,
           check_about_what_it_played_stateless, check_as_typed, check_small_talk_and_outside_the_world,
-          check_nothing_sent_to_describe, check_after_a_system_prompt,
-          check_many_at_once]
+          check_nothing_sent_to_describe, check_after_a_system_prompt]  # check_many_at_once: its own test, below
 # On the distributed stack, the checks whose path crosses a process boundary there in a way the others do not
-# repeat: media out through the Celery worker and S3 (draw, tone), an upload through the encoder service
-# (describe), a stop string through the LLM service's stream, history through Redis and S3 with its picture back
-# through the encoder service (second drawing, about what it made), and a batch of asks through all of them. The
-# rest (square, a picture of its choice, clip and recording uploads, film, animate) exercise the model, the
-# preprocessing and the decoder runner, which are the same code in both stacks; the embedded run covers them.
-# Clips through the worker and S3 are checked on the tiny bundle (test_distributed_stack): their conditioning
-# travels as the pictures' and sounds' does, and 8 clips cost the distributed run 40-50 s on a 2-core machine.
-DISTRIBUTED_CHECKS = [check_draw, check_draw_with_stop, check_tone, check_describe, check_second_drawing,
+# repeat: media out through the Celery worker and S3 (a drawing with a stop string, its words through the LLM
+# service's stream; a tone), an upload through the encoder service (describe), history through Redis and S3 with
+# its picture back through the encoder service (second drawing, about what it made), and a batch of asks through
+# all of them. The rest (the plain drawing, which the stop-string one repeats with more checks; square, a picture
+# of its choice, clip and recording uploads, film, animate) exercise the model, the preprocessing and the decoder
+# runner, which are the same code in both stacks; the embedded run covers them. Clips through the worker and S3
+# are checked on the tiny bundle (test_distributed_stack): their conditioning travels as the pictures' and sounds'
+# does, and 8 clips cost the distributed run 40-50 s on a 2-core machine.
+DISTRIBUTED_CHECKS = [check_draw_with_stop, check_tone, check_describe, check_second_drawing,
                       check_about_what_it_made, check_many_at_once]
 
 

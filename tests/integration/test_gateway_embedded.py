@@ -21,6 +21,7 @@ from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
 from tests.support.chat import first_job_id, read_events, read_until_job, wait_for_job_state
+from tests.support.embedded import engines_here
 from tests.support.metrics import metric, samples as metric_samples
 from tests.support.servers import UvicornThread, wait_until
 
@@ -39,15 +40,6 @@ def url(tiny_bundle_dir: Path, cache_dir: Path) -> Iterator[str]:
                                  "resume_grace_s": 3.0})
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         yield server.url
-
-
-def _engines_here(settings: Settings) -> Settings:
-    """``settings`` with the LLM engine and the decoder pipelines in this process: for a test of the gateway's own
-    behaviour under settings of its own. Their own processes (the default, which the module's server runs) take
-    about 8 s more to start and stop, each spawned child importing the model libraries again."""
-    return settings.model_copy(update={
-        "llm": settings.llm.model_copy(update={"engine_process": False}),
-        "decoders": settings.decoders.model_copy(update={"engine_process": False})})
 
 
 def _auth(key: str = KEY) -> dict[str, str]:
@@ -287,6 +279,39 @@ def test_a_conversation_must_end_with_the_user(url: str) -> None:
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
 
 
+def test_system_messages_open_a_conversation_as_the_openai_apis_do(url: str) -> None:
+    """A system message joins the first turn's words, as the OpenAI-compatible API folds it: the same prompt and,
+    greedy, the same reply. A kept conversation's later request cannot add one, and one after another message or
+    with files is refused."""
+    system = {"role": "system", "content": "answer in one short sentence"}
+
+    def native(*first: dict[str, object], **extra: object) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat", headers=_auth(), timeout=60, json={
+            "messages": [*first, {"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0,
+            "allowed_modalities": [], **extra})
+
+    alone, told = native().json(), native(system).json()
+    assert told["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"]
+    folded = httpx.post(f"{url}/v1/chat/completions", headers=_auth(), timeout=60, json={
+        "model": "nextgpt-tiny", "messages": [system, {"role": "user", "content": "hello"}], "max_tokens": 6,
+        "temperature": 0, "modalities": ["text"]}).json()
+    assert folded["usage"]["prompt_tokens"] == told["usage"]["prompt_tokens"]
+    assert folded["choices"][0]["message"]["content"] == told["text"]
+    later = native(system, conversation_id=told["conversation_id"])
+    assert later.status_code == 400 and later.json()["error"]["code"] == "system_after_start", later.text
+    assert native(conversation_id=told["conversation_id"]).status_code == 200  # the conversation goes on
+    for messages, param, words in [
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, system], "messages",
+         "the last message"),
+        ([{"role": "user", "content": "hi"}, system, {"role": "user", "content": "hello"}], "messages",
+         "before every other"),
+        ([{**system, "files": ["a.png"]}, {"role": "user", "content": "hello"}], "messages.0", "text only"),
+    ]:
+        refused = httpx.post(f"{url}/v1/chat", headers=_auth(), json={"messages": messages})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == param and words in refused.json()["error"]["message"]
+
+
 def test_a_user_message_with_nothing_in_it_is_refused(url: str) -> None:
     response = httpx.post(f"{url}/v1/chat", headers=_auth(), json={
         "messages": [{"role": "user", "content": "draw"}, {"role": "assistant", "content": "done"},
@@ -342,7 +367,7 @@ def test_a_turn_whose_media_outlast_the_wait_is_saved_and_its_media_join_later(
         tiny_bundle_dir: Path, tmp_path: Path) -> None:
     import asyncio
 
-    app = embedded_app(Settings(cache_dir=tmp_path, api_keys=KEY), load_bundle(tiny_bundle_dir))
+    app = embedded_app(engines_here(Settings(cache_dir=tmp_path, api_keys=KEY)), load_bundle(tiny_bundle_dir))
     with UvicornThread(app) as server:
         state = app.state.gateway
         owner = state.keys.owner(f"Bearer {KEY}")
@@ -382,7 +407,7 @@ def test_downloads_can_redirect_to_the_object_store(tiny_bundle_dir: Path, tmp_p
     storage = {"backend": "s3", "s3_endpoint_url": s3_info.endpoint_url, "s3_bucket": f"r-{uuid.uuid4().hex[:12]}",
                "s3_access_key_id": s3_info.access_key, "s3_secret_access_key": s3_info.secret_key,
                "s3_create_bucket": True, "redirect_downloads": True, "presign_ttl_s": 600}
-    app = embedded_app(_engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, storage=storage)),
+    app = embedded_app(engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, storage=storage)),
                        load_bundle(tiny_bundle_dir))
     with UvicornThread(app) as server:
         body = httpx.post(f"{server.url}/v1/chat", headers=_auth(), timeout=120, json={
@@ -403,7 +428,7 @@ def test_a_huge_conversation_is_refused_before_it_is_tokenised(tiny_bundle_dir: 
     import resource
     import time
 
-    app = embedded_app(_engines_here(Settings(cache_dir=tmp_path, api_keys=KEY)), load_bundle(tiny_bundle_dir))
+    app = embedded_app(engines_here(Settings(cache_dir=tmp_path, api_keys=KEY)), load_bundle(tiny_bundle_dir))
     # (the default 64 MB bodies)
 
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 10_000} for i in range(255)]
@@ -435,7 +460,7 @@ def test_a_full_server_answers_503_with_retry_after_streamed_or_not(tiny_bundle_
     """Two generations at most (one decoding, one waiting): of eight streamed turns sent at once, those beyond are
     503 with Retry-After (before: 200 streams carrying an 'overloaded' error event, which neither a client's retry
     nor a load balancer can see); the others stream to the end."""
-    settings = _engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, llm={"max_batch": 1, "max_waiting": 1}))
+    settings = engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, llm={"max_batch": 1, "max_waiting": 1}))
     body = {"messages": [{"role": "user", "content": "say a lot"}], "max_tokens": 300, "stream": True}
 
     async def turn(client: httpx.AsyncClient) -> tuple[int, str | None, str]:
@@ -459,7 +484,7 @@ def test_a_full_server_answers_503_with_retry_after_streamed_or_not(tiny_bundle_
 def test_a_caller_over_its_rate_gets_429_saying_how_long_to_wait(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     """One request a minute: the second, at once, is refused with the bucket's wait (a whole minute less the moment
     since the first) as Retry-After, which clients such as the OpenAI SDK honour."""
-    settings = _engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, gateway={"rate_limit_per_minute": 1}))
+    settings = engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, gateway={"rate_limit_per_minute": 1}))
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         assert httpx.post(f"{server.url}/v1/chat", headers=_auth(), json=body, timeout=60).status_code == 200
@@ -472,7 +497,7 @@ def test_an_item_the_full_decoder_queue_refuses_fails_alone(tiny_bundle_dir: Pat
     """One decode job at most in the pool, and a turn that must make three: the first (a slow decode) is made, the
     two the queue cannot take fail on their own, saying why; the words, the turn and the conversation go on
     (before: the whole turn ended in a 503 'overloaded', its text and its first picture thrown away)."""
-    settings = Settings(cache_dir=tmp_path, api_keys=KEY, decoders={"max_queued": 1})
+    settings = engines_here(Settings(cache_dir=tmp_path, api_keys=KEY, decoders={"max_queued": 1}))
     body = {"messages": [{"role": "user", "content": "make all three"}], "max_tokens": 60, "seed": 4,
             "require_modalities": ["image", "video", "audio"], "decoder": {"steps": 40}}
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:

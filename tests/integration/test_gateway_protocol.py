@@ -12,6 +12,7 @@ import pytest
 from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
+from tests.support.embedded import engines_here
 from tests.support.servers import UvicornThread
 
 KEY = "protocol-key"
@@ -19,7 +20,7 @@ KEY = "protocol-key"
 
 @pytest.fixture(scope="module")
 def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=KEY)
+    settings = engines_here(Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=KEY))
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         yield server.url
 

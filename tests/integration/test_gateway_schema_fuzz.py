@@ -18,6 +18,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
+from tests.support.embedded import engines_here
 from tests.support.servers import UvicornThread
 
 KEY = "fuzz-key"
@@ -29,7 +30,7 @@ def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     settings_ = Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=KEY,
                          llm={"max_tokens": 8}, decoders={"time_limit_s": 5, "max_queued": 4},
                          gateway={"max_upload_bytes": 200_000, "heartbeat_s": 1.0})
-    with UvicornThread(embedded_app(settings_, load_bundle(tiny_bundle_dir))) as server:
+    with UvicornThread(embedded_app(engines_here(settings_), load_bundle(tiny_bundle_dir))) as server:
         yield server.url
 
 

@@ -16,6 +16,7 @@ from services.bundle.loader import load_bundle
 from services.cli.compose import embedded_app
 from services.contracts.settings import Settings
 from tests.support import media
+from tests.support.embedded import engines_here
 from tests.support.files_server import PICTURE, files_server
 from tests.support.servers import UvicornThread
 
@@ -289,7 +290,7 @@ def test_options_at_their_unused_values_are_accepted_and_others_refused(client: 
 def test_media_that_fail_are_said_so_streamed_or_not(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     """One decode job at most in the pool and a reply that must make three: the two the queue refuses are listed in
     ``media_errors`` with why (OpenAI's shape has no place for them: before, they were just missing)."""
-    settings = Settings(cache_dir=tmp_path, api_keys="sk-test", decoders={"max_queued": 1})
+    settings = engines_here(Settings(cache_dir=tmp_path, api_keys="sk-test", decoders={"max_queued": 1}))
     ask = {"model": "nextgpt", "max_tokens": 60, "seed": 4, "modalities": ["text", "image", "audio", "video"],
            "messages": [{"role": "user", "content": "make all three"}]}
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
@@ -311,8 +312,7 @@ def test_media_by_url_are_fetched_where_the_operator_allows(tiny_bundle_dir: Pat
     """With ``media_url_fetch`` on, an ``image_url`` part's http(s) URL is fetched: the model gets what the same
     picture as a data URL gives it. A private address (this test's server is on loopback) only with
     ``media_url_private``; a URL that fails is a 400 naming the part."""
-    settings = Settings(cache_dir=tmp_path, gateway={"media_url_fetch": True, "media_url_private": True},
-                        llm={"engine_process": False}, decoders={"engine_process": False})
+    settings = engines_here(Settings(cache_dir=tmp_path, gateway={"media_url_fetch": True, "media_url_private": True}))
     with files_server() as port, UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -330,8 +330,7 @@ def test_media_by_url_are_fetched_where_the_operator_allows(tiny_bundle_dir: Pat
         with pytest.raises(openai.BadRequestError) as missing:
             prompt_tokens(f"http://127.0.0.1:{port}/missing")
         assert (missing.value.code, missing.value.param) == ("media_url_failed", "messages[0].content[1]")
-    private = Settings(cache_dir=tmp_path, gateway={"media_url_fetch": True},
-                       llm={"engine_process": False}, decoders={"engine_process": False})
+    private = engines_here(Settings(cache_dir=tmp_path, gateway={"media_url_fetch": True}))
     with UvicornThread(embedded_app(private, load_bundle(tiny_bundle_dir))) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError) as refused:

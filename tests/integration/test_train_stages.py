@@ -34,6 +34,7 @@ from services.training.stages import LoraOptions
 from services.world.dataset import write_world
 from tests.support import media
 from tests.support.deepspeed import DEEPSPEED_PYTHON, ZERO2, needs_deepspeed
+from tests.support.embedded import engines_here
 from tests.support.servers import UvicornThread, free_port, wait_until
 
 
@@ -206,7 +207,7 @@ def test_a_group_input_projection_trains_and_is_served_like_any_other(tiny_bundl
     assert result.embeddings.shape == (3, 4, bundle.manifest.llm.hidden_size)
     assert not np.allclose(result.embeddings[0], result.embeddings[2], atol=1e-4)  # the picture matters
 
-    settings = Settings(cache_dir=tmp_path / "cache")
+    settings = engines_here(Settings(cache_dir=tmp_path / "cache"))
     with UvicornThread(embedded_app(settings, bundle)) as server:
         group_tokens = _prompt_tokens(server.url)
     with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
