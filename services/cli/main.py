@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
+from services.bundle.staging import check_replaceable
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.contracts.errors import NextGPTError
 from services.contracts.settings import Settings, load_settings
@@ -44,6 +45,7 @@ def bundle_tiny(
     force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
 ) -> None:
     """Build the tiny bundle: the real architectures at tiny width, random weights, offline, in seconds."""
+    check_replaceable(out, force=force)
     from services.bundle.tiny.build import build_tiny_bundle
 
     manifest = build_tiny_bundle(out, seed=seed, force=force)
@@ -66,6 +68,7 @@ def bundle_convert(
     force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
 ) -> None:
     """Convert the released NExT-GPT checkpoint into a bundle, refusing any unused or missing key."""
+    check_replaceable(out, force=force)
     from services.bundle.convert import ConvertOptions, convert_release
     from services.contracts.bundle_manifest import ImageBindConfig
 
@@ -100,6 +103,7 @@ def bundle_pack(
     force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
 ) -> None:
     """Copy a bundle with its weights stored as float16 (loaded back at the services' own dtype)."""
+    check_replaceable(out, force=force)
     from services.bundle.pack import pack_half
 
     pack_half(source, out, force=force)
@@ -360,6 +364,7 @@ def world_assemble(
     force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
 ) -> None:
     """Assemble the pretrained stand-ins into a bundle (projections untrained): where NExT-GPT's stages start."""
+    check_replaceable(out, force=force)
     from services.world.assemble import assemble_base_bundle
 
     manifest = assemble_base_bundle(work, out, seed=seed, force=force)
@@ -407,6 +412,7 @@ def _train(stage: str, bundle: Path, data: Path, out: Path, work: Optional[Path]
            force: bool, media_root: Optional[Path], deepspeed: Optional[Path], pool: int, held_out: int,
            lora: Optional[tuple[str, int, int, bool]] = None,  # instruct's: name, rank, alpha, resume
            input_projection: Optional[InputProjectionSpec] = None) -> None:
+    check_replaceable(out, force=force)  # at once, before the libraries load (train_stage checks it again)
     from services.cli.logs import configure_logging
     from services.training.release_data import DataFormatError
     from services.training.runner import StageRun, train_stage

@@ -11,6 +11,7 @@ import torch
 from accelerate import PartialState
 
 from services.bundle.loader import load_bundle
+from services.bundle.staging import check_replaceable
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.training.examples import Encoded
 from services.training.model import NextGPTTrainable
@@ -73,6 +74,7 @@ def _check_data(run: StageRun) -> bool:
 def train_stage(run: StageRun) -> dict[str, object]:
     spec = STAGES[run.stage]
     world = _check_data(run)
+    check_replaceable(run.out, force=run.force)  # before the run, not at its export
     if run.steps:
         spec = replace(spec, loop=replace(spec.loop, steps=run.steps))
     spec = replace(spec, loop=replace(spec.loop, seed=run.seed, deepspeed=run.deepspeed))

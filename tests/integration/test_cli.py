@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
@@ -95,11 +96,35 @@ def test_list_settings_take_comma_separated_values() -> None:
     assert result.stdout.strip() == "['10.0.0.1', '10.0.0.2']", result.stderr
 
 
-def test_tiny_refuses_to_overwrite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [("bundle", "tiny"), ("bundle", "pack", "{missing}"),
+                                     ("world", "assemble", "--work", "{missing}"),
+                                     ("train", "instruct", "--bundle", "{missing}", "--data", "{world}")],
+                         ids=lambda c: " ".join(c[:2]))
+def test_a_folder_in_the_way_is_refused_before_any_work(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """An --out that holds something, without --force, is refused before anything is read: the inputs here do
+    not exist, so a command that read them first would fail on them instead. (A training run was refused only when
+    it came to write its bundle, after all its steps.)"""
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file").write_text("keep")
-    result = _run("bundle", "tiny", "--out", str(tmp_path / "x"))
-    assert result.returncode == 2 and "--force" in result.stderr
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text("{}")
+    args = [a.format(missing=tmp_path / "missing", world=tmp_path / "world") for a in command]
+    result = _run(*args, "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "exists and is not empty (use --force" in result.stderr, result.stderr
+    assert (tmp_path / "x" / "file").read_text() == "keep"
+
+
+def test_a_training_run_refuses_a_folder_in_the_way_before_its_bundle_loads(tmp_path: Path) -> None:
+    """The same from Python (a notebook, accelerate launch of our runner)."""
+    from services.training.runner import StageRun, train_stage
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file").write_text("keep")
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="use --force"):
+        train_stage(StageRun(stage="instruct", bundle=tmp_path / "missing", data=tmp_path / "world",
+                             out=tmp_path / "x", work=tmp_path / "x.work"))
 
 
 def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) -> None:
