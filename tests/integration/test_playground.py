@@ -4,12 +4,14 @@ and both media appear in the page, loaded from their signed URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -28,9 +30,14 @@ CHROMEDRIVER = os.environ.get("NEXTGPT_TEST_CHROMEDRIVER", "/usr/bin/chromedrive
 
 
 @pytest.fixture(scope="module")
-def url(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     settings = engines_here(Settings(cache_dir=tmp_path_factory.mktemp("cache"), api_keys=KEY))
-    with UvicornThread(embedded_app(settings, load_bundle(tiny_bundle_dir))) as server:
+    return embedded_app(settings, load_bundle(tiny_bundle_dir))
+
+
+@pytest.fixture(scope="module")
+def url(app: FastAPI) -> Iterator[str]:
+    with UvicornThread(app) as server:
         yield server.url
 
 
@@ -137,3 +144,36 @@ def test_stop_cancels_the_reply_being_written(url: str, browser: webdriver.Chrom
     assert error.text.startswith("stream_cancelled")
     assert not browser.find_elements(By.CSS_SELECTOR, ".turn[data-done=true]")
     wait.until(lambda d: not stop.is_enabled() and d.find_element(By.ID, "send").is_enabled())
+
+
+def test_a_system_prompt_opens_a_conversation_and_is_locked_while_it_goes_on(url: str, app: FastAPI,
+                                                                              browser: webdriver.Chrome) -> None:
+    """The System field goes with a conversation's first request (the API takes it there only), shown above it;
+    the field is locked until "New conversation", and the next message goes without it."""
+    browser.get(f"{url}/")
+    key = browser.find_element(By.ID, "key")
+    key.clear()
+    key.send_keys(KEY)
+    system = browser.find_element(By.ID, "system")
+    system.send_keys("Answer in one short sentence.")
+    wait = WebDriverWait(browser, 120)
+
+    def say(text: str, done: int) -> None:
+        browser.find_element(By.ID, "message").send_keys(text)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn[data-done=true]")) == done
+                   or d.find_elements(By.CSS_SELECTOR, ".error"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+
+    say("hello", 1)
+    turns = browser.find_elements(By.CSS_SELECTOR, ".turn")
+    assert [t.find_element(By.CSS_SELECTOR, ".who").text.lower() for t in turns] == ["system", "you", "nextgpt"]
+    assert not system.is_enabled()
+    say("and again", 2)  # the conversation goes on: no system message in a later request (that would be a 400)
+    gateway = app.state.gateway
+    stored = asyncio.run(gateway.chat.conversations.load(browser.execute_script("return conversationId"),
+                                                         gateway.keys.owner(f"Bearer {KEY}")))
+    assert stored is not None
+    assert [t.text for t in stored.turns if t.role == "user"] == ["Answer in one short sentence. hello", "and again"]
+    browser.find_element(By.ID, "reset").click()
+    assert system.is_enabled() and system.get_attribute("value") == "Answer in one short sentence."
