@@ -24,7 +24,7 @@ from gateway.turn_events import (
     ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, ReplyAccepted, SignalChosen,
     TextComplete, TurnDone, TurnEvent,
 )
-from services.contracts.chat import ArtifactOut, ChatMessage, ChatRequest, with_system
+from services.contracts.chat import ArtifactOut, ChatMessage, ChatRequest
 from services.contracts.bundle_manifest import BundleManifest
 from services.llm.prompt import check_prompt_chars, prompt_starts
 from services.llm.signals import check_signal_budget
@@ -87,6 +87,8 @@ class ChatService:
             raise InvalidRequestError(
                 f"system messages open a conversation; conversation {conversation.id} has begun (send them with its "
                 "first request)", code="system_after_start", param="messages")
+        if system:
+            conversation.system = system
         referenced = [name for m in request.messages for name in m.files]
         missing = sorted(set(referenced) - set(uploads))
         if missing:
@@ -115,14 +117,9 @@ class ChatService:
                                strict=True))
         kept = len(conversation.turns)
         for message, keys in zip(request.messages, made, strict=True):
-            if message.role == "system":
-                continue
-            # The model (as the reference) has no system prompt: the instructions join the first turn's words, as
-            # the OpenAI-compatible API's do and as the world's stage 3 trains on them.
-            first = bool(system) and len(conversation.turns) == kept
-            text = with_system(system, message.content) if first else message.content
-            conversation.turns.append(StoredTurn(message.role, text, [vectors[n] for n in message.files],
-                                                 artifact_keys=keys))
+            if message.role != "system":  # kept apart (the conversation's system), for every prompt of it
+                conversation.turns.append(StoredTurn(message.role, message.content,
+                                                     [vectors[n] for n in message.files], artifact_keys=keys))
         # a message's uploads first, then its artifacts
         await self._encode_generated(conversation.turns[kept:], checked)
         # Pictures and sounds of a kept conversation add up over its turns; past the LLM's bound on media per
@@ -134,6 +131,7 @@ class ChatService:
                 turns=turns, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                 seed=request.seed, lora=request.lora, stop=request.stop, allowed_modalities=request.allowed_modalities,
                 require_modalities=request.require_modalities, history_turns=kept - start,
+                system=conversation.system,
             )
         except ValidationError as exc:  # a combination the request schema alone cannot rule out
             reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")

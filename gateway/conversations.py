@@ -42,6 +42,9 @@ class Conversation:
     turns: list[StoredTurn] = field(default_factory=list)
     revision: int = 0  # saves so far: a save compares it with the stored one to see whether another turn saved
     loaded: int = 0  # turns it had when loaded: the ones after are this turn's own
+    # Its first request's system messages: kept apart from the turns, so that they open every prompt of it, where
+    # its oldest turns are left out (of the prompt, or of what is kept: ``max_turns``).
+    system: list[str] = field(default_factory=list)
 
     @classmethod
     def new(cls, owner: str | None) -> Conversation:
@@ -68,7 +71,8 @@ class ConversationStore(abc.ABC):
         else:
             turns, revision = stored.turns + ours.turns[ours.loaded:], max(stored.revision, ours.revision)
         kept = turns[-self.max_turns:]
-        return Conversation(ours.id, ours.owner, kept, revision + 1, len(kept))
+        system = stored.system if stored is not None else ours.system
+        return Conversation(ours.id, ours.owner, kept, revision + 1, len(kept), system)
 
     @staticmethod
     def _saved(conversation: Conversation, written: Conversation) -> None:
@@ -82,7 +86,8 @@ def _copy(conversation: Conversation) -> Conversation:
     or another turn's copy."""
     turns = [dataclasses.replace(t, vectors=list(t.vectors), artifact_keys=list(t.artifact_keys),
                                  pending_jobs=list(t.pending_jobs)) for t in conversation.turns]
-    return Conversation(conversation.id, conversation.owner, turns, conversation.revision, len(turns))
+    return Conversation(conversation.id, conversation.owner, turns, conversation.revision, len(turns),
+                        list(conversation.system))
 
 
 class MemoryConversationStore(ConversationStore):
@@ -165,6 +170,7 @@ def encode_conversation(conversation: Conversation) -> bytes:
 
     return json.dumps({
         "id": conversation.id, "owner": conversation.owner, "revision": conversation.revision,
+        "system": conversation.system,
         "turns": [{"role": t.role, "text": t.text, "vectors": vectors(t), "artifact_keys": t.artifact_keys,
                    "pending_jobs": t.pending_jobs} for t in conversation.turns],
     }).encode()
@@ -180,4 +186,5 @@ def decode_conversation(raw: bytes) -> Conversation:
             vectors = list(array.astype(np.float32))
         turns.append(StoredTurn(t["role"], t["text"], vectors, list(t["artifact_keys"]),
                                 list(t.get("pending_jobs", []))))
-    return Conversation(body["id"], body["owner"], turns, body.get("revision", 0), len(turns))
+    return Conversation(body["id"], body["owner"], turns, body.get("revision", 0), len(turns),
+                        list(body.get("system", [])))

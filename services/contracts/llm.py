@@ -42,6 +42,10 @@ class GenerateParams(BaseModel):
     max_signal_groups: int = Field(default=4, ge=0, le=16)
     stop: list[StopString] = Field(
         default_factory=list, max_length=4, description="The reply's text ends before the first of these (not sent)")
+    system: list[Annotated[str, Field(max_length=100_000)]] = Field(
+        default_factory=list, max_length=256,
+        description="Instructions that open the prompt: the model, as the reference, has no system prompt, so they "
+                    "join the words of the prompt's first turn (whichever that is once old exchanges are left out)")
     history_turns: int = Field(
         default=0, ge=0, description="How many leading turns are the conversation the server keeps (not the "
                                      "caller's own messages): where the prompt and the reply's budget would not fit "

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from services.contracts.bundle_manifest import BundleManifest
+from services.contracts.chat import with_system
 from services.contracts.errors import InvalidRequestError
 from services.contracts.llm import GenerateParams
 from services.llm.prompt import MAX_CHARS_PER_TOKEN, check_prompt_chars, prompt_ids, prompt_pieces, prompt_starts
@@ -39,7 +40,7 @@ def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], li
     context = manifest.llm.max_model_len
     limit = min(max_tokens, context - reply)
     own = params.turns[params.history_turns:]
-    check_prompt_chars([t.text for t in own], max_tokens)
+    check_prompt_chars([*params.system, *(t.text for t in own)], max_tokens)
     hidden = manifest.llm.hidden_size
     vectors = media_tokens(media, hidden)
     used = sorted({i for t in params.turns for i in t.media})
@@ -48,7 +49,10 @@ def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], li
                                   code="invalid_media_index", param="turns")
 
     def plan(start: int) -> list[list[int] | int]:
-        return prompt_ids(spec, prompt_pieces(spec, params.turns[start:]), encode)
+        turns = params.turns[start:]
+        if params.system:  # before the words of whichever turn opens the prompt
+            turns = [turns[0].model_copy(update={"text": with_system(params.system, turns[0].text)}), *turns[1:]]
+        return prompt_ids(spec, prompt_pieces(spec, turns), encode)
 
     def length(parts: list[list[int] | int]) -> int:
         return sum(vectors.shape[1] if isinstance(p, int) else len(p) for p in parts)
@@ -56,7 +60,7 @@ def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], li
     # Where the prompt may start: a user turn of the kept conversation, or the request's own first turn. A kept
     # conversation longer in characters than any prompt could hold is cut to that first (no tokenizing it all).
     cuts = prompt_starts([t.role for t in params.turns], params.history_turns)
-    chars = [sum(len(t.text) for t in params.turns[i:]) for i in cuts]
+    chars = [sum(len(t.text) for t in params.turns[i:]) + sum(len(s) + 1 for s in params.system) for i in cuts]
     cuts = [i for i, n in zip(cuts, chars, strict=True) if n <= max_tokens * MAX_CHARS_PER_TOKEN] or cuts[-1:]
     # The prompt's length only shrinks as its start moves later: the earliest start that fits, by bisection.
     low, high = 0, len(cuts) - 1

@@ -250,6 +250,7 @@ async def store(request: pytest.FixtureRequest, redis_info: RedisInfo) -> AsyncI
 
 async def test_conversations_round_trip_bounded_and_private(store: ConversationStore) -> None:
     conversation = Conversation.new("alice")
+    conversation.system = ["Be brief."]
     vectors = [np.arange(8, dtype=np.float32) / 7, np.full(8, -1.5, dtype=np.float32)]
     conversation.turns = [StoredTurn("user", "hi", vectors), StoredTurn("assistant", "hello", [], ["image/k.png"], ["a" * 32])]
     await store.save(conversation)
@@ -263,6 +264,7 @@ async def test_conversations_round_trip_bounded_and_private(store: ConversationS
     await store.save(loaded)
     bounded = await store.load(conversation.id, "alice")
     assert bounded is not None and [t.text for t in bounded.turns] == ["u1", "u2", "u3", "u4"]
+    assert bounded.system == ["Be brief."]  # the first turn left, its system stays with the conversation
 
 
 async def test_turns_of_one_conversation_saved_at_once_are_all_kept(store: ConversationStore) -> None:

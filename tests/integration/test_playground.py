@@ -174,6 +174,7 @@ def test_a_system_prompt_opens_a_conversation_and_is_locked_while_it_goes_on(url
     stored = asyncio.run(gateway.chat.conversations.load(browser.execute_script("return conversationId"),
                                                          gateway.keys.owner(f"Bearer {KEY}")))
     assert stored is not None
-    assert [t.text for t in stored.turns if t.role == "user"] == ["Answer in one short sentence. hello", "and again"]
+    assert stored.system == ["Answer in one short sentence."]
+    assert [t.text for t in stored.turns if t.role == "user"] == ["hello", "and again"]
     browser.find_element(By.ID, "reset").click()
     assert system.is_enabled() and system.get_attribute("value") == "Answer in one short sentence."

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from services.bundle.loader import Bundle, load_bundle
+from services.contracts.chat import with_system
 from services.contracts.errors import InvalidRequestError
 from services.contracts.llm import GenerateParams, Turn
 from services.llm.prompt import prompt_ids, prompt_pieces
@@ -91,3 +92,34 @@ def test_a_kept_conversation_opening_with_a_reply_starts_at_a_request(world: tup
     turns = [Turn(role="assistant", text=" Here is a reply.\n"), Turn(role="user", text="hello")]
     whole = _build(world, GenerateParams(turns=turns, history_turns=1)).shape[0]
     assert whole == _build(world, GenerateParams(turns=turns[1:])).shape[0]
+
+
+def test_a_conversations_system_opens_its_prompt_whichever_turn_opens_it(world: tuple[Bundle, object]) -> None:
+    """The system messages of a kept conversation join the words of the prompt's first turn, also once its oldest
+    exchanges are left out (before, they were stored in its first turn and left with it); they count toward what
+    fits."""
+    bundle, tokenizer = world
+    manifest = bundle.manifest
+    texts: list[str] = []
+
+    def embed(ids: list[int]) -> torch.Tensor:
+        texts.append(tokenizer.decode(ids))  # type: ignore[attr-defined]
+        return torch.zeros(len(ids), manifest.llm.hidden_size)
+
+    def prompt(turns: list[Turn], history: int) -> tuple[str, int]:
+        texts.clear()
+        params = GenerateParams(turns=turns, history_turns=history, max_tokens=64, system=["Be brief."])
+        length = build_prompt_embeddings(manifest, lambda t: tokenizer.encode(t, add_special_tokens=False),  # type: ignore[attr-defined]
+                                         embed, params, None, manifest.llm.max_model_len).shape[0]
+        return " ".join(texts), length
+
+    short = [*_conversation(2, 5), Turn(role="user", text="and now?")]
+    text, length = prompt(short, 4)
+    assert "Be brief. request 0" in text and text.count("Be brief.") == 1
+    assert length == _length(world, [Turn(role="user", text=with_system(["Be brief."], short[0].text)), *short[1:]])
+    long = [*_conversation(12, 300), Turn(role="user", text="and now?")]
+    text, length = prompt(long, 24)
+    assert "request 0 " not in text and text.count("Be brief.") == 1
+    opening = text.index("Be brief.")
+    assert text[opening:].startswith("Be brief. request ") and "request" not in text[:opening]
+    assert length <= manifest.llm.max_model_len - 64
