@@ -178,7 +178,7 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
         if role not in ("system", "developer", "user", "assistant"):
             raise InvalidRequestError(f"messages[{i}]: unsupported role {role!r}", code="unsupported_role",
                                       param=f"messages[{i}].role")
-        # "developer": OpenAI's newer name for system instructions (ChatService folds them into the first turn)
+        # "developer": OpenAI's newer name for system instructions (they join the prompt's first turn's words)
         instructions = role in ("system", "developer")
         try:
             out = ChatMessage(role="system" if instructions else role, content=" ".join(texts), files=files,

@@ -17,7 +17,8 @@ ArtifactUrl = Annotated[str, Field(min_length=1, max_length=2048)]
 
 def with_system(system: Sequence[str], content: str) -> str:
     """A first turn's words with the system prompts before them. The model (as the reference) has no system
-    prompt: the OpenAI-compatible API folds one in this way, and stage 3 of the world trains on it this way."""
+    prompt: the prompt builder (``build_prompt_embeddings``) folds a conversation's system messages into its
+    prompt's first turn this way, and stage 3 of the world trains on them this way."""
     return " ".join([*system, content]).strip()
 
 
@@ -26,7 +27,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"] = Field(
         description="`system`: instructions, text only, before every other message of a conversation's first "
-                    "request; the model has no system prompt, so they join the first message's words")
+                    "request; the model has no system prompt, so they join the words of every prompt's first turn")
     content: str = Field(default="", max_length=100_000)
     files: list[str] = Field(default_factory=list, max_length=16, description="Names of uploaded `files` parts")
     artifacts: list[ArtifactUrl] = Field(
