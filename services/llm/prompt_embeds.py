@@ -60,7 +60,8 @@ def build_prompt_embeddings(manifest: BundleManifest, encode: Callable[[str], li
     # Where the prompt may start: a user turn of the kept conversation, or the request's own first turn. A kept
     # conversation longer in characters than any prompt could hold is cut to that first (no tokenizing it all).
     cuts = prompt_starts([t.role for t in params.turns], params.history_turns)
-    chars = [sum(len(t.text) for t in params.turns[i:]) + sum(len(s) + 1 for s in params.system) for i in cuts]
+    system_chars = sum(len(s) + 1 for s in params.system)  # the same before whichever turn opens the prompt
+    chars = [sum(len(t.text) for t in params.turns[i:]) + system_chars for i in cuts]
     cuts = [i for i, n in zip(cuts, chars, strict=True) if n <= max_tokens * MAX_CHARS_PER_TOKEN] or cuts[-1:]
     # The prompt's length only shrinks as its start moves later: the earliest start that fits, by bisection.
     low, high = 0, len(cuts) - 1
