@@ -50,6 +50,12 @@ async def _read_chat_request(request: Request, st: GatewayState) -> tuple[ChatRe
         form = await read_form(request, max_files=st.settings.max_files, max_fields=4,
                                setting="NEXTGPT_GATEWAY__MAX_FILES")
         try:
+            unknown = sorted(set(form.keys()) - {"request", "files"})
+            if unknown:  # a typo ('file', 'json') would otherwise be dropped without a word
+                raise InvalidRequestError(f"unknown multipart parts {unknown}: send 'request' and 'files'",
+                                          code="invalid_multipart", param=unknown[0])
+            if len(form.getlist("request")) > 1:
+                raise InvalidRequestError("more than one 'request' part", code="invalid_multipart", param="request")
             raw = form.get("request")
             raw = await raw.read() if isinstance(raw, UploadFile) else raw
             for upload in form.getlist("files"):

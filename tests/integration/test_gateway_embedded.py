@@ -153,6 +153,11 @@ def test_a_conversation_goes_on_past_the_llms_bound_on_media(url: str) -> None:
           "files": [("files", (f"{i}.png", media.png(), "image/png")) for i in range(5)]}, 400, "too_many_files"),
         ({"data": {"request": "{}", **{f"f{i}": "x" for i in range(5)}},
           "files": [("files", ("x.png", media.png(), "image/png"))]}, 400, "invalid_multipart"),
+        # A misnamed part ('file' for 'files') is named, not dropped; so is a second request.
+        ({"data": {"request": json.dumps({"messages": [{"role": "user", "content": "x"}]})},
+          "files": [("file", ("x.png", media.png(), "image/png"))]}, 400, "invalid_multipart"),
+        ({"data": {"request": [json.dumps({"messages": [{"role": "user", "files": ["x.png"]}]}), "{}"]},
+          "files": [("files", ("x.png", media.png(), "image/png"))]}, 400, "invalid_multipart"),
         ({"json": {"messages": [{"role": "user", "content": "x"}], "conversation_id": "0" * 32}}, 404, "conversation_not_found"),
         # A sound shorter than the decoder can make is refused before the reply, not failed after it.
         ({"json": {"messages": [{"role": "user", "content": "x"}], "decoder": {"seconds": 0.01}}}, 400, "invalid_request"),
