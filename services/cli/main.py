@@ -356,6 +356,24 @@ def world_invariance(
     typer.echo(f"wrote {written}")
 
 
+@world_app.command("vae-decoder")
+def world_vae_decoder(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose picture VAE to refine (its weights are rewritten)")],
+    work: Annotated[Path, typer.Option(help="Folder for checkpoints and the loss log")],
+    steps: Annotated[Optional[int], typer.Option(help="Steps (default: the recipe's)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+) -> None:
+    """The picture VAE's decoder phase on a bundle that has stages 1-3 already: its decoder learns to draw the
+    small shapes its encoder's latents hold; the encoder, and so everything trained over it, stays. Written to the
+    image decoder and to the clip decoder where it shares that VAE. Resumes from --work."""
+    from services.cli.logs import configure_logging
+    from services.world.pretrain.vae_decoder import refine_bundle_vae
+
+    configure_logging("info")
+    for written in refine_bundle_vae(bundle, work, steps=steps, seed=seed):
+        typer.echo(f"wrote {written}")
+
+
 @world_app.command("assemble")
 def world_assemble(
     work: Annotated[Path, typer.Option(help="Pretraining work folder")],

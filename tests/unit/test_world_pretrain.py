@@ -221,3 +221,79 @@ def test_invariance_command_rewrites_only_the_bundles_vision_and_audio_towers(tm
     refused = CliRunner().invoke(app, ["world", "invariance", "--bundle", str(bundle), "--work", str(tmp_path / "w"),
                                        "--phase", "5"])
     assert refused.exit_code == 2 and "unknown phases [5]" in refused.output
+
+
+def test_the_picture_vae_part_refines_its_decoder_over_an_unchanged_encoder(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--part picture-vae`: the joint phase, then the decoder phase with its share of the budget (400 of 300
+    steps: 4 for 3). What is exported has the joint phase's encoder and scaling factor, so the latents the UNets
+    learn are the same, and a decoder the second phase trained."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
+
+    from services.world.dataset import write_world
+    from services.world.pretrain import vae_decoder
+    from services.world.pretrain.parts import run_picture_vae
+
+    monkeypatch.setattr(vae_decoder, "DECODER_PHASE", replace(vae_decoder.DECODER_PHASE, batch_size=4))
+    write_world(tmp_path / "data", 3, {"image": 8, "video": 4}, progress=False)
+    result = run_picture_vae(tmp_path / "data", tmp_path / "work", steps=3, seed=0, progress=False)
+    folder = tmp_path / "work" / "picture-vae"
+    logged = [json.loads(line) for line in (folder / "decoder" / LOSS_LOG).read_text().splitlines()]
+    assert logged[-1]["step"] == 4 and all(row["recon"] > 0 for row in logged)
+    joint = torch.load(folder / CHECKPOINT, weights_only=False)["module"]
+    exported = AutoencoderKL.from_pretrained(str(result.exported))
+    state = exported.state_dict()
+    encoder = [k for k in joint if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in joint if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(state[k], joint[k]) for k in encoder)
+    assert any(not torch.equal(state[k], joint[k]) for k in decoder)
+    assert result.metrics["scaling_factor"] == exported.config.scaling_factor
+
+
+def test_vae_decoder_command_rewrites_only_the_picture_vaes_decoder(tmp_path: Path, tiny_bundle_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nextgpt world vae-decoder` on a trained bundle: the image decoder's VAE gets a new decoder and keeps its
+    encoder and dtype (fp16, as packed); the clip decoder gets the same VAE where it shared it, and is left alone
+    where it has its own; nothing else of the bundle changes; the manifest's version says so once."""
+    import shutil
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from services.bundle.loader import load_bundle
+    from services.cli.main import app
+    from services.world.pretrain import vae_decoder
+
+    # No warm-up: the first steps' rates (a 50th of the rate) move no fp16 weight.
+    phase = vae_decoder.DECODER_PHASE
+    monkeypatch.setattr(vae_decoder, "DECODER_PHASE", replace(phase, batch_size=2, loop=replace(phase.loop, warmup=1)))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    image, video = (bundle / "decoders" / m / "vae" / vae_decoder.WEIGHTS for m in ("image", "video"))
+    save_file({k: v.half() for k, v in load_file(str(image)).items()}, str(image))  # as a packed bundle keeps it
+
+    def refine(work: str) -> None:
+        untouched = {p: p.read_bytes() for p in bundle.rglob("*")
+                     if p.is_file() and p not in (image, video, bundle / "bundle.json")}
+        result = CliRunner().invoke(app, ["world", "vae-decoder", "--bundle", str(bundle), "--work",
+                                          str(tmp_path / work), "--steps", "2"])
+        assert result.exit_code == 0, result.output
+        assert all(p.read_bytes() == data for p, data in untouched.items())
+
+    before, own_video = {k: v.clone() for k, v in load_file(str(image)).items()}, video.read_bytes()
+    refine("w1")  # the tiny bundle's clip decoder has a VAE of its own
+    after = load_file(str(image))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert set(after) == set(before) and all(after[k].dtype == torch.float16 for k in before)
+    assert video.read_bytes() == own_video
+
+    shutil.copytree(image.parent, video.parent, dirs_exist_ok=True)  # one VAE for both, as the world's
+    refine("w2")
+    assert image.read_bytes() == video.read_bytes() and not torch.equal(load_file(str(image))["decoder.conv_in.weight"],
+                                                                        after["decoder.conv_in.weight"])
+    assert load_bundle(bundle).manifest.version.endswith("+vae-decoder")
+    assert load_bundle(bundle).manifest.version.count("+vae-decoder") == 1

@@ -63,11 +63,17 @@ def _load_picture_vae(work: Path):  # noqa: ANN202 - diffusers type imported laz
 
 
 def run_picture_vae(data: Path, work: Path, steps: int, seed: int, progress: bool) -> PartResult:
+    """Encoder and decoder together, then the decoder alone (``vae_decoder``; ``steps`` scales both phases).
+    Both decoders' UNets train on the latents of the encoder, which the second phase leaves as it is."""
     from services.world.pretrain.decoders import pretrain_picture_vae
+    from services.world.pretrain.vae_decoder import DECODER_PHASE, refine_decoder
 
     folder = work / "picture-vae"
     vae = pretrain_picture_vae(read_world(data, ("image", "video")), LoopConfig(steps=steps, lr=1e-3, seed=seed),
                                folder, progress=progress)
+    loop = dataclasses.replace(DECODER_PHASE.loop, seed=seed,
+                               steps=max(1, DECODER_PHASE.loop.steps * steps // DEFAULT_STEPS["picture-vae"]))
+    vae = refine_decoder(vae, dataclasses.replace(DECODER_PHASE, loop=loop), folder / "decoder", progress=progress)
     vae.save_pretrained(str(folder / "exported"), safe_serialization=True)
     return PartResult("picture-vae", folder / "exported", {"scaling_factor": float(vae.config.scaling_factor)})
 
