@@ -268,13 +268,15 @@ def check_second_drawing(client: WorldClient) -> None:
 def check_about_what_it_made(client: WorldClient) -> None:
     """A question about the picture the previous turn made, with no upload: answered from that picture (back
     through the encoder as history), in words, with nothing new made (before stage 3 trained on it, the model drew
-    the picture again)."""
+    the picture again). A small square: until the picture VAE's decoder phase it drew small squares with rounded
+    corners and a notch, which its own encoder read as a triangle or a circle 4 times in 8 here."""
     def one(own: WorldClient, seed: int) -> tuple[bool, object]:
-        first = own.chat("Draw a green square.", seed=seed)
+        colour = AT_ONCE[seed][0]
+        first = own.chat(f"Draw a small {colour} square.", seed=seed)
         shown = _measured(own, first, "image")
         reply = own.chat("What is in this picture?", conversation_id=first["conversation_id"], seed=seed)
-        ok = shown is not None and not reply["artifacts"] and words_say(reply["text"], "colour", shown.colour) \
-            and words_say(reply["text"], "shape", shown.shape)
+        ok = shown is not None and (shown.colour, shown.shape) == (colour, "square") and not reply["artifacts"] \
+            and words_say(reply["text"], "colour", colour) and words_say(reply["text"], "shape", "square")
         return ok, (reply["text"], shown, len(reply["artifacts"]))
 
     _each_seed(client, one)
