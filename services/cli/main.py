@@ -370,8 +370,12 @@ def world_vae_decoder(
     from services.world.pretrain.vae_decoder import refine_bundle_vae
 
     configure_logging("info")
-    for written in refine_bundle_vae(bundle, work, steps=steps, seed=seed):
-        typer.echo(f"wrote {written}")
+    try:
+        written = refine_bundle_vae(bundle, work, steps=steps, seed=seed)
+    except ValueError as exc:  # a bundle without a picture VAE: said before any training, without a traceback
+        raise typer.BadParameter(str(exc), param_hint="--bundle") from exc
+    for folder in written:
+        typer.echo(f"wrote {folder}")
 
 
 @world_app.command("assemble")

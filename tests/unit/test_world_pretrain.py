@@ -297,3 +297,7 @@ def test_vae_decoder_command_rewrites_only_the_picture_vaes_decoder(tmp_path: Pa
                                                                         after["decoder.conv_in.weight"])
     assert load_bundle(bundle).manifest.version.endswith("+vae-decoder")
     assert load_bundle(bundle).manifest.version.count("+vae-decoder") == 1
+    shutil.rmtree(image.parent)
+    refused = CliRunner().invoke(app, ["world", "vae-decoder", "--bundle", str(bundle), "--work", str(tmp_path / "w3")])
+    words = " ".join(refused.output.replace("│", " ").split())  # the message wraps in rich's box
+    assert refused.exit_code == 2 and "no picture VAE (the image decoder's 'vae' folder) to refine" in words
