@@ -189,6 +189,20 @@ def test_bad_media_errors_name_the_file() -> None:
         preprocess_video(media.mp4(frames=2), "wide.mp4", 60, 1000)
 
 
+@pytest.mark.parametrize("data", [media.png()[:40], media.png()[:200], media.wav()[:100], media.mp4(frames=2)[:100],
+                                  media.mp4(frames=2)[:2000], b"\x00garbage" * 30],
+                         ids=["png-head", "png-cut", "wav-cut", "mp4-head", "mp4-cut", "garbage"])
+def test_bad_media_errors_say_what_is_wrong_with_the_file_not_with_our_buffer(data: bytes) -> None:
+    # PIL and libsndfile name the BytesIO they were handed ("<_io.BytesIO object at 0x7f...>"), FFmpeg an errno
+    # and a file name it never had ("'<none>'"): none of that is the caller's.
+    for read in (lambda: preprocess_image(data, "x.bin", 10**8), lambda: preprocess_audio(data, "x.bin", 60),
+                 lambda: preprocess_video(data, "x.bin", 60, 10**8)):
+        try:
+            read()
+        except MediaError as exc:
+            assert str(exc).startswith("x.bin: ") and not any(leak in str(exc) for leak in ("0x", "Errno", "<none>"))
+
+
 def test_decompression_bomb_refused_before_decoding() -> None:
     buf = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buf, format="PNG")  # ~10 kB file, 81 M pixels

@@ -11,7 +11,7 @@ import torch
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
 from services.contracts.errors import PayloadTooLargeError
-from services.encoder.preprocess import MediaError
+from services.encoder.preprocess import MediaError, reason
 from services.encoder.preprocess.clips import clip_windows
 from services.encoder.preprocess.container_audio import decode_container_audio
 from services.encoder.preprocess.resample import resample
@@ -80,7 +80,7 @@ def decode_audio(data: bytes, name: str, max_seconds: float) -> tuple[torch.Tens
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise MediaError(f"{name}: corrupt or truncated audio ({exc})", code="invalid_audio", param=name) from exc
+        raise MediaError(f"{name}: corrupt or truncated audio ({reason(exc)})", code="invalid_audio", param=name) from exc
     if samples.shape[0] == 0:
         raise MediaError(f"{name}: audio has no samples", code="invalid_audio", param=name)
     return _finite(torch.from_numpy(np.ascontiguousarray(samples.T)), name), int(rate)

@@ -11,7 +11,7 @@ import torch
 
 from services.contracts.errors import PayloadTooLargeError
 from services.encoder.media import InputModality
-from services.encoder.preprocess import MediaError
+from services.encoder.preprocess import MediaError, reason
 from services.encoder.preprocess.decoding import decoded
 
 
@@ -26,7 +26,7 @@ def container_modality(data: bytes, name: str) -> InputModality:
             if container.streams.audio:
                 return "audio"
     except Exception as exc:
-        raise MediaError(f"{name}: not a readable video or audio file ({exc})", code="invalid_video",
+        raise MediaError(f"{name}: not a readable video or audio file ({reason(exc)})", code="invalid_video",
                          param=name) from exc
     raise MediaError(f"{name}: no video or audio stream", code="invalid_video", param=name)
 
@@ -39,7 +39,7 @@ def decode_container_audio(data: bytes, name: str, max_seconds: float) -> tuple[
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
-        raise MediaError(f"{name}: not a readable audio file ({exc})", code="invalid_audio", param=name) from exc
+        raise MediaError(f"{name}: not a readable audio file ({reason(exc)})", code="invalid_audio", param=name) from exc
     with container:
         if not container.streams.audio:
             raise MediaError(f"{name}: no audio stream", code="invalid_audio", param=name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from services.encoder.preprocess import MediaError
+from services.encoder.preprocess import MediaError, reason
 
 
 def decoded(container: Any, stream: Any, name: str, what: str, code: str) -> Iterator[Any]:
@@ -21,7 +21,7 @@ def decoded(container: Any, stream: Any, name: str, what: str, code: str) -> Ite
             return
         except Exception as exc:
             if not produced:
-                raise MediaError(f"{name}: corrupt {what} ({exc})", code=code, param=name) from exc
+                raise MediaError(f"{name}: corrupt {what} ({reason(exc)})", code=code, param=name) from exc
             return
         produced = True
         yield frame

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from services.contracts.errors import PayloadTooLargeError
-from services.encoder.preprocess import MediaError
+from services.encoder.preprocess import MediaError, reason
 from services.encoder.preprocess.clips import clip_windows
 from services.encoder.preprocess.decoding import decoded as decoded_frames
 from services.encoder.preprocess.image import CLIP_MEAN, CLIP_STD, SIZE, on_white
@@ -34,7 +34,7 @@ def _open(data: bytes, name: str) -> av.container.InputContainer:
     try:
         return av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
-        raise MediaError(f"{name}: not a readable video ({exc})", code="invalid_video", param=name) from exc
+        raise MediaError(f"{name}: not a readable video ({reason(exc)})", code="invalid_video", param=name) from exc
 
 
 def _checked_stream(container: av.container.InputContainer, name: str, max_seconds: float,
@@ -74,7 +74,7 @@ def packet_times(data: bytes, name: str, max_seconds: float, max_pixels: int) ->
             raise
         except Exception as exc:
             if not times:
-                raise MediaError(f"{name}: corrupt video ({exc})", code="invalid_video", param=name) from exc
+                raise MediaError(f"{name}: corrupt video ({reason(exc)})", code="invalid_video", param=name) from exc
     return sorted(times), declared
 
 
