@@ -276,7 +276,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
                                                  keepalive_expiry=CLIENT_IDLE_S))
     encoder = HttpEncoderClient(settings.encoder.url, http, settings.encoder.timeout_s)
-    llm = HttpLLMClient(settings.llm.url, settings.llm.timeout_s)
+    llm = HttpLLMClient(settings.llm.url, settings.llm.timeout_s, accept_timeout_s=settings.llm.accept_timeout_s)
     sync_redis, async_redis = redis_clients(settings)
     prefix = settings.redis.key_prefix
     decoders = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(sync_redis, prefix),

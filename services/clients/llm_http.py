@@ -6,6 +6,7 @@ gateway's share of time to first token, of which this hop was the largest part).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -25,10 +26,15 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 class HttpLLMClient(LLMClient):
     """Owns one aiohttp session (made on first use, inside the running event loop); ``aclose`` closes it."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0, max_connections: int = 256) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 600.0, max_connections: int = 256,
+                 accept_timeout_s: float = 30.0) -> None:
+        """``timeout_s`` bounds each read of a reply (a turn may wait that long in the service's queue between its
+        ``accepted`` and its first token); ``accept_timeout_s`` bounds the wait for the service's answer to the
+        request (its status goes out with ``accepted``, once the request is checked and its prompt embedded)."""
         self.base_url = base_url.rstrip("/")
         # No total bound: a reply streams as long as it generates; each read and the connect are bounded.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout_s)
+        self.accept_timeout_s = accept_timeout_s
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -48,9 +54,15 @@ class HttpLLMClient(LLMClient):
     async def generate(self, params: GenerateParams, media: np.ndarray | None) -> AsyncIterator[LLMEvent]:
         body = GenerateRequest(params=params, media=media_to_b64(media) if media is not None else None)
         try:
-            response = await self.session.post(f"{self.base_url}/v1/generate", data=body.model_dump_json(),
-                                               headers={"content-type": "application/json"})
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            # A service that takes the connection and never answers (its process stopped, its loop blocked; a
+            # pooled connection to a pod that hung) would otherwise hold the turn for the whole read bound.
+            async with asyncio.timeout(self.accept_timeout_s):
+                response = await self.session.post(f"{self.base_url}/v1/generate", data=body.model_dump_json(),
+                                                   headers={"content-type": "application/json"})
+        except TimeoutError as exc:
+            raise ServiceUnavailableError(f"llm did not answer the request within {self.accept_timeout_s:g} s",
+                                          code="llm_unavailable") from exc
+        except aiohttp.ClientError as exc:
             raise unavailable("llm", exc) from exc
         finished = False
         try:

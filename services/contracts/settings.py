@@ -180,6 +180,11 @@ class LLMSettings(BaseModel):
                     "would bind the same ones)")
     max_waiting: int = Field(default=32, ge=1, description="Generations waiting beyond the batch; 503 beyond")
     timeout_s: float = Field(default=600.0, gt=0, description="Client-side bound on one generation")
+    accept_timeout_s: float = Field(
+        default=30.0, gt=0, description="Gateway: the LLM service must answer a generation request (its status, "
+                                        "sent once the request is checked and its prompt embedded, before it "
+                                        "queues) within this; past it the turn is a 503 llm_unavailable (a service "
+                                        "that holds connections but has stopped answering)")
     engine_stall_s: float = Field(
         default=300.0, gt=0, description="Engine process silent this long with generations under way: killed as "
                                          "hung (its replies fail with 503 and the server stops for a restart)")

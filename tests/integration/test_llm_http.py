@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +145,46 @@ async def test_an_unreachable_service_is_a_503_error() -> None:
     with pytest.raises(ServiceUnavailableError):
         await client.check_ready()
     await client.aclose()
+
+
+async def test_a_service_that_takes_the_connection_and_never_answers_is_a_503_within_the_accept_bound() -> None:
+    # A listening socket nobody accepts from: the kernel completes the handshake and takes the request's bytes, as
+    # it does for a stopped process or a pod that hung with its port open.
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
+        client = HttpLLMClient(f"http://127.0.0.1:{silent.getsockname()[1]}", accept_timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError, match="did not answer the request within 0.5 s") as caught:
+            [e async for e in client.generate(_params(max_tokens=3), MEDIA)]
+        assert caught.value.code == "llm_unavailable" and time.monotonic() - started < 5
+        await client.aclose()
+
+
+def _answers_then_waits_app(wait_s: float) -> object:
+    """An LLM service stand-in that answers at once (as ``accepted`` does) and sends its reply ``wait_s`` later, as a
+    turn waiting in the service's queue for its first token."""
+    lines = [event_to_json(Accepted(prompt_tokens=3)), event_to_json(TextDelta(text="a")),
+             event_to_json(Done(finish_reason="stop", prompt_tokens=3, completion_tokens=1))]
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
+                    "headers": [(b"content-type", b"application/x-ndjson")]})
+        first = (json.dumps(lines[0]) + "\n").encode()
+        await send({"type": "http.response.body", "body": first, "more_body": True})  # type: ignore[operator]
+        await asyncio.sleep(wait_s)
+        body = "".join(json.dumps(line) + "\n" for line in lines[1:]).encode()
+        await send({"type": "http.response.body", "body": body, "more_body": False})  # type: ignore[operator]
+
+    return app
+
+
+async def test_the_accept_bound_does_not_cut_a_reply_that_waits_after_it_was_accepted() -> None:
+    with UvicornThread(_answers_then_waits_app(1.5)) as server:
+        client = HttpLLMClient(server.url, accept_timeout_s=0.5)
+        events = [e async for e in client.generate(_params(max_tokens=3), None)]
+        await client.aclose()
+    assert [type(e).__name__ for e in events] == ["Accepted", "TextDelta", "Done"]
 
 
 BIG = np.random.default_rng(2).standard_normal((77, 1024)).astype(np.float32)  # real-size conditioning, ~420 KB
