@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from gateway.disconnect import ClientWatch
 from gateway.turn_events import TurnEvent
+from services.contracts.errors import ServiceUnavailableError
 
 
 class FirstEvent:
@@ -25,7 +26,16 @@ class FirstEvent:
     async def check(self, client: ClientWatch) -> None:
         """Wait for the first event; raise what came instead of it. A client gone meanwhile ends the turn at once
         (``ClientDisconnect``): it never got the answer's start, so nobody can read or resume what the turn makes."""
-        await client.guard(self._first)
+        try:
+            await client.guard(self._first)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this request itself is being cancelled
+            # The turn was stopped from elsewhere before it began (the server closing its streams): an answer
+            # to retry, not a 500.
+            raise ServiceUnavailableError("the turn was stopped before its answer began; retry",
+                                          code="turn_stopped") from None
 
     async def events(self) -> AsyncIterator[TurnEvent]:
         try:

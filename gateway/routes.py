@@ -150,8 +150,11 @@ async def chat(request: Request) -> Response:
         try:
             # Refused before the LLM takes it: this status (its stream ends unread). The client gone meanwhile (a
             # timeout while the LLM is queueing): the turn ends now, rather than when its stream has gone unread
-            # for the grace a client that knows the stream's id gets to resume it.
-            await turn.check(ClientWatch(request.receive))
+            # for the grace a client that knows the stream's id gets to resume it. While the client waits, the
+            # stream is being read: an LLM slow to accept (up to NEXTGPT_LLM__ACCEPT_TIMEOUT_S) is no abandoned
+            # stream.
+            async with st.streams.reading(stream_id):
+                await turn.check(ClientWatch(request.receive))
         except BaseException:
             await entries.aclose()  # type: ignore[attr-defined]
             raise

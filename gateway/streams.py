@@ -546,19 +546,29 @@ class StreamHub:
         await self.log.touch(stream_id, self._reader_ttl_s)
         return self._follow(stream_id, self.log.read(stream_id, after, idle_s))
 
-    async def _follow(self, stream_id: str, reader: AsyncIterator[list[LogEntry]]) -> AsyncIterator[list[LogEntry]]:
+    @contextlib.asynccontextmanager
+    async def reading(self, stream_id: str) -> AsyncIterator[None]:
+        """The stream counts as read while inside: a reader's loop, and a streamed answer whose start (its status,
+        then its headers) waits for the turn's first event, its client connected all the while. (``attach`` has
+        just touched it: the first touch here waits a round, off the path to the first token.)"""
         async def keep_touching() -> None:
             while True:
+                await asyncio.sleep(self.touch_every_s)
                 with contextlib.suppress(Exception):
                     await self.log.touch(stream_id, self._reader_ttl_s)
-                await asyncio.sleep(self.touch_every_s)
 
         toucher = asyncio.create_task(keep_touching())
         try:
-            async for batch in reader:
-                yield batch
+            yield
         finally:
             toucher.cancel()
+
+    async def _follow(self, stream_id: str, reader: AsyncIterator[list[LogEntry]]) -> AsyncIterator[list[LogEntry]]:
+        try:
+            async with self.reading(stream_id):
+                async for batch in reader:
+                    yield batch
+        finally:
             await reader.aclose()  # type: ignore[attr-defined]
 
     async def close(self) -> None:

@@ -84,3 +84,34 @@ def test_a_client_gone_before_the_llm_takes_its_turn_ends_the_turn(served: tuple
     while len(llm.ended) == before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(llm.ended) > before, "the generation went on for a client that was gone"
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway whose streams are cancelled after a grace shorter than the LLM takes to accept a turn."""
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"))
+    store = build_artifact_store(settings)
+    book = MemoryJobBook()
+    decoders = LocalDecoderQueue(lambda jobs: None, book)  # type: ignore[arg-type,return-value]  # never used
+    chat = ChatService(NoEncoder(), QueueingLLM(), decoders, store, MemoryConversationStore())
+    state = GatewayState(models=[ModelCard(id="nextgpt")], readiness_checks={}, chat=chat, store=store,
+                         decoders=decoders, streams=StreamHub(MemoryEventLog(10_000, 60), grace_s=QUEUED_S / 3,
+                                                              touch_every_s=0.1),
+                         on_shutdown=[decoders.close])
+    with UvicornThread(build_app(state)) as server:
+        yield server.url
+
+
+def test_a_connected_client_waiting_for_the_llm_to_take_its_turn_is_reading_its_stream(impatient: str) -> None:
+    # Before: nobody had touched the stream while its answer waited for `accepted`, so past the grace the turn was
+    # cancelled as abandoned and the waiting client got a 500.
+    body = {"messages": [{"role": "user", "content": "a long story"}], "stream": True}
+    names = []
+    with httpx.stream("POST", f"{impatient}/v1/chat", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():  # a second of the reply: twice the grace, read all the while
+            if line.startswith("event: "):
+                names.append(line[7:])
+                if len(names) == 100 or names[-1] == "error":
+                    break
+    assert names == ["message.delta"] * 100
