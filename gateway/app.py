@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 from importlib.resources import files
@@ -26,6 +27,11 @@ from services.web.errors import error_json, install_error_handlers
 from services.web.hooks import call_hook
 from services.web.metrics import add_metrics_route
 from services.web.request_id import RequestIdMiddleware
+
+log = logging.getLogger(__name__)
+
+# A Redis that restarts is back in a second or two; one that hangs is given its socket timeout per command.
+REDIS_RETRY_AFTER_S = 5
 
 __all__ = ["GatewayState", "ModelCard", "build_app"]
 
@@ -68,6 +74,7 @@ def build_app(state: GatewayState) -> FastAPI:
     if state.metrics is not None:
         app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
+    _install_redis_unavailable(app)
     if state.chat is not None:
         app.include_router(router)
     if state.registry is not None:
@@ -136,3 +143,21 @@ async def _probe(check: Any) -> str | None:
     except TimeoutError:
         return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
     return None
+
+
+def _install_redis_unavailable(app: FastAPI) -> None:
+    """Redis (conversations, streams, the job book in distributed mode) unreachable, or holding a command past its
+    socket timeout: a 503 to retry, in the shared shape, not a 500. Where it is, stays in the log: a client of the
+    public API has no use for the address of the gateway's store."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+        response = error_json(503, "service_unavailable", "redis_unavailable",
+                              "the gateway's store is unavailable; retry later")
+        response.headers["retry-after"] = str(REDIS_RETRY_AFTER_S)
+        return response
+
+    app.add_exception_handler(RedisConnectionError, unavailable)
+    app.add_exception_handler(RedisTimeoutError, unavailable)

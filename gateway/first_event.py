@@ -21,6 +21,7 @@ class FirstEvent:
 
     def __init__(self, events: AsyncIterator[TurnEvent]) -> None:
         self._events = events
+        self._iterating = False
         self._first: asyncio.Future[TurnEvent] = asyncio.ensure_future(anext(events))
 
     async def check(self, client: ClientWatch) -> None:
@@ -38,10 +39,24 @@ class FirstEvent:
                                           code="turn_stopped") from None
 
     async def events(self) -> AsyncIterator[TurnEvent]:
+        self._iterating = True
         try:
             yield await self._first
             async for event in self._events:
                 yield event
         finally:
+            await self._close()
+
+    async def close(self) -> None:
+        """Ends a turn whose ``events`` never started (its stream could not be set up): its generation and decode
+        jobs. Once started, ``events`` is what closes it, from the task iterating it."""
+        if not self._iterating:
+            await self._close()
+
+    async def _close(self) -> None:
+        if not self._first.done():
             self._first.cancel()
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await asyncio.wait({self._first})  # the generator is running until the cancel has gone through it
+        elif not self._first.cancelled():
+            self._first.exception()  # seen: a refusal nobody will be told of is not "never retrieved" in the log
+        await self._events.aclose()  # type: ignore[attr-defined]

@@ -192,7 +192,8 @@ def _translate(body: OpenAIChatRequest, model_names: dict[str, str | None], max_
     greedy = body.top_p == 0.0
     request = ChatRequest(
         messages=messages, stream=body.stream, max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=0.0 if greedy else body.temperature, top_p=None if greedy else body.top_p, seed=None if body.seed is None else body.seed % 2**63,
+        temperature=0.0 if greedy else body.temperature, top_p=None if greedy else body.top_p,
+        seed=None if body.seed is None else body.seed % 2**63,
         stop=[body.stop] if isinstance(body.stop, str) else body.stop or [], lora=model_names[body.model],
         # OpenAI's modalities are the answer's output types: those, and no others
         require_modalities=required, allowed_modalities=None if body.modalities is None else required,

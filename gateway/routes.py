@@ -145,7 +145,11 @@ async def chat(request: Request) -> Response:
         # The stream is set up while the LLM takes the turn, so that the headers go out at its `accepted`. Set up
         # after `accepted` instead (the LLM request out first), the first token came 0.9 ms later at concurrency 1
         # (2026-12-05, 160 requests per path): the owner key's write then held the headers into the prefill.
-        stream_id = await st.streams.start(turn.events(), owner)
+        try:
+            stream_id = await st.streams.start(turn.events(), owner)
+        except BaseException:
+            await turn.close()  # no stream: nobody will read what the turn makes
+            raise
         entries = await st.streams.attach(stream_id, owner, idle_s=st.settings.heartbeat_s)
         try:
             # Refused before the LLM takes it: this status (its stream ends unread). The client gone meanwhile (a

@@ -511,6 +511,11 @@ class StreamHub:
             log.exception("chat stream %s: producer failed", stream_id)
         finally:
             watching.cancel()
+            if not pumping.done():
+                # The producer itself was stopped (its stream could not be published, or the server is closing):
+                # the turn ends with it, or it would generate on for nobody and write to a stream already ended.
+                pumping.cancel()
+                await asyncio.wait({pumping})
             if self.active is not None:
                 self.active.dec()
             with contextlib.suppress(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -573,18 +574,23 @@ async def test_the_producer_asks_redis_once_a_round_wherever_its_reader_is(redis
     await watcher.aclose()
 
 
-async def test_a_stream_whose_owner_key_cannot_be_written_is_refused_and_its_turn_closed() -> None:
+@pytest.mark.parametrize("every_s", [0.01, 30.0], ids=["emitting", "quiet"])
+async def test_a_stream_whose_owner_key_cannot_be_written_is_refused_and_its_turn_closed(
+        every_s: float, caplog: pytest.LogCaptureFixture) -> None:
     """The owner key is written while the turn starts; when that write fails, nobody may learn of the stream
-    (start raises) and the turn already under way is closed (its generation cancelled), not left running."""
+    (start raises) and the turn already under way is closed (its generation cancelled), not left running. Before,
+    an emitting turn was closed only by crashing on its next event (the stream already ended: a KeyError in the
+    log), and a quiet one (an LLM still prefilling) went on for nobody."""
     from tests.support.servers import free_port
 
     dead = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1)  # nothing listens there
     hub = StreamHub(RedisEventLog(dead, "dead:", 100, ttl_s=60), grace_s=5, touch_every_s=0.1)
-    turn = Turn(1000, every_s=0.01)
+    turn = Turn(1000, every_s=every_s)
     with pytest.raises(redis.exceptions.ConnectionError):
         await hub.start(turn.events(), owner=None)
-    await asyncio.wait_for(turn.closed.wait(), 10)
+    await asyncio.wait_for(turn.closed.wait(), 2)
     assert turn.emitted < 1000
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     await hub.close()
     await dead.aclose()
 

@@ -115,3 +115,34 @@ def test_a_connected_client_waiting_for_the_llm_to_take_its_turn_is_reading_its_
                 if len(names) == 100 or names[-1] == "error":
                     break
     assert names == ["message.delta"] * 100
+
+
+def test_a_stream_that_cannot_be_set_up_is_a_503_and_its_turn_ends(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The stream log's Redis is down: the stream's owner key cannot be written, so nobody may learn of the stream.
+    # Before: a 500, and the turn already under way generated on for nobody.
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from gateway.streams import RedisEventLog
+    from tests.support.servers import free_port
+
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"))
+    store = build_artifact_store(settings)
+    book = MemoryJobBook()
+    decoders = LocalDecoderQueue(lambda jobs: None, book)  # type: ignore[arg-type,return-value]  # never used
+    llm = QueueingLLM()
+    dead = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    state = GatewayState(models=[ModelCard(id="nextgpt")], readiness_checks={}, decoders=decoders, store=store,
+                         chat=ChatService(NoEncoder(), llm, decoders, store, MemoryConversationStore()),
+                         streams=StreamHub(RedisEventLog(dead, "dead:", 100, ttl_s=60), grace_s=GRACE_S),
+                         on_shutdown=[decoders.close])
+    with UvicornThread(build_app(state)) as server:
+        response = httpx.post(f"{server.url}/v1/chat", json={"messages": [{"role": "user", "content": "a story"}],
+                                                             "stream": True}, timeout=30)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "redis_unavailable" and response.headers["retry-after"]
+        deadline = time.monotonic() + QUEUED_S + 2
+        while not llm.ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert llm.ended, "the turn went on with no stream to read it"

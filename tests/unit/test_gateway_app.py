@@ -155,3 +155,18 @@ def test_a_lone_surrogate_escape_is_a_400_that_says_what_is_wrong() -> None:
         assert error.status_code == 400 and "surrogate pair" in error.message, error.message
     whole = refusal("\\ud83d\\ude00")  # a whole pair parses: what is refused is max_tokens
     assert whole.param == "max_tokens" and "surrogate" not in whole.message
+
+
+@pytest.mark.parametrize("error", ["ConnectionError", "TimeoutError"])
+def test_redis_unreachable_is_a_503_to_retry_without_its_address(error: str) -> None:
+    import redis.exceptions
+
+    app = build_app(GatewayState(models=[], readiness_checks={}))
+
+    @app.get("/uses-redis")
+    async def uses_redis() -> None:
+        raise getattr(redis.exceptions, error)("Timeout reading from 10.0.3.7:6379")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/uses-redis")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json()["error"]["code"] == "redis_unavailable" and "10.0.3.7" not in response.text
