@@ -38,7 +38,9 @@ from services.contracts.decoders import (
     new_job_id,
 )
 from services.contracts.encoder import EncoderClient, MediaInput
-from services.contracts.errors import InvalidRequestError, NextGPTError, NotFoundError, PayloadTooLargeError
+from services.contracts.errors import (
+    InvalidRequestError, NextGPTError, NotFoundError, PayloadTooLargeError, ServiceUnavailableError,
+)
 from services.contracts.llm import Accepted, Done, GenerateParams, LLMClient, SignalEvent, TextDelta, Turn
 from services.contracts.storage import ArtifactStore, new_key
 
@@ -392,8 +394,12 @@ class ChatService:
             artifact.error = (f"too large to inline ({event.artifact.bytes} > {self.inline_max_bytes} bytes): "
                               "use the url")
         else:
-            blob = await asyncio.to_thread(self.store.read, event.artifact.key)
-            artifact.data = base64.b64encode(blob).decode()
+            try:
+                blob = await asyncio.to_thread(self.store.read, event.artifact.key)
+            except ServiceUnavailableError as exc:  # the artifact is made: its URL serves it once the store is back
+                artifact.error = f"{exc.code}: its bytes could not be read to inline them; use the url"
+            else:
+                artifact.data = base64.b64encode(blob).decode()
         return ArtifactCompleted(artifact.model_copy())
 
     async def _remember(self, conversation: Conversation, state: _Turn) -> None:

@@ -18,7 +18,7 @@ from services.contracts.bundle_manifest import BundleManifest
 from services.contracts.decoders import (
     ARTIFACT_FORMATS, CONDITIONING_TENSOR, ArtifactInfo, DecodeJob, JobEvent, decode_pixels, describe_size,
 )
-from services.contracts.errors import NextGPTError
+from services.contracts.errors import NextGPTError, ServiceUnavailableError
 from services.contracts.storage import ArtifactNotFoundError, ArtifactStore
 from services.jobs.book import JobBook, JobBookUnavailable
 from services.decoders.media_out import mp4_bytes, png_bytes, wav_bytes
@@ -346,6 +346,8 @@ class DecoderRunner:
         item.lease.check()  # never write an artifact under a lease another delivery now holds
         try:
             meta = self.store.put(job.artifact_key, data, mime, metadata=metadata)
+        except ServiceUnavailableError as exc:  # the store unreachable (the S3 store's head after the write)
+            raise TransientJobError(f"artifact store: {exc}") from exc
         except NextGPTError:
             raise
         except Exception as exc:

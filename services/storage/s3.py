@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from datetime import datetime
@@ -29,6 +30,25 @@ log = logging.getLogger(__name__)
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextlib.contextmanager
+def _reachable(bucket: str) -> Iterator[None]:
+    """A read the store could not answer (no connection, a timeout after the client's retries, a 5xx such as
+    SlowDown): ``ServiceUnavailableError``, which a download answers with a 503 to retry, not a 500. (Writes keep
+    botocore's errors: a decoder worker counts those as transient and sends its job again.)"""
+    try:
+        yield
+    except BotoCoreError as exc:
+        log.warning("object store bucket %s: %s", bucket, exc)
+        raise ServiceUnavailableError("the artifact store is unavailable; retry later",
+                                      code="storage_unavailable", retry_after_s=5) from exc
+    except ClientError as exc:
+        if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) < 500:
+            raise
+        log.warning("object store bucket %s: %s", bucket, exc)
+        raise ServiceUnavailableError("the artifact store is unavailable; retry later",
+                                      code="storage_unavailable", retry_after_s=5) from exc
 
 
 class S3ArtifactStore(ArtifactStore):
@@ -79,7 +99,8 @@ class S3ArtifactStore(ArtifactStore):
 
     def head(self, key: str) -> ArtifactMeta:
         try:
-            response = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+            with _reachable(self.bucket):
+                response = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 raise ArtifactNotFoundError(key) from exc
@@ -95,7 +116,8 @@ class S3ArtifactStore(ArtifactStore):
         if start or end is not None:
             extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._object(key), **extra)
+            with _reachable(self.bucket):
+                response = self.client.get_object(Bucket=self.bucket, Key=self._object(key), **extra)
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 raise ArtifactNotFoundError(key) from exc
@@ -114,7 +136,8 @@ class S3ArtifactStore(ArtifactStore):
 
     def sweep(self, kind: str, before: datetime) -> int:
         removed = 0
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{kind}/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=f"{self.prefix}{kind}/")
         for page in pages:
             old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"] < before]
             for start in range(0, len(old), 1000):  # DeleteObjects takes 1000 keys at most

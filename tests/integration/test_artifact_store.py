@@ -182,3 +182,27 @@ def test_s3_lifecycle_rules_where_the_server_has_them(s3_info: S3Info) -> None:
     assert store.expire_natively("image", 7)  # a second rule keeps the first
     rules = store.client.get_bucket_lifecycle_configuration(Bucket=store.bucket)["Rules"]
     assert {r["Filter"]["Prefix"] for r in rules} >= {"artifacts/conditioning/", "artifacts/image/"}
+
+
+def test_an_s3_that_stops_answering_is_unavailable_to_readers(s3_info: S3Info) -> None:
+    # A store that takes connections and answers nothing: a listening socket nobody accepts from. Reads (a
+    # download's head and bytes) are a ServiceUnavailableError, a 503 to retry (they were a 500); writes keep
+    # botocore's error, which a decoder worker counts as transient.
+    import socket
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                              region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s",
+                              config=Config(connect_timeout=1, read_timeout=0.5, retries={"max_attempts": 1}))
+        store = S3ArtifactStore(client, "bucket", "", LIMIT)
+        key = new_key("image", ".png")
+        for read in (lambda: store.head(key), lambda: store.read(key)):
+            with pytest.raises(ServiceUnavailableError) as caught:
+                read()
+            assert caught.value.code == "storage_unavailable" and caught.value.retry_after_s
+        with pytest.raises(BotoCoreError):
+            store.put(key, b"x", "image/png")

@@ -371,19 +371,27 @@ async def test_a_broken_device_makes_the_worker_exit_and_the_job_goes_to_another
 
 _FLAKY_STORE_HOOK = '''
 # Test fault injection (on the worker's PYTHONPATH only in the test): the first read from the artifact store fails
-# as a dropped connection does; later reads work.
+# as a dropped connection does, and the first write as the store's head after it does when the store is away (a
+# ServiceUnavailableError); later reads and writes work.
+from services.contracts.errors import ServiceUnavailableError
 from services.storage import s3 as _s3
 
-_read = _s3.S3ArtifactStore.read
+_read, _put = _s3.S3ArtifactStore.read, _s3.S3ArtifactStore.put
 _failed = []
 
-def _flaky(self, key, *args, **kwargs):
-    if not _failed:
-        _failed.append(key)
+def _flaky_read(self, key, *args, **kwargs):
+    if "read" not in _failed:
+        _failed.append("read")
         raise ConnectionResetError("connection reset by peer")
     return _read(self, key, *args, **kwargs)
 
-_s3.S3ArtifactStore.read = _flaky
+def _flaky_put(self, key, *args, **kwargs):
+    if "put" not in _failed:
+        _failed.append("put")
+        raise ServiceUnavailableError("the artifact store is unavailable; retry later", code="storage_unavailable")
+    return _put(self, key, *args, **kwargs)
+
+_s3.S3ArtifactStore.read, _s3.S3ArtifactStore.put = _flaky_read, _flaky_put
 '''
 
 
@@ -400,5 +408,5 @@ async def test_a_transient_failure_inside_a_batch_is_sent_again_and_completes(
         flaky.stop()
     assert events[-1].type == "completed", events
     assert sum(1 for e in events if e.type == "completed") == 1
-    assert b"retry in 2 s" in (tmp_path / "flaky.log").read_bytes()
+    assert (tmp_path / "flaky.log").read_bytes().count(b"retry in") == 2  # once for the read, once for the write
     assert store.exists(job.artifact_key)

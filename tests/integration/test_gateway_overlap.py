@@ -24,6 +24,7 @@ from gateway.app import GatewayState, build_app
 from gateway.chat import ChatService
 from gateway.conversations import MemoryConversationStore
 from services.bundle.loader import load_bundle
+from services.contracts.errors import ServiceUnavailableError
 from services.contracts.llm import Done, GenerateParams, LLMClient, LLMEvent, SignalEvent, TextDelta
 from services.contracts.settings import Settings
 from services.decoders.compose import build_runner
@@ -92,3 +93,37 @@ def test_the_artifact_arrives_before_the_text_ends(url: str) -> None:
     assert deltas_after > TAIL_TOKENS // 2, f"only {deltas_after} tokens after the artifact"
     artifact = json.loads(arrivals[completed][2])
     assert Image.open(io.BytesIO(httpx.get(artifact["url"]).content)).format == "PNG"
+
+
+class _UnreadableStore:
+    """The gateway's view of a store whose reads fail (S3 away for a moment) while the worker still writes."""
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        raise ServiceUnavailableError("the artifact store is unavailable; retry later", code="storage_unavailable")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_inline_bytes_the_store_cannot_read_leave_the_artifact_completed_with_its_url(
+        tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    # Before: the store's error ended the whole turn (an `error` event, the text's end and the media lost).
+    settings = Settings(cache_dir=tmp_path)
+    bundle = load_bundle(tiny_bundle_dir)
+    store = build_artifact_store(settings)
+    book = MemoryJobBook()
+    decoders = LocalDecoderQueue(build_runner(settings, bundle, ["image"], book), book)
+    shape = tuple(bundle.manifest.outputs["image"].projector.output_shape)
+    chat = ChatService(NoEncoder(), EarlySignalLLM(shape), decoders, _UnreadableStore(store),  # type: ignore[arg-type]
+                       MemoryConversationStore())
+    state = GatewayState(models=[], readiness_checks={}, chat=chat, store=store, decoders=decoders,
+                         on_shutdown=[decoders.close])
+    with UvicornThread(build_app(state)) as server:
+        body = httpx.post(f"{server.url}/v1/chat", timeout=120, json={
+            "messages": [{"role": "user", "content": "draw"}], "inline_media": True, "decoder": {"steps": 2}}).json()
+    artifact = body["artifacts"][0]
+    assert body["finish_reason"] == "stop" and artifact["state"] == "completed" and artifact["data"] is None
+    assert artifact["url"] and artifact["error"].startswith("storage_unavailable: ")
