@@ -44,7 +44,8 @@ def error_from_status(service: str, status: int, body: bytes, reason: str = "") 
 
 
 def unavailable(service: str, exc: Exception) -> ServiceUnavailableError:
-    return ServiceUnavailableError(f"{service} is unreachable: {type(exc).__name__}: {exc}",
+    said = str(exc)  # httpx's timeouts say nothing more than their type
+    return ServiceUnavailableError(f"{service} is unreachable: {type(exc).__name__}{': ' + said if said else ''}",
                                    code=f"{service}_unavailable")
 
 
