@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 
@@ -17,6 +18,8 @@ from services.contracts.errors import (
     ServiceUnavailableError,
     UnsupportedMediaError,
 )
+
+log = logging.getLogger(__name__)
 
 _BY_STATUS: dict[int, type[NextGPTError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
@@ -44,9 +47,22 @@ def error_from_status(service: str, status: int, body: bytes, reason: str = "") 
 
 
 def unavailable(service: str, exc: Exception) -> ServiceUnavailableError:
+    """The answer's words name the service and the kind of failure; where it was (its host and port: in Kubernetes
+    the service's DNS name) and what the socket said go to the log only, as the answer may reach a public client."""
     said = str(exc)  # httpx's timeouts say nothing more than their type
-    return ServiceUnavailableError(f"{service} is unreachable: {type(exc).__name__}{': ' + said if said else ''}",
+    log.warning("%s unreachable: %s%s", service, type(exc).__name__, f": {said}" if said else "")
+    return ServiceUnavailableError(f"{service} is unreachable ({_kind(exc)}); retry later",
                                    code=f"{service}_unavailable")
+
+
+def _kind(exc: Exception) -> str:
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return "timed out"
+    # aiohttp's ClientConnectorError (and its DNS and certificate subclasses): no connection was made
+    refused = isinstance(exc, (ConnectionRefusedError, httpx.ConnectError))
+    if refused or type(exc).__name__.startswith("ClientConnector"):
+        return "cannot connect"
+    return "connection lost"
 
 
 def error_from_body(service: str, data: dict[str, object]) -> NextGPTError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -17,6 +18,8 @@ from services.clients.errors import check_ready_status, error_from_body, error_f
 from services.contracts.errors import ServiceUnavailableError
 from services.contracts.llm import GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64
 from services.web.keep_alive import CLIENT_IDLE_S
+
+log = logging.getLogger(__name__)
 
 # One NDJSON line is one event; a signal event carries its conditioning (a few hundred KB at real size). Anything
 # far larger is a broken upstream, not an event to hold in memory.
@@ -75,8 +78,8 @@ class HttpLLMClient(LLMClient):
                 yield event_from_json(data)
             finished = True
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ServiceUnavailableError(f"llm stream broke: {type(exc).__name__}: {exc}",
-                                          code="llm_unavailable") from exc
+            log.warning("llm stream broke: %s: %s", type(exc).__name__, exc)
+            raise ServiceUnavailableError("llm stream broke; retry later", code="llm_unavailable") from exc
         finally:
             if finished:
                 response.release()  # read to the end: the connection goes back to the pool
