@@ -98,9 +98,10 @@ def refine_bundle_vae(bundle_dir: Path, work: Path, steps: int | None = None, se
     where that is the same VAE (as ``nextgpt world pretrain`` makes them). Resumes from ``work``. Returns the VAE
     folders written."""
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from services.bundle.loader import load_bundle
+    from services.bundle.tensor_io import save_state_dict
     from services.bundle.manifest_io import write_manifest
 
     bundle = load_bundle(bundle_dir)
@@ -118,9 +119,7 @@ def refine_bundle_vae(bundle_dir: Path, work: Path, steps: int | None = None, se
     loop = dataclasses.replace(DECODER_PHASE.loop, steps=steps or DECODER_PHASE.loop.steps, seed=seed)
     vae = refine_decoder(vae, dataclasses.replace(DECODER_PHASE, loop=loop), work, progress=progress)
     staged = work / "exported" / WEIGHTS
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.to(kept_in).contiguous() for k, v in vae.state_dict().items()}
-    save_file(weights, str(staged), metadata={"format": "pt"})
+    save_state_dict({k: v.to(kept_in) for k, v in vae.state_dict().items()}, staged, metadata={"format": "pt"})
     for folder in targets:  # the weights alone (the config is the same); whole or not at all: a copy, then a rename
         shutil.copyfile(staged, folder / f".{WEIGHTS}.tmp")
         os.replace(folder / f".{WEIGHTS}.tmp", folder / WEIGHTS)
