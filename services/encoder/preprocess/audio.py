@@ -80,7 +80,8 @@ def decode_audio(data: bytes, name: str, max_seconds: float) -> tuple[torch.Tens
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise MediaError(f"{name}: corrupt or truncated audio ({reason(exc)})", code="invalid_audio", param=name) from exc
+        raise MediaError(f"{name}: corrupt or truncated audio ({reason(exc)})", code="invalid_audio",
+                         param=name) from exc
     if samples.shape[0] == 0:
         raise MediaError(f"{name}: audio has no samples", code="invalid_audio", param=name)
     return _finite(torch.from_numpy(np.ascontiguousarray(samples.T)), name), int(rate)

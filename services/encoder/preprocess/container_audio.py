@@ -39,7 +39,8 @@ def decode_container_audio(data: bytes, name: str, max_seconds: float) -> tuple[
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
-        raise MediaError(f"{name}: not a readable audio file ({reason(exc)})", code="invalid_audio", param=name) from exc
+        raise MediaError(f"{name}: not a readable audio file ({reason(exc)})", code="invalid_audio",
+                         param=name) from exc
     with container:
         if not container.streams.audio:
             raise MediaError(f"{name}: no audio stream", code="invalid_audio", param=name)

@@ -70,7 +70,8 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as exc:  # PIL raises many types for bad files
-        raise MediaError(f"{name}: not a readable image ({reason(exc)})", code="invalid_image", param=name) from exc
+        raise MediaError(f"{name}: not a readable image ({reason(exc)})", code="invalid_image",
+                         param=name) from exc
     w, h = image.size
     if w * h > max_pixels and image.format == "JPEG":
         # A JPEG decodes at 1/2, 1/4 or 1/8 of its size for a fraction of the work: a 50 MP photo is read at the
@@ -87,7 +88,8 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except Exception as exc:
-        raise MediaError(f"{name}: corrupt or truncated image ({reason(exc)})", code="invalid_image", param=name) from exc
+        raise MediaError(f"{name}: corrupt or truncated image ({reason(exc)})", code="invalid_image",
+                         param=name) from exc
     # A phone's photo is stored as the sensor saw it, with an EXIF tag saying how to turn it: the model sees it the
     # way the user does (a viewer applies the tag), not on its side.
     image = ImageOps.exif_transpose(image)

@@ -34,7 +34,8 @@ def _open(data: bytes, name: str) -> av.container.InputContainer:
     try:
         return av.open(io.BytesIO(data), mode="r")
     except Exception as exc:
-        raise MediaError(f"{name}: not a readable video ({reason(exc)})", code="invalid_video", param=name) from exc
+        raise MediaError(f"{name}: not a readable video ({reason(exc)})", code="invalid_video",
+                         param=name) from exc
 
 
 def _checked_stream(container: av.container.InputContainer, name: str, max_seconds: float,
@@ -74,7 +75,8 @@ def packet_times(data: bytes, name: str, max_seconds: float, max_pixels: int) ->
             raise
         except Exception as exc:
             if not times:
-                raise MediaError(f"{name}: corrupt video ({reason(exc)})", code="invalid_video", param=name) from exc
+                raise MediaError(f"{name}: corrupt video ({reason(exc)})", code="invalid_video",
+                                 param=name) from exc
     return sorted(times), declared
 
 
