@@ -20,10 +20,10 @@ from gateway.metrics import HttpMetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
-from services.contracts.errors import ErrorResponse, NextGPTError, NotFoundError
+from services.contracts.errors import ErrorResponse, NextGPTError, NotFoundError, ServiceUnavailableError
 from gateway.openai_serving import OpenAIServingChat
 from services.web.body_limit import BodyLimitMiddleware
-from services.web.errors import error_json, install_error_handlers
+from services.web.errors import error_json, install_error_handlers, known_error_response
 from services.web.hooks import call_hook
 from services.web.metrics import add_metrics_route
 from services.web.request_id import RequestIdMiddleware
@@ -154,10 +154,9 @@ def _install_redis_unavailable(app: FastAPI) -> None:
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
-        response = error_json(503, "service_unavailable", "redis_unavailable",
-                              "the gateway's store is unavailable; retry later")
-        response.headers["retry-after"] = str(REDIS_RETRY_AFTER_S)
-        return response
+        return known_error_response(ServiceUnavailableError("the gateway's store is unavailable; retry later",
+                                                            code="redis_unavailable",
+                                                            retry_after_s=REDIS_RETRY_AFTER_S))
 
     app.add_exception_handler(RedisConnectionError, unavailable)
     app.add_exception_handler(RedisTimeoutError, unavailable)

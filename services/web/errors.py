@@ -31,6 +31,13 @@ def error_json(status: int, type_: str, code: str, message: str, param: str | No
 CLIENT_CLOSED_REQUEST = 499
 
 
+def known_error_response(exc: NextGPTError) -> JSONResponse:
+    """Our error in the shared shape, with its status and, when it has one, its ``Retry-After``."""
+    # Whole seconds (RFC 9110), at least one: clients (the OpenAI SDK among them) wait that long, then retry.
+    headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
+    return JSONResponse(status_code=exc.status_code, content=exc.to_response().model_dump(), headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _: ClientDisconnect) -> Response:
@@ -43,9 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             # 503 is an expected state (loading, overloaded, a dependency down); other 5xx are faults.
             log.log(logging.INFO if exc.status_code == 503 else logging.ERROR, "request failed: %s", exc.message)
-        # Whole seconds (RFC 9110), at least one: clients (the OpenAI SDK among them) wait that long, then retry.
-        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
-        return JSONResponse(status_code=exc.status_code, content=exc.to_response().model_dump(), headers=headers)
+        return known_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
