@@ -27,7 +27,8 @@ class HttpEncoderClient(EncoderClient):
             files = [("files", (i.name, i.data or b"", "application/octet-stream")) for i in items]
             kwargs = {"files": files, "data": {"request": spec.model_dump_json()}}
         try:
-            response = await self.client.post(f"{self.base_url}/v1/encode", timeout=self.timeout, **kwargs)  # type: ignore[arg-type]
+            response = await self.client.post(f"{self.base_url}/v1/encode", timeout=self.timeout,
+                                              **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise unavailable("encoder", exc) from exc
         if response.status_code != 200:

@@ -46,6 +46,7 @@ from services.bundle.loader import Bundle
 from services.contracts.bundle_manifest import Modality
 from services.contracts.errors import ServiceUnavailableError
 from services.decoders.pipelines import CallTimeLimitError, Generated, ResolvedOptions, StepCallback, StopCheck
+from services.runtime import children
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class PipelineProcess:
                                  threads, threads_contended)
         # Until when the child runs at threads_contended (time.monotonic(), one clock for both processes on Linux
         # and macOS); shared memory, so that neither side waits on the other between steps.
-        self._contended_until = multiprocessing.get_context("spawn").Value("d", 0.0, lock=False)
+        self._contended_until = children.context().Value("d", 0.0, lock=False)
         self.start_timeout_s = start_timeout_s
         self.call_limit_s, self.stop_grace_s = call_limit_s, stop_grace_s
         self._lock = threading.Lock()  # one call at a time; also guards (re)starts
@@ -108,11 +109,9 @@ class PipelineProcess:
         self._start()
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child_conn, self.spec, self._contended_until),
-                                        name="decoder-pipelines", daemon=True)
-        self._process.start()
+        self._conn, child_conn = multiprocessing.Pipe()
+        self._process = children.start(_child_main, (child_conn, self.spec, self._contended_until),
+                                       "decoder-pipelines")
         child_conn.close()
         self._ready = False
         self.starts += 1

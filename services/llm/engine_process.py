@@ -32,6 +32,7 @@ import numpy as np
 
 from services.contracts.errors import NextGPTError, ServiceUnavailableError
 from services.contracts.llm import GenerateParams
+from services.runtime import children
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,8 @@ class EngineProcess:
         ``stall_s``: a child that sends nothing that long while generations are under way is taken as hung (a
         step takes milliseconds to seconds; each sends events) and killed, which fails them like a crash: a hung
         engine would otherwise hold every slot while the server still looked ready."""
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child_conn, spec), name="llm-engine", daemon=True)
-        self._process.start()
+        self._conn, child_conn = multiprocessing.Pipe()
+        self._process = children.start(_child_main, (child_conn, spec), "llm-engine")
         child_conn.close()
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}

@@ -127,6 +127,10 @@ def test_a_training_run_refuses_a_folder_in_the_way_before_its_bundle_loads(tmp_
                              out=tmp_path / "x", work=tmp_path / "x.work"))
 
 
+def _children(pid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+
+
 def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
@@ -153,9 +157,11 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         metrics = httpx.get(f"{base}/metrics").text
         assert 'route="/v1/chat",status="500"' not in metrics
         assert 'nextgpt_gateway_requests_total{method="POST",route="/v1/chat",status="499"} 5.0' in metrics
-        # Two child processes: the decoder pipelines and the LLM engine.
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        spawned = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        # Two model processes, the decoder pipelines and the LLM engine, forked by the server's one fork server.
+        children = _children(proc.pid)
+        servers = [c for c in children if "forkserver" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(servers) == 1, children
+        spawned = _children(int(servers[0]))
         found = re.search(r"decoder process (\d+) ready", log.read_text())
         assert found is not None and found.group(1) in spawned and len(spawned) == 2, (spawned, children)
         # A decoder child that dies costs no more than the call it was in: the server serves on, and the next

@@ -1,0 +1,59 @@
+"""How the processes that hold models (the LLM engine, the decoder pipelines) start: forked from a fork server that
+has imported torch, transformers, peft and diffusers once (``services.runtime.child_imports``), not as fresh
+interpreters that import them again.
+
+A fresh interpreter spent about 5 s of one core on imports before it loaded a weight (torch 2 s, transformers and
+peft 3 s, diffusers' pipelines 1 s more, on this 2-core machine), each time a child started: at a server's
+start-up, and again for every replacement (a decoder child killed for a step past its time limit, or crashed; an
+engine restarted). Forked from the fork server, a decoder child with the tiny bundle's three pipelines is ready in
+0.8 s instead of 8 s. The fork server is one per serving process, started by its first child; it never runs a
+torch op or a thread, so a fork of it is as clean as a spawned interpreter (no OpenMP team, no CUDA context, no
+locks held by other threads: why the children were never forked from the server itself).
+
+What a child inherits from the fork server rather than from its parent at that moment: the environment, the
+working directory and the standard streams as they were when the fork server started (a serving process sets them
+before its first child, so they are the same), and what torch read at its import. ``OMP_NUM_THREADS`` is the one
+such setting a child's behaviour depends on, so ``start`` hands the parent's current value to the child, which
+applies it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+_PRELOAD = ["services.runtime.child_imports"]
+
+
+def context() -> BaseContext:
+    """The fork server's context (spawn where there is no fork server: Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read when the fork server starts (the first child); the same every call
+    return ctx
+
+
+def start(target: Callable[..., None], args: tuple[Any, ...], name: str) -> BaseProcess:
+    """``target(*args)`` in a new daemon child, started and returned."""
+    process = context().Process(target=_child_main, args=(target, args, os.environ.get("OMP_NUM_THREADS")),
+                                name=name, daemon=True)
+    process.start()
+    return process
+
+
+def _child_main(target: Callable[..., None], args: tuple[Any, ...], omp_num_threads: str | None) -> None:
+    # The fork server ignores SIGTERM (``child_imports``); a child starts with the default, as a spawned one did,
+    # and sets its own.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if omp_num_threads is not None and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
+        # torch read the variable at its import in the fork server; the parent's value now is what a spawned
+        # child would have read.
+        import torch
+
+        torch.set_num_threads(int(omp_num_threads))
+    target(*args)
