@@ -17,6 +17,13 @@ def write_manifest(bundle_dir: Path, manifest: BundleManifest) -> Path:
     return path
 
 
+def tag_version(bundle_dir: Path, manifest: BundleManifest, tag: str) -> None:
+    """Appends ``tag`` to the bundle's version, once: a phase run again on a bundle it has already changed (a
+    resumed command) adds nothing."""
+    if not manifest.version.endswith(tag):
+        write_manifest(bundle_dir, manifest.model_copy(update={"version": manifest.version + tag}))
+
+
 def read_manifest(bundle_dir: Path) -> BundleManifest:
     path = bundle_dir / MANIFEST_FILE
     if not bundle_dir.is_dir():

@@ -172,7 +172,7 @@ def distil_bundle_encoder(bundle_dir: Path, work: Path, numbers: Sequence[int], 
     from safetensors.torch import load_file
 
     from services.bundle.loader import load_bundle
-    from services.bundle.manifest_io import write_manifest
+    from services.bundle.manifest_io import tag_version
     from services.bundle.tensor_io import save_state_dict
     from services.modeling.imagebind import build_imagebind, load_served_weights
 
@@ -191,6 +191,5 @@ def distil_bundle_encoder(bundle_dir: Path, work: Path, numbers: Sequence[int], 
     trained = model.state_dict()
     save_state_dict({k: trained[k].to(v.dtype) for k, v in state.items()}, path)
     tag = "+imagebind-" + "-".join(f"phase{n}" for n in sorted(numbers))
-    if not bundle.manifest.version.endswith(tag):
-        write_manifest(bundle.root, bundle.manifest.model_copy(update={"version": bundle.manifest.version + tag}))
+    tag_version(bundle.root, bundle.manifest, tag)
     return path

@@ -102,7 +102,7 @@ def refine_bundle_vae(bundle_dir: Path, work: Path, steps: int | None = None, se
 
     from services.bundle.loader import load_bundle
     from services.bundle.tensor_io import save_state_dict
-    from services.bundle.manifest_io import write_manifest
+    from services.bundle.manifest_io import tag_version
 
     bundle = load_bundle(bundle_dir)
     folders = {m: bundle.path(out.decoder.source) / "vae" for m, out in bundle.manifest.outputs.items()
@@ -123,6 +123,5 @@ def refine_bundle_vae(bundle_dir: Path, work: Path, steps: int | None = None, se
     for folder in targets:  # the weights alone (the config is the same); whole or not at all: a copy, then a rename
         shutil.copyfile(staged, folder / f".{WEIGHTS}.tmp")
         os.replace(folder / f".{WEIGHTS}.tmp", folder / WEIGHTS)
-    if not bundle.manifest.version.endswith(TAG):
-        write_manifest(bundle.root, bundle.manifest.model_copy(update={"version": bundle.manifest.version + TAG}))
+    tag_version(bundle.root, bundle.manifest, TAG)
     return targets
