@@ -50,10 +50,12 @@ def _child_main(target: Callable[..., None], args: tuple[Any, ...], omp_num_thre
     # The fork server ignores SIGTERM (``child_imports``); a child starts with the default, as a spawned one did,
     # and sets its own.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if omp_num_threads is not None and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
+    # ASCII digits only: str.isdigit takes '²', which int() refuses (the child would die before its target ran).
+    value = (omp_num_threads or "").strip()
+    if value.isascii() and value.isdigit() and int(value) > 0:
         # torch read the variable at its import in the fork server; the parent's value now is what a spawned
         # child would have read.
         import torch
 
-        torch.set_num_threads(int(omp_num_threads))
+        torch.set_num_threads(int(value))
     target(*args)

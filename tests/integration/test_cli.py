@@ -161,9 +161,9 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         children = _children(proc.pid)
         servers = [c for c in children if "forkserver" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(servers) == 1, children
-        spawned = _children(int(servers[0]))
+        models = _children(int(servers[0]))
         found = re.search(r"decoder process (\d+) ready", log.read_text())
-        assert found is not None and found.group(1) in spawned and len(spawned) == 2, (spawned, children)
+        assert found is not None and found.group(1) in models and len(models) == 2, (models, children)
         # A decoder child that dies costs no more than the call it was in: the server serves on, and the next
         # job gets a new child.
         os.kill(int(found.group(1)), signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         assert "decoder process gone" in log.read_text()
         assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
         # The LLM engine's child; if it dies, the server stops so that its supervisor restarts it.
-        engines = [c for c in spawned if c != found.group(1)]
+        engines = [c for c in models if c != found.group(1)]
         os.kill(int(engines[0]), signal.SIGKILL)
         proc.wait(60)
         assert "the LLM engine process died" in log.read_text()
