@@ -143,7 +143,7 @@ def _write_llm(root: Path, opts: ConvertOptions, ckpt: ReleaseCheckpoint) -> _LL
                                                            *(s for m in OUTPUT_MODALITIES for s in signal_tokens(m)))}
     _check_added_tokens(opts.checkpoint_dir / "added_tokens.json", ids)
 
-    model = LlamaForCausalLM.from_pretrained(str(opts.vicuna_dir), torch_dtype="auto")
+    model = LlamaForCausalLM.from_pretrained(str(opts.vicuna_dir), dtype="auto")
     hidden = model.config.hidden_size
     if ckpt.embed_tokens.shape[1] != hidden:
         raise _fail(f"checkpoint embeddings are {ckpt.embed_tokens.shape[1]} wide, the LLM is {hidden}")

@@ -18,7 +18,7 @@ from gateway.artifact_refs import ArtifactRefs
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.security import ApiKeys, UrlSigner, read_key_file
-from services.bundle.loader import Bundle, load_bundle
+from services.bundle.loader import Bundle
 from services.contracts.errors import ConfigurationError, ServiceUnavailableError
 from services.contracts.settings import Settings
 from services.storage import build_artifact_store, build_retention
@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 
 # The trained world bundle committed with the repository (see `make world-bundle`).
-WORLD_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
-TINY = Path("tiny")
 
 
 class StopOnLoadFailure:
@@ -56,67 +54,6 @@ class StopOnLoadFailure:
         if self.reason is not None:
             raise ServiceUnavailableError(f"{self.name} failed to load its model: {self.reason}",
                                           code="load_failed")
-
-
-def check_port(host: str, port: int, variable: str = "NEXTGPT_PORT") -> None:
-    """Fail at once when the address is taken, not after minutes of loading models."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another port with "
-                                     f"--port or {variable}", code="port_unavailable") from exc
-
-
-def check_devices(settings: Settings, groups: tuple[str, ...] = ("encoder", "llm", "decoders")) -> None:
-    """Refuse, in one line naming the variable, a device this machine does not have (before any model loads)."""
-    import torch
-
-    for group in groups:
-        device = str(getattr(settings, group).device)
-        kind = device.split(":")[0]
-        index = int(device.split(":")[1]) if ":" in device and device.split(":")[1].isdigit() else 0
-        if kind == "cuda" and (not torch.cuda.is_available() or index >= torch.cuda.device_count()):
-            raise ConfigurationError(f"NEXTGPT_{group.upper()}__DEVICE={device}: this machine has "
-                                     f"{torch.cuda.device_count()} CUDA device(s)", code="invalid_settings")
-        if kind not in ("cpu", "cuda", "mps") or (kind == "mps" and not torch.backends.mps.is_available()):
-            raise ConfigurationError(f"NEXTGPT_{group.upper()}__DEVICE={device}: not a device of this machine "
-                                     "(cpu, cuda, cuda:N)", code="invalid_settings")
-
-
-def resolve_bundle(settings: Settings) -> Bundle:
-    """The configured bundle; by default the committed world bundle; ``tiny`` for the random tiny bundle in the
-    cache folder (built on first use, and the fallback where the world bundle is not there)."""
-    if settings.bundle is not None and settings.bundle != TINY:
-        return load_bundle(settings.bundle)
-    if settings.bundle is None and (WORLD_BUNDLE / "bundle.json").is_file():
-        return load_bundle(WORLD_BUNDLE)
-    target = settings.tiny_bundle_dir
-    if not (target / "bundle.json").is_file():
-        _build_tiny_once(target)
-    return load_bundle(target)
-
-
-def _build_tiny_once(target: Path) -> None:
-    """Build the tiny bundle on first use, once, even when several services start at the same moment on one
-    cache: an exclusive lock on a file beside it; whoever gets it second finds the bundle there and waits no more."""
-    import fcntl
-
-    from services.bundle.tiny.build import build_tiny_bundle
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (target / "bundle.json").is_file():
-                log.info("building the tiny bundle into %s (first use)", target)
-                build_tiny_bundle(target, seed=0, force=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def model_cards(bundle: Bundle) -> list[ModelCard]:

@@ -115,18 +115,31 @@ def bundle_pack(
 def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
     """Embedded mode: the whole stack as one server (the world bundle unless --bundle; the LLM's running batch and
     the decoder pipelines in child processes of it)."""
-    import uvicorn
-
-    from services.cli.compose import check_devices, check_port, embedded_app, resolve_bundle
+    from services.cli.bundles import resolve_bundle
+    from services.cli.checks import check_devices, check_port
+    from services.runtime import children
 
     settings = _settings(bundle=bundle, host=host, port=port)
     check_port(settings.host, settings.port)
     check_devices(settings)
-    app_ = embedded_app(settings, resolve_bundle(settings))
+    resolved = resolve_bundle(settings)
+    if settings.decoders.engine_process or _llm_in_child(settings):
+        children.start_server()  # before the imports below: the fork server imports beside them
+
+    import uvicorn
+
+    from services.cli.compose import embedded_app
+
+    app_ = embedded_app(settings, resolved)
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
                 http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
+
+
+def _llm_in_child(settings: Settings) -> bool:
+    """Whether this process's LLM decodes in a child of it (the transformers backend's engine process)."""
+    return settings.llm.url is None and settings.llm.backend == "transformers" and settings.llm.engine_process
 
 
 def _bounded_http(settings: Settings) -> type:
@@ -146,7 +159,9 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     """Serve POST /v1/encode; /readyz answers 503 until the model is loaded."""
     from prometheus_client import CollectorRegistry
 
-    from services.cli.compose import StopOnLoadFailure, check_devices, check_port, resolve_bundle
+    from services.cli.bundles import resolve_bundle
+    from services.cli.checks import check_devices, check_port
+    from services.cli.compose import StopOnLoadFailure
     from services.encoder.app import build_encoder_app
     from services.encoder.compose import build_encoder_service
     from services.storage import build_artifact_store
@@ -173,17 +188,24 @@ app.add_typer(llm_app, name="llm")
 def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
               port: Annotated[int, typer.Option(help="Port to bind")] = 8002) -> None:
     """Serve POST /v1/generate (NDJSON stream); /readyz answers 503 until the model is loaded."""
-    from prometheus_client import CollectorRegistry
-
-    from services.cli.compose import StopOnLoadFailure, check_devices, check_port, resolve_bundle
-    from services.llm.app import build_llm_app
-    from services.llm.compose import build_llm_service
+    from services.cli.bundles import resolve_bundle
+    from services.cli.checks import check_devices, check_port
+    from services.runtime import children
 
     settings = _settings(bundle=bundle, host=host)
     check_port(settings.host, port, "--port")
     check_devices(settings, ("llm",))
-    registry = CollectorRegistry()
     resolved = resolve_bundle(settings)
+    if _llm_in_child(settings):
+        children.start_server()  # before the imports below: the fork server imports beside them
+
+    from prometheus_client import CollectorRegistry
+
+    from services.cli.compose import StopOnLoadFailure
+    from services.llm.app import build_llm_app
+    from services.llm.compose import build_llm_service
+
+    registry = CollectorRegistry()
     stopper = StopOnLoadFailure("llm")
     app_ = build_llm_app(lambda: build_llm_service(resolved, settings.llm, registry), registry,
                          on_load_failure=stopper)
@@ -203,7 +225,7 @@ def llm_vllm_commands(
     installed without dependencies (`pip install --no-deps .`) for its plugin (services/llm/vllm_plugin.py)."""
     import shlex
 
-    from services.cli.compose import resolve_bundle
+    from services.cli.bundles import resolve_bundle
     from services.llm.vllm_launch import VLLM_ENV, pooler_args, server_args
 
     resolved = resolve_bundle(_settings(bundle=bundle))
@@ -224,7 +246,9 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     decoder workers behind Redis (NEXTGPT_REDIS__URL). Loads no model."""
     import uvicorn
 
-    from services.cli.compose import check_port, distributed_gateway_app, resolve_bundle
+    from services.cli.checks import check_port
+    from services.cli.bundles import resolve_bundle
+    from services.cli.compose import distributed_gateway_app
 
     settings = _settings(bundle=bundle, host=host, port=port)
     check_port(settings.host, settings.port)
@@ -242,15 +266,10 @@ def worker(
     hostname: Annotated[Optional[str], typer.Option(help="Celery node name (default: nextgpt-<queues>@host)")] = None,
 ) -> None:
     """A Celery decoder worker: loads the pipelines of its queues once, then runs decode jobs in batches."""
-    from celery.signals import worker_shutdown
-
-    from services.cli.compose import check_devices, resolve_bundle
+    from services.cli.bundles import resolve_bundle
+    from services.cli.checks import check_devices
     from services.contracts.celery_config import QUEUES
-    from services.decoders.celery_app import make_worker_app
-    from services.decoders.compose import build_runner
-    from services.decoders.pipeline_process import PipelineProcess
-    from services.jobs.book import RedisJobBook
-    from services.jobs.redis_clients import sync_redis
+    from services.runtime import children
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - set(QUEUES))
@@ -259,6 +278,17 @@ def worker(
     settings = _settings(bundle=bundle)
     check_devices(settings, ("decoders",))
     resolved = resolve_bundle(settings)
+    if settings.decoders.engine_process:
+        children.start_server()  # before the imports below (torch, Celery): the fork server imports beside them
+
+    from celery.signals import worker_shutdown
+
+    from services.decoders.celery_app import make_worker_app
+    from services.decoders.compose import build_runner
+    from services.decoders.pipeline_process import PipelineProcess
+    from services.jobs.book import RedisJobBook
+    from services.jobs.redis_clients import sync_redis
+
     book = RedisJobBook(sync_redis(settings.redis.url), settings.redis.key_prefix)
     registry = None
     if settings.decoders.metrics_port:
@@ -586,6 +616,9 @@ def health(
 
 
 def main() -> None:
+    from services.runtime.library_noise import quiet_model_libraries
+
+    quiet_model_libraries()
     try:
         app()
     except NextGPTError as exc:

@@ -86,10 +86,14 @@ class DecoderPipelines:
 
     def _load(self, modality: Modality) -> None:
         from diffusers import AudioLDMPipeline, StableDiffusionPipeline, TextToVideoSDPipeline
+        from diffusers.utils import logging as diffusers_logging
 
+        # Its "Loading pipeline components" bar: instant here, a line of carriage returns in a server's log
+        # (services.runtime.library_noise); the pipelines' own step bars are turned off below.
+        diffusers_logging.disable_progress_bar()
         cls = {"image": StableDiffusionPipeline, "video": TextToVideoSDPipeline, "audio": AudioLDMPipeline}[modality]
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
         if modality == "image":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(self.bundle.decoder_source(modality), **kwargs).to(self.device)

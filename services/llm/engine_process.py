@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +185,7 @@ class EngineProcess:
             pending.error = ServiceUnavailableError(f"the LLM engine process exited ({self._dead})",
                                                     code="llm_engine_exited")
             pending.finished.set()
-        if not self._closing:
+        if not self._closing and not children.exiting():
             log.error("the LLM engine process exited unexpectedly (%s)", self._dead)
             if self._on_exit is not None:
                 self._on_exit(self._dead)
@@ -208,6 +209,12 @@ class EngineProcess:
 
 # -- the child ------------------------------------------------------------------------------------------------
 def _child_main(conn: Connection, spec: EngineSpec) -> None:
+    # The parent ends this process (a close once its server has finished its replies, a kill, or the pipe's end
+    # when the parent is gone). A SIGTERM sent to the whole process group (systemd stops a service so) or a Ctrl-C
+    # must not end it first: the replies under way, which a graceful shutdown lets finish, failed with
+    # llm_engine_exited, and the server logged a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if spec.cpus:  # first, so that the threads made from here on (torch's OpenMP team included) inherit it
         for thread in os.listdir("/proc/self/task"):  # and those the imports may have started
             os.sched_setaffinity(int(thread), spec.cpus)

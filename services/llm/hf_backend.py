@@ -27,7 +27,7 @@ class HFBackend:
         self.bundle, self.manifest = bundle, bundle.manifest
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(bundle.path(self.manifest.llm.path)))
-        model = LlamaForCausalLM.from_pretrained(str(bundle.path(self.manifest.llm.path)), torch_dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(str(bundle.path(self.manifest.llm.path)), dtype=dtype)
         loras = self.manifest.llm.loras
         if loras:
             model = PeftModel.from_pretrained(model, str(bundle.path(loras[0].path)), adapter_name=loras[0].name)

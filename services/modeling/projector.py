@@ -6,6 +6,8 @@ Its parameter names (``fc``, ``tfm``, ``model``, ``query_embs``) follow the rele
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -17,16 +19,20 @@ class OutputProjector(nn.Module):
         super().__init__()
         self.spec = spec
         self.fc = nn.Linear(spec.in_dim, spec.hidden_dim)
-        self.tfm = nn.Transformer(
-            d_model=spec.hidden_dim,
-            nhead=spec.num_heads,
-            num_encoder_layers=spec.num_encoder_layers,
-            num_decoder_layers=spec.num_decoder_layers,
-            dim_feedforward=spec.ffn_dim,
-            dropout=0.0,
-            batch_first=True,
-            norm_first=True,
-        )
+        with warnings.catch_warnings():
+            # norm_first (the released layout) rules out torch's nested-tensor path for padded batches, which
+            # torch says at every projector built; none of our calls pads, so nothing is lost.
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True", category=UserWarning)
+            self.tfm = nn.Transformer(
+                d_model=spec.hidden_dim,
+                nhead=spec.num_heads,
+                num_encoder_layers=spec.num_encoder_layers,
+                num_decoder_layers=spec.num_decoder_layers,
+                dim_feedforward=spec.ffn_dim,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
+            )
         self.model = nn.Linear(spec.hidden_dim, spec.out_dim)
         self.query_embs = nn.Parameter(torch.randn(1, spec.num_queries, spec.hidden_dim))
 

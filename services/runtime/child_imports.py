@@ -8,7 +8,10 @@ look dead to its parent. It exits when its parent does (its pipe from the parent
 
 import signal
 
+from services.runtime.library_noise import quiet_model_libraries
+
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+quiet_model_libraries()  # before transformers' import, which reads its progress-bar switch
 
 # A module that cannot be imported here costs a child only its own import, which then reports the error where the
 # child's parent sees it.

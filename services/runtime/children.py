@@ -18,15 +18,20 @@ applies it."""
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler now: ours, registered below, runs before it
 import os
 import signal
+import weakref
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 _PRELOAD = ["services.runtime.child_imports"]
+_started: weakref.WeakSet[BaseProcess] = weakref.WeakSet()
+_exiting = False
 
 
 def context() -> BaseContext:
@@ -38,12 +43,37 @@ def context() -> BaseContext:
     return ctx
 
 
+def start_server() -> None:
+    """Start the fork server now, not with the first child: a serving process that will start children calls this
+    before its own imports, so that the fork server's (about 5 s of one core) run beside them on another core
+    instead of after them. Returns at once (the fork server imports in its own process); a no-op where it runs."""
+    if context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def start(target: Callable[..., None], args: tuple[Any, ...], name: str) -> BaseProcess:
     """``target(*args)`` in a new daemon child, started and returned."""
     process = context().Process(target=_child_main, args=(target, args, os.environ.get("OMP_NUM_THREADS")),
                                 name=name, daemon=True)
     process.start()
+    _started.add(process)
     return process
+
+
+@atexit.register  # after multiprocessing's own (imported above), so it runs first: exit handlers run last-in first-out
+def _kill_children_left() -> None:
+    """Children still running when their parent exits without having closed them (its shutdown was forced: a
+    second Ctrl-C skips the server's shutdown) are killed. A model child ignores SIGTERM (its parent ends it, so
+    that a SIGTERM to the process group cannot cut the work a graceful shutdown finishes), and multiprocessing's
+    exit handler ends daemon children with SIGTERM, then waits for each without a bound: the parent hung there."""
+    global _exiting
+    _exiting = True
+    for process in list(_started):
+        if process.is_alive():
+            process.kill()
+            process.join(5)
 
 
 def _child_main(target: Callable[..., None], args: tuple[Any, ...], omp_num_threads: str | None) -> None:
@@ -59,3 +89,8 @@ def _child_main(target: Callable[..., None], args: tuple[Any, ...], omp_num_thre
 
         torch.set_num_threads(int(value))
     target(*args)
+
+
+def exiting() -> bool:
+    """Whether this process is exiting and killing its children: a child's end then is no crash to report."""
+    return _exiting

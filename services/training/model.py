@@ -40,7 +40,7 @@ class NextGPTTrainable(nn.Module):
         self.bundle, self.manifest = bundle, bundle.manifest
         llm_dir = str(bundle.path(self.manifest.llm.path))
         self.tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-        self.llm: nn.Module = LlamaForCausalLM.from_pretrained(llm_dir, torch_dtype=torch.float32)
+        self.llm: nn.Module = LlamaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
         encoder = self.manifest.encoder
         if input_projection is None or input_projection == encoder.projection:
             self.input_projection = load_input_projection(bundle)

@@ -86,7 +86,7 @@ def load_pipeline(modality: WorldModality, path: Path, device: str = "cpu") -> A
     cls = {"image": StableDiffusionPipeline, "video": TextToVideoSDPipeline, "audio": AudioLDMPipeline}[modality]
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if modality == "image" else {}
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs).to(device)
+    pipe = cls.from_pretrained(str(path), dtype=dtype, **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -24,7 +24,7 @@ def test_packed_bundle_is_half_the_size_and_computes_alike(tiny_bundle_dir: Path
         with safe_open(str(path), framework="pt") as fh:
             assert all(fh.get_slice(k).get_dtype() in ("F16", "I64") for k in fh.keys()), path
     ids = torch.tensor([[1, 5, 9, 20, 33]])
-    logits = [LlamaForCausalLM.from_pretrained(str(root / "llm"), torch_dtype=torch.float32)(ids).logits
+    logits = [LlamaForCausalLM.from_pretrained(str(root / "llm"), dtype=torch.float32)(ids).logits
               for root in (tiny_bundle_dir, packed.root)]
     assert torch.allclose(logits[0], logits[1], atol=2e-2)
     spec = packed.manifest.outputs["image"].projector

@@ -1,12 +1,17 @@
 """``services.runtime.children``: model children fork from one fork server per serving process, which outlives a
-SIGTERM to the process group and hands each child the parent's OMP_NUM_THREADS as it is when the child starts."""
+SIGTERM to the process group and hands each child the parent's OMP_NUM_THREADS as it is when the child starts; a
+parent that exits without closing its children (a forced shutdown) does not wait for them forever."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +63,36 @@ def test_a_child_takes_the_parents_omp_num_threads_of_the_moment(monkeypatch: py
     conn.send(0)
     process.join(30)
     assert threads == wanted
+
+
+_LEFT_CHILD = textwrap.dedent("""
+    import signal, sys, time
+    from services.runtime import children
+
+    def deaf():  # as the model children: SIGTERM and Ctrl-C are their parent's to act on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("started", flush=True)
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        child = children.start(deaf, (), "deaf")
+        while not child.is_alive():
+            time.sleep(0.01)
+        time.sleep(1)
+        print(child.pid, flush=True)
+        sys.exit(0)  # exits without closing it, as a server whose shutdown was forced
+""")
+
+
+def test_a_parent_exiting_without_closing_its_children_ends_them_and_does_not_hang(tmp_path: Path) -> None:
+    """multiprocessing's exit handler ends daemon children with SIGTERM and waits for each without a bound; a model
+    child ignores SIGTERM, so the parent hung at exit (a second Ctrl-C left `nextgpt serve` running forever)."""
+    script = tmp_path / "parent.py"
+    script.write_text(_LEFT_CHILD)
+    root = Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid = int(done.stdout.split()[-1])
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

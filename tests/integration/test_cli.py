@@ -131,6 +131,12 @@ def _children(pid: int) -> list[str]:
     return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
 
 
+# Library output with nothing in it for a server's operator: progress bars of loading weights, Python warnings,
+# transformers' torchvision fallback, diffusers' deprecated pipelines.
+LIBRARY_NOISE = ("Loading weights", "Loading pipeline components", "Warning: ", "requires torchvision",
+                 "has been deprecated")
+
+
 def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
@@ -173,6 +179,10 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         assert [a["state"] for a in picture["artifacts"]] == ["completed"], picture
         assert "decoder process gone" in log.read_text()
         assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+        # Both children have loaded (the decoder's twice): what the libraries print on their own while loading is
+        # not in the server's log (services/runtime/library_noise).
+        noise = [line[:160] for line in log.read_text().splitlines() if any(w in line for w in LIBRARY_NOISE)]
+        assert not noise, noise
         # The LLM engine's child; if it dies, the server stops so that its supervisor restarts it.
         engines = [c for c in models if c != found.group(1)]
         os.kill(int(engines[0]), signal.SIGKILL)
@@ -182,6 +192,50 @@ def test_serve_answers_health_and_models(tiny_bundle_dir: Path, tmp_path: Path) 
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in log.read_text()
+
+
+def test_a_stop_signal_to_the_process_group_lets_the_replies_under_way_finish(tiny_bundle_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """systemd stops a service with a SIGTERM to each of its processes (a terminal's Ctrl-C reaches the whole
+    group too): the server shuts down gracefully, and the LLM engine, its child, must not end before the reply under
+    way does (it did: the reply ended in an llm_engine_exited error and the log reported a crash)."""
+    import threading
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([NEXTGPT, "serve", "--bundle", str(tiny_bundle_dir), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path / "cache")})
+    base = f"http://127.0.0.1:{port}"
+    events: list[str] = []
+    streaming = threading.Event()
+
+    def read() -> None:
+        body = {"messages": [{"role": "user", "content": "hello"}], "stream": True, "max_tokens": 600,
+                "allowed_modalities": [], "temperature": 1.0, "seed": 3}
+        with httpx.stream("POST", f"{base}/v1/chat", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    streaming.set()
+
+    try:
+        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "nextgpt serve", proc, log)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert streaming.wait(60), log.read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        reader.join(120)
+        assert proc.wait(60) == -signal.SIGTERM  # uvicorn ends by the signal it stopped for, once shut down
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert events[-1] == "done" and "error" not in events, events[-3:]
+    assert events.count("message.delta") > 100  # the reply went on well past the signal
+    text = log.read_text()
+    assert "exited unexpectedly" not in text and "Traceback" not in text, text[-3000:]
 
 
 def _exchange(port: int, chunks: list[bytes], pause_s: float = 0.0) -> bytes:
@@ -270,7 +324,7 @@ def _tiny_health_app() -> FastAPI:
 
 def test_services_starting_together_build_the_tiny_bundle_once(tmp_path: Path) -> None:
     code = ("import logging; logging.basicConfig(level=logging.INFO); "
-            "from services.cli.compose import resolve_bundle; from services.contracts.settings import load_settings; "
+            "from services.cli.bundles import resolve_bundle; from services.contracts.settings import load_settings; "
             "print(resolve_bundle(load_settings()).manifest.name)")
     env = {**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path), "NEXTGPT_BUNDLE": "tiny", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -30,7 +30,7 @@ def build_llm(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int) -> L
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)

@@ -47,7 +47,7 @@ def build_world_lm(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer), num_key_value_heads=heads, head_dim=WORLD_LM["hidden_size"] // heads,
         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, torch_dtype="float32", **WORLD_LM,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="float32", **WORLD_LM,
     )
     return LlamaForCausalLM(config)
 
