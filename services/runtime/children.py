@@ -1,12 +1,13 @@
-"""How the processes that hold models (the LLM engine, the decoder pipelines) start: forked from a fork server that
-has imported torch, transformers, peft and diffusers once (``services.runtime.child_imports``), not as fresh
-interpreters that import them again.
+"""How the processes that hold models (the LLM engine, the decoder pipelines) start and end: forked from a fork
+server that has imported torch, transformers, peft and diffusers once (``services.runtime.child_imports``), not as
+fresh interpreters that import them again.
 
 A fresh interpreter spent about 5 s of one core on imports before it loaded a weight (torch 2 s, transformers and
 peft 3 s, diffusers' pipelines 1 s more, on this 2-core machine), each time a child started: at a server's
 start-up, and again for every replacement (a decoder child killed for a step past its time limit, or crashed; an
 engine restarted). Forked from the fork server, a decoder child with the tiny bundle's three pipelines is ready in
-0.8 s instead of 8 s. The fork server is one per serving process, started by its first child; it never runs a
+0.8 s instead of 8 s. The fork server is one per serving process, started by its first child (or earlier, by
+``start_server``); it never runs a
 torch op or a thread, so a fork of it is as clean as a spawned interpreter (no OpenMP team, no CUDA context, no
 locks held by other threads: why the children were never forked from the server itself).
 
@@ -14,7 +15,11 @@ What a child inherits from the fork server rather than from its parent at that m
 working directory and the standard streams as they were when the fork server started (a serving process sets them
 before its first child, so they are the same), and what torch read at its import. ``OMP_NUM_THREADS`` is the one
 such setting a child's behaviour depends on, so ``start`` hands the parent's current value to the child, which
-applies it."""
+applies it.
+
+The model children ignore SIGTERM and SIGINT: their parent ends them (a close, a kill, or their pipe's end when the
+parent is gone), after its graceful shutdown has let their work finish. A parent exiting without having closed
+them (a forced shutdown) kills them first (``_kill_children_left``)."""
 
 from __future__ import annotations
 
