@@ -11,6 +11,7 @@ from services.bundle.loader import Bundle, load_bundle
 from services.contracts.settings import Settings
 
 log = logging.getLogger(__name__)
+# The trained world bundle committed with the repository (see `make world-bundle`).
 WORLD_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "nextgpt-world"
 TINY = Path("tiny")
 

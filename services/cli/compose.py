@@ -26,9 +26,6 @@ from services.storage import build_artifact_store, build_retention
 log = logging.getLogger(__name__)
 
 
-# The trained world bundle committed with the repository (see `make world-bundle`).
-
-
 class StopOnLoadFailure:
     """Handed to a model service: when its model cannot load, stop the server so the process exits non-zero
     with the reason (its supervisor restarts it) instead of living on, never ready."""

@@ -123,7 +123,7 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     check_port(settings.host, settings.port)
     check_devices(settings)
     resolved = resolve_bundle(settings)
-    if settings.decoders.engine_process or _llm_in_child(settings):
+    if settings.decoders.engine_process or (settings.llm.url is None and settings.llm.decodes_in_engine_process):
         children.start_server()  # before the imports below: the fork server imports beside them
 
     import uvicorn
@@ -135,11 +135,6 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
                 http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
-
-
-def _llm_in_child(settings: Settings) -> bool:
-    """Whether this process's LLM decodes in a child of it (the transformers backend's engine process)."""
-    return settings.llm.url is None and settings.llm.backend == "transformers" and settings.llm.engine_process
 
 
 def _bounded_http(settings: Settings) -> type:
@@ -196,7 +191,7 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
     check_port(settings.host, port, "--port")
     check_devices(settings, ("llm",))
     resolved = resolve_bundle(settings)
-    if _llm_in_child(settings):
+    if settings.llm.decodes_in_engine_process:
         children.start_server()  # before the imports below: the fork server imports beside them
 
     from prometheus_client import CollectorRegistry
@@ -246,8 +241,8 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     decoder workers behind Redis (NEXTGPT_REDIS__URL). Loads no model."""
     import uvicorn
 
-    from services.cli.checks import check_port
     from services.cli.bundles import resolve_bundle
+    from services.cli.checks import check_port
     from services.cli.compose import distributed_gateway_app
 
     settings = _settings(bundle=bundle, host=host, port=port)

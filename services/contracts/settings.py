@@ -195,10 +195,15 @@ class LLMSettings(BaseModel):
             raise ValueError("backend 'vllm' needs NEXTGPT_LLM__VLLM_URL and NEXTGPT_LLM__VLLM_POOLER_URL")
         return self
 
+    @property
+    def decodes_in_engine_process(self) -> bool:
+        """Whether the service decodes in a child process of its own (the transformers backend's engine)."""
+        return self.backend == "transformers" and self.engine_process
+
     @model_validator(mode="after")
     def _cpus_need_the_engine_process(self) -> LLMSettings:
         # Binding the server's own process would put its event loop on the decoding's cores.
-        if self.cpus is not None and (self.backend != "transformers" or not self.engine_process):
+        if self.cpus is not None and not self.decodes_in_engine_process:
             raise ValueError("NEXTGPT_LLM__CPUS binds the transformers backend's engine process: it needs "
                              "backend 'transformers' and NEXTGPT_LLM__ENGINE_PROCESS true")
         return self

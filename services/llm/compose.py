@@ -87,7 +87,7 @@ def build_llm_service(bundle: Bundle, settings: LLMSettings, registry: Collector
         assert settings.vllm_url and settings.vllm_pooler_url  # checked by LLMSettings
         backend = VLLMBackend(bundle, settings.vllm_url, settings.vllm_pooler_url, settings.timeout_s,
                               settings.max_prompt_tokens)
-    elif settings.engine_process:
+    elif settings.decodes_in_engine_process:
         threads, cpus = engine_placement(settings)
         backend = EngineProcess(EngineSpec(bundle.root, settings.device, settings.dtype, settings.max_prompt_tokens,
                                            settings.max_batch, settings.max_batch + settings.max_waiting,

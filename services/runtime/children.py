@@ -7,9 +7,9 @@ peft 3 s, diffusers' pipelines 1 s more, on this 2-core machine), each time a ch
 start-up, and again for every replacement (a decoder child killed for a step past its time limit, or crashed; an
 engine restarted). Forked from the fork server, a decoder child with the tiny bundle's three pipelines is ready in
 0.8 s instead of 8 s. The fork server is one per serving process, started by its first child (or earlier, by
-``start_server``); it never runs a
-torch op or a thread, so a fork of it is as clean as a spawned interpreter (no OpenMP team, no CUDA context, no
-locks held by other threads: why the children were never forked from the server itself).
+``start_server``); it never runs a torch op or a thread, so a fork of it is as clean as a spawned interpreter (no
+OpenMP team, no CUDA context, no locks held by other threads: why the children were never forked from the server
+itself).
 
 What a child inherits from the fork server rather than from its parent at that moment: the environment, the
 working directory and the standard streams as they were when the fork server started (a serving process sets them
