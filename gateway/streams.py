@@ -229,11 +229,17 @@ class RedisEventLog(EventLog):
     later ones gather for ``linger_s`` after each write and go together in the next (one write in flight per
     stream; the end is written without waiting). Without the linger a token-by-token reply was one transaction
     per token (five commands: MULTI, XADD, two EXPIREs, EXEC), most of the gateway's work per stream. A
-    reader on another replica holds one connection in a blocking read, and sees events up to ``linger_s`` late."""
+    reader on another replica holds one connection in a blocking read, and sees events up to ``linger_s`` late.
+
+    The owner key is the producer's lease: while its turn runs it expires ``lease_s`` after the producer last
+    renewed it (every write, and every ``lease_s / 3`` in the producer's rounds when nothing is written), and only
+    the end gives it ``ttl_s``. A replica that dies mid-turn (killed, out of memory, its machine gone) writes no
+    end: its readers elsewhere learn so ``lease_s`` later (``stream_gone``), where they waited for ``ttl_s``
+    (300 s by default) with ``ttl_s`` on the owner key from the start."""
 
     def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
                  local_ttl_s: float = 30.0, linger_s: float = 0.02, local_max_bytes: int = 256 * 2**20,
-                 inline_max_bytes: int = 2**20) -> None:
+                 inline_max_bytes: int = 2**20, lease_s: float = 15.0) -> None:
         """``inline_max_bytes``: the largest inline artifact (its base64) an event keeps in Redis; a larger one
         is kept there with its URL only (readers here get it whole). Inline media would otherwise hold Redis memory
         that its other users (the job book, conversations) need, streams times media times up to the gateway's
@@ -241,6 +247,7 @@ class RedisEventLog(EventLog):
         self.r, self.prefix, self.max_events = redis, key_prefix, max_events
         self.inline_max_bytes = inline_max_bytes
         self.ttl_s, self.block_ms, self.linger_s = ttl_s, block_ms, linger_s
+        self.lease_ms = max(1, int(lease_s * 1000))
         self.local = MemoryEventLog(max_events, local_ttl_s, max_bytes=local_max_bytes)
         self._writers: dict[str, _StreamWriter] = {}
 
@@ -253,12 +260,14 @@ class RedisEventLog(EventLog):
         # costs this process about as much as that request: neither waits for the other); ``published`` waits for
         # it before anyone learns the stream's id, and the first event write waits for it too (every write
         # refreshes its expiry).
+        claim = json.dumps(owner)
+
         async def write_owner() -> None:
             await asyncio.sleep(OFF_PATH_DELAY_S)
-            await self.r.set(self._key(stream_id, ":owner"), json.dumps(owner), ex=self.ttl_s)
+            await self.r.set(self._key(stream_id, ":owner"), claim, px=self.lease_ms)
 
         owner_write = asyncio.ensure_future(write_owner())
-        self._writers[stream_id] = _StreamWriter(self, stream_id, owner_write)
+        self._writers[stream_id] = _StreamWriter(self, stream_id, owner_write, claim)
 
     async def published(self, stream_id: str) -> None:
         writer = self._writers.get(stream_id)
@@ -287,15 +296,24 @@ class RedisEventLog(EventLog):
             self._writers.pop(stream_id, None)
             await writer.drain()
 
-    async def _write(self, stream_id: str, entries: list[LogEntry]) -> None:
+    async def _write(self, stream_id: str, entries: list[LogEntry], claim: str) -> None:
         key = self._key(stream_id)
+        ended = entries[-1][1] == END
         async with self.r.pipeline(transaction=True) as pipe:
             for event_id, name, data in entries:
                 pipe.xadd(key, {"name": name, "data": json.dumps(self._kept(name, data), separators=(",", ":"))},
                           id=f"{event_id}-0", maxlen=self.max_events, approximate=False)
             pipe.expire(key, self.ttl_s)
-            pipe.expire(self._key(stream_id, ":owner"), self.ttl_s)
+            # SET, not EXPIRE: a claim that lapsed (Redis out of reach for longer than the lease) comes back.
+            self._claim(pipe, stream_id, claim, ended)
             await pipe.execute()
+
+    def _claim(self, pipe: Any, stream_id: str, claim: str, ended: bool = False) -> None:
+        """Renews the producer's lease (the owner key), or once the stream has ended keeps it for ``ttl_s``."""
+        if ended:
+            pipe.set(self._key(stream_id, ":owner"), claim, ex=self.ttl_s)
+        else:
+            pipe.set(self._key(stream_id, ":owner"), claim, px=self.lease_ms)
 
     def _kept(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         """What Redis keeps of an event: an artifact's inline bytes only up to ``inline_max_bytes``."""
@@ -322,9 +340,10 @@ class RedisEventLog(EventLog):
                 # The owner key lives from create() on and is refreshed by every write (the stream key only exists
                 # after the first event, which may take a while under load).
                 if not await self.r.exists(self._key(stream_id, ":owner")):
-                    # Expired (its producer died without an end marker, or it outlived replay_ttl_s): never wait
-                    # forever.
-                    raise GoneError(f"stream {stream_id} ended without finishing (or expired)", code="stream_gone")
+                    # The producer's lease lapsed (its replica died without writing the end), or the stream
+                    # outlived replay_ttl_s: never wait forever.
+                    raise GoneError(f"stream {stream_id} ended without finishing: the replica running it stopped "
+                                    "(or the stream expired)", code="stream_gone")
                 if (await self.state(stream_id)).end_id is not None:  # ended before ``after``
                     return
                 if quiet_until is not None and time.monotonic() >= quiet_until:
@@ -363,10 +382,21 @@ class RedisEventLog(EventLog):
         if await self.local.cancel_requested(stream_id, wait_s):
             return "cancelled"
         cancel_key = self._key(stream_id, ":cancel")
-        if self.local.attached(stream_id):
+        writer = self._writers.get(stream_id)
+        if writer is not None and writer.lease_due():
+            # The lease goes with the round's command (one round trip); a stream being written renews it anyway.
+            async with self.r.pipeline(transaction=False) as pipe:
+                self._claim(pipe, stream_id, writer.claim)
+                pipe.mget(cancel_key, self._key(stream_id, ":reader"))
+                _, (cancelled, reader) = await pipe.execute()
+            writer.renewed()
+        elif self.local.attached(stream_id):
             return "cancelled" if await self.r.exists(cancel_key) else None
-        cancelled, reader = await self.r.mget(cancel_key, self._key(stream_id, ":reader"))
-        return "cancelled" if cancelled is not None else None if reader is not None else "abandoned"
+        else:
+            cancelled, reader = await self.r.mget(cancel_key, self._key(stream_id, ":reader"))
+        if cancelled is not None:
+            return "cancelled"
+        return None if reader is not None or self.local.attached(stream_id) else "abandoned"
 
 
 class _StreamWriter:
@@ -377,13 +407,22 @@ class _StreamWriter:
     rest), not by a task per event that waits out the linger: an event then costs its reader's path only a list
     append, where a task (and on Python 3.11 ``wait_for``'s own inner task) ran ahead of the reader's send."""
 
-    def __init__(self, events: RedisEventLog, stream_id: str, owner_write: asyncio.Future[Any]) -> None:
-        self.events, self.stream_id, self.owner_write = events, stream_id, owner_write
+    def __init__(self, events: RedisEventLog, stream_id: str, owner_write: asyncio.Future[Any], claim: str) -> None:
+        """``claim``: the owner key's value, written again with each renewal of the lease."""
+        self.events, self.stream_id, self.owner_write, self.claim = events, stream_id, owner_write, claim
+        self.renewed()
         self.pending: list[LogEntry] = []
         self.task: asyncio.Task[None] | None = None  # the write in flight
         self.timer: asyncio.TimerHandle | None = None  # the next write, scheduled
         self.written = False  # the first write goes at once; later ones linger
         self.hurry = False  # set by drain: no more lingering
+
+    def renewed(self) -> None:
+        self._lease_due = time.monotonic() + self.events.lease_ms / 3000
+
+    def lease_due(self) -> bool:
+        """Whether the producer's rounds must renew the lease (a third of it gone since the last renewal)."""
+        return time.monotonic() >= self._lease_due
 
     def add(self, entry: LogEntry) -> None:
         self.pending.append(entry)
@@ -404,7 +443,8 @@ class _StreamWriter:
         batch, self.pending = self.pending, []
         try:
             await self.owner_write
-            await self.events._write(self.stream_id, batch)
+            await self.events._write(self.stream_id, batch, self.claim)
+            self.renewed()
         except Exception as exc:  # the client already retried ~15 s: readers elsewhere miss these events
             log.warning("chat stream %s: %d event(s) not written to Redis: %s", self.stream_id, len(batch), exc)
         self.written = True

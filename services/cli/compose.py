@@ -242,7 +242,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
         on_shutdown=[retention.stop, http.aclose, llm.aclose, async_redis.aclose],
         streams=StreamHub(RedisEventLog(async_redis, prefix, g.replay_max_events, g.replay_ttl_s,
                                         linger_s=g.replay_write_linger_s, local_max_bytes=g.replay_max_bytes,
-                                        inline_max_bytes=g.replay_inline_max_bytes),
+                                        inline_max_bytes=g.replay_inline_max_bytes, lease_s=g.stream_lease_s),
                           g.resume_grace_s,
                           active=metrics.streams),
         registry=registry, metrics=metrics,

@@ -251,6 +251,10 @@ class GatewaySettings(BaseModel):
         default=2**20, ge=0,
         description="Distributed mode: the largest inline artifact (base64 characters) a stream keeps in Redis for "
                     "resumes on other replicas; a larger one is kept there with its URL only")
+    stream_lease_s: float = Field(
+        default=15.0, ge=5.0, le=300.0,
+        description="Distributed mode: a replica that dies mid-turn leaves its streams' readers on other replicas "
+                    "waiting this long, then they get stream_gone (its claim, renewed every third of it, lapses)")
     replay_write_linger_s: float = Field(
         default=0.02, ge=0, le=5.0,
         description="After a stream's first event, events gather this long per Redis write (resumes see them as late)")

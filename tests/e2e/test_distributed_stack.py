@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -24,6 +26,9 @@ from tests.support.servers import RedisInfo, S3Info
 from tests.support.stack import KEY, distributed_stack
 
 
+LEASE_S = 5
+
+
 @pytest.fixture(scope="module")
 def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
@@ -31,6 +36,7 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
         # 50 concurrent streams below: more than the default bound on generations waiting (32, then 503).
         "NEXTGPT_LLM__MAX_WAITING": "64",
         "NEXTGPT_GATEWAY__RESUME_GRACE_S": "4",
+        "NEXTGPT_GATEWAY__STREAM_LEASE_S": str(LEASE_S),
     }
     with distributed_stack(redis_info.url, f"{redis_info.key_prefix}e2e:", s3_info, tiny_bundle_dir,
                            tmp_path_factory.mktemp("e2e-logs"), extra) as running:
@@ -178,6 +184,41 @@ def test_a_dropped_stream_resumes_on_another_replica_and_the_conversation_follow
     second = httpx.post(f"{url2}/v1/chat", headers=_auth(), timeout=120, json={
         "conversation_id": conversation, "messages": [{"role": "user", "content": "shorter"}], "max_tokens": 5})
     assert second.status_code == 200 and second.json()["conversation_id"] == conversation
+
+
+def test_a_stream_whose_replica_was_killed_ends_on_another_replica_within_the_lease(
+        stack: dict[str, object]) -> None:
+    """A replica killed mid-reply (the OOM killer, a lost node) writes no end to its streams. The client that
+    reconnects through the other replica gets what was written, then an ``error`` event ``stream_gone`` once the
+    dead replica's lease has lapsed (NEXTGPT_GATEWAY__STREAM_LEASE_S), where it waited REPLAY_TTL_S (300 s)."""
+    services: dict[str, ServiceProcess] = stack["services"]  # type: ignore[assignment]
+    url, url2 = str(stack["url"]), str(stack["url2"])
+    request = {"messages": [{"role": "user", "content": "tell me a long story"}], "stream": True,
+               "max_tokens": 1024, "seed": 3}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=60) as response:
+            assert response.status_code == 200, response.read()
+            stream_id, last_id = response.headers["x-stream-id"], 0
+            for line in response.iter_lines():
+                if line.startswith("id: "):
+                    last_id = int(line[4:])
+                if last_id == 20:
+                    break
+            gateway = services["gateway"].proc
+            assert gateway is not None
+            os.killpg(gateway.pid, signal.SIGKILL)
+            gateway.wait()
+            killed = time.monotonic()
+        with httpx.stream("GET", f"{url2}/v1/chat/streams/{stream_id}", timeout=60,
+                          headers={**_auth(), "last-event-id": str(last_id)}) as response:
+            assert response.status_code == 200
+            rest = read_events(response, after=last_id)
+        waited = time.monotonic() - killed
+        assert rest[-1][0] == "error" and rest[-1][1]["error"]["code"] == "stream_gone", rest[-1]  # type: ignore[index]
+        assert all(name == "message.delta" for name, _ in rest[:-1])
+        assert waited < LEASE_S + 5, waited
+    finally:
+        services["gateway"].start().wait_ready()
 
 
 def test_every_service_keeps_an_idle_connection_longer_than_its_clients_pool_it(stack: dict[str, object]) -> None:

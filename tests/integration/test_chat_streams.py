@@ -405,6 +405,74 @@ async def test_a_redis_reader_does_not_wait_forever_on_a_vanished_stream(redis_i
     await client.aclose()
 
 
+# A gateway replica producing one stream: three events, a quiet spell of three leases (a long prefill, a decode
+# with no progress), then an event every 50 ms until it is killed.
+_PRODUCER = """
+import asyncio, sys
+import redis.asyncio
+from gateway.streams import RedisEventLog, StreamHub
+from gateway.turn_events import MessageDelta
+
+async def turn():
+    for i in range(100_000):
+        if i == 3:
+            await asyncio.sleep(3.0)
+        await asyncio.sleep(0.05)
+        yield MessageDelta(f"t{i}")
+
+async def main():
+    client = redis.asyncio.Redis.from_url(sys.argv[1])
+    hub = StreamHub(RedisEventLog(client, sys.argv[2], 100_000, ttl_s=60, block_ms=200, lease_s=1.0), grace_s=30,
+                    touch_every_s=0.1)
+    print(await hub.start(turn(), owner=None), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_stream_whose_replica_died_ends_for_its_readers_elsewhere_within_the_lease(
+        redis_info: RedisInfo) -> None:
+    """A replica killed mid-turn writes no end. Its stream's readers on other replicas (clients that reconnected
+    through the load balancer) get ``stream_gone`` once the producer's lease has lapsed (1 s here, 15 s by
+    default), where they waited for the stream's whole ``ttl_s`` (60 s here, 300 s by default); a producer that
+    is alive but quiet for three leases keeps them waiting."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    client = async_redis(redis_info.url)
+    prefix = f"{redis_info.key_prefix}lease-{uuid.uuid4().hex[:6]}:"
+    producer = subprocess.Popen([sys.executable, "-c", _PRODUCER, redis_info.url, prefix], stdout=subprocess.PIPE,
+                                text=True, cwd=Path(__file__).parents[2])
+    elsewhere = StreamHub(RedisEventLog(client, prefix, 100_000, ttl_s=60, block_ms=200, lease_s=1.0), grace_s=30,
+                          touch_every_s=0.1)
+    try:
+        assert producer.stdout is not None
+        stream_id = (await asyncio.wait_for(asyncio.to_thread(producer.stdout.readline), 60)).strip()
+        entries = _flat(await elsewhere.attach(stream_id, None))
+        got = [await asyncio.wait_for(anext(entries), 10) for _ in range(3)]
+        quiet = time.monotonic()
+        got.append(await asyncio.wait_for(anext(entries), 10))  # through the quiet spell: not gone
+        assert time.monotonic() - quiet > 2.5 and [e[0] for e in got] == [1, 2, 3, 4]
+        got += [await asyncio.wait_for(anext(entries), 10) for _ in range(5)]
+        producer.kill()
+        producer.wait()
+        killed = time.monotonic()
+        with pytest.raises(GoneError, match="ended without finishing") as gone:
+            while True:
+                got.append(await asyncio.wait_for(anext(entries), 30))
+        assert gone.value.code == "stream_gone"
+        assert time.monotonic() - killed < 1.0 + 2.0, "the reader waited past the lease"
+        assert [e[0] for e in got] == list(range(1, len(got) + 1))  # every event written before the kill
+    finally:
+        producer.kill()
+        await elsewhere.close()
+        async for key in client.scan_iter(f"{prefix}*"):
+            await client.delete(key)
+        await client.aclose()
+
+
 async def test_resuming_past_the_end_of_a_stream_ends_instead_of_waiting(make_log: Factory) -> None:
     hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
     stream_id = await hub.start(Turn(3).events(), owner="alice")

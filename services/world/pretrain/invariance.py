@@ -143,7 +143,7 @@ def distil(model: nn.Module, name: str, pairs: PairsFn, phase: InvariancePhase, 
             losses[modality] = feature_distance(got, target)
             if phase.anchor:
                 own = branch_tokens(model, modality, batch.world.to(device()))
-                losses[f"{modality} world"] = phase.anchor * feature_distance(own, target)
+                losses[f"{modality}_world"] = phase.anchor * feature_distance(own, target)
         return losses
 
     train_part(name, model, step_loss, phase.loop, workdir, progress=progress)
