@@ -468,6 +468,8 @@ _CANCELLED = {"error": {"type": "cancelled", "code": "stream_cancelled", "param"
                         "message": "the stream was cancelled at the client's request"}}
 _ABANDONED = {"error": {"type": "client_gone", "code": "stream_abandoned", "param": None,
                         "message": "no client read this stream; it was cancelled"}}
+_STOPPING = {"error": {"type": "service_unavailable", "code": "server_stopping", "param": None,
+                       "message": "the server stopped while this turn ran; send it again"}}
 
 
 class StreamHub:
@@ -551,7 +553,8 @@ class StreamHub:
             log.exception("chat stream %s: producer failed", stream_id)
         finally:
             watching.cancel()
-            if not pumping.done():
+            cut = not pumping.done()
+            if cut:
                 # The producer itself was stopped (its stream could not be published, or the server is closing):
                 # the turn ends with it, or it would generate on for nobody and write to a stream already ended.
                 pumping.cancel()
@@ -559,6 +562,8 @@ class StreamHub:
             if self.active is not None:
                 self.active.dec()
             with contextlib.suppress(Exception):
+                if cut:  # its readers (on other replicas: a graceful stop waits for this one's) learn why it ends
+                    await emit("error", _STOPPING)
                 await self.log.append(stream_id, next_id + 1, END, {})
 
     async def _own(self, stream_id: str, owner: str | None) -> StreamState:

@@ -211,6 +211,23 @@ async def test_a_reconnect_within_the_grace_period_keeps_the_turn_alive(make_log
     await hub.close()
 
 
+async def test_a_turn_cut_by_the_server_closing_tells_its_readers_why(make_log: Factory) -> None:
+    """A server that stops waits for the streams it serves; a turn whose readers are elsewhere (on another
+    replica) is cut when it closes. Those readers get an ``error`` (``server_stopping``: send it again) before the
+    end, where the stream just ended, with neither ``done`` nor ``error``, as if the reply were complete."""
+    hub = StreamHub(make_log(1000), grace_s=30, touch_every_s=0.1)
+    turn = Turn(1000, every_s=0.01)
+    stream_id = await hub.start(turn.events(), owner=None)
+    entries = await hub.attach(stream_id, None)
+    first = [entry for _ in range(2) for entry in await anext(entries)]
+    await hub.close()
+    assert turn.closed.is_set() and turn.emitted < 1000
+    rest = await asyncio.wait_for(_drain(entries), 10)
+    got = first + rest
+    assert [e[0] for e in got] == list(range(1, len(got) + 1))
+    assert got[-1][1] == "error" and got[-1][2]["error"]["code"] == "server_stopping"
+
+
 async def test_errors_end_the_stream_in_the_shared_shape(make_log: Factory) -> None:
     hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
     stream_id = await hub.start(Turn(10, fail_at=4).events(), owner=None)
