@@ -16,7 +16,9 @@ import numpy as np
 
 from services.clients.errors import check_ready_status, error_from_body, error_from_status, unavailable
 from services.contracts.errors import ServiceUnavailableError
-from services.contracts.llm import GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64
+from services.contracts.llm import (
+    Done, GenerateParams, GenerateRequest, LLMClient, LLMEvent, event_from_json, media_to_b64,
+)
 from services.web.keep_alive import CLIENT_IDLE_S
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,19 @@ class HttpLLMClient(LLMClient):
         try:
             if response.status != 200:
                 raise error_from_status("llm", response.status, await response.read(), response.reason or "")
+            ended = False
             async for line in _lines(response):
                 data = json.loads(line.decode())  # str: json skips guessing the bytes' encoding
                 if data.get("type") == "error":
                     raise error_from_body("llm", data)
-                yield event_from_json(data)
+                event = event_from_json(data)
+                ended = isinstance(event, Done)
+                yield event
+            if not ended:
+                # A body that ends in good order before the reply's end (a proxy between the services closing it
+                # cleanly on an upstream reset): the turn fails as a broken stream does, not on a missing Done.
+                raise ServiceUnavailableError("llm stream ended before the reply did; retry later",
+                                              code="llm_unavailable")
             finished = True
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("llm stream broke: %s: %s", type(exc).__name__, exc)

@@ -194,13 +194,15 @@ async def test_the_accept_bound_does_not_cut_a_reply_that_waits_after_it_was_acc
 BIG = np.random.default_rng(2).standard_normal((77, 1024)).astype(np.float32)  # real-size conditioning, ~420 KB
 
 
-def _chunked_stream_app(chunk: int) -> object:
+def _chunked_stream_app(chunk: int, done: bool = True) -> object:
     """An LLM service stand-in whose stream arrives in ``chunk``-byte pieces: lines split anywhere, several lines in
-    one piece, a signal line far over aiohttp's own readline limit, and a last line without its newline."""
+    one piece, a signal line far over aiohttp's own readline limit, and a last line without its newline (``done``
+    False: the body ends in good order before the reply's ``done``)."""
     lines = [event_to_json(TextDelta(text="a")), event_to_json(SignalEvent(modality="image", index=0,
                                                                             conditioning=BIG)),
-             event_to_json(TextDelta(text="b")), event_to_json(Done(finish_reason="stop", prompt_tokens=3,
-                                                                    completion_tokens=3))]
+             event_to_json(TextDelta(text="b"))]
+    if done:
+        lines.append(event_to_json(Done(finish_reason="stop", prompt_tokens=3, completion_tokens=3)))
     body = ("\n\n".join(json.dumps(line) for line in lines)).encode()
 
     async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
@@ -224,3 +226,18 @@ async def test_lines_are_found_whatever_the_pieces_they_arrive_in(chunk: int) ->
         await client.aclose()
     assert [type(e).__name__ for e in events] == ["TextDelta", "SignalEvent", "TextDelta", "Done"]
     assert isinstance(events[1], SignalEvent) and np.array_equal(events[1].conditioning, BIG)
+
+
+async def test_a_stream_that_ends_before_the_reply_did_is_a_503() -> None:
+    """A body that ends in good order without the reply's ``done`` (a proxy between the services closing it on an
+    upstream reset) fails the turn as a broken stream does (it reached the chat turn's assertion before: an
+    internal error and a traceback in the gateway's log)."""
+    with UvicornThread(_chunked_stream_app(4096, done=False)) as server:
+        client = HttpLLMClient(server.url)
+        events = []
+        with pytest.raises(ServiceUnavailableError, match="ended before the reply did") as failed:
+            async for event in client.generate(_params(max_tokens=3), None):
+                events.append(event)
+        await client.aclose()
+    assert failed.value.code == "llm_unavailable"
+    assert [type(e).__name__ for e in events] == ["TextDelta", "SignalEvent", "TextDelta"]
