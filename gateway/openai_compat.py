@@ -59,6 +59,13 @@ class OpenAIChatRequest(BaseModel):
                 if value not in (unused, None) and value != [] and value != {}:
                     raise InvalidRequestError(f"{name} is not supported by this server", code="unsupported_parameter",
                                               param=name)
+            if data.get("conversation_id") is not None:
+                # Our answers name the conversation they were kept as (to go on with at /v1/chat); sent back here it
+                # was ignored, and the model answered without the history the client believed it had.
+                raise InvalidRequestError(
+                    "conversation_id is not taken here: this endpoint keeps no history, send the conversation in "
+                    "messages (or go on with the conversation at /v1/chat)", code="unsupported_parameter",
+                    param="conversation_id")
         return data
 
     model: str
