@@ -27,7 +27,7 @@ BundleOpt = Annotated[Optional[Path], typer.Option(
     help="Model bundle folder (default: the committed world bundle, bundles/nextgpt-world; 'tiny': the random "
          "tiny bundle, built on first use)")]
 HostOpt = Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1)")]
-PortOpt = Annotated[Optional[int], typer.Option(help="Port to bind (default 8000)")]
+PortOpt = Annotated[Optional[int], typer.Option(help="Port to bind (default 8000)", min=1, max=65535)]
 
 
 def _settings(**overrides: object) -> Settings:
@@ -41,7 +41,7 @@ def _settings(**overrides: object) -> Settings:
 @bundle_app.command("tiny")
 def bundle_tiny(
     out: Annotated[Path, typer.Option(help="Folder to write the bundle to")],
-    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights", min=0)] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
 ) -> None:
     """Build the tiny bundle: the real architectures at tiny width, random weights, offline, in seconds."""
@@ -150,7 +150,7 @@ app.add_typer(encoder_app, name="encoder")
 
 @encoder_app.command("serve")
 def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
-                  port: Annotated[int, typer.Option(help="Port to bind")] = 8001) -> None:
+                  port: Annotated[int, typer.Option(help="Port to bind", min=1, max=65535)] = 8001) -> None:
     """Serve POST /v1/encode; /readyz answers 503 until the model is loaded."""
     from prometheus_client import CollectorRegistry
 
@@ -181,7 +181,7 @@ app.add_typer(llm_app, name="llm")
 
 @llm_app.command("serve")
 def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
-              port: Annotated[int, typer.Option(help="Port to bind")] = 8002) -> None:
+              port: Annotated[int, typer.Option(help="Port to bind", min=1, max=65535)] = 8002) -> None:
     """Serve POST /v1/generate (NDJSON stream); /readyz answers 503 until the model is loaded."""
     from services.cli.bundles import resolve_bundle
     from services.cli.checks import check_devices, check_port
@@ -211,9 +211,11 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
 def llm_vllm_commands(
     python: Annotated[str, typer.Option(help="Python of the vLLM environment")] = ".venv-vllm/bin/python",
     bundle: BundleOpt = None,
-    port: Annotated[int, typer.Option(help="Port of the vLLM server; the pooler takes the next one")] = 8100,
+    port: Annotated[int, typer.Option(help="Port of the vLLM server; the pooler takes the next one", min=1,
+                                      max=65534)] = 8100,
     dtype: Annotated[str, typer.Option(help="float32 on CPU, float16/bfloat16 on GPU")] = "float32",
-    max_num_seqs: Annotated[Optional[int], typer.Option(help="Bound on the running batch (vLLM's default)")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Bound on the running batch (vLLM's default)",
+                                                        min=1)] = None,
 ) -> None:
     """Print the two commands that serve a bundle on vLLM (OpenAI server + hidden-state pooler); then run
     `nextgpt llm serve` with NEXTGPT_LLM__BACKEND=vllm and the two URLs. vLLM's environment needs this project
@@ -323,10 +325,10 @@ app.add_typer(world_app, name="world")
 @world_app.command("data")
 def world_data(
     out: Annotated[Path, typer.Option(help="Folder to write the world to")],
-    images: Annotated[int, typer.Option(help="Number of pictures")] = 2000,
-    videos: Annotated[int, typer.Option(help="Number of clips")] = 2000,
-    audios: Annotated[int, typer.Option(help="Number of tones")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same samples")] = 0,
+    images: Annotated[int, typer.Option(help="Number of pictures", min=0)] = 2000,
+    videos: Annotated[int, typer.Option(help="Number of clips", min=0)] = 2000,
+    audios: Annotated[int, typer.Option(help="Number of tones", min=0)] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same samples", min=0)] = 0,
 ) -> None:
     """Write world samples (pictures, clips, tones with captions) in the documented world format."""
     from services.world.dataset import write_world
@@ -340,8 +342,8 @@ def world_pretrain(
     data: Annotated[Path, typer.Option(help="World folder (from `nextgpt world data`)")],
     work: Annotated[Path, typer.Option(help="Folder for checkpoints, loss logs and exported parts")],
     part: Annotated[list[str], typer.Option(help="Part(s) to train (repeatable), or 'all'")] = ["all"],  # noqa: B006
-    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: each part's recipe)")] = None,
-    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: each part's recipe)", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Seed", min=0)] = 0,
 ) -> None:
     """Pretrain the frozen parts' stand-ins on the world; resumes from the checkpoints in --work."""
     from services.cli.logs import configure_logging
@@ -363,8 +365,9 @@ def world_invariance(
     bundle: Annotated[Path, typer.Option(help="Bundle whose ImageBind to train (its weights are rewritten)")],
     work: Annotated[Path, typer.Option(help="Folder for checkpoints and loss logs")],
     phase: Annotated[list[int], typer.Option(help="6 (backgrounds), 7 (tone lengths); repeatable")] = [6, 7],  # noqa: B006
-    steps: Annotated[Optional[int], typer.Option(help="Steps per phase (default: the recipe's)")] = None,
-    seed: Annotated[int, typer.Option(help="Seed (phase n's loop seed is seed + n - 1, as in the recipe)")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Steps per phase (default: the recipe's)", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Seed (phase n's loop seed is seed + n - 1, as in the recipe)",
+                                     min=0)] = 0,
 ) -> None:
     """ImageBind's invariance phases on a bundle that has stages 1-3 already: a shape on a background and a tone of
     0.5-8 s come to read as the world's own; its features for the world's own media stay, so no stage is
@@ -385,8 +388,8 @@ def world_invariance(
 def world_vae_decoder(
     bundle: Annotated[Path, typer.Option(help="Bundle whose picture VAE to refine (its weights are rewritten)")],
     work: Annotated[Path, typer.Option(help="Folder for checkpoints and the loss log")],
-    steps: Annotated[Optional[int], typer.Option(help="Steps (default: the recipe's)")] = None,
-    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Steps (default: the recipe's)", min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Seed", min=0)] = 0,
 ) -> None:
     """The picture VAE's decoder phase on a bundle that has stages 1-3 already: its decoder learns to draw the
     small shapes its encoder's latents hold; the encoder, and so everything trained over it, stays. Written to the
@@ -407,7 +410,7 @@ def world_vae_decoder(
 def world_assemble(
     work: Annotated[Path, typer.Option(help="Pretraining work folder")],
     out: Annotated[Path, typer.Option(help="Folder to write the base bundle to")],
-    seed: Annotated[int, typer.Option(help="Seed of the untrained projections")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the untrained projections", min=0)] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing folder")] = False,
 ) -> None:
     """Assemble the pretrained stand-ins into a bundle (projections untrained): where NExT-GPT's stages start."""
@@ -420,11 +423,12 @@ def world_assemble(
 
 @world_app.command("eval")
 def world_eval(
-    bundle: Annotated[Path, typer.Option(help="Bundle whose stand-ins to check")],
-    work: Annotated[Optional[Path], typer.Option(help="Pretraining work folder (full ImageBind, for retrieval)")] = None,
-    count: Annotated[int, typer.Option(help="Fresh samples per modality for retrieval")] = 200,
-    decoder_count: Annotated[int, typer.Option(help="Captions per decoder")] = 48,
-    steps: Annotated[int, typer.Option(help="Diffusion steps per generation")] = 25,
+    bundle: Annotated[Path, typer.Option(help="Bundle whose stand-ins to check", exists=True, file_okay=False)],
+    work: Annotated[Optional[Path], typer.Option(help="Pretraining work folder (full ImageBind, for retrieval)",
+                                                 exists=True, file_okay=False)] = None,
+    count: Annotated[int, typer.Option(help="Fresh samples per modality for retrieval", min=1)] = 200,
+    decoder_count: Annotated[int, typer.Option(help="Captions per decoder", min=1)] = 48,
+    steps: Annotated[int, typer.Option(help="Diffusion steps per generation", min=1)] = 25,
     part: Annotated[list[str], typer.Option(help="retrieval, language, image, video, audio (repeatable)")] = [  # noqa: B006
         "retrieval", "language", "image", "video", "audio"],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
@@ -432,9 +436,20 @@ def world_eval(
 ) -> None:
     """Held-out checks of the stand-ins on fresh world samples: zero-shot retrieval, the language model's answers,
     decoders from captions."""
-    from services.world.evaluate import evaluate_stand_ins, format_table
+    from services.world.evaluate import EVAL_PARTS, evaluate_stand_ins, format_table
 
+    unknown = sorted(set(part) - set(EVAL_PARTS))
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {unknown}; choose from {list(EVAL_PARTS)}", param_hint="--part")
     weights = work / "imagebind" / "imagebind.safetensors" if work else None
+    if "retrieval" in part and (weights is None or not weights.is_file()):
+        # Checked before any model loads (the default parts include retrieval: without --work it failed with a
+        # traceback).
+        found = f"{work} holds no imagebind/imagebind.safetensors" if work else "no --work given"
+        raise typer.BadParameter(
+            f"retrieval needs the full pretrained ImageBind (its text branch, which bundles do not carry) from the "
+            f"pretraining work folder ({found}); leave it out with --part, e.g. --part language --part image",
+            param_hint="--work")
     table = evaluate_stand_ins(bundle, weights, count=count, decoder_count=decoder_count, steps=steps, parts=part,
                                device=device)
     typer.echo(format_table(table))
@@ -485,11 +500,11 @@ TrainData = Annotated[Path, typer.Option(
 MediaRoot = Annotated[Optional[Path], typer.Option(help="Release-format data: folder of the media files it names")]
 TrainOut = Annotated[Path, typer.Option(help="Folder to write the trained bundle to")]
 TrainWork = Annotated[Optional[Path], typer.Option(help="Checkpoints and loss log (default: <out>.work)")]
-TrainSteps = Annotated[Optional[int], typer.Option(help="Steps (default: the stage's recipe)")]
-TrainSeed = Annotated[int, typer.Option(help="Seed")]
+TrainSteps = Annotated[Optional[int], typer.Option(help="Steps (default: the stage's recipe)", min=1)]
+TrainSeed = Annotated[int, typer.Option(help="Seed", min=0)]
 LoraName = Annotated[str, typer.Option(help="Name of the LoRA adapter (instruct)")]
-LoraRank = Annotated[int, typer.Option(help="LoRA r (the release: 32)")]
-LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (the release: 32)")]
+LoraRank = Annotated[int, typer.Option(help="LoRA r (the release: 32)", min=1)]
+LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (the release: 32)", min=1)]
 ResumeLora = Annotated[bool, typer.Option(
     help="Start from the bundle's own adapter of that name (train a trained bundle further on a changed mix) "
          "instead of a fresh one")]
@@ -498,7 +513,8 @@ ProjectionKind = Annotated[Optional[str], typer.Option(
     help="Train a fresh input projection of this design: linear (the release, one LLM token per item) or group "
          "(the paper's concept tokens over ImageBind's token-level features); default: the bundle's own")]
 GroupTokens = Annotated[str, typer.Option(help="group: group tokens per grouping stage (the newer code: 64,8)")]
-GroupWidth = Annotated[int, typer.Option(help="group: width of the grouping blocks (the newer code: 512)")]
+GroupWidth = Annotated[int, typer.Option(help="group: width of the grouping blocks (the newer code: 512)",
+                                         min=1)]
 TrainPool = Annotated[int, typer.Option(
     "--pool", min=1, help="Training examples drawn and encoded before the first step (a world's items recur in "
                           "them under different phrasings and dialogues)")]
@@ -558,7 +574,7 @@ def eval_world(
     url: Annotated[str, typer.Option(help="Base URL of the gateway, e.g. http://127.0.0.1:8000")],
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key (default: NEXTGPT_EVAL_API_KEY)",
                                                    envvar="NEXTGPT_EVAL_API_KEY")] = None,
-    count: Annotated[int, typer.Option(help="Items per task")] = 12,
+    count: Annotated[int, typer.Option(help="Items per task", min=1)] = 12,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON")] = None,
     modality: Annotated[Optional[list[str]], typer.Option(
         help="Run only the rows whose inputs and outputs are all among these (repeatable; default: image, video, "
@@ -595,7 +611,7 @@ def eval_world(
 def health(
     url: Annotated[Optional[list[str]], typer.Option(help="An HTTP endpoint that must answer 2xx (repeatable)")] = None,
     redis_: Annotated[bool, typer.Option("--redis", help="NEXTGPT_REDIS__URL must answer PING")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds per check")] = 4.0,
+    timeout: Annotated[float, typer.Option(help="Seconds per check", min=0.1)] = 4.0,
 ) -> None:
     """Container health check (exit 0 healthy, 1 not): the slim images carry no curl."""
     from services.cli.health import check_redis, check_url

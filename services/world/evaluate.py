@@ -102,8 +102,11 @@ def load_imagebind(weights: Path, config: Any = None) -> Any:
     return model.eval()
 
 
+EVAL_PARTS = ("retrieval", "language", "image", "video", "audio")
+
+
 def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: int = 200, decoder_count: int = 48,
-                       steps: int = 25, parts: Iterable[str] = ("retrieval", "language", "image", "video", "audio"),
+                       steps: int = 25, parts: Iterable[str] = EVAL_PARTS,
                        seed: int = EVAL_SEED, device: str = "cpu") -> dict[str, dict[str, float]]:
     """The table of `nextgpt world eval`: retrieval top-1 per modality, the language model's answers to held-out
     questions about things described in words, and each decoder's measured classes.
