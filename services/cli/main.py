@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional
 import typer
 
 from services.bundle.staging import check_replaceable
+from services.world.pretrained import check_pretrained
 from services.contracts.bundle_manifest import InputProjectionSpec
 from services.contracts.errors import NextGPTError
 from services.contracts.settings import Settings, load_settings
@@ -325,9 +326,9 @@ app.add_typer(world_app, name="world")
 @world_app.command("data")
 def world_data(
     out: Annotated[Path, typer.Option(help="Folder to write the world to")],
-    images: Annotated[int, typer.Option(help="Number of pictures", min=0)] = 2000,
-    videos: Annotated[int, typer.Option(help="Number of clips", min=0)] = 2000,
-    audios: Annotated[int, typer.Option(help="Number of tones", min=0)] = 2000,
+    images: Annotated[int, typer.Option(help="Number of pictures", min=1)] = 2000,
+    videos: Annotated[int, typer.Option(help="Number of clips", min=1)] = 2000,
+    audios: Annotated[int, typer.Option(help="Number of tones", min=1)] = 2000,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same samples", min=0)] = 0,
 ) -> None:
     """Write world samples (pictures, clips, tones with captions) in the documented world format."""
@@ -415,6 +416,7 @@ def world_assemble(
 ) -> None:
     """Assemble the pretrained stand-ins into a bundle (projections untrained): where NExT-GPT's stages start."""
     check_replaceable(out, force=force)
+    check_pretrained(work)
     from services.world.assemble import assemble_base_bundle
 
     manifest = assemble_base_bundle(work, out, seed=seed, force=force)
@@ -635,7 +637,9 @@ def main() -> None:
     except NextGPTError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
-    except FileExistsError as exc:
+    except (FileExistsError, FileNotFoundError) as exc:
+        # What a command needs on disk is missing or in the way (its message says which and what to do, e.g.
+        # "pretrain these parts first"): the words, not a traceback.
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     finally:

@@ -28,6 +28,7 @@ from services.contracts.bundle_manifest import (
 from services.world.attributes import AUDIO_RATE, AUDIO_SECONDS, IMAGE_SIZE, VIDEO_FPS, VIDEO_FRAMES
 from services.world.pretrain.decoders import WORLD_COND_DIMS
 from services.world.pretrain.imagebind import WORLD_IMAGEBIND
+from services.world.pretrained import check_pretrained
 
 WORLD_DECODER_DEFAULTS = {
     "image": DecoderDefaults(steps=25, guidance_scale=7.5, height=IMAGE_SIZE, width=IMAGE_SIZE),
@@ -35,15 +36,10 @@ WORLD_DECODER_DEFAULTS = {
                              frames=VIDEO_FRAMES, fps=VIDEO_FPS),
     "audio": DecoderDefaults(steps=25, guidance_scale=7.5, seconds=AUDIO_SECONDS, sample_rate=AUDIO_RATE),
 }
-_DECODER_PARTS = {"image": "image", "video": "video", "audio": "audio"}
 
 
 def assemble_base_bundle(work: Path, out: Path, seed: int = 0, force: bool = False) -> BundleManifest:
-    needed = [work / "imagebind" / "imagebind.safetensors", work / "language" / "exported",
-              *(work / part / "exported" for part in _DECODER_PARTS.values())]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"pretrain these parts first, missing: {missing}")
+    check_pretrained(work)
     with staged_output(out, force=force) as root:
         return _assemble(work, root, seed)
 
@@ -68,7 +64,7 @@ def _assemble(work: Path, root: Path, seed: int) -> BundleManifest:
         ids = tokenizer.convert_tokens_to_ids(tokens)
         spec = projector_spec(modality, hidden, WORLD_COND_DIMS)
         build_projector(root, spec, embeddings[ids].clone(), seed + 10 + index)
-        shutil.copytree(work / _DECODER_PARTS[modality] / "exported", root / "decoders" / modality)
+        shutil.copytree(work / modality / "exported", root / "decoders" / modality)
         outputs[modality] = OutputSpec(
             signal=SignalSpec(tokens=tokens, token_ids=ids), projector=spec,
             decoder=DecoderSpec(pipeline=PIPELINE_FOR_MODALITY[modality], source=f"decoders/{modality}",

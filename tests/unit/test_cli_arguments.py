@@ -16,6 +16,7 @@ from services.cli.main import app
 
 @pytest.mark.parametrize(("args", "option"), [
     (["world", "data", "--out", "{tmp}/w", "--images", "-1"], "--images"),
+    (["world", "data", "--out", "{tmp}/w", "--videos", "0"], "--videos"),  # pretraining stacked no sample
     (["world", "data", "--out", "{tmp}/w", "--seed", "-3"], "--seed"),
     (["world", "pretrain", "--data", "{tmp}", "--work", "{tmp}/w", "--steps", "0"], "--steps"),
     (["world", "eval", "--bundle", "{tmp}"], "--work"),
