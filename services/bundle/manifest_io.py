@@ -27,7 +27,8 @@ def tag_version(bundle_dir: Path, manifest: BundleManifest, tag: str) -> None:
 def read_manifest(bundle_dir: Path) -> BundleManifest:
     path = bundle_dir / MANIFEST_FILE
     if not bundle_dir.is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist", code="bundle_missing")
+        what = "is a file, not a bundle's folder" if bundle_dir.exists() else "does not exist"
+        raise BundleError(f"bundle directory {bundle_dir} {what}", code="bundle_missing")
     if not path.is_file():
         raise BundleError(f"{path}: manifest not found", code="manifest_missing")
     try:

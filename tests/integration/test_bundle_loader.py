@@ -42,6 +42,8 @@ def test_valid_bundle_loads(copy: Path) -> None:
 
 def test_missing_directory(tmp_path: Path) -> None:
     assert "does not exist" in _error(tmp_path / "nope")
+    (tmp_path / "bundle.safetensors").write_bytes(b"")  # a file where the folder was meant: not "does not exist"
+    assert "is a file, not a bundle's folder" in _error(tmp_path / "bundle.safetensors")
 
 
 def test_missing_manifest(copy: Path) -> None:
