@@ -20,6 +20,7 @@ from gateway.metrics import HttpMetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
+from gateway.store_errors import STORE_DOWN, store_unavailable
 from services.contracts.errors import ErrorResponse, NextGPTError, NotFoundError, ServiceUnavailableError
 from gateway.openai_serving import OpenAIServingChat
 from services.web.body_limit import BodyLimitMiddleware
@@ -29,9 +30,6 @@ from services.web.metrics import add_metrics_route
 from services.web.request_id import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
-
-# A Redis that restarts is back in a second or two; one that hangs is given its socket timeout per command.
-REDIS_RETRY_AFTER_S = 5
 
 __all__ = ["GatewayState", "ModelCard", "build_app"]
 
@@ -146,17 +144,10 @@ async def _probe(check: Any) -> str | None:
 
 
 def _install_redis_unavailable(app: FastAPI) -> None:
-    """Redis (conversations, streams, the job book in distributed mode) unreachable, or holding a command past its
-    socket timeout: a 503 to retry, in the shared shape, not a 500. Where it is, stays in the log: a client of the
-    public API has no use for the address of the gateway's store."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
+    """Redis unreachable, or holding a command past its socket timeout: a 503 to retry, in the shared shape, not
+    a 500 (``gateway.store_errors``)."""
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
-        return known_error_response(ServiceUnavailableError("the gateway's store is unavailable; retry later",
-                                                            code="redis_unavailable",
-                                                            retry_after_s=REDIS_RETRY_AFTER_S))
+        return known_error_response(store_unavailable(exc))
 
-    app.add_exception_handler(RedisConnectionError, unavailable)
-    app.add_exception_handler(RedisTimeoutError, unavailable)
+    for kind in STORE_DOWN:
+        app.add_exception_handler(kind, unavailable)

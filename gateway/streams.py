@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from prometheus_client import Gauge
 
+from gateway.store_errors import STORE_DOWN, store_unavailable
 from gateway.turn_events import ArtifactCompleted, TurnEvent, wire
 from services.contracts.errors import GoneError, InvalidRequestError, NextGPTError, NotFoundError
 
@@ -516,6 +517,8 @@ class StreamHub:
                 await emit("error", exc.to_response().model_dump())
             except asyncio.CancelledError:
                 raise
+            except STORE_DOWN as exc:  # the turn's conversation could not be saved, say: as a 503 before it would be
+                await emit("error", store_unavailable(exc).to_response().model_dump())
             except Exception:
                 log.exception("chat stream %s failed", stream_id)
                 await emit("error", {"error": {"type": "internal_error", "code": "internal_error",

@@ -237,6 +237,26 @@ async def test_errors_end_the_stream_in_the_shared_shape(make_log: Factory) -> N
     await hub.close()
 
 
+async def test_the_store_out_of_reach_mid_turn_ends_the_stream_as_a_503_would(
+        make_log: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis out of reach while a turn runs (its conversation being saved, say) is ``redis_unavailable``, retry
+    later, as the same failure before the response started is a 503: it was an ``internal_error`` ("the request
+    failed") with a traceback in the log."""
+    async def turn() -> AsyncIterator[TurnEvent]:
+        yield MessageDelta("a")
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")
+
+    hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
+    stream_id = await hub.start(turn(), owner=None)
+    entries = await asyncio.wait_for(_drain(await hub.attach(stream_id, None)), 20)
+    assert [e[1] for e in entries] == ["message.delta", "error"]
+    error = entries[-1][2]["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "redis_unavailable")
+    assert "10.0.0.7" not in error["message"]  # the store's address stays in the log
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    await hub.close()
+
+
 async def test_other_owners_and_old_events_are_refused(make_log: Factory) -> None:
     hub = StreamHub(make_log(10), grace_s=5, touch_every_s=0.1)
     stream_id = await hub.start(Turn(25).events(), owner="alice")
