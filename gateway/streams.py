@@ -235,8 +235,8 @@ class RedisEventLog(EventLog):
     The owner key is the producer's lease: while its turn runs it expires ``lease_s`` after the producer last
     renewed it (every write, and every ``lease_s / 3`` in the producer's rounds when nothing is written), and only
     the end gives it ``ttl_s``. A replica that dies mid-turn (killed, out of memory, its machine gone) writes no
-    end: its readers elsewhere learn so ``lease_s`` later (``stream_gone``), where they waited for ``ttl_s``
-    (300 s by default) with ``ttl_s`` on the owner key from the start."""
+    end: its readers elsewhere learn so ``lease_s`` later (``stream_gone``); with ``ttl_s`` on the owner key from
+    the start they waited that long (300 s by default)."""
 
     def __init__(self, redis: Any, key_prefix: str, max_events: int, ttl_s: int, block_ms: int = 2000,
                  local_ttl_s: float = 30.0, linger_s: float = 0.02, local_max_bytes: int = 256 * 2**20,
