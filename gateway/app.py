@@ -21,7 +21,7 @@ from gateway.openapi import install_openapi
 from gateway.routes import router
 from gateway.state import GatewayState, ModelCard
 from gateway.store_errors import STORE_DOWN, store_unavailable
-from services.contracts.errors import ErrorResponse, NextGPTError, NotFoundError, ServiceUnavailableError
+from services.contracts.errors import ErrorResponse, NextGPTError, NotFoundError
 from gateway.openai_serving import OpenAIServingChat
 from services.web.body_limit import BodyLimitMiddleware
 from services.web.errors import error_json, install_error_handlers, known_error_response
