@@ -58,7 +58,7 @@ def build_app(state: GatewayState) -> FastAPI:
                                g.media_url_private) if g.media_url_fetch else None
         state.openai = OpenAIServingChat(state.chat, state.store, g,
                                          {card.id: (None if card.root is None else card.id) for card in state.models},
-                                         fetcher)
+                                         fetcher, state.streams.closing)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_upload_bytes,
                        timeout_s=state.settings.body_timeout_s)
     if state.settings.cors_origins:

@@ -12,14 +12,18 @@ from typing import TypeVar
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
+from services.contracts.errors import ServiceUnavailableError
+
 T = TypeVar("T")
 
 
 class ClientWatch:
-    """Watches a request whose body has been read, for its client's disconnect."""
+    """Watches a request whose body has been read, for its client's disconnect; and, given ``stopping`` (set when
+    the server's stop grace is over), for the server's stop."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, stopping: asyncio.Event | None = None) -> None:
         self._receive = receive
+        self._stopping = stopping
         self.gone = False
 
     def present(self) -> bool:
@@ -32,17 +36,24 @@ class ClientWatch:
 
     async def guard(self, work: Awaitable[T]) -> T:
         """``work``'s result; when the client goes first, ``work`` is cancelled and ``ClientDisconnect`` raised
-        (answered 499, which no one receives: it keeps such requests apart in the metrics and the log)."""
+        (answered 499, which no one receives: it keeps such requests apart in the metrics and the log); when the
+        server stops first, ``work`` is cancelled and the client told to send it again (503 ``server_stopping``)."""
         task = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(self._disconnected())
+        stop = asyncio.ensure_future(self._stopping.wait()) if self._stopping is not None else None
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, watcher} | ({stop} if stop else set()), return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 return task.result()
-            self.gone = True
+            self.gone = watcher.done()
             task.cancel()
             await asyncio.wait({task})  # its clean-up (the generation's and the jobs' cancelling) done
-            raise ClientDisconnect()
+            if self.gone:
+                raise ClientDisconnect()
+            raise ServiceUnavailableError("the server stopped while this turn ran; send it again",
+                                          code="server_stopping")
         finally:
             watcher.cancel()
             task.cancel()
+            if stop is not None:
+                stop.cancel()

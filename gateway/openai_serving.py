@@ -33,9 +33,10 @@ from gateway.media_fetch import MediaFetcher
 from gateway.openai_compat import (
     OpenAIChatRequest, RemoteMedia, audio_payload, completion_id, image_part, to_chat_request,
 )
+from gateway.stopping import Stopped, next_unless_stopping
 from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
-from services.contracts.errors import InvalidRequestError, NextGPTError, invalid_fields
+from services.contracts.errors import InvalidRequestError, NextGPTError, ServiceUnavailableError, invalid_fields
 from services.contracts.ids import is_hex_id
 from services.contracts.storage import ArtifactStore
 from services.contracts.settings import GatewaySettings
@@ -47,11 +48,13 @@ def _finish(reason: str) -> str:
 
 class OpenAIServingChat:
     def __init__(self, chat: ChatService, store: ArtifactStore, settings: GatewaySettings,
-                 model_names: dict[str, str | None], fetcher: MediaFetcher | None = None) -> None:
+                 model_names: dict[str, str | None], fetcher: MediaFetcher | None = None,
+                 stopping: asyncio.Event | None = None) -> None:
         """``model_names``: served model id -> LoRA adapter (None: the base model). ``fetcher``: for media given by
-        http(s) URL (None: such parts are refused)."""
+        http(s) URL (None: such parts are refused). ``stopping``: set when the server's stop grace is over (the
+        replies under way end with ``server_stopping``)."""
         self.chat, self.store, self.settings, self.model_names = chat, store, settings, model_names
-        self.fetcher = fetcher
+        self.fetcher, self.stopping = fetcher, stopping
 
     async def create(self, raw: bytes, owner: str | None, url_for: Callable[[str], str],
                      client: ClientWatch) -> Response:
@@ -146,7 +149,7 @@ class OpenAIServingChat:
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for event in events:
+            while (event := await self._next(events)) is not None:
                 if isinstance(event, MessageDelta):
                     yield chunk({"content": event.text})
                 elif isinstance(event, ArtifactCompleted | ArtifactFailed):
@@ -163,6 +166,12 @@ class OpenAIServingChat:
                     break
         except NextGPTError as exc:
             yield data(exc.to_response().model_dump())
+        except Stopped:
+            yield data(ServiceUnavailableError("the server stopped while this turn ran; send it again",
+                                               code="server_stopping").to_response().model_dump())
         finally:
             await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"
+
+    async def _next(self, events: AsyncIterator[TurnEvent]) -> TurnEvent | None:
+        return await (anext(events, None) if self.stopping is None else next_unless_stopping(events, self.stopping))

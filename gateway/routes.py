@@ -163,7 +163,7 @@ async def chat(request: Request) -> Response:
             await entries.aclose()  # type: ignore[attr-defined]
             raise
         return _sse_response(entries, stream_id, st, conversation.id)
-    client = ClientWatch(request.receive)
+    client = ClientWatch(request.receive, st.streams.closing)
     events = st.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present)
     return JSONResponse((await client.guard(collect(events, chat_request.wait_s, conversation.id))).model_dump())
 
@@ -346,4 +346,5 @@ async def chat_completions(request: Request) -> Response:
     owner = st.keys.owner(request.headers.get("authorization"))
     st.limiter.check(owner)
     raw = await request.body()
-    return await st.openai.create(raw, owner, _artifact_urls(request, st), ClientWatch(request.receive))
+    return await st.openai.create(raw, owner, _artifact_urls(request, st),
+                                 ClientWatch(request.receive, st.streams.closing))

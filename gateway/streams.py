@@ -21,9 +21,11 @@ from typing import Any, Literal
 
 from prometheus_client import Gauge
 
+from gateway.stopping import Stopped, next_unless_stopping
 from gateway.store_errors import STORE_DOWN, store_unavailable
 from gateway.turn_events import ArtifactCompleted, TurnEvent, wire
-from services.contracts.errors import GoneError, InvalidRequestError, NextGPTError, NotFoundError
+from services.contracts.errors import (GoneError, InvalidRequestError, NextGPTError, NotFoundError,
+                                      ServiceUnavailableError)
 
 log = logging.getLogger(__name__)
 LogEntry = tuple[int, str, dict[str, Any]]  # (event id, name, data)
@@ -479,7 +481,13 @@ class StreamHub:
     def __init__(self, events: EventLog, grace_s: float, touch_every_s: float = 1.0,
                  active: Gauge | None = None) -> None:
         self.log, self.grace_s, self.touch_every_s, self.active = events, grace_s, touch_every_s, active
-        self._producers: set[asyncio.Task[None]] = set()
+        self._producers: dict[str, asyncio.Task[None]] = {}  # by stream id: the turns this replica runs
+        self._closing = asyncio.Event()
+
+    @property
+    def closing(self) -> asyncio.Event:
+        """Set once ``close`` begins: what else a replica runs for its clients (an answer in one piece) ends too."""
+        return self._closing
 
     @property
     def _reader_ttl_s(self) -> float:
@@ -487,11 +495,13 @@ class StreamHub:
         return self.grace_s + 2 * self.touch_every_s
 
     async def start(self, events: AsyncIterator[TurnEvent], owner: str | None) -> str:
+        if self._closing.is_set():  # a request that got in as the server began to stop
+            raise ServiceUnavailableError("the server is stopping; send it again", code="server_stopping")
         stream_id = uuid.uuid4().hex
         await self.log.create(stream_id, owner, self._reader_ttl_s)
         task = asyncio.create_task(self._produce(stream_id, events), name=f"chat-stream-{stream_id}")
-        self._producers.add(task)
-        task.add_done_callback(self._producers.discard)
+        self._producers[stream_id] = task
+        task.add_done_callback(lambda _: self._producers.pop(stream_id, None))
         try:
             await self.log.published(stream_id)  # the turn is already under way meanwhile
         except BaseException:
@@ -617,17 +627,34 @@ class StreamHub:
             toucher.cancel()
 
     async def _follow(self, stream_id: str, reader: AsyncIterator[list[LogEntry]]) -> AsyncIterator[list[LogEntry]]:
+        # A stream produced here is read to its end, which close() brings (server_stopping). One produced on
+        # another replica (or already over) ends its response when this replica closes: without done, so that its
+        # client resumes it elsewhere with Last-Event-ID rather than holding this replica's shutdown.
+        local = stream_id in self._producers
         try:
             async with self.reading(stream_id):
-                async for batch in reader:
+                while True:
+                    try:
+                        batch = await (anext(reader, None) if local else next_unless_stopping(reader, self._closing))
+                    except Stopped:
+                        return
+                    if batch is None:
+                        return
                     yield batch
         finally:
             await reader.aclose()  # type: ignore[attr-defined]
 
-    async def close(self) -> None:
-        for task in list(self._producers):
+    async def close(self, reason: str = "closing") -> None:
+        """Ends every turn this replica runs (its readers get ``error`` ``server_stopping``, then the end) and
+        the responses that follow streams produced elsewhere; refuses new turns from now on."""
+        self._closing.set()
+        if self._producers:
+            log.warning("%s: ending %d chat turn(s) still under way (server_stopping)", reason,
+                        len(self._producers))
+        tasks = list(self._producers.values())
+        for task in tasks:
             task.cancel()
-        for task in list(self._producers):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

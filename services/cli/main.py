@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
@@ -127,15 +127,22 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
     if settings.decoders.engine_process or (settings.llm.url is None and settings.llm.decodes_in_engine_process):
         children.start_server()  # before the imports below: the fork server imports beside them
 
-    import uvicorn
-
     from services.cli.compose import embedded_app
 
     app_ = embedded_app(settings, resolved)
+    _serve(app_, settings)
+
+
+def _serve(app_: Any, settings: Settings) -> None:
+    """The gateway's server (embedded mode's too): bounded request heads, and a bounded stop (the replies under way
+    get NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S, then end with server_stopping)."""
+    from services.web.graceful import serve
+
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
-                http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
+    serve(app_, settings.gateway.shutdown_grace_s, lambda: app_.state.gateway.streams.close("stop grace over"),
+          host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
+          http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
 
 
 def _bounded_http(settings: Settings) -> type:
@@ -242,8 +249,6 @@ app.add_typer(gateway_app, name="gateway")
 def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
     """Serve the public API, with the encoder and LLM services at NEXTGPT_ENCODER__URL / NEXTGPT_LLM__URL and
     decoder workers behind Redis (NEXTGPT_REDIS__URL). Loads no model."""
-    import uvicorn
-
     from services.cli.bundles import resolve_bundle
     from services.cli.checks import check_port
     from services.cli.compose import distributed_gateway_app
@@ -251,10 +256,7 @@ def gateway_serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt 
     settings = _settings(bundle=bundle, host=host, port=port)
     check_port(settings.host, settings.port)
     app_ = distributed_gateway_app(settings, resolve_bundle(settings))
-    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
-    # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False,
-                http=_bounded_http(settings), timeout_keep_alive=SERVER_IDLE_S)
+    _serve(app_, settings)
 
 
 @app.command("worker")

@@ -255,6 +255,10 @@ class GatewaySettings(BaseModel):
         default=15.0, ge=5.0, le=300.0,
         description="Distributed mode: a replica that dies mid-turn leaves its streams' readers on other replicas "
                     "waiting this long, then they get stream_gone (its claim, renewed every third of it, lapses)")
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="On a stop signal, the replies under way get this long to finish; then they end with an error "
+                    "server_stopping (keep it under the orchestrator's grace: Helm sets it from the gateway's)")
     replay_write_linger_s: float = Field(
         default=0.02, ge=0, le=5.0,
         description="After a stream's first event, events gather this long per Redis write (resumes see them as late)")

@@ -228,6 +228,42 @@ async def test_a_turn_cut_by_the_server_closing_tells_its_readers_why(make_log: 
     assert got[-1][1] == "error" and got[-1][2]["error"]["code"] == "server_stopping"
 
 
+async def test_a_closing_replica_lets_go_of_the_streams_it_only_reads_and_takes_no_new_turn(
+        redis_info: RedisInfo) -> None:
+    """A replica at the end of its stop grace: the responses it serves for turns that run elsewhere end at once
+    (without ``done``: their clients resume on another replica), where they held its stop until the orchestrator
+    killed it; the turn itself goes on where it runs, and a turn asked of the closing replica is a 503."""
+    client = async_redis(redis_info.url)
+    prefix = f"{redis_info.key_prefix}streams-{uuid.uuid4().hex[:6]}:"
+    producer = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, block_ms=5000), grace_s=30, touch_every_s=0.1)
+    closing = StreamHub(RedisEventLog(client, prefix, 1000, ttl_s=60, block_ms=5000), grace_s=30, touch_every_s=0.1)
+    try:
+        turn = Turn(400, every_s=0.02)
+        stream_id = await producer.start(turn.events(), owner=None)
+        entries = _flat(await closing.attach(stream_id, None))
+        first = await anext(entries)
+        started = time.monotonic()
+        await closing.close()
+        rest = await asyncio.wait_for(_drain_flat(entries), 3)
+        assert time.monotonic() - started < 1.0  # not the reader's 5 s block, nor the turn's 8 s
+        assert all(name == "message.delta" for _, name, _ in [first, *rest])  # no done, no error: resume elsewhere
+        assert not turn.closed.is_set()
+        with pytest.raises(ServiceUnavailableError) as refused:
+            await closing.start(Turn(1).events(), owner=None)
+        assert refused.value.code == "server_stopping"
+        resumed = await asyncio.wait_for(_drain(await producer.attach(stream_id, None, after=first[0] + len(rest))), 20)
+        assert resumed[-1][1] == "done" and turn.emitted == 400
+    finally:
+        await producer.close()
+        async for key in client.scan_iter(f"{prefix}*"):
+            await client.delete(key)
+        await client.aclose()
+
+
+async def _drain_flat(entries: AsyncIterator[tuple[int, str, dict[str, Any]]]) -> list[Any]:
+    return [entry async for entry in entries]
+
+
 async def test_errors_end_the_stream_in_the_shared_shape(make_log: Factory) -> None:
     hub = StreamHub(make_log(1000), grace_s=5, touch_every_s=0.1)
     stream_id = await hub.start(Turn(10, fail_at=4).events(), owner=None)

@@ -248,6 +248,74 @@ def test_a_stop_signal_to_the_process_group_lets_the_replies_under_way_finish(ti
     assert "exited unexpectedly" not in text and "Traceback" not in text, text[-3000:]
 
 
+def test_replies_that_outlast_the_stop_grace_end_with_a_word_to_their_clients(tiny_bundle_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """A stop waited without a bound for every reply under way (a long reply on a CPU held Ctrl-C; a rollout
+    ended with the orchestrator's SIGKILL, the replies cut with no word). Past NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S
+    each kind of reply ends with ``server_stopping`` (send it again) and the server exits."""
+    import threading
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([NEXTGPT, "serve", "--bundle", str(tiny_bundle_dir), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "NEXTGPT_CACHE_DIR": str(tmp_path / "cache"),
+                                     "NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S": "1"})
+    base = f"http://127.0.0.1:{port}"
+    long = {"max_tokens": 1024, "temperature": 1.0, "seed": 3}
+    got: dict[str, object] = {}
+    model: list[str] = []
+    started = {name: threading.Event() for name in ("sse", "openai")}
+
+    def stream(name: str, path: str, body: dict[str, object]) -> None:
+        lines = []
+        with httpx.stream("POST", f"{base}{path}", json=body | {"stream": True}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started[name].set()
+        got[name] = lines
+
+    def whole(body: dict[str, object]) -> None:
+        response = httpx.post(f"{base}/v1/chat", json=body, timeout=60)
+        got["whole"] = (response.status_code, response.json()["error"]["code"] if response.is_error else None)
+
+    try:
+        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "nextgpt serve", proc, log)
+        model.append(httpx.get(f"{base}/v1/models").json()["data"][0]["id"])
+        hello = [{"role": "user", "content": "hello"}]
+        readers = [threading.Thread(target=stream, args=("sse", "/v1/chat", {"messages": hello, "allowed_modalities": [],
+                                                                           **long}), daemon=True),
+                   threading.Thread(target=stream, args=("openai", "/v1/chat/completions",
+                                                         {"model": model[0], "messages": hello, **long}), daemon=True),
+                   threading.Thread(target=whole, args=({"messages": hello, "allowed_modalities": [], **long},),
+                                    daemon=True)]
+        for reader in readers:
+            reader.start()
+        assert all(event.wait(60) for event in started.values()), log.read_text()[-2000:]
+        time.sleep(0.3)  # the answer in one piece under way too
+        stopped = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        for reader in readers:
+            reader.join(30)
+        assert proc.wait(30) == -signal.SIGTERM
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    text = log.read_text()
+    sse = got["sse"]
+    assert isinstance(sse, list) and sse[-2] == "event: error" and "event: done" not in sse, sse[-3:]
+    assert json.loads(sse[-1].removeprefix("data: "))["error"]["code"] == "server_stopping"
+    assert got["whole"] == (503, "server_stopping"), got["whole"]
+    chunks = [line[6:] for line in got["openai"]]  # type: ignore[attr-defined]
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["error"]["code"] == "server_stopping", chunks[-3:]
+    assert took < 8, took  # the grace (1 s), the replies' last events, the server's own stop
+    assert "did not finish within 1 s" in text and "Traceback" not in text, text[-3000:]
+
+
 def _exchange(port: int, chunks: list[bytes], pause_s: float = 0.0) -> bytes:
     import socket
     import time

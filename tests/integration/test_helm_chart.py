@@ -150,6 +150,25 @@ def test_gpu_requests_follow_the_values(helm: str) -> None:
     assert all("nvidia.com/gpu" not in p["spec"]["containers"][0]["resources"].get("limits", {}) for p in tiny.values())
 
 
+def _gateway_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = dict(_pod_specs(docs))["rel-nextgpt-gateway"]
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", [])}
+
+
+def test_the_gateway_ends_its_replies_before_its_pod_is_killed(helm: str) -> None:
+    """Its stop grace follows the pod's (less the time the replies need to end with server_stopping and the
+    server to exit), unless the operator sets it."""
+    pods = dict(_pod_specs(render(helm)))
+    grace = pods["rel-nextgpt-gateway"]["spec"]["terminationGracePeriodSeconds"]
+    assert _gateway_env(render(helm))["NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S"] == str(grace - 15)
+    assert _gateway_env(render(helm, "--set", "gateway.terminationGracePeriodSeconds=40")
+                        )["NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S"] == "25"
+    docs = render(helm, "--set", "config.gateway.shutdown_grace_s=7")
+    assert "NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S" not in _gateway_env(docs)
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "rel-nextgpt-config")
+    assert config["data"]["NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S"] == "7"
+
+
 def _sample(schema: dict[str, Any]) -> Any:
     """A valid, non-null value for a settings field's schema."""
     option = next(o for o in schema.get("anyOf", [schema]) if o.get("type") != "null")
