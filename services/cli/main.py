@@ -29,6 +29,7 @@ BundleOpt = Annotated[Optional[Path], typer.Option(
          "tiny bundle, built on first use)")]
 HostOpt = Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1)")]
 PortOpt = Annotated[Optional[int], typer.Option(help="Port to bind (default 8000)", min=1, max=65535)]
+ServicePortOpt = Annotated[int, typer.Option(help="Port to bind", min=1, max=65535)]  # a model service's own default
 
 
 def _settings(**overrides: object) -> Settings:
@@ -158,7 +159,7 @@ app.add_typer(encoder_app, name="encoder")
 
 @encoder_app.command("serve")
 def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
-                  port: Annotated[int, typer.Option(help="Port to bind", min=1, max=65535)] = 8001) -> None:
+                  port: ServicePortOpt = 8001) -> None:
     """Serve POST /v1/encode; /readyz answers 503 until the model is loaded."""
     from prometheus_client import CollectorRegistry
 
@@ -189,7 +190,7 @@ app.add_typer(llm_app, name="llm")
 
 @llm_app.command("serve")
 def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
-              port: Annotated[int, typer.Option(help="Port to bind", min=1, max=65535)] = 8002) -> None:
+              port: ServicePortOpt = 8002) -> None:
     """Serve POST /v1/generate (NDJSON stream); /readyz answers 503 until the model is loaded."""
     from services.cli.bundles import resolve_bundle
     from services.cli.checks import check_devices, check_port
