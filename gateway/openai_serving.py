@@ -33,7 +33,7 @@ from gateway.media_fetch import MediaFetcher
 from gateway.openai_compat import (
     OpenAIChatRequest, RemoteMedia, audio_payload, completion_id, image_part, to_chat_request,
 )
-from gateway.stopping import Stopped, next_unless_stopping
+from gateway.stopping import StopWatch, Stopped
 from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
 from services.contracts.errors import InvalidRequestError, NextGPTError, ServiceUnavailableError, invalid_fields
@@ -147,9 +147,10 @@ class OpenAIServingChat:
                 body["usage"] = None
             return data(body)
 
+        watch = StopWatch(self.stopping) if self.stopping is not None else None
         try:
             yield chunk({"role": "assistant", "content": ""})
-            while (event := await self._next(events)) is not None:
+            while (event := await (anext(events, None) if watch is None else watch.next(events))) is not None:
                 if isinstance(event, MessageDelta):
                     yield chunk({"content": event.text})
                 elif isinstance(event, ArtifactCompleted | ArtifactFailed):
@@ -170,8 +171,7 @@ class OpenAIServingChat:
             yield data(ServiceUnavailableError("the server stopped while this turn ran; send it again",
                                                code="server_stopping").to_response().model_dump())
         finally:
+            if watch is not None:
+                watch.close()
             await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"
-
-    async def _next(self, events: AsyncIterator[TurnEvent]) -> TurnEvent | None:
-        return await (anext(events, None) if self.stopping is None else next_unless_stopping(events, self.stopping))

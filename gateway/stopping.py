@@ -1,10 +1,9 @@
-"""The next item of a stream, unless the server stops first (``StreamHub.closing``): what a reply under way
-waits on once the stop's grace is over, so that it ends with a word to its client instead of a cut connection."""
+"""The next item of a reply's stream, unless the server stops first (``StreamHub.closing``): what a reply under
+way waits on once the stop's grace is over, so that it ends with a word to its client instead of a cut connection."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -15,21 +14,37 @@ class Stopped(Exception):
     """The server stopped before the next item came."""
 
 
-async def next_unless_stopping(items: AsyncIterator[T], stopping: asyncio.Event) -> T | None:
-    """``items``' next item; None at its end; ``Stopped`` once ``stopping`` is set (the pending read cancelled,
-    so that ``items`` can be closed after)."""
-    if stopping.is_set():
-        raise Stopped
-    reading = asyncio.ensure_future(anext(items, None))
-    stop = asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait({reading, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not reading.done():  # stopping, or the caller cancelled: the read stops before items is closed
-            reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
-    if reading.cancelled():
-        raise Stopped
-    return reading.result()
+class StopWatch:
+    """One per reply, made and used in the task that reads it. ``next`` is cancelled once ``stopping`` is set (an
+    ``asyncio.timeout`` scope whose deadline the watcher brings forward): one task per reply, nothing per item
+    (a race of two tasks per item cost ~60 us an event on this CPU, where a plain ``anext`` costs ~9)."""
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self._stopping = stopping
+        self._scope: asyncio.Timeout | None = None
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        await self._stopping.wait()
+        if self._scope is not None:
+            self._scope.reschedule(asyncio.get_running_loop().time())
+
+    async def next(self, items: AsyncIterator[T]) -> T | None:
+        """``items``' next item; None at its end; ``Stopped`` once ``stopping`` is set (the read cancelled, so
+        that ``items`` can be closed after)."""
+        if self._stopping.is_set():
+            raise Stopped
+        try:
+            async with asyncio.timeout(None) as scope:
+                self._scope = scope
+                try:
+                    return await anext(items, None)
+                finally:
+                    self._scope = None
+        except TimeoutError:
+            if scope.expired():
+                raise Stopped from None
+            raise  # the items' own timeout
+
+    def close(self) -> None:
+        self._watcher.cancel()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from prometheus_client import Gauge
 
-from gateway.stopping import Stopped, next_unless_stopping
+from gateway.stopping import StopWatch, Stopped
 from gateway.store_errors import STORE_DOWN, store_unavailable
 from gateway.turn_events import ArtifactCompleted, TurnEvent, wire
 from services.contracts.errors import (GoneError, InvalidRequestError, NextGPTError, NotFoundError,
@@ -630,18 +630,20 @@ class StreamHub:
         # A stream produced here is read to its end, which close() brings (server_stopping). One produced on
         # another replica (or already over) ends its response when this replica closes: without done, so that its
         # client resumes it elsewhere with Last-Event-ID rather than holding this replica's shutdown.
-        local = stream_id in self._producers
+        watch = None if stream_id in self._producers else StopWatch(self._closing)
         try:
             async with self.reading(stream_id):
                 while True:
                     try:
-                        batch = await (anext(reader, None) if local else next_unless_stopping(reader, self._closing))
+                        batch = await (anext(reader, None) if watch is None else watch.next(reader))
                     except Stopped:
                         return
                     if batch is None:
                         return
                     yield batch
         finally:
+            if watch is not None:
+                watch.close()
             await reader.aclose()  # type: ignore[attr-defined]
 
     async def close(self, reason: str = "closing") -> None:
