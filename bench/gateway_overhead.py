@@ -2,7 +2,9 @@
 server), tiny bundle. At concurrency 1/8/32, side by side in one run: time to first token through the gateway
 (POST /v1/chat, SSE) and directly against the LLM service (same prompt, same token budget), their ratio (the
 gateway's overhead), tokens/s through the gateway, and time to the first artifact (an image, asked for with
-require_modalities). Prints a table; writes bench/results/gateway.json."""
+require_modalities). Beside them, a bare Python hop (``bench.bare_proxy``: same server stack, none of the
+gateway's work): the floor any proxy in front of the LLM service costs on this machine. Prints a table; writes
+bench/results/gateway.json."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ import redis.asyncio
 from bench.common import bench_bundle
 from services.contracts.llm import GenerateParams, GenerateRequest, Turn
 from tests.support.processes import ServiceProcess
-from tests.support.servers import redis_server, redis_transactions, s3_server
+from tests.support.servers import free_port, redis_server, redis_transactions, s3_server, wait_until
 from tests.support.stack import distributed_stack
 
 PROMPT = "tell me a story"
@@ -146,6 +150,26 @@ async def _first_artifact(url: str, auth: dict[str, str], concurrency: int, roun
             "first_artifact_max_ms": round(max(values) * 1000, 1)}
 
 
+class BareProxy:
+    def __init__(self, llm_url: str, log: Path) -> None:
+        self.llm_url, self.log, self.port = llm_url, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BareProxy:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench.bare_proxy", "--llm-url", self.llm_url,
+                                          "--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200, 60, "bare proxy",
+                   self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
@@ -171,12 +195,15 @@ def main() -> None:
         second.stop()
         unlingered = ServiceProcess(second.args, {**stack.env, "NEXTGPT_GATEWAY__REPLAY_WRITE_LINGER_S": "0"},
                                     logs / "gateway-no-linger.log", second.ready_url).start().wait_ready()
-        gateways = {"linger 0.02 s": stack.url, "no linger": stack.url2}
+        # The floor: a bare Python hop (bench.bare_proxy) on the same server stack, doing none of a gateway's work.
+        bare = BareProxy(llm_url, logs / "bare-proxy.log").start()
+        gateways = {"linger 0.02 s": stack.url, "no linger": stack.url2, "bare hop": bare.url}
         try:
             rows = [row for c in (1, 8, 32) for row in asyncio.run(
                 _point(gateways, llm_url, redis_info.url, stack.auth, c, args.tokens, args.rounds))]
             artifacts = [asyncio.run(_first_artifact(stack.url, stack.auth, c, 2)) for c in (1, 8)]
         finally:
+            bare.stop()
             unlingered.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     threads = f"{args.llm_threads or 'default (all cores but one)'}" + (

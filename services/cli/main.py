@@ -456,7 +456,7 @@ def world_eval(
             f"pretraining work folder ({found}); leave it out with --part, e.g. --part language --part image",
             param_hint="--work")
     table = evaluate_stand_ins(bundle, weights, count=count, decoder_count=decoder_count, steps=steps, parts=part,
-                               device=device)
+                               device=device, progress=True)
     typer.echo(format_table(table))
     if json_out:
         json_out.write_text(json.dumps(table, indent=2) + "\n")

@@ -66,15 +66,20 @@ def decoder_output(modality: WorldModality, pipe: Any, captions: list[str], step
 
 
 def evaluate_decoder(modality: WorldModality, pipe: Any, count: int = 48, steps: int = 25, guidance: float = 7.5,
-                     batch: int = 16, seed: int = EVAL_SEED) -> dict[str, Score]:
+                     batch: int = 16, seed: int = EVAL_SEED, progress: bool = False) -> dict[str, Score]:
+    """``progress``: a bar of the captions drawn (on a CPU a decoder's 48 take minutes)."""
+    from tqdm import tqdm
+
     from services.world.attributes import caption
 
     asked = fresh_requests(modality, count, seed)
     made: list[Attributes] = []
-    for i in range(0, count, batch):
-        chunk = asked[i:i + batch]
-        outputs = decoder_output(modality, pipe, [caption(modality, a) for a in chunk], steps, guidance, seed + i)
-        made += [measure(modality, o) for o in outputs]
+    with tqdm(total=count, desc=f"{modality} decoder", unit="caption", disable=not progress) as bar:
+        for i in range(0, count, batch):
+            chunk = asked[i:i + batch]
+            outputs = decoder_output(modality, pipe, [caption(modality, a) for a in chunk], steps, guidance, seed + i)
+            made += [measure(modality, o) for o in outputs]
+            bar.update(len(chunk))
     names = [n for n in ATTRIBUTES[modality] if not (modality == "video" and n == "size")]
     return score_attributes(asked, made, names)
 
@@ -106,8 +111,8 @@ EVAL_PARTS = ("retrieval", "language", "image", "video", "audio")
 
 
 def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: int = 200, decoder_count: int = 48,
-                       steps: int = 25, parts: Iterable[str] = EVAL_PARTS,
-                       seed: int = EVAL_SEED, device: str = "cpu") -> dict[str, dict[str, float]]:
+                       steps: int = 25, parts: Iterable[str] = EVAL_PARTS, seed: int = EVAL_SEED, device: str = "cpu",
+                       progress: bool = False) -> dict[str, dict[str, float]]:
     """The table of `nextgpt world eval`: retrieval top-1 per modality, the language model's answers to held-out
     questions about things described in words, and each decoder's measured classes.
 
@@ -138,7 +143,8 @@ def evaluate_stand_ins(bundle_dir: Path, imagebind_weights: Path | None, count: 
     for modality in ("image", "video", "audio"):
         if modality in parts:
             pipe = load_pipeline(modality, Path(bundle.decoder_source(modality)), device)  # type: ignore[arg-type]
-            scores = evaluate_decoder(modality, pipe, decoder_count, steps, seed=seed)  # type: ignore[arg-type]
+            scores = evaluate_decoder(modality, pipe, decoder_count, steps, seed=seed,  # type: ignore[arg-type]
+                                      progress=progress)
             table[f"{modality} decoder"] = {k: v.accuracy for k, v in scores.items()}
     return table
 

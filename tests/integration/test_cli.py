@@ -285,8 +285,9 @@ def test_replies_that_outlast_the_stop_grace_end_with_a_word_to_their_clients(ti
         wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "nextgpt serve", proc, log)
         model.append(httpx.get(f"{base}/v1/models").json()["data"][0]["id"])
         hello = [{"role": "user", "content": "hello"}]
-        readers = [threading.Thread(target=stream, args=("sse", "/v1/chat", {"messages": hello, "allowed_modalities": [],
-                                                                           **long}), daemon=True),
+        readers = [threading.Thread(target=stream, args=("sse", "/v1/chat",
+                                                         {"messages": hello, "allowed_modalities": [], **long}),
+                                    daemon=True),
                    threading.Thread(target=stream, args=("openai", "/v1/chat/completions",
                                                          {"model": model[0], "messages": hello, **long}), daemon=True),
                    threading.Thread(target=whole, args=({"messages": hello, "allowed_modalities": [], **long},),
