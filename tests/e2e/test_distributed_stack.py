@@ -27,6 +27,7 @@ from tests.support.stack import KEY, distributed_stack
 
 
 LEASE_S = 5
+STOP_GRACE_S = 1
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def stack(redis_info: RedisInfo, s3_info: S3Info, tiny_bundle_dir: Path,
         "NEXTGPT_LLM__MAX_WAITING": "64",
         "NEXTGPT_GATEWAY__RESUME_GRACE_S": "4",
         "NEXTGPT_GATEWAY__STREAM_LEASE_S": str(LEASE_S),
+        "NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S": str(STOP_GRACE_S),
     }
     with distributed_stack(redis_info.url, f"{redis_info.key_prefix}e2e:", s3_info, tiny_bundle_dir,
                            tmp_path_factory.mktemp("e2e-logs"), extra) as running:
@@ -217,6 +219,51 @@ def test_a_stream_whose_replica_was_killed_ends_on_another_replica_within_the_le
         assert rest[-1][0] == "error" and rest[-1][1]["error"]["code"] == "stream_gone", rest[-1]  # type: ignore[index]
         assert all(name == "message.delta" for name, _ in rest[:-1])
         assert waited < LEASE_S + 5, waited
+    finally:
+        services["gateway"].start().wait_ready()
+
+
+def test_a_replica_stopped_mid_reply_ends_it_after_its_grace_for_its_readers_everywhere(
+        stack: dict[str, object]) -> None:
+    """A rollout's SIGTERM: the replica takes no new connection, lets the reply go on for its grace
+    (NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S), then ends it with ``error`` ``server_stopping`` (send it again) for its own
+    client and for a client that follows the stream through the other replica, and exits."""
+    import threading
+
+    services: dict[str, ServiceProcess] = stack["services"]  # type: ignore[assignment]
+    url, url2 = str(stack["url"]), str(stack["url2"])
+    request = {"messages": [{"role": "user", "content": "tell me a long story"}], "stream": True,
+               "max_tokens": 1024, "seed": 4}
+    elsewhere: list[tuple[str, dict[str, object]]] = []
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=60) as response:
+            assert response.status_code == 200, response.read()
+            stream_id, last_id, lines = response.headers["x-stream-id"], 0, response.iter_lines()
+            for line in lines:
+                if line.startswith("id: "):
+                    last_id = int(line[4:])
+                if last_id == 20:
+                    break
+
+            def follow() -> None:
+                with httpx.stream("GET", f"{url2}/v1/chat/streams/{stream_id}", timeout=60,
+                                  headers={**_auth(), "last-event-id": "0"}) as other:
+                    elsewhere.extend(read_events(other))
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+            gateway = services["gateway"].proc
+            assert gateway is not None
+            os.killpg(gateway.pid, signal.SIGTERM)
+            stopped = time.monotonic()
+            rest = read_events(lines, after=last_id)
+            took = time.monotonic() - stopped
+        follower.join(30)
+        assert gateway.wait(30) == -signal.SIGTERM
+        for events in (rest, elsewhere):
+            assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "server_stopping", events[-2:]  # type: ignore[index]
+            assert all(name == "message.delta" for name, _ in events[:-1])
+        assert len(rest) > 1 and STOP_GRACE_S - 0.5 < took < STOP_GRACE_S + 5, (took, len(rest))
     finally:
         services["gateway"].start().wait_ready()
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import httpx
 
 
-def read_events(response: httpx.Response, after: int = 0) -> list[tuple[str, dict[str, object]]]:
-    """(event name, data) of every SSE event; checks that ids are consecutive (from ``after`` + 1)."""
+def read_events(response: httpx.Response | Iterator[str], after: int = 0) -> list[tuple[str, dict[str, object]]]:
+    """(event name, data) of every SSE event (of the response, or of the rest of its ``iter_lines``); checks that
+    ids are consecutive (from ``after`` + 1)."""
     events, name, last_id = [], "", after
-    for line in response.iter_lines():
+    for line in (response.iter_lines() if isinstance(response, httpx.Response) else response):
         if line.startswith("id: "):
             assert int(line[4:]) == last_id + 1
             last_id = int(line[4:])
