@@ -12,7 +12,7 @@ from typing import TypeVar
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from services.contracts.errors import ServiceUnavailableError
+from gateway.stopping import server_stopping
 
 T = TypeVar("T")
 
@@ -50,8 +50,7 @@ class ClientWatch:
             await asyncio.wait({task})  # its clean-up (the generation's and the jobs' cancelling) done
             if self.gone:
                 raise ClientDisconnect()
-            raise ServiceUnavailableError("the server stopped while this turn ran; send it again",
-                                          code="server_stopping")
+            raise server_stopping()
         finally:
             watcher.cancel()
             task.cancel()

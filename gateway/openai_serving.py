@@ -33,10 +33,10 @@ from gateway.media_fetch import MediaFetcher
 from gateway.openai_compat import (
     OpenAIChatRequest, RemoteMedia, audio_payload, completion_id, image_part, to_chat_request,
 )
-from gateway.stopping import StopWatch, Stopped
+from gateway.stopping import StopWatch, Stopped, server_stopping
 from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
-from services.contracts.errors import InvalidRequestError, NextGPTError, ServiceUnavailableError, invalid_fields
+from services.contracts.errors import InvalidRequestError, NextGPTError, invalid_fields
 from services.contracts.ids import is_hex_id
 from services.contracts.storage import ArtifactStore
 from services.contracts.settings import GatewaySettings
@@ -168,8 +168,7 @@ class OpenAIServingChat:
         except NextGPTError as exc:
             yield data(exc.to_response().model_dump())
         except Stopped:
-            yield data(ServiceUnavailableError("the server stopped while this turn ran; send it again",
-                                               code="server_stopping").to_response().model_dump())
+            yield data(server_stopping().to_response().model_dump())
         finally:
             if watch is not None:
                 watch.close()

@@ -7,7 +7,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+from services.contracts.errors import ServiceUnavailableError
+
 T = TypeVar("T")
+
+
+def server_stopping(message: str = "the server stopped while this turn ran; send it again") -> ServiceUnavailableError:
+    """What every reply cut by the server's stop tells its client, in a stream or as a 503."""
+    return ServiceUnavailableError(message, code="server_stopping")
 
 
 class Stopped(Exception):

@@ -21,11 +21,10 @@ from typing import Any, Literal
 
 from prometheus_client import Gauge
 
-from gateway.stopping import StopWatch, Stopped
+from gateway.stopping import StopWatch, Stopped, server_stopping
 from gateway.store_errors import STORE_DOWN, store_unavailable
 from gateway.turn_events import ArtifactCompleted, TurnEvent, wire
-from services.contracts.errors import (GoneError, InvalidRequestError, NextGPTError, NotFoundError,
-                                      ServiceUnavailableError)
+from services.contracts.errors import GoneError, InvalidRequestError, NextGPTError, NotFoundError
 
 log = logging.getLogger(__name__)
 LogEntry = tuple[int, str, dict[str, Any]]  # (event id, name, data)
@@ -471,8 +470,7 @@ _CANCELLED = {"error": {"type": "cancelled", "code": "stream_cancelled", "param"
                         "message": "the stream was cancelled at the client's request"}}
 _ABANDONED = {"error": {"type": "client_gone", "code": "stream_abandoned", "param": None,
                         "message": "no client read this stream; it was cancelled"}}
-_STOPPING = {"error": {"type": "service_unavailable", "code": "server_stopping", "param": None,
-                       "message": "the server stopped while this turn ran; send it again"}}
+_STOPPING = server_stopping().to_response().model_dump()
 
 
 class StreamHub:
@@ -496,7 +494,7 @@ class StreamHub:
 
     async def start(self, events: AsyncIterator[TurnEvent], owner: str | None) -> str:
         if self._closing.is_set():  # a request that got in as the server began to stop
-            raise ServiceUnavailableError("the server is stopping; send it again", code="server_stopping")
+            raise server_stopping("the server is stopping; send it again")
         stream_id = uuid.uuid4().hex
         await self.log.create(stream_id, owner, self._reader_ttl_s)
         task = asyncio.create_task(self._produce(stream_id, events), name=f"chat-stream-{stream_id}")
