@@ -215,7 +215,7 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     prefix = settings.redis.key_prefix
     decoders = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(sync_redis, prefix),
                                   AsyncJobReader(async_redis, prefix), settings.decoders.queue_wait_s,
-                                  tuple(bundle.manifest.outputs))
+                                  tuple(bundle.manifest.outputs), lost_after_s=settings.decoders.lock_ttl_s)
 
     async def redis_ready() -> None:
         try:

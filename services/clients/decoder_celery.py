@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -19,6 +20,8 @@ from services.contracts.settings import Settings
 from services.jobs.book import RedisJobBook, fail_unclaimed
 from services.jobs.reader import AsyncJobReader
 
+log = logging.getLogger(__name__)
+
 
 def make_client_app(settings: Settings) -> Celery:
     app = Celery("nextgpt-client")
@@ -29,12 +32,19 @@ def make_client_app(settings: Settings) -> Celery:
 class CeleryDecoderQueue(DecoderQueue):
     """A job no worker takes within ``queue_wait_s`` (no worker for its modality, or all of them busy) fails with
     ``no_decoder_worker``, seen by whoever follows or polls it; Celery's ``expires`` makes a worker that appears
-    later drop it unrun."""
+    later drop it unrun.
+
+    A job whose worker died mid-job (killed for memory, its node gone) is queued again by whoever follows or polls
+    it, once its lease has run out and it has been silent for ``lost_after_s`` (the workers' lease TTL): another
+    worker takes it within seconds, where Celery would hand it out again only after its visibility timeout (an hour
+    by default), its stream silent all along. Celery's own redelivery, later, finds it done or running (its
+    artifact, its lease) and does nothing twice."""
 
     def __init__(self, app: Celery, book: RedisJobBook, reader: AsyncJobReader, queue_wait_s: float = 600.0,
-                 modalities: tuple[str, ...] = ("image", "video", "audio"), workers_ttl_s: float = 15.0) -> None:
+                 modalities: tuple[str, ...] = ("image", "video", "audio"), workers_ttl_s: float = 15.0,
+                 lost_after_s: float = 120.0) -> None:
         self.app, self.book, self.reader, self.queue_wait_s = app, book, reader, queue_wait_s
-        self.modalities, self.workers_ttl_s = modalities, workers_ttl_s
+        self.modalities, self.workers_ttl_s, self.lost_after_s = modalities, workers_ttl_s, lost_after_s
         self._consumed: tuple[float, set[str]] | None = None  # (when asked, queues some worker consumes)
 
     async def check_workers(self) -> None:
@@ -54,21 +64,45 @@ class CeleryDecoderQueue(DecoderQueue):
 
     async def submit(self, job: DecodeJob) -> None:
         def send() -> None:
+            self.book.keep(job)
             self.book.publish(JobEvent(job_id=job.job_id, type="queued", owner=job.owner), job.modality)
-            self.app.send_task(DECODE_TASK, args=[job.model_dump(mode="json")], queue=job.modality,
-                               task_id=job.job_id, expires=self.queue_wait_s)
+            self._send(job)
 
         try:
             await anyio.to_thread.run_sync(send)
         except Exception as exc:  # broker down: the caller gets a 503, not a hang
             raise ServiceUnavailableError(f"decoder queue unavailable: {exc}", code="queue_unavailable") from exc
 
+    def _send(self, job: DecodeJob) -> None:
+        self.app.send_task(DECODE_TASK, args=[job.model_dump(mode="json")], queue=job.modality,
+                           task_id=job.job_id, expires=self.queue_wait_s)
+
     async def status(self, job_id: str) -> JobStatus | None:
         status = await self.reader.status(job_id)
         if status is not None and status.state == "queued" and self._waited(status) > self.queue_wait_s:
             await self._fail_unclaimed(status)
             status = await self.reader.status(job_id)
+        elif status is not None and status.state == "running" and self._waited(status) > self.lost_after_s and \
+                await self._requeue_if_lost(job_id):
+            status = await self.reader.status(job_id)
         return status
+
+    async def _requeue_if_lost(self, job_id: str) -> bool:
+        """Queue the job again when its worker is gone (True); a broker away now is tried again at the next look."""
+        def requeue() -> bool:
+            job = self.book.requeue_if_lost(job_id, self.lost_after_s)
+            if job is None:
+                return False
+            log.warning("job %s: its worker was lost mid-job (no lease, silent for %.0f s); queued again",
+                        job_id, self.lost_after_s)
+            self._send(job)
+            return True
+
+        try:
+            return await anyio.to_thread.run_sync(requeue)
+        except Exception as exc:
+            log.warning("job %s: could not check or requeue it: %s", job_id, exc)
+            return False
 
     async def cancel(self, job_id: str) -> None:
         await self.reader.cancel(job_id)
@@ -80,24 +114,35 @@ class CeleryDecoderQueue(DecoderQueue):
         source = self.reader.events(job_id)
         status = await self.reader.status(job_id)
         queued = status if status is not None and status.state == "queued" else None
+        running = status is not None and status.state == "running"
         pending: asyncio.Future[JobEvent] | None = None
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(source))
-                timeout = None if queued is None else max(0.0, self.queue_wait_s - self._waited(queued))
+                if queued is not None:
+                    timeout: float | None = max(0.0, self.queue_wait_s - self._waited(queued))
+                else:  # a running job is looked at every half lease: is its worker still there?
+                    timeout = max(1.0, self.lost_after_s / 2) if running else None
                 done, _ = await asyncio.wait({pending}, timeout=timeout)
                 if not done:
-                    assert queued is not None
-                    await self._fail_unclaimed(queued)  # its "failed" event (or the worker's) comes next
-                    queued = None
+                    if queued is not None:
+                        await self._fail_unclaimed(queued)  # its "failed" event (or the worker's) comes next
+                        queued = None
+                    else:
+                        await self._requeue_if_lost(job_id)  # its "queued" event comes next
                     continue
                 try:
                     event = pending.result()
                 except StopAsyncIteration:
                     return
                 pending = None
-                if event.type != "queued":
+                running = event.type in ("started", "progress")
+                if event.type == "queued" and queued is None:
+                    # Queued again (its worker lost): the bound on waiting for a worker starts over.
+                    again = await self.reader.status(job_id)
+                    queued = again if again is not None and again.state == "queued" else None
+                elif event.type != "queued":
                     queued = None
                 yield event
         finally:

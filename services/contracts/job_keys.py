@@ -20,3 +20,8 @@ def cancel_key(prefix: str, job_id: str) -> str:
 
 def lock_key(prefix: str, job_id: str) -> str:
     return f"{prefix}job:{job_id}:lock"
+
+
+def job_key(prefix: str, job_id: str) -> str:
+    """The job as submitted, so that a job whose worker died can be sent again by whoever notices."""
+    return f"{prefix}job:{job_id}:job"

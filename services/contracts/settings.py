@@ -106,9 +106,15 @@ class DecoderSettings(BaseModel):
                     "(from its first step: one that would take twice as long; with engine_process, a step under way "
                     "is judged every second, and one past the limit is ended by killing the child)")
     visibility_timeout_s: int = Field(
-        default=3600, ge=1, description="A job taken by a worker that died is handed out again after this")
+        default=3600, ge=1,
+        description="Celery hands a job taken by a worker that died out again after this (a job someone follows or "
+                    "polls is queued again sooner: see lock_ttl_s)")
     max_retries: int = Field(default=3, ge=0, le=20, description="Retries, for transient storage errors only")
-    lock_ttl_s: int = Field(default=120, ge=1, description="Lease on a running job, renewed at every step")
+    lock_ttl_s: int = Field(
+        default=120, ge=1,
+        description="Lease on a running job, renewed every third of it; a running job without a lease that has "
+                    "reported nothing for this long lost its worker, and the gateway queues it again (gateways and "
+                    "workers must share it)")
     queue_wait_s: float = Field(
         default=600.0, gt=0, description="A job no worker has taken by then fails (no_decoder_worker / queue_timeout)")
     max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")

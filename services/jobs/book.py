@@ -11,10 +11,11 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
-from services.contracts.decoders import TERMINAL_STATES, JobEvent, JobState, JobStatus
-from services.contracts.job_keys import JOB_TTL_S, MAX_EVENTS, cancel_key, events_key, lock_key, status_key
+from services.contracts.decoders import TERMINAL_STATES, DecodeJob, JobEvent, JobState, JobStatus
+from services.contracts.job_keys import JOB_TTL_S, MAX_EVENTS, cancel_key, events_key, job_key, lock_key, status_key
 
 _STATE_OF_EVENT: dict[str, JobState] = {
     "queued": "queued", "started": "running", "progress": "running", "completed": "completed",
@@ -155,6 +156,40 @@ class RedisJobBook(JobBook):
     def release(self, job_id: str, token: str) -> None:
         with _reachable():
             self.r.eval(_DELETE_IF_OWNED, 1, lock_key(self.prefix, job_id), token)
+
+    def keep(self, job: DecodeJob) -> None:
+        """Keep the job as submitted (a few hundred bytes) for as long as its status: see ``requeue_if_lost``."""
+        with _reachable():
+            self.r.set(job_key(self.prefix, job.job_id), job.model_dump_json(), ex=self.ttl)
+
+    def requeue_if_lost(self, job_id: str, lost_after_s: float) -> DecodeJob | None:
+        """The job, put back to ``queued``, when the worker running it is gone: it is running, nobody holds its
+        lease (a live worker renews it every third of its TTL, whatever a step takes) and it has reported nothing
+        for ``lost_after_s``; atomically (WATCH on its status and lease), so of several callers one requeues it.
+        Celery would hand out such a job again only after its visibility timeout (an hour by default): the caller
+        sends it again now. None when it is not lost, or was never kept."""
+        from redis.exceptions import WatchError
+
+        skey, lkey = status_key(self.prefix, job_id), lock_key(self.prefix, job_id)
+        with _reachable(), self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(skey, lkey)
+                    raw, leased, kept = pipe.get(skey), pipe.exists(lkey), pipe.get(job_key(self.prefix, job_id))
+                    current = JobStatus.model_validate_json(raw) if raw else None
+                    if current is None or current.state != "running" or leased or kept is None or \
+                            (datetime.now(timezone.utc) - current.updated_at).total_seconds() < lost_after_s:
+                        pipe.unwatch()
+                        return None
+                    event = JobEvent(job_id=job_id, type="queued", step=0)
+                    pipe.multi()
+                    pipe.set(skey, next_status(current, event).model_dump_json(), ex=self.ttl)
+                    pipe.xadd(events_key(self.prefix, job_id), {"event": event.model_dump_json()}, maxlen=MAX_EVENTS,
+                              approximate=True)
+                    pipe.execute()
+                    return DecodeJob.model_validate_json(kept)
+                except WatchError:
+                    continue
 
 
 # Compare-and-act on the lease, atomically in Redis: only the holder of the token may extend or drop it.

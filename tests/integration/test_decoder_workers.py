@@ -280,6 +280,43 @@ async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], 
     assert f"video[{job.job_id}]".encode() in (tmp_path / "second.log").read_bytes()
 
 
+async def test_a_job_whose_worker_died_is_queued_again_once_its_lease_runs_out(
+        env: dict[str, str], settings: Settings, store: S3ArtifactStore, tiny_bundle_dir: Path, tmp_path: Path,
+        worker: WorkerProcess) -> None:
+    # Celery hands out a dead worker's job again only after its visibility timeout (an hour by default): without
+    # more, the job's followers would wait that hour in silence. Its follower queues it again once its lease (3 s
+    # here) has run out.
+    worker.stop()  # this test owns the queue: only its own workers consume
+    hour = {**env, "NEXTGPT_DECODERS__VISIBILITY_TIMEOUT_S": "3600", "NEXTGPT_DECODERS__LOCK_TTL_S": "3"}
+    areader = redis.asyncio.Redis.from_url(settings.redis.url)
+    queue = CeleryDecoderQueue(make_client_app(settings),
+                               RedisJobBook(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix),
+                               AsyncJobReader(areader, settings.redis.key_prefix), lost_after_s=3)
+    first = WorkerProcess("video", hour, tmp_path / "first.log").wait_ready()
+    try:
+        job = _job(store, tiny_bundle_dir, "video", steps=16)
+        await queue.submit(job)
+        async for event in queue.events(job.job_id):
+            if event.type == "progress" and (event.step or 0) >= 2:
+                break
+        first.kill()
+        second = WorkerProcess("video", hour, tmp_path / "second.log").wait_ready()
+        try:
+            events = await _collect(queue, job.job_id, timeout=120)
+        finally:
+            second.stop()
+    finally:
+        first.kill()
+        await areader.aclose()
+    types = [e.type for e in events]
+    assert types[-1] == "completed" and types.count("completed") == 1, types
+    again = max(i for i, t in enumerate(types) if t == "queued")
+    assert "progress" in types[:again] and types[again + 1] == "started", types  # queued again mid-job, then run
+    assert [e.step for e in events[again:] if e.type == "progress"] == list(range(1, 17))
+    assert f"video[{job.job_id}]".encode() in (tmp_path / "second.log").read_bytes()
+    assert store.exists(job.artifact_key)
+
+
 @contextlib.asynccontextmanager
 async def _unconsumed_queue(settings: Settings, name: str,
                             queue_wait_s: float = 600.0) -> AsyncIterator[tuple[CeleryDecoderQueue, str]]:

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.contracts.decoders import JobEvent
+from services.contracts.decoders import DecodeJob, JobEvent
 from services.contracts.job_keys import lock_key
+from services.contracts.storage import new_key
 from services.decoders.runner import LeaseKeeper, TransientJobError
 from services.jobs.book import RedisJobBook
 from services.jobs.redis_clients import sync_redis
@@ -76,3 +77,32 @@ def test_concurrent_publishers_never_reopen_a_finished_job(book: RedisJobBook) -
     for t in threads:
         t.join()
     assert book.status(job).state == "cancelled"
+
+
+def test_a_running_job_is_queued_again_only_once_its_lease_is_gone_and_it_fell_silent(book: RedisJobBook) -> None:
+    job = decode_job_stub()
+    book.keep(job)
+    book.publish(JobEvent(job_id=job.job_id, type="queued", owner="me"), "image")
+    assert book.requeue_if_lost(job.job_id, 0.0) is None  # queued: its wait is another bound's business
+    token = book.claim(job.job_id, ttl_s=30)
+    assert token is not None
+    book.publish(JobEvent(job_id=job.job_id, type="progress", step=3, total=10), "image")
+    assert book.requeue_if_lost(job.job_id, 0.0) is None  # its worker holds the lease: alive, however slow
+    book.release(job.job_id, token)
+    assert book.requeue_if_lost(job.job_id, 60.0) is None  # no lease, but it reported a moment ago
+    assert book.requeue_if_lost(job.job_id, 0.0) == job  # no lease and silent: its worker is gone
+    status = book.status(job.job_id)
+    assert status is not None and (status.state, status.step, status.owner) == ("queued", 0, "me")
+    assert book.requeue_if_lost(job.job_id, 0.0) is None  # no longer running: a second caller sends nothing
+    book.publish(JobEvent(job_id=job.job_id, type="started"), "image")
+    book.publish(JobEvent(job_id=job.job_id, type="failed", error="x"), "image")
+    assert book.requeue_if_lost(job.job_id, 0.0) is None  # finished jobs stay finished
+    other = decode_job_stub()  # running, no lease, but never kept (submitted by an older gateway): left alone
+    book.publish(JobEvent(job_id=other.job_id, type="started"), "image")
+    assert book.requeue_if_lost(other.job_id, 0.0) is None
+
+
+def decode_job_stub() -> DecodeJob:
+    job_id = uuid.uuid4().hex
+    return DecodeJob(job_id=job_id, modality="image", conditioning_key=new_key("conditioning", ".pt"),
+                     artifact_key=new_key("image", ".png", job_id), owner="me")
