@@ -20,6 +20,7 @@ from safetensors.numpy import save
 from gateway.artifact_refs import ArtifactRefs
 from gateway.conversations import Conversation, ConversationStore, StoredTurn
 from gateway.metrics import GatewayMetrics
+from gateway.stopping import server_stopping
 from gateway.turn_events import (
     ArtifactCompleted, ArtifactFailed, ArtifactProgress, ArtifactQueued, MessageDelta, ReplyAccepted, SignalChosen,
     TextComplete, TurnDone, TurnEvent,
@@ -53,6 +54,7 @@ class _Turn:
     artifacts: dict[str, ArtifactOut] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)  # storage keys of completed artifacts
     done: Done | None = None
+    kept: bool = False  # the reply's text is in its conversation
 
 
 class ChatService:
@@ -231,14 +233,27 @@ class ChatService:
 
     async def run(self, request: ChatRequest, conversation: Conversation, params: GenerateParams,
                   media: np.ndarray | None, url_for: Callable[[str], str], owner: str | None,
-                  keep_jobs: Callable[[], bool] = lambda: False) -> AsyncIterator[TurnEvent]:
+                  keep_jobs: Callable[[], bool] = lambda: False,
+                  stopping: asyncio.Event | None = None) -> AsyncIterator[TurnEvent]:
         """Events of the turn; closing it early cancels the generation and, unless ``keep_jobs()`` says so when
         it closes (a non-streaming caller that stops waiting, its client still there to poll the jobs), the decode
-        jobs."""
+        jobs.
+
+        ``stopping``: set when the server's stop grace is over. A turn whose text is not kept yet then ends with
+        ``server_stopping`` (nothing of it was kept: send it again), its generation and jobs cancelled. One whose
+        text is kept, its media made by workers that go on without this process (distributed mode), ends at once
+        with ``done``, ``finish_reason`` ``media_pending``, as one that outlasts ``wait_s``: its jobs go on,
+        followed at ``/v1/jobs/{id}``, and join the conversation when done; telling its client to send it again
+        would add the turn twice. (Embedded, the jobs and the conversation end with the process: send it again.)"""
         started = time.perf_counter()
         out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         state = _Turn()
         followers: dict[str, asyncio.Task[None]] = {}
+        handed_over = stopped = False
+
+        async def on_stop(event: asyncio.Event) -> None:
+            await event.wait()
+            await out.put(("stop", None))
 
         async def pump_llm() -> None:
             stream = self.llm.generate(params, media)
@@ -267,10 +282,18 @@ class ChatService:
                 await out.put(("job_end", job_id))
 
         llm_task = asyncio.create_task(pump_llm())
+        stop_task = asyncio.create_task(on_stop(stopping)) if stopping is not None else None
         llm_running, first_token_ms = True, None
         try:
             while llm_running or followers:
                 kind, item = await out.get()
+                if kind == "stop":
+                    stopped = True
+                    if not (state.kept and self.decoders.outlives_process):
+                        raise server_stopping()
+                    handed_over = True
+                    yield self._done(conversation, state, "media_pending", first_token_ms, started)
+                    return
                 if kind == "llm" and isinstance(item, Accepted):
                     yield ReplyAccepted(item.prompt_tokens)
                 elif kind == "llm":
@@ -296,6 +319,7 @@ class ChatService:
                     if state.done is not None:
                         # The turn is saved as soon as its text is complete: a follow-up may start at once.
                         await self._remember(conversation, state)
+                        state.kept = True
                         yield TextComplete(state.done.finish_reason, state.done.prompt_tokens,
                                            state.done.completion_tokens, {
                                                "ttft_ms": first_token_ms or 0.0,
@@ -311,19 +335,13 @@ class ChatService:
                         yield translated
                 elif kind == "job_end":
                     followers.pop(item, None)
-            done = state.done
-            assert done is not None
-            yield TurnDone(
-                conversation_id=conversation.id, finish_reason=done.finish_reason, text="".join(state.text),
-                usage={"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
-                # The bytes went out once, in artifact.completed.
-                artifacts=[a.model_dump(exclude={"data"}) for a in state.artifacts.values()],
-                timings={"ttft_ms": first_token_ms or 0.0,
-                         "total_ms": round((time.perf_counter() - started) * 1000, 2),
-                         "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)})
+            assert state.done is not None
+            yield self._done(conversation, state, state.done.finish_reason, first_token_ms, started)
         finally:
             llm_task.cancel()
-            keep = keep_jobs()
+            if stop_task is not None:
+                stop_task.cancel()
+            keep = handed_over or (not stopped and keep_jobs())
             for job_id, task in followers.items():
                 task.cancel()
                 if not keep:
@@ -331,6 +349,19 @@ class ChatService:
                         await self.decoders.cancel(job_id)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await llm_task
+
+    @staticmethod
+    def _done(conversation: Conversation, state: _Turn, finish_reason: str, first_token_ms: float | None,
+              started: float) -> TurnDone:
+        done = state.done
+        assert done is not None
+        return TurnDone(
+            conversation_id=conversation.id, finish_reason=finish_reason, text="".join(state.text),
+            usage={"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+            # The bytes went out once, in artifact.completed.
+            artifacts=[a.model_dump(exclude={"data"}) for a in state.artifacts.values()],
+            timings={"ttft_ms": first_token_ms or 0.0, "total_ms": round((time.perf_counter() - started) * 1000, 2),
+                     "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)})
 
     async def _queue(self, signal: SignalEvent, request: ChatRequest, owner: str | None,
                      state: _Turn) -> ArtifactQueued | ArtifactFailed:

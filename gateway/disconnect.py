@@ -12,18 +12,16 @@ from typing import TypeVar
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from gateway.stopping import server_stopping
 
 T = TypeVar("T")
 
 
 class ClientWatch:
-    """Watches a request whose body has been read, for its client's disconnect; and, given ``stopping`` (set when
-    the server's stop grace is over), for the server's stop."""
+    """Watches a request whose body has been read, for its client's disconnect. (The server's stop is the turn's
+    own business: ``ChatService.run``'s ``stopping``.)"""
 
-    def __init__(self, receive: Receive, stopping: asyncio.Event | None = None) -> None:
+    def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._stopping = stopping
         self.gone = False
 
     def present(self) -> bool:
@@ -36,23 +34,17 @@ class ClientWatch:
 
     async def guard(self, work: Awaitable[T]) -> T:
         """``work``'s result; when the client goes first, ``work`` is cancelled and ``ClientDisconnect`` raised
-        (answered 499, which no one receives: it keeps such requests apart in the metrics and the log); when the
-        server stops first, ``work`` is cancelled and the client told to send it again (503 ``server_stopping``)."""
+        (answered 499, which no one receives: it keeps such requests apart in the metrics and the log)."""
         task = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(self._disconnected())
-        stop = asyncio.ensure_future(self._stopping.wait()) if self._stopping is not None else None
         try:
-            await asyncio.wait({task, watcher} | ({stop} if stop else set()), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 return task.result()
-            self.gone = watcher.done()
+            self.gone = True
             task.cancel()
             await asyncio.wait({task})  # its clean-up (the generation's and the jobs' cancelling) done
-            if self.gone:
-                raise ClientDisconnect()
-            raise server_stopping()
+            raise ClientDisconnect()
         finally:
             watcher.cancel()
             task.cancel()
-            if stop is not None:
-                stop.cancel()

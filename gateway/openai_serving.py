@@ -33,7 +33,6 @@ from gateway.media_fetch import MediaFetcher
 from gateway.openai_compat import (
     OpenAIChatRequest, RemoteMedia, audio_payload, completion_id, image_part, to_chat_request,
 )
-from gateway.stopping import StopWatch, Stopped, server_stopping
 from gateway.turn_events import ArtifactCompleted, ArtifactFailed, MessageDelta, TurnDone, TurnEvent
 from services.contracts.chat import ArtifactOut
 from services.contracts.errors import InvalidRequestError, NextGPTError, invalid_fields
@@ -52,7 +51,7 @@ class OpenAIServingChat:
                  stopping: asyncio.Event | None = None) -> None:
         """``model_names``: served model id -> LoRA adapter (None: the base model). ``fetcher``: for media given by
         http(s) URL (None: such parts are refused). ``stopping``: set when the server's stop grace is over (the
-        replies under way end with ``server_stopping``)."""
+        replies under way end: ``ChatService.run``)."""
         self.chat, self.store, self.settings, self.model_names = chat, store, settings, model_names
         self.fetcher, self.stopping = fetcher, stopping
 
@@ -69,13 +68,15 @@ class OpenAIServingChat:
         conversation, params, media = await self.chat.prepare(chat_request, await self._fetched(parts), owner)
         cid, created = completion_id(), int(time.time())
         if body.stream:
-            turn = FirstEvent(self.chat.run(chat_request, conversation, params, media, url_for, owner))
+            turn = FirstEvent(self.chat.run(chat_request, conversation, params, media, url_for, owner,
+                                            stopping=self.stopping))
             await turn.check(client)  # refused before the LLM takes it: this response's status
             events = turn.events()
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(events, cid, created, body.model, include_usage),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        events = self.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present)
+        events = self.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present,
+                               stopping=self.stopping)
         result = await client.guard(collect(events, chat_request.wait_s, conversation.id))
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
         for artifact in result.artifacts:
@@ -147,10 +148,9 @@ class OpenAIServingChat:
                 body["usage"] = None
             return data(body)
 
-        watch = StopWatch(self.stopping) if self.stopping is not None else None
         try:
             yield chunk({"role": "assistant", "content": ""})
-            while (event := await (anext(events, None) if watch is None else watch.next(events))) is not None:
+            async for event in events:
                 if isinstance(event, MessageDelta):
                     yield chunk({"content": event.text})
                 elif isinstance(event, ArtifactCompleted | ArtifactFailed):
@@ -159,18 +159,18 @@ class OpenAIServingChat:
                     await self._attach(delta, artifact)
                     yield chunk(delta)
                 elif isinstance(event, TurnDone):
-                    yield chunk({}, _finish(event.finish_reason))
+                    last: dict[str, Any] = {}  # media still being made (the server stopped): delta.media_pending
+                    for artifact in event.artifacts:
+                        if artifact["state"] in ("queued", "running"):
+                            await self._attach(last, ArtifactOut(**artifact))
+                    yield chunk(last, _finish(event.finish_reason))
                     if include_usage:
                         usage = dict(event.usage)
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                         yield data({**head, "choices": [], "usage": usage})
                     break
-        except NextGPTError as exc:
+        except NextGPTError as exc:  # server_stopping too: the turn ends itself at the server's stop
             yield data(exc.to_response().model_dump())
-        except Stopped:
-            yield data(server_stopping().to_response().model_dump())
         finally:
-            if watch is not None:
-                watch.close()
             await events.aclose()  # type: ignore[attr-defined]
         yield b"data: [DONE]\n\n"

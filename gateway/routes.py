@@ -141,7 +141,8 @@ async def chat(request: Request) -> Response:
     url_for = _artifact_urls(request, st)
 
     if chat_request.stream:
-        turn = FirstEvent(st.chat.run(chat_request, conversation, params, media, url_for, owner))
+        turn = FirstEvent(st.chat.run(chat_request, conversation, params, media, url_for, owner,
+                                      stopping=st.streams.closing))
         # The stream is set up while the LLM takes the turn, so that the headers go out at its `accepted`. Set up
         # after `accepted` instead (the LLM request out first), the first token came 0.9 ms later at concurrency 1
         # (2026-12-05, 160 requests per path): the owner key's write then held the headers into the prefill.
@@ -163,8 +164,9 @@ async def chat(request: Request) -> Response:
             await entries.aclose()  # type: ignore[attr-defined]
             raise
         return _sse_response(entries, stream_id, st, conversation.id)
-    client = ClientWatch(request.receive, st.streams.closing)
-    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present)
+    client = ClientWatch(request.receive)
+    events = st.chat.run(chat_request, conversation, params, media, url_for, owner, keep_jobs=client.present,
+                         stopping=st.streams.closing)
     return JSONResponse((await client.guard(collect(events, chat_request.wait_s, conversation.id))).model_dump())
 
 
@@ -347,4 +349,4 @@ async def chat_completions(request: Request) -> Response:
     st.limiter.check(owner)
     raw = await request.body()
     return await st.openai.create(raw, owner, _artifact_urls(request, st),
-                                 ClientWatch(request.receive, st.streams.closing))
+                                 ClientWatch(request.receive))

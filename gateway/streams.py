@@ -477,8 +477,11 @@ class StreamHub:
     """Runs chat turns as producers into an EventLog and attaches readers to them."""
 
     def __init__(self, events: EventLog, grace_s: float, touch_every_s: float = 1.0,
-                 active: Gauge | None = None) -> None:
+                 active: Gauge | None = None, end_wait_s: float = 1.0) -> None:
+        """``end_wait_s``: how long ``close`` lets the turns end themselves (they watch ``closing``) before it
+        cuts them."""
         self.log, self.grace_s, self.touch_every_s, self.active = events, grace_s, touch_every_s, active
+        self.end_wait_s = end_wait_s
         self._producers: dict[str, asyncio.Task[None]] = {}  # by stream id: the turns this replica runs
         self._closing = asyncio.Event()
 
@@ -645,15 +648,17 @@ class StreamHub:
             await reader.aclose()  # type: ignore[attr-defined]
 
     async def close(self, reason: str = "closing") -> None:
-        """Ends every turn this replica runs (its readers get ``error`` ``server_stopping``, then the end) and
-        the responses that follow streams produced elsewhere; refuses new turns from now on."""
+        """Ends every turn this replica runs and the responses that follow streams produced elsewhere; refuses
+        new turns from now on. A turn watching ``closing`` ends itself (``server_stopping``, or ``done`` with its
+        media pending once its text is kept: ``ChatService.run``); one still running after ``end_wait_s`` is cut
+        (its readers get ``error`` ``server_stopping``, then the end)."""
         self._closing.set()
-        if self._producers:
-            log.warning("%s: ending %d chat turn(s) still under way (server_stopping)", reason,
-                        len(self._producers))
         tasks = list(self._producers.values())
-        for task in tasks:
-            task.cancel()
+        if tasks:
+            log.warning("%s: ending %d chat turn(s) still under way", reason, len(tasks))
+            _, running = await asyncio.wait(tasks, timeout=self.end_wait_s)
+            for task in running:
+                task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

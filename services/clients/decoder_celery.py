@@ -40,6 +40,8 @@ class CeleryDecoderQueue(DecoderQueue):
     by default), its stream silent all along. Celery's own redelivery, later, finds it done or running (its
     artifact, its lease) and does nothing twice."""
 
+    outlives_process = True
+
     def __init__(self, app: Celery, book: RedisJobBook, reader: AsyncJobReader, queue_wait_s: float = 600.0,
                  modalities: tuple[str, ...] = ("image", "video", "audio"), workers_ttl_s: float = 15.0,
                  lost_after_s: float = 120.0) -> None:

@@ -107,6 +107,9 @@ class JobStatus(BaseModel):
 class DecoderQueue(ABC):
     """Where decode jobs go: a Celery queue per modality (distributed) or a local worker pool (embedded)."""
 
+    # Whether its jobs go on when this process stops (workers of their own), so that a client can still follow them.
+    outlives_process: bool = False
+
     @abstractmethod
     async def submit(self, job: DecodeJob) -> None:
         """Queue ``job``; its status becomes ``queued``."""

@@ -227,7 +227,9 @@ def test_a_replica_stopped_mid_reply_ends_it_after_its_grace_for_its_readers_eve
         stack: dict[str, object]) -> None:
     """A rollout's SIGTERM: the replica takes no new connection, lets the reply go on for its grace
     (NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S), then ends it with ``error`` ``server_stopping`` (send it again) for its own
-    client and for a client that follows the stream through the other replica, and exits."""
+    client and for a client that follows the stream through the other replica, and exits. A reply whose text was
+    kept, its video still being made, ends with ``done`` (``media_pending``), not "send it again" (which would add
+    the turn twice): its job goes on on the workers and completes, seen through the other replica."""
     import threading
 
     services: dict[str, ServiceProcess] = stack["services"]  # type: ignore[assignment]
@@ -235,6 +237,26 @@ def test_a_replica_stopped_mid_reply_ends_it_after_its_grace_for_its_readers_eve
     request = {"messages": [{"role": "user", "content": "tell me a long story"}], "stream": True,
                "max_tokens": 1024, "seed": 4}
     elsewhere: list[tuple[str, dict[str, object]]] = []
+    kept: list[tuple[str, dict[str, object]]] = []
+    decoding = threading.Event()
+
+    def make_a_video() -> None:
+        video = {"messages": [{"role": "user", "content": "a video please"}], "stream": True, "max_tokens": 30,
+                 "seed": 5, "require_modalities": ["video"], "decoder": {"steps": 12}}
+        with httpx.stream("POST", f"{url}/v1/chat", json=video, headers=_auth(), timeout=60) as response:
+            lines, last_id = response.iter_lines(), 0
+            for line in lines:
+                if line.startswith("id: "):
+                    last_id = int(line[4:])
+                elif line == "event: artifact.progress":  # the text is over: its turn is kept
+                    next(lines)  # its data
+                    decoding.set()
+                    break
+            kept.extend(read_events(lines, after=last_id))
+
+    maker = threading.Thread(target=make_a_video, daemon=True)
+    maker.start()
+    assert decoding.wait(60), kept
     try:
         with httpx.stream("POST", f"{url}/v1/chat", json=request, headers=_auth(), timeout=60) as response:
             assert response.status_code == 200, response.read()
@@ -259,11 +281,17 @@ def test_a_replica_stopped_mid_reply_ends_it_after_its_grace_for_its_readers_eve
             rest = read_events(lines, after=last_id)
             took = time.monotonic() - stopped
         follower.join(30)
+        maker.join(30)
         assert gateway.wait(30) == -signal.SIGTERM
         for events in (rest, elsewhere):
             assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "server_stopping", events[-2:]  # type: ignore[index]
             assert all(name == "message.delta" for name, _ in events[:-1])
         assert len(rest) > 1 and STOP_GRACE_S - 0.5 < took < STOP_GRACE_S + 5, (took, len(rest))
+        name, done = kept[-1]
+        assert name == "done" and done["finish_reason"] == "media_pending", kept[-2:]
+        (video,) = done["artifacts"]  # type: ignore[misc]
+        assert video["state"] in ("queued", "running"), video
+        assert wait_for_job_state(url2, video["job_id"], _auth(), "completed") == "completed"
     finally:
         services["gateway"].start().wait_ready()
 
