@@ -255,22 +255,31 @@ async def test_queued_jobs_share_pipeline_calls_and_each_is_settled_alone(
     assert (await _collect(queue, blocker.job_id))[-1].type == "completed"
 
 
+async def _a_worker_dies_mid_job(queue: CeleryDecoderQueue, store: S3ArtifactStore, bundle_dir: Path,
+                                 env: dict[str, str], tmp_path: Path, timeout: float) -> tuple[DecodeJob, list[JobEvent]]:
+    """A video job whose worker is SIGKILLed at its second step, a fresh worker started after: the job, and its
+    events to their end."""
+    first = WorkerProcess("video", env, tmp_path / "first.log").wait_ready()
+    try:
+        job = _job(store, bundle_dir, "video", steps=16)
+        await queue.submit(job)
+        async for event in queue.events(job.job_id):
+            if event.type == "progress" and (event.step or 0) >= 2:
+                break
+    finally:
+        first.kill()
+    second = WorkerProcess("video", env, tmp_path / "second.log").wait_ready()
+    try:
+        return job, await _collect(queue, job.job_id, timeout=timeout)
+    finally:
+        second.stop()
+
+
 async def test_killed_worker_job_completes_once_on_another(env: dict[str, str], queue: CeleryDecoderQueue,
                                                            store: S3ArtifactStore, tiny_bundle_dir: Path,
                                                            tmp_path: Path, worker: WorkerProcess) -> None:
     worker.stop()  # this test owns the queue: only its own workers consume
-    first = WorkerProcess("video", env, tmp_path / "first.log").wait_ready()
-    job = _job(store, tiny_bundle_dir, "video", steps=16)
-    await queue.submit(job)
-    async for event in queue.events(job.job_id):
-        if event.type == "progress" and (event.step or 0) >= 2:
-            break
-    first.kill()
-    second = WorkerProcess("video", env, tmp_path / "second.log").wait_ready()
-    try:
-        events = await _collect(queue, job.job_id, timeout=240)
-    finally:
-        second.stop()
+    job, events = await _a_worker_dies_mid_job(queue, store, tiny_bundle_dir, env, tmp_path, timeout=240)
     assert events[-1].type == "completed"
     assert sum(1 for e in events if e.type == "completed") == 1
     listing = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + "video/")
@@ -292,21 +301,9 @@ async def test_a_job_whose_worker_died_is_queued_again_once_its_lease_runs_out(
     queue = CeleryDecoderQueue(make_client_app(settings),
                                RedisJobBook(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix),
                                AsyncJobReader(areader, settings.redis.key_prefix), lost_after_s=3)
-    first = WorkerProcess("video", hour, tmp_path / "first.log").wait_ready()
     try:
-        job = _job(store, tiny_bundle_dir, "video", steps=16)
-        await queue.submit(job)
-        async for event in queue.events(job.job_id):
-            if event.type == "progress" and (event.step or 0) >= 2:
-                break
-        first.kill()
-        second = WorkerProcess("video", hour, tmp_path / "second.log").wait_ready()
-        try:
-            events = await _collect(queue, job.job_id, timeout=120)
-        finally:
-            second.stop()
+        job, events = await _a_worker_dies_mid_job(queue, store, tiny_bundle_dir, hour, tmp_path, timeout=120)
     finally:
-        first.kill()
         await areader.aclose()
     types = [e.type for e in events]
     assert types[-1] == "completed" and types.count("completed") == 1, types
