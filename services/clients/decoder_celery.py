@@ -84,27 +84,25 @@ class CeleryDecoderQueue(DecoderQueue):
         if status is not None and status.state == "queued" and self._waited(status) > self.queue_wait_s:
             await self._fail_unclaimed(status)
             status = await self.reader.status(job_id)
-        elif status is not None and status.state == "running" and self._waited(status) > self.lost_after_s and \
-                await self._requeue_if_lost(job_id):
+        elif status is not None and status.state == "running" and self._waited(status) > self.lost_after_s:
+            await self._requeue_if_lost(job_id)  # queued again, failed (worker_lost), or left as it is
             status = await self.reader.status(job_id)
         return status
 
-    async def _requeue_if_lost(self, job_id: str) -> bool:
-        """Queue the job again when its worker is gone (True); a broker away now is tried again at the next look."""
-        def requeue() -> bool:
+    async def _requeue_if_lost(self, job_id: str) -> None:
+        """Queue the job again when its worker is gone (``RedisJobBook.requeue_if_lost``: or fail it, when that
+        keeps happening to it); a store or broker away now is tried again at the next look."""
+        def requeue() -> None:
             job = self.book.requeue_if_lost(job_id, self.lost_after_s)
-            if job is None:
-                return False
-            log.warning("job %s: its worker was lost mid-job (no lease, silent for %.0f s); queued again",
-                        job_id, self.lost_after_s)
-            self._send(job)
-            return True
+            if job is not None:
+                log.warning("job %s: its worker was lost mid-job (no lease, silent for %.0f s); queued again",
+                            job_id, self.lost_after_s)
+                self._send(job)
 
         try:
-            return await anyio.to_thread.run_sync(requeue)
+            await anyio.to_thread.run_sync(requeue)
         except Exception as exc:
             log.warning("job %s: could not check or requeue it: %s", job_id, exc)
-            return False
 
     async def cancel(self, job_id: str) -> None:
         await self.reader.cancel(job_id)
@@ -132,7 +130,7 @@ class CeleryDecoderQueue(DecoderQueue):
                         await self._fail_unclaimed(queued)  # its "failed" event (or the worker's) comes next
                         queued = None
                     else:
-                        await self._requeue_if_lost(job_id)  # its "queued" event comes next
+                        await self._requeue_if_lost(job_id)  # its "queued" (or "failed") event comes next
                     continue
                 try:
                     event = pending.result()

@@ -25,3 +25,8 @@ def lock_key(prefix: str, job_id: str) -> str:
 def job_key(prefix: str, job_id: str) -> str:
     """The job as submitted, so that a job whose worker died can be sent again by whoever notices."""
     return f"{prefix}job:{job_id}:job"
+
+
+def lost_key(prefix: str, job_id: str) -> str:
+    """How many times the job lost its worker mid-job."""
+    return f"{prefix}job:{job_id}:lost"

@@ -15,7 +15,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from services.contracts.decoders import TERMINAL_STATES, DecodeJob, JobEvent, JobState, JobStatus
-from services.contracts.job_keys import JOB_TTL_S, MAX_EVENTS, cancel_key, events_key, job_key, lock_key, status_key
+from services.contracts.job_keys import (
+    JOB_TTL_S, MAX_EVENTS, cancel_key, events_key, job_key, lock_key, lost_key, status_key,
+)
 
 _STATE_OF_EVENT: dict[str, JobState] = {
     "queued": "queued", "started": "running", "progress": "running", "completed": "completed",
@@ -162,15 +164,18 @@ class RedisJobBook(JobBook):
         with _reachable():
             self.r.set(job_key(self.prefix, job.job_id), job.model_dump_json(), ex=self.ttl)
 
-    def requeue_if_lost(self, job_id: str, lost_after_s: float) -> DecodeJob | None:
+    def requeue_if_lost(self, job_id: str, lost_after_s: float, max_lost: int = 2) -> DecodeJob | None:
         """The job, put back to ``queued``, when the worker running it is gone: it is running, nobody holds its
         lease (a live worker renews it every third of its TTL, whatever a step takes) and it has reported nothing
         for ``lost_after_s``; atomically (WATCH on its status and lease), so of several callers one requeues it.
         Celery would hand out such a job again only after its visibility timeout (an hour by default): the caller
-        sends it again now. None when it is not lost, or was never kept."""
+        sends it again now. A job that lost its worker ``max_lost`` times already may be what kills them (memory):
+        it fails (``worker_lost``) instead, flagged cancelled so that no delivery of it runs again, rather than
+        take down every worker in turn. None when it is not lost, was never kept, or failed so."""
         from redis.exceptions import WatchError
 
         skey, lkey = status_key(self.prefix, job_id), lock_key(self.prefix, job_id)
+        count = lost_key(self.prefix, job_id)
         with _reachable(), self.r.pipeline() as pipe:
             while True:
                 try:
@@ -181,13 +186,20 @@ class RedisJobBook(JobBook):
                             (datetime.now(timezone.utc) - current.updated_at).total_seconds() < lost_after_s:
                         pipe.unwatch()
                         return None
-                    event = JobEvent(job_id=job_id, type="queued", step=0)
+                    lost = int(pipe.get(count) or 0)
+                    event = JobEvent(job_id=job_id, type="queued", step=0) if lost < max_lost else JobEvent(
+                        job_id=job_id, type="failed",
+                        error=f"worker_lost: the worker running this job died {lost + 1} times (the job may be what "
+                              "kills it: too large for its memory?)")
                     pipe.multi()
                     pipe.set(skey, next_status(current, event).model_dump_json(), ex=self.ttl)
                     pipe.xadd(events_key(self.prefix, job_id), {"event": event.model_dump_json()}, maxlen=MAX_EVENTS,
                               approximate=True)
+                    pipe.set(count, lost + 1, ex=self.ttl)
+                    if event.type == "failed":
+                        pipe.set(cancel_key(self.prefix, job_id), "1", ex=self.ttl)
                     pipe.execute()
-                    return DecodeJob.model_validate_json(kept)
+                    return DecodeJob.model_validate_json(kept) if event.type == "queued" else None
                 except WatchError:
                     continue
 

@@ -95,7 +95,14 @@ def test_a_running_job_is_queued_again_only_once_its_lease_is_gone_and_it_fell_s
     assert status is not None and (status.state, status.step, status.owner) == ("queued", 0, "me")
     assert book.requeue_if_lost(job.job_id, 0.0) is None  # no longer running: a second caller sends nothing
     book.publish(JobEvent(job_id=job.job_id, type="started"), "image")
-    book.publish(JobEvent(job_id=job.job_id, type="failed", error="x"), "image")
+    assert book.requeue_if_lost(job.job_id, 0.0, max_lost=2) == job  # its second worker died too
+    book.publish(JobEvent(job_id=job.job_id, type="started"), "image")
+    # A job whose every worker dies may be what kills them: the third time, it fails instead of taking the next.
+    assert book.requeue_if_lost(job.job_id, 0.0, max_lost=2) is None
+    status = book.status(job.job_id)
+    assert status is not None and status.state == "failed" and (status.error or "").startswith("worker_lost: ")
+    assert book.is_cancelled(job.job_id)  # Celery's own redelivery of it, later, does not run it either
+    book.publish(JobEvent(job_id=job.job_id, type="started"), "image")  # a late event does not reopen it
     assert book.requeue_if_lost(job.job_id, 0.0) is None  # finished jobs stay finished
     other = decode_job_stub()  # running, no lease, but never kept (submitted by an older gateway): left alone
     book.publish(JobEvent(job_id=other.job_id, type="started"), "image")
