@@ -113,8 +113,7 @@ class DecoderSettings(BaseModel):
     lock_ttl_s: int = Field(
         default=120, ge=1,
         description="Lease on a running job, renewed every third of it; a running job without a lease that has "
-                    "reported nothing for this long lost its worker, and the gateway queues it again (gateways and "
-                    "workers must share it)")
+                    "reported nothing for this long lost its worker, and the gateway queues it again")
     queue_wait_s: float = Field(
         default=600.0, gt=0, description="A job no worker has taken by then fails (no_decoder_worker / queue_timeout)")
     max_queued: int = Field(default=64, ge=1, description="Embedded pool: jobs waiting at most")
