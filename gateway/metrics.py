@@ -24,6 +24,9 @@ class GatewayMetrics:
                               buckets=_LATENCY_BUCKETS, registry=registry)
         self.artifacts = Counter("nextgpt_gateway_artifacts_total", "Generated media by outcome",
                                  ["modality", "state"], registry=registry)
+        self.lost_jobs = Counter("nextgpt_gateway_decode_jobs_lost_total",
+                                 "Decode jobs found running with no worker (lease gone): queued again, or failed the "
+                                 "third time (distributed mode)", ["outcome"], registry=registry)
 
 
 class HttpMetricsMiddleware:

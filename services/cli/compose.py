@@ -213,9 +213,12 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     llm = HttpLLMClient(settings.llm.url, settings.llm.timeout_s, accept_timeout_s=settings.llm.accept_timeout_s)
     sync_redis, async_redis = redis_clients(settings)
     prefix = settings.redis.key_prefix
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
     decoders = CeleryDecoderQueue(make_client_app(settings), RedisJobBook(sync_redis, prefix),
                                   AsyncJobReader(async_redis, prefix), settings.decoders.queue_wait_s,
-                                  tuple(bundle.manifest.outputs), lost_after_s=settings.decoders.lock_ttl_s)
+                                  tuple(bundle.manifest.outputs), lost_after_s=settings.decoders.lock_ttl_s,
+                                  on_lost=lambda outcome: metrics.lost_jobs.labels(outcome).inc())
 
     async def redis_ready() -> None:
         try:
@@ -226,8 +229,6 @@ def distributed_gateway_app(settings: Settings, bundle: Bundle) -> FastAPI:
     keys, signer = _keys_and_signer(settings)
     g = settings.gateway
     conversations = RedisConversationStore(async_redis, prefix, g.conversation_ttl_s, g.max_conversation_turns)
-    registry = CollectorRegistry()
-    metrics = GatewayMetrics(registry)
     state = GatewayState(
         models=model_cards(bundle),
         readiness_checks={"encoder": encoder.check_ready, "llm": llm.check_ready, "redis": redis_ready,

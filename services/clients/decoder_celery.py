@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -44,9 +44,11 @@ class CeleryDecoderQueue(DecoderQueue):
 
     def __init__(self, app: Celery, book: RedisJobBook, reader: AsyncJobReader, queue_wait_s: float = 600.0,
                  modalities: tuple[str, ...] = ("image", "video", "audio"), workers_ttl_s: float = 15.0,
-                 lost_after_s: float = 120.0) -> None:
+                 lost_after_s: float = 120.0, on_lost: Callable[[str], None] | None = None) -> None:
+        """``on_lost``: told what was done with each job found without its worker (``requeued``, ``failed``)."""
         self.app, self.book, self.reader, self.queue_wait_s = app, book, reader, queue_wait_s
         self.modalities, self.workers_ttl_s, self.lost_after_s = modalities, workers_ttl_s, lost_after_s
+        self.on_lost = on_lost
         self._consumed: tuple[float, set[str]] | None = None  # (when asked, queues some worker consumes)
 
     async def check_workers(self) -> None:
@@ -93,11 +95,16 @@ class CeleryDecoderQueue(DecoderQueue):
         """Queue the job again when its worker is gone (``RedisJobBook.requeue_if_lost``: or fail it, when that
         keeps happening to it); a store or broker away now is tried again at the next look."""
         def requeue() -> None:
-            job = self.book.requeue_if_lost(job_id, self.lost_after_s)
-            if job is not None:
-                log.warning("job %s: its worker was lost mid-job (no lease, silent for %.0f s); queued again",
-                            job_id, self.lost_after_s)
+            lost = self.book.requeue_if_lost(job_id, self.lost_after_s)
+            if lost is None:
+                return
+            outcome, job = lost
+            log.warning("job %s: its worker was lost mid-job (no lease, silent for %.0f s); %s", job_id,
+                        self.lost_after_s, "queued again" if outcome == "requeued" else "failed (worker_lost)")
+            if outcome == "requeued":
                 self._send(job)
+            if self.on_lost is not None:
+                self.on_lost(outcome)
 
         try:
             await anyio.to_thread.run_sync(requeue)

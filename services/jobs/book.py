@@ -12,7 +12,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from services.contracts.decoders import TERMINAL_STATES, DecodeJob, JobEvent, JobState, JobStatus
 from services.contracts.job_keys import (
@@ -164,14 +164,16 @@ class RedisJobBook(JobBook):
         with _reachable():
             self.r.set(job_key(self.prefix, job.job_id), job.model_dump_json(), ex=self.ttl)
 
-    def requeue_if_lost(self, job_id: str, lost_after_s: float, max_lost: int = 2) -> DecodeJob | None:
+    def requeue_if_lost(self, job_id: str, lost_after_s: float,
+                        max_lost: int = 2) -> tuple[Literal["requeued", "failed"], DecodeJob] | None:
         """The job, put back to ``queued``, when the worker running it is gone: it is running, nobody holds its
         lease (a live worker renews it every third of its TTL, whatever a step takes) and it has reported nothing
         for ``lost_after_s``; atomically (WATCH on its status and lease), so of several callers one requeues it.
         Celery would hand out such a job again only after its visibility timeout (an hour by default): the caller
         sends it again now. A job that lost its worker ``max_lost`` times already may be what kills them (memory):
         it fails (``worker_lost``) instead, flagged cancelled so that no delivery of it runs again, rather than
-        take down every worker in turn. None when it is not lost, was never kept, or failed so."""
+        take down every worker in turn. What was done with it, and the job; None when it is not lost (or was never
+        kept)."""
         from redis.exceptions import WatchError
 
         skey, lkey = status_key(self.prefix, job_id), lock_key(self.prefix, job_id)
@@ -199,7 +201,7 @@ class RedisJobBook(JobBook):
                     if event.type == "failed":
                         pipe.set(cancel_key(self.prefix, job_id), "1", ex=self.ttl)
                     pipe.execute()
-                    return DecodeJob.model_validate_json(kept) if event.type == "queued" else None
+                    return "requeued" if event.type == "queued" else "failed", DecodeJob.model_validate_json(kept)
                 except WatchError:
                     continue
 

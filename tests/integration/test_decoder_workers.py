@@ -297,10 +297,12 @@ async def test_a_job_whose_worker_died_is_queued_again_once_its_lease_runs_out(
     # here) has run out.
     worker.stop()  # this test owns the queue: only its own workers consume
     hour = {**env, "NEXTGPT_DECODERS__VISIBILITY_TIMEOUT_S": "3600", "NEXTGPT_DECODERS__LOCK_TTL_S": "3"}
+    lost: list[str] = []
     areader = redis.asyncio.Redis.from_url(settings.redis.url)
     queue = CeleryDecoderQueue(make_client_app(settings),
                                RedisJobBook(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix),
-                               AsyncJobReader(areader, settings.redis.key_prefix), lost_after_s=3)
+                               AsyncJobReader(areader, settings.redis.key_prefix), lost_after_s=3,
+                               on_lost=lost.append)
     try:
         job, events = await _a_worker_dies_mid_job(queue, store, tiny_bundle_dir, hour, tmp_path, timeout=120)
     finally:
@@ -312,6 +314,7 @@ async def test_a_job_whose_worker_died_is_queued_again_once_its_lease_runs_out(
     assert [e.step for e in events[again:] if e.type == "progress"] == list(range(1, 17))
     assert f"video[{job.job_id}]".encode() in (tmp_path / "second.log").read_bytes()
     assert store.exists(job.artifact_key)
+    assert lost == ["requeued"]  # the gateway's nextgpt_gateway_decode_jobs_lost_total
 
 
 @contextlib.asynccontextmanager

@@ -90,15 +90,15 @@ def test_a_running_job_is_queued_again_only_once_its_lease_is_gone_and_it_fell_s
     assert book.requeue_if_lost(job.job_id, 0.0) is None  # its worker holds the lease: alive, however slow
     book.release(job.job_id, token)
     assert book.requeue_if_lost(job.job_id, 60.0) is None  # no lease, but it reported a moment ago
-    assert book.requeue_if_lost(job.job_id, 0.0) == job  # no lease and silent: its worker is gone
+    assert book.requeue_if_lost(job.job_id, 0.0) == ("requeued", job)  # no lease and silent: its worker is gone
     status = book.status(job.job_id)
     assert status is not None and (status.state, status.step, status.owner) == ("queued", 0, "me")
     assert book.requeue_if_lost(job.job_id, 0.0) is None  # no longer running: a second caller sends nothing
     book.publish(JobEvent(job_id=job.job_id, type="started"), "image")
-    assert book.requeue_if_lost(job.job_id, 0.0, max_lost=2) == job  # its second worker died too
+    assert book.requeue_if_lost(job.job_id, 0.0, max_lost=2) == ("requeued", job)  # its second worker died too
     book.publish(JobEvent(job_id=job.job_id, type="started"), "image")
     # A job whose every worker dies may be what kills them: the third time, it fails instead of taking the next.
-    assert book.requeue_if_lost(job.job_id, 0.0, max_lost=2) is None
+    assert book.requeue_if_lost(job.job_id, 0.0, max_lost=2) == ("failed", job)
     status = book.status(job.job_id)
     assert status is not None and status.state == "failed" and (status.error or "").startswith("worker_lost: ")
     assert book.is_cancelled(job.job_id)  # Celery's own redelivery of it, later, does not run it either
