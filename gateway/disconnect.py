@@ -12,7 +12,6 @@ from typing import TypeVar
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-
 T = TypeVar("T")
 
 
