@@ -281,11 +281,23 @@ class ChatService:
             finally:
                 await out.put(("job_end", job_id))
 
+        async def dispatch(job_id: str, signal: SignalEvent) -> None:
+            try:
+                await self._dispatch(job_id, signal, request, owner)
+            except Exception as exc:
+                await out.put(("dispatched", (job_id, signal.index, exc)))
+            else:
+                await out.put(("dispatched", (job_id, signal.index, None)))
+
         llm_task = asyncio.create_task(pump_llm())
         stop_task = asyncio.create_task(on_stop(stopping)) if stopping is not None else None
+        # A signal's job is dispatched (its conditioning put in the store, the job sent to the queue) in a task of
+        # its own: the words go on meanwhile, where a store slow to answer held them for its timeouts (seconds),
+        # and the turn's groups go out side by side. The reply is kept once its jobs are all dispatched.
+        dispatching: dict[str, asyncio.Task[None]] = {}
         llm_running, first_token_ms = True, None
         try:
-            while llm_running or followers:
+            while llm_running or followers or dispatching:
                 kind, item = await out.get()
                 if kind == "stop":
                     stopped = True
@@ -306,25 +318,24 @@ class ChatService:
                         yield MessageDelta(item.text)
                     elif isinstance(item, SignalEvent):
                         yield SignalChosen(item.modality, item.index, item.forced)
-                        queued = await self._queue(item, request, owner, state)
-                        if isinstance(queued, ArtifactQueued):
-                            followers[queued.job_id] = asyncio.create_task(follow(queued.job_id))
-                        yield queued
+                        job_id = new_job_id()
+                        # In the turn's artifacts in the order of its signals, whatever order they are queued in.
+                        state.artifacts[job_id] = ArtifactOut(job_id=job_id, modality=item.modality, state="queued")
+                        dispatching[job_id] = asyncio.create_task(dispatch(job_id, item),
+                                                                  name=f"decode-dispatch-{job_id}")
                     elif isinstance(item, Done):
                         state.done = item
                 elif kind == "llm_error":
                     raise item
                 elif kind == "llm_end":
                     llm_running = False
-                    if state.done is not None:
-                        # The turn is saved as soon as its text is complete: a follow-up may start at once.
-                        await self._remember(conversation, state)
-                        state.kept = True
-                        yield TextComplete(state.done.finish_reason, state.done.prompt_tokens,
-                                           state.done.completion_tokens, {
-                                               "ttft_ms": first_token_ms or 0.0,
-                                               "text_ms": round((time.perf_counter() - started) * 1000, 2),
-                                               "llm_ttft_ms": state.done.timings.get("ttft_ms", 0.0)})
+                elif kind == "dispatched":
+                    job_id, index, error = item
+                    dispatching.pop(job_id)
+                    queued = self._queued(job_id, index, error, state)
+                    if isinstance(queued, ArtifactQueued):
+                        followers[job_id] = asyncio.create_task(follow(job_id))
+                    yield queued
                 elif kind == "job":
                     translated = self._job_event(item, state, url_for)
                     if self.metrics is not None and item.type in ("completed", "failed", "cancelled"):
@@ -335,12 +346,28 @@ class ChatService:
                         yield translated
                 elif kind == "job_end":
                     followers.pop(item, None)
+                if state.done is not None and not (llm_running or dispatching or state.kept):
+                    # The turn is saved as soon as its text is complete and its media queued: a follow-up may
+                    # start at once.
+                    await self._remember(conversation, state)
+                    state.kept = True
+                    yield TextComplete(state.done.finish_reason, state.done.prompt_tokens,
+                                       state.done.completion_tokens, {
+                                           "ttft_ms": first_token_ms or 0.0,
+                                           "text_ms": round((time.perf_counter() - started) * 1000, 2),
+                                           "llm_ttft_ms": state.done.timings.get("ttft_ms", 0.0)})
             assert state.done is not None
             yield self._done(conversation, state, state.done.finish_reason, first_token_ms, started)
         finally:
             llm_task.cancel()
             if stop_task is not None:
                 stop_task.cancel()
+            for job_id, task in dispatching.items():
+                # Not queued yet: nobody has been told of it. Its task may be past the point where cancelling it
+                # stops the job being sent; the job's cancel flag then keeps a worker from running it.
+                task.cancel()
+                with contextlib.suppress(Exception):
+                    await self.decoders.cancel(job_id)
             keep = handed_over or (not stopped and keep_jobs())
             for job_id, task in followers.items():
                 task.cancel()
@@ -363,24 +390,21 @@ class ChatService:
             timings={"ttft_ms": first_token_ms or 0.0, "total_ms": round((time.perf_counter() - started) * 1000, 2),
                      "llm_ttft_ms": done.timings.get("ttft_ms", 0.0)})
 
-    async def _queue(self, signal: SignalEvent, request: ChatRequest, owner: str | None,
-                     state: _Turn) -> ArtifactQueued | ArtifactFailed:
-        """The signal's decode job, queued; where it cannot be (the decoder queue is full, the store or the broker
-        is down), that item alone fails: the words and the turn's other media go on."""
-        job_id = new_job_id()
-        try:
-            await self._dispatch(job_id, signal, request, owner)
-        except Exception as exc:
-            if not isinstance(exc, NextGPTError):
-                log.exception("could not queue the %s job %s", signal.modality, job_id)
-            error = f"{exc.code}: {exc.message}" if isinstance(exc, NextGPTError) else \
-                f"could not queue the job ({type(exc).__name__})"
-            state.artifacts[job_id] = ArtifactOut(job_id=job_id, modality=signal.modality, state="failed", error=error)
-            if self.metrics is not None:
-                self.metrics.artifacts.labels(signal.modality, "failed").inc()
-            return ArtifactFailed(job_id, signal.modality, error)
-        state.artifacts[job_id] = ArtifactOut(job_id=job_id, modality=signal.modality, state="queued")
-        return ArtifactQueued(job_id, signal.modality, signal.index)
+    def _queued(self, job_id: str, index: int, error: Exception | None,
+                state: _Turn) -> ArtifactQueued | ArtifactFailed:
+        """The event of a signal's dispatched job: queued, or, where it could not be (the decoder queue is full,
+        the store or the broker is down), that item alone failed: the words and the turn's other media go on."""
+        artifact = state.artifacts[job_id]
+        if error is None:
+            return ArtifactQueued(job_id, artifact.modality, index)
+        if not isinstance(error, NextGPTError):
+            log.error("could not queue the %s job %s", artifact.modality, job_id, exc_info=error)
+        artifact.state = "failed"
+        artifact.error = f"{error.code}: {error.message}" if isinstance(error, NextGPTError) else \
+            f"could not queue the job ({type(error).__name__})"
+        if self.metrics is not None:
+            self.metrics.artifacts.labels(artifact.modality, "failed").inc()
+        return ArtifactFailed(job_id, artifact.modality, artifact.error)
 
     async def _dispatch(self, job_id: str, signal: SignalEvent, request: ChatRequest, owner: str | None) -> None:
         blob = save({CONDITIONING_TENSOR: np.ascontiguousarray(signal.conditioning, dtype=np.float32)[None]})
