@@ -433,12 +433,25 @@ def about_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversatio
     return Conversation(turns, [(modality, attrs)], reply, [])
 
 
-# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up, a second request,
-# a question about what was made, one about a medium never sent (not a second request: after an exchange that made
-# something, "What is in this picture?" is about_made_task's).
+def animate_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    """A picture the assistant drew, then set in motion ("Make it move left." after "Draw ..."): a clip of that
+    shape in that colour, moving as asked. Stage 3 animated only pictures the user sent; asked of its own picture,
+    the model answered with what it can make (CAN_MAKE) and made nothing (probed through the API)."""
+    still = draw("image")
+    motion = rng.choice(CLASSES["motion"])
+    clip = Attributes(size=still.size, colour=still.colour, shape=still.shape, motion=motion)
+    earlier = _create(rng, split, "image", still)
+    turns = [*earlier.turns, Turn(role="assistant", text=earlier.reply, media=[0]),
+             Turn(role="user", text=_phrase(rng, TO_VIDEO, split, wrapped=True).format(m=motion))]
+    return Conversation(turns, [("image", still)], f"Here is {caption('video', clip)}.", [("video", clip)])
+
+
+# Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up (a new colour, or
+# set in motion), a second request, a question about what was made, one about a medium never sent (not a second
+# request: after an exchange that made something, "What is in this picture?" is about_made_task's).
 INSTRUCT_MIX: tuple[tuple[Task, float], ...] = (
-    *SINGLE_REQUESTS, (follow_up_task, 1.2), (another_request_task, 0.8), (about_made_task, 0.5),
-    (nothing_sent_task, 0.5),
+    *SINGLE_REQUESTS, (follow_up_task, 1.2), (animate_made_task, 0.5), (another_request_task, 0.8),
+    (about_made_task, 0.5), (nothing_sent_task, 0.5),
 )
 
 

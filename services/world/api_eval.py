@@ -174,6 +174,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
 
     rng, rng_second, rng_about = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     rng_long, rng_behind, rng_plain = random.Random(seed + 3), random.Random(seed + 8), random.Random(seed + 11)
+    rng_animate = random.Random(seed + 12)
     tallies: dict[str, Tally] = defaultdict(Tally)
     for i in range(count):
         for modality in ("image", "video", "audio"):
@@ -284,6 +285,21 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
                 row = tallies[f"drawings {LONG_DRAWINGS - 2}-{LONG_DRAWINGS} of a conversation"]
                 row.add("colour", got.colour == wanted.colour)
                 row.add("shape", got.shape == wanted.shape)
+        # The picture just made, set in motion (its own stream too): a clip of that shape in that colour.
+        drawn = render("image", seed + 12, i).attributes
+        motion = rng_animate.choice(CLASSES["motion"])
+        draw_it = rng_animate.choice(CREATE["eval"]["image"]).format(x=caption("image", drawn))
+        animate_it = rng_animate.choice(TO_VIDEO["eval"]).format(m=motion)
+        if runs("image", "video"):
+            reply = client.chat(draw_it)
+            reply = client.chat(animate_it, conversation_id=reply["conversation_id"])
+            clip = _first(client.artifacts(reply), "video")
+            got = _reading("video", clip)
+            row = tallies["sets the picture it made in motion"]
+            row.add("chose video", clip is not None)
+            row.add("keeps colour", got.colour == drawn.colour)
+            row.add("keeps shape", got.shape == drawn.shape)
+            row.add("moves as asked", got.motion == motion)
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}
 

@@ -60,7 +60,7 @@ ORDINARY = {"small talk", "a request as typed (lower case, no stop)", "a thing o
 ])
 def test_a_partial_run_keeps_each_rows_items(modalities: tuple[str, ...], asked: int, rows: set[str]) -> None:
     full, all_rows = _run(("image", "video", "audio"))
-    assert len(full) == 3 * 30 and {"image -> video", "describe video on a background"} | ORDINARY <= all_rows
+    assert len(full) == 3 * 32 and {"image -> video", "describe video on a background"} | ORDINARY <= all_rows
     part, part_rows = _run(modalities)
     assert part_rows == rows
     assert len(part) == asked

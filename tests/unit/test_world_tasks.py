@@ -6,7 +6,8 @@ import random
 
 from services.training.world_tasks import (
     BOTH, CAN_MAKE, CREATE, DESCRIBE, NOTHING_SENT, OPEN_CREATE, OUTSIDE, RECOLOUR, SMALL_TALK, SYSTEM, SYSTEM_RATE,
-    TO_IMAGE, TO_VIDEO, TYPED_BARE_RATE, TYPED_LOWER_RATE, WRAP_RATE, WRAPPERS, about_made_task, another_request_task,
+    TO_IMAGE, TO_VIDEO, TYPED_BARE_RATE, TYPED_LOWER_RATE, WRAP_RATE, WRAPPERS, about_made_task, animate_made_task,
+    another_request_task,
     describe_task, encoder_alignment, instruction, nothing_sent_task, outside_task, small_talk_task,
     training_phrasings, wrap, wrappable,
 )
@@ -130,6 +131,32 @@ def test_a_question_about_what_was_made_is_answered_from_it() -> None:
             kinds.add("described" if described else "answered")
             assert described or any(c.reply.endswith(f"{getattr(attrs, n)}.") for n in ATTRIBUTES[modality])
     assert kinds == {"described", "answered"}
+
+
+def test_the_picture_it_made_is_set_in_motion_as_asked() -> None:
+    rng = random.Random(2)
+
+    def draw(modality: str) -> Attributes:
+        return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
+
+    motions = set()
+    for split in ("train", "eval"):
+        for _ in range(200):
+            c = animate_made_task(rng, split, draw)  # type: ignore[arg-type]
+            asked, made, follow_up = c.turns
+            ((modality, still),) = c.inputs
+            ((out, clip),) = c.outputs
+            # The assistant's picture comes back as the input; the follow-up has no medium of its own and names the
+            # motion in an animating phrasing of its split; the clip keeps the picture's size, colour and shape.
+            assert modality == "image" and out == "video" and (asked.media, made.media, follow_up.media) == ([], [0], [])
+            assert made.text == f"Here is {caption('image', still)}."
+            assert (clip.size, clip.colour, clip.shape) == (still.size, still.colour, still.shape)
+            assert clip.motion in follow_up.text and c.reply == f"Here is {caption('video', clip)}."
+            phrasings = [p.format(m=clip.motion) for p in TO_VIDEO[split]]
+            forms = {f for p in phrasings for f in training_phrasings(p)} if split == "train" else set(phrasings)
+            assert follow_up.text in forms
+            motions.add(clip.motion)
+    assert motions == set(CLASSES["motion"])
 
 
 def test_small_talk_and_things_outside_the_world_are_held_out_in_words_too() -> None:
