@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 from services.training.world_tasks import (
     BOTH, CAN_MAKE, CREATE, DESCRIBE, NOTHING_SENT, OPEN_CREATE, OUTSIDE, RECOLOUR, SMALL_TALK, SYSTEM, SYSTEM_RATE,
     TO_IMAGE, TO_VIDEO, TYPED_BARE_RATE, TYPED_LOWER_RATE, WRAP_RATE, WRAPPERS, about_made_task, animate_made_task,
-    another_request_task,
-    describe_task, encoder_alignment, instruction, nothing_sent_task, outside_task, small_talk_task,
-    training_phrasings, wrap, wrappable,
+    another_request_task, describe_task, encoder_alignment, instruction, nothing_sent_task, outside_task, random_attrs,
+    small_talk_task, training_phrasings, wrap, wrappable,
 )
 from services.world.attributes import ATTRIBUTES, CLASSES, Attributes, caption
 from services.world.text import QUESTIONS
@@ -113,10 +113,7 @@ def test_a_new_request_is_answered_on_its_own_with_earlier_exchanges_as_history(
 
 def test_a_question_about_what_was_made_is_answered_from_it() -> None:
     rng = random.Random(1)
-
-    def draw(modality: str) -> Attributes:
-        return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
-
+    draw = functools.partial(random_attrs, rng)
     kinds = set()
     for split in ("train", "eval"):
         for _ in range(200):
@@ -135,10 +132,7 @@ def test_a_question_about_what_was_made_is_answered_from_it() -> None:
 
 def test_the_picture_it_made_is_set_in_motion_as_asked() -> None:
     rng = random.Random(2)
-
-    def draw(modality: str) -> Attributes:
-        return Attributes(**{name: rng.choice(CLASSES[name]) for name in ATTRIBUTES[modality]})
-
+    draw = functools.partial(random_attrs, rng)
     motions = set()
     for split in ("train", "eval"):
         for _ in range(200):
