@@ -282,12 +282,12 @@ class ChatService:
                 await out.put(("job_end", job_id))
 
         async def dispatch(job_id: str, signal: SignalEvent) -> None:
+            error: Exception | None = None
             try:
                 await self._dispatch(job_id, signal, request, owner)
             except Exception as exc:
-                await out.put(("dispatched", (job_id, signal.index, exc)))
-            else:
-                await out.put(("dispatched", (job_id, signal.index, None)))
+                error = exc
+            await out.put(("dispatched", (job_id, signal.index, error)))
 
         llm_task = asyncio.create_task(pump_llm())
         stop_task = asyncio.create_task(on_stop(stopping)) if stopping is not None else None

@@ -246,11 +246,17 @@ def open_create_task(rng: random.Random, split: Split, draw: Draw) -> Conversati
     return Conversation([Turn(role="user", text=text)], [], f"Here is {caption(modality, attrs)}.", [(modality, attrs)])
 
 
-def image_to_video_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
-    still = draw("image")
+def _animated(rng: random.Random, split: Split, still: Attributes) -> tuple[str, Attributes]:
+    """A request to set the picture ``still`` in motion, and the clip it asks for (its size, colour and shape)."""
     motion = rng.choice(CLASSES["motion"])
     clip = Attributes(size=still.size, colour=still.colour, shape=still.shape, motion=motion)
-    turn = Turn(role="user", text=_phrase(rng, TO_VIDEO, split, wrapped=True).format(m=motion), media=[0])
+    return _phrase(rng, TO_VIDEO, split, wrapped=True).format(m=motion), clip
+
+
+def image_to_video_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
+    still = draw("image")
+    text, clip = _animated(rng, split, still)
+    turn = Turn(role="user", text=text, media=[0])
     return Conversation([turn], [("image", still)], f"Here is {caption('video', clip)}.", [("video", clip)])
 
 
@@ -429,8 +435,13 @@ def about_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversatio
     else:
         name = rng.choice(ATTRIBUTES[modality])
         text, reply = _attribute_question(rng, split, name, "it"), ANSWERS[name].format(value=getattr(attrs, name))
-    turns = [*earlier.turns, Turn(role="assistant", text=earlier.reply, media=[0]), Turn(role="user", text=text)]
-    return Conversation(turns, [(modality, attrs)], reply, [])
+    return Conversation(_after_made(earlier, text), [(modality, attrs)], reply, [])
+
+
+def _after_made(earlier: Conversation, text: str) -> list[Turn]:
+    """``earlier``'s request, its reply with what it made (which comes back to the model as input medium 0, as
+    served history does), then the user's ``text`` about it."""
+    return [*earlier.turns, Turn(role="assistant", text=earlier.reply, media=[0]), Turn(role="user", text=text)]
 
 
 def animate_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversation:
@@ -438,12 +449,10 @@ def animate_made_task(rng: random.Random, split: Split, draw: Draw) -> Conversat
     shape in that colour, moving as asked. Stage 3 animated only pictures the user sent; asked of its own picture,
     the model answered with what it can make (CAN_MAKE) and made nothing (probed through the API)."""
     still = draw("image")
-    motion = rng.choice(CLASSES["motion"])
-    clip = Attributes(size=still.size, colour=still.colour, shape=still.shape, motion=motion)
+    text, clip = _animated(rng, split, still)
     earlier = _create(rng, split, "image", still)
-    turns = [*earlier.turns, Turn(role="assistant", text=earlier.reply, media=[0]),
-             Turn(role="user", text=_phrase(rng, TO_VIDEO, split, wrapped=True).format(m=motion))]
-    return Conversation(turns, [("image", still)], f"Here is {caption('video', clip)}.", [("video", clip)])
+    return Conversation(_after_made(earlier, text), [("image", still)], f"Here is {caption('video', clip)}.",
+                        [("video", clip)])
 
 
 # Stage 3's mix (weights): every direction of the any-to-any model, several media, a follow-up (a new colour, or

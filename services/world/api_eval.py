@@ -143,6 +143,16 @@ def _judge_words(row: Tally, modality: str, text: str, shown: Attributes) -> Non
         row.add(name, words_say(text, name, getattr(shown, name)))
 
 
+def _judge_clip(row: Tally, clip: np.ndarray | None, still: Attributes, motion: str) -> None:
+    """A clip asked to set the picture ``still`` in motion: made, in the picture's colour and shape, moving as
+    asked."""
+    got = _reading("video", clip)
+    row.add("chose video", clip is not None)
+    row.add("keeps colour", got.colour == still.colour)
+    row.add("keeps shape", got.shape == still.shape)
+    row.add("moves as asked", got.motion == motion)
+
+
 def _unlike(rng: random.Random, earlier: Attributes) -> Attributes:
     """A picture that differs from ``earlier`` in colour and in shape."""
     return Attributes(size=rng.choice(CLASSES["size"]),
@@ -221,12 +231,7 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         animate = rng.choice(TO_VIDEO["eval"]).format(m=motion)
         if runs("image", "video"):
             clip = _first(client.artifacts(client.chat(animate, ("image", still.data))), "video")
-            got = _reading("video", clip)
-            row = tallies["image -> video"]
-            row.add("chose video", clip is not None)
-            row.add("keeps colour", got.colour == still.attributes.colour)
-            row.add("keeps shape", got.shape == still.attributes.shape)
-            row.add("moves as asked", got.motion == motion)
+            _judge_clip(tallies["image -> video"], clip, still.attributes, motion)
         picture, tone = render("image", seed + 3, i).attributes, render("audio", seed + 3, i).attributes
         both = rng.choice(BOTH["eval"]).format(x=caption("image", picture), y=caption("audio", tone))
         if runs("image", "audio"):
@@ -293,13 +298,8 @@ def evaluate_api(client: WorldClient, count: int = 12, progress: Callable[[str],
         if runs("image", "video"):
             reply = client.chat(draw_it)
             reply = client.chat(animate_it, conversation_id=reply["conversation_id"])
-            clip = _first(client.artifacts(reply), "video")
-            got = _reading("video", clip)
-            row = tallies["sets the picture it made in motion"]
-            row.add("chose video", clip is not None)
-            row.add("keeps colour", got.colour == drawn.colour)
-            row.add("keeps shape", got.shape == drawn.shape)
-            row.add("moves as asked", got.motion == motion)
+            _judge_clip(tallies["sets the picture it made in motion"], _first(client.artifacts(reply), "video"), drawn,
+                        motion)
         progress(f"{i + 1}/{count}")
     return {task: tally.table() for task, tally in tallies.items()}
 
