@@ -137,8 +137,11 @@ def serve(bundle: BundleOpt = None, host: HostOpt = None, port: PortOpt = None) 
 def _serve(app_: Any, settings: Settings) -> None:
     """The gateway's server (embedded mode's too): bounded request heads, and a bounded stop (the replies under way
     get NEXTGPT_GATEWAY__SHUTDOWN_GRACE_S, then end with server_stopping)."""
+    from services.runtime.heap import freeze_loaded
     from services.web.graceful import serve
 
+    # Last of the start-up hooks: after the models (embedded) and the connections they open are loaded.
+    app_.state.gateway.on_startup.append(freeze_loaded)
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-* from any loopback client; the gateway
     # honours them from NEXTGPT_GATEWAY__TRUSTED_PROXIES only.
     serve(app_, settings.gateway.shutdown_grace_s, lambda: app_.state.gateway.streams.close("stop grace over"),
@@ -166,6 +169,7 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     from services.cli.bundles import resolve_bundle
     from services.cli.checks import check_devices, check_port
     from services.cli.compose import StopOnLoadFailure
+    from services.runtime.heap import freeze_loaded
     from services.encoder.app import build_encoder_app
     from services.encoder.compose import build_encoder_service
     from services.storage import build_artifact_store
@@ -179,7 +183,7 @@ def encoder_serve(bundle: BundleOpt = None, host: HostOpt = None,
     stopper = StopOnLoadFailure("encoder")
     encoder_app_ = build_encoder_app(
         lambda: build_encoder_service(resolved, settings.encoder, registry, store), registry,
-        settings.encoder.max_request_bytes, on_load_failure=stopper,
+        settings.encoder.max_request_bytes, on_load_failure=stopper, on_loaded=freeze_loaded,
     )
     stopper.serve(encoder_app_, settings.host, port, settings.log_level)
 
@@ -206,13 +210,14 @@ def llm_serve(bundle: BundleOpt = None, host: HostOpt = None,
     from prometheus_client import CollectorRegistry
 
     from services.cli.compose import StopOnLoadFailure
+    from services.runtime.heap import freeze_loaded
     from services.llm.app import build_llm_app
     from services.llm.compose import build_llm_service
 
     registry = CollectorRegistry()
     stopper = StopOnLoadFailure("llm")
     app_ = build_llm_app(lambda: build_llm_service(resolved, settings.llm, registry), registry,
-                         on_load_failure=stopper)
+                         on_load_failure=stopper, on_loaded=freeze_loaded)
     stopper.serve(app_, settings.host, port, settings.log_level)
 
 

@@ -47,6 +47,7 @@ from services.contracts.bundle_manifest import Modality
 from services.contracts.errors import ServiceUnavailableError
 from services.decoders.pipelines import CallTimeLimitError, Generated, ResolvedOptions, StepCallback, StopCheck
 from services.runtime import children
+from services.runtime.heap import freeze_loaded
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ def _child_main(conn: Connection, spec: PipelineSpec, contended_until: Any) -> N
     except BaseException as exc:  # reported to the parent, which raises it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_loaded()  # the pipelines and the imports: later full collections skip them
     threads = _Threads(torch.get_num_threads(), spec.threads_contended, contended_until)
     conn.send(("ready", threads.own))
     try:

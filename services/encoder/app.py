@@ -20,10 +20,11 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 503)}
 
 
 def build_encoder_app(load_service: Callable[[], EncoderService], registry: CollectorRegistry,
-                      max_request_bytes: int, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+                      max_request_bytes: int, on_load_failure: Callable[[str], None] | None = None,
+                      on_loaded: Callable[[], None] | None = None) -> FastAPI:
     """``load_service`` runs in a thread at start-up (model loading); /readyz answers 503 until it is done."""
-    host = ModelApp("encoder", load_service, registry, max_request_bytes,
-                    start=lambda s: s.start(), stop=lambda s: s.stop(), on_load_failure=on_load_failure)
+    host = ModelApp("encoder", load_service, registry, max_request_bytes, start=lambda s: s.start(),
+                    stop=lambda s: s.stop(), on_load_failure=on_load_failure, on_loaded=on_loaded)
     app = host.app
 
     @app.post("/v1/encode", responses=_ERRORS)

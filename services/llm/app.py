@@ -21,9 +21,10 @@ NDJSON = "application/x-ndjson"
 
 def build_llm_app(load_service: Callable[[], LLMService], registry: CollectorRegistry,
                   max_request_bytes: int = 64 * 1024 * 1024,
-                  on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+                  on_load_failure: Callable[[str], None] | None = None,
+                  on_loaded: Callable[[], None] | None = None) -> FastAPI:
     host = ModelApp("llm", load_service, registry, max_request_bytes, stop=lambda s: s.close(),
-                    on_load_failure=on_load_failure)
+                    on_load_failure=on_load_failure, on_loaded=on_loaded)
     app = host.app
 
     @app.post("/v1/generate", responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},

@@ -34,6 +34,7 @@ import numpy as np
 from services.contracts.errors import NextGPTError, ServiceUnavailableError
 from services.contracts.llm import GenerateParams
 from services.runtime import children
+from services.runtime.heap import freeze_loaded
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     except BaseException as exc:  # reported to the parent, which raises it at start-up
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_loaded()  # the model and the imports: the decode loop's full collections then skip them
     outbox: queue.SimpleQueue[tuple[str, int, Any] | None] = queue.SimpleQueue()
     sender = threading.Thread(target=_send_batches, args=(conn, outbox), name="llm-engine-sender", daemon=True)
     conn.send(("ready", torch.get_num_threads(), sorted(os.sched_getaffinity(0))))

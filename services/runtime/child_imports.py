@@ -8,6 +8,7 @@ look dead to its parent. It exits when its parent does (its pipe from the parent
 
 import signal
 
+from services.runtime.heap import freeze_loaded
 from services.runtime.library_noise import quiet_model_libraries
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -24,3 +25,7 @@ try:
     import services.llm.hf_backend  # noqa: F401
 except Exception:  # noqa: BLE001
     pass
+
+# Every child is forked from here: with the imports out of the collector's scans, a child's collections do not walk
+# (and so copy) the pages it shares with the fork server.
+freeze_loaded()

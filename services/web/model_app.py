@@ -32,11 +32,14 @@ S = TypeVar("S", bound=ModelService)
 class ModelApp(Generic[S]):
     def __init__(self, name: str, load: Callable[[], S], registry: CollectorRegistry, max_request_bytes: int,
                  start: Callable[[S], Any] | None = None, stop: Callable[[S], Any] | None = None,
-                 on_load_failure: Callable[[str], None] | None = None) -> None:
+                 on_load_failure: Callable[[str], None] | None = None,
+                 on_loaded: Callable[[], None] | None = None) -> None:
         """``on_load_failure(reason)``: the process entry point's way to stop the server (a service that cannot
-        load never becomes ready; exiting lets its supervisor restart it). Liveness fails meanwhile either way."""
+        load never becomes ready; exiting lets its supervisor restart it). Liveness fails meanwhile either way.
+        ``on_loaded()``: called once the service is loaded and started, before it is ready (the entry point's
+        ``freeze_loaded``)."""
         self.name = name
-        self.on_load_failure = on_load_failure
+        self.on_load_failure, self.on_loaded = on_load_failure, on_loaded
 
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,6 +78,8 @@ class ModelApp(Generic[S]):
             service = await asyncio.to_thread(load)
             if start is not None:
                 await call_hook(start, service)
+            if self.on_loaded is not None:
+                self.on_loaded()
             app.state.service = service
             log.info("%s ready", self.name)
         except Exception as exc:
