@@ -6,8 +6,8 @@ of hundred thousand from its imports and its model. Under load, the gateway's fu
 stopped its event loop for 83-114 ms each, collecting 0-10 objects; every stream in flight took that pause into its
 next event (distributed stack, tiny bundle, 8 concurrent streams for 90 s, 2026-12-08). The objects loaded at start
 live as long as the process, so once loading is done they are moved out of the collector's reach (``gc.freeze``),
-and a full collection walks only what serving has made since: 10-28 ms in the same run, and the slowest first token
-288 ms -> 97 ms. A process forked afterwards (the fork server's model children) shares those pages instead of
+and a full collection walks only what serving has made since: 9-36 ms under the same load (the slowest first
+token did not fall reliably: it has other causes too). A process forked afterwards (the fork server's model children) shares those pages instead of
 copying them on the collector's first walk."""
 
 from __future__ import annotations
